@@ -1,0 +1,53 @@
+# The overnight package's commands (see README.md). Each works on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+USERS ?= 1000
+SEED ?= 42
+MARKET ?=
+DATE ?=
+PYTEST_ARGS ?=
+WITH_ENV := set -a && . .local/env.sh && set +a &&
+
+.PHONY: install env migrate airflow-setup seed demo test run airflow stop lint bench
+
+$(VENV)/.installed: requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check uv==0.13.9
+	@$(VENV)/bin/uv pip install --python $(PY) -q -r requirements.txt
+	@touch $@
+
+install: $(VENV)/.installed  ## create .venv with the pinned requirements
+
+env: install  ## start embedded Postgres/Redis unless connections are given; write .local/env.sh
+	@PYTHONPATH=include $(PY) -m overnight.devenv up
+
+migrate: env  ## apply the application's migrations
+	@$(WITH_ENV) $(PY) -m overnight.migrate
+
+airflow-setup: env  ## Airflow metadata database, pools, dev logins
+	@$(WITH_ENV) $(PY) -m overnight.airflow_setup
+
+seed: migrate  ## seed USERS synthetic users (SEED sets the random seed)
+	@$(WITH_ENV) $(PY) -m overnight.seed --users $(USERS) --seed $(SEED)
+
+demo: seed airflow-setup  ## the main job from nothing: seed 1,000 users, run every market once, print a table
+	@$(WITH_ENV) $(PY) -m overnight.cli demo 2>.local/demo.log || { tail -40 .local/demo.log; exit 1; }
+
+run: migrate airflow-setup  ## run MARKET's DAG once in-process for DATE (default: its next session)
+	@test -n "$(MARKET)" || { echo "usage: make run MARKET=XNYS [DATE=YYYY-MM-DD]"; exit 2; }
+	@$(WITH_ENV) $(PY) -m overnight.cli run --market "$(MARKET)" $(if $(DATE),--date "$(DATE)")
+
+test: env  ## the whole test suite, on fresh databases of its own
+	@$(WITH_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+airflow: airflow-setup  ## api-server on :8080, scheduler, dag-processor, triggerer (stop: make stop)
+	@$(WITH_ENV) $(PY) -m overnight.services start
+
+stop:  ## stop what the make targets started (Airflow, embedded servers)
+	@if [ -f .local/env.sh ]; then $(WITH_ENV) $(PY) -m overnight.services stop; fi
+	@if [ -x $(PY) ]; then PYTHONPATH=include $(PY) -m overnight.devenv down; fi
+
+lint: install
+	@$(VENV)/bin/ruff check . && $(VENV)/bin/mypy include/overnight

@@ -1,0 +1,19 @@
+"""Shows bad `include/markets.yaml` entries as a DAG import error (the valid markets keep their DAGs).
+
+Airflow reports import errors per file: this file fails to import, naming each bad market, its field
+and what to do, while `overnight_scoring.py` builds the DAGs of the valid markets.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
+
+from overnight.markets import load_markets  # noqa: E402
+
+_ERRORS = load_markets().errors
+if _ERRORS:
+    raise ValueError("include/markets.yaml has bad entries (the DAG and airflow packages skip them):\n"
+                     + "\n".join(f"- {e}" for e in _ERRORS))

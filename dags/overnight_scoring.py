@@ -1,0 +1,21 @@
+"""Generates one overnight scoring DAG per market of `include/markets.yaml` (thin: wiring only)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
+
+from airflow.sdk import get_parsing_context  # noqa: E402
+
+from overnight.dag_factory import build_market_dag  # noqa: E402
+from overnight.markets import load_markets  # noqa: E402
+
+_LOADED = load_markets()
+_CODES = _LOADED.codes
+_CURRENT = get_parsing_context().dag_id  # while a task runs, build only its DAG
+
+for _market in sorted(_LOADED.markets, key=lambda m: m.code):
+    if _CURRENT is None or _CURRENT == _market.dag_id:
+        globals()[_market.dag_id] = build_market_dag(_market, _CODES)

@@ -1,0 +1,1 @@
+"""Overnight pre-computation of investment recommendations (logic shared by DAGs and plugin)."""

@@ -1,0 +1,731 @@
+"""The overnight scoring pipeline's steps, free of Airflow: start, rates, plan, score a batch, finalize.
+
+Each step takes connections and small, JSON-able inputs and returns small, JSON-able outputs, so
+the DAG only wires them. Bulk data moves between Postgres and Redis, never through XCom.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import psycopg
+
+from overnight.providers.base import PriceProvider, ProviderError, RatesProvider, RatesSnapshot
+from overnight.providers.db import latest_stored_rates, store_rates
+from overnight.recommendations import AllocationError, Candidate, Target, recommend, validate_targets
+from overnight.scoring import CriteriaError, Rule, Score, parse_rules, score_asset
+
+log = logging.getLogger(__name__)
+
+JOB_TYPE = "scoring"
+RATES_BASE = "USD"
+MAX_MAPPED_TASKS = 256
+DEFAULT_BATCH_SIZE = 500
+DEFAULT_MAX_RATES_AGE = timedelta(hours=72)
+FRESH_RATES_AGE = timedelta(hours=24)
+EVENT_TYPES = ("CALC_STARTED", "INPUTS_CAPTURED", "SCORES_COMPUTED", "CALC_COMPLETED")
+MAX_ERROR_DETAILS = 1000
+CENT = Decimal("0.01")
+
+
+# --------------------------------------------------------------------------- job run
+
+
+@dataclass(frozen=True)
+class JobRun:
+    """The job run a DAG run works on: identified by market and session date."""
+
+    id: str
+    correlation_id: str
+    market: str
+    session_date: str
+    started_at: str
+    resumed: bool = False
+
+    def to_xcom(self) -> dict[str, Any]:
+        """Returns the small dict passed between tasks."""
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_xcom(cls, data: dict[str, Any]) -> JobRun:
+        """Inverse of `to_xcom`."""
+        return cls(**data)
+
+
+def ensure_partitions(conn: psycopg.Connection, today: date) -> None:
+    """Creates the audit partitions of this month and the next two (idempotent)."""
+    conn.execute("SELECT ensure_event_partitions(%s, 3)", (today.replace(day=1),))
+
+
+def start_job(
+    conn: psycopg.Connection, market: str, session_date: date, dag_run_id: str, *, force: bool = False
+) -> JobRun:
+    """Upserts the `started` job-run row of (market, session); `force` starts a new calculation."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"overnight:{market}:{session_date}",))
+        ensure_partitions(conn, datetime.now(UTC).date())
+        row = conn.execute(
+            "SELECT id, correlation_id, started_at FROM overnight_job_runs"
+            " WHERE market = %s AND session_date = %s AND job_type = %s ORDER BY started_at DESC LIMIT 1",
+            (market, session_date, JOB_TYPE),
+        ).fetchone()
+        if row is not None and not force:
+            conn.execute(
+                "UPDATE overnight_job_runs SET status = 'started', completed_at = NULL, dag_run_id = %s"
+                " WHERE id = %s",
+                (dag_run_id, row[0]),
+            )
+            return JobRun(str(row[0]), str(row[1]), market, session_date.isoformat(), row[2].isoformat(), True)
+        job_id, corr, now = uuid.uuid4(), uuid.uuid4(), datetime.now(UTC)
+        conn.execute(
+            "INSERT INTO overnight_job_runs (id, job_type, status, started_at, correlation_id, market,"
+            " session_date, dag_run_id) VALUES (%s, %s, 'started', %s, %s, %s, %s, %s)",
+            (job_id, JOB_TYPE, now, corr, market, session_date, dag_run_id),
+        )
+    log.info("job run %s started", job_id, extra={"correlation_id": str(corr), "market": market})
+    return JobRun(str(job_id), str(corr), market, session_date.isoformat(), now.isoformat(), False)
+
+
+def record_job_error(conn: psycopg.Connection, job: JobRun, stage: str, message: str) -> None:
+    """Records a run-level error (a step before the fan-out failed) on the job-run row."""
+    conn.execute(
+        "UPDATE overnight_job_runs SET error_details = coalesce(error_details, '{}'::jsonb) || %s::jsonb"
+        " WHERE id = %s",
+        (json.dumps({"run": {"stage": stage, "message": message[:2000]}}), job.id),
+    )
+    conn.commit()
+
+
+# --------------------------------------------------------------------------- rates
+
+
+def needed_currencies(conn: psycopg.Connection) -> list[str]:
+    """Returns every currency an asset trades in or a user counts in."""
+    rows = conn.execute(
+        "SELECT currency FROM assets UNION SELECT base_currency FROM users WHERE active"
+    ).fetchall()
+    return sorted({r[0].strip() for r in rows} | {RATES_BASE})
+
+
+def fetch_rates(
+    conn: psycopg.Connection,
+    provider: RatesProvider,
+    currencies: list[str],
+    *,
+    max_age: timedelta = DEFAULT_MAX_RATES_AGE,
+    now: datetime | None = None,
+) -> RatesSnapshot:
+    """Fetches rates once (kept in `exchange_rates`); falls back to stored ones younger than max_age."""
+    now = now or datetime.now(UTC)
+    try:
+        snap = provider.fetch_rates(RATES_BASE, [c for c in currencies if c != RATES_BASE])
+        if snap.source != "database":
+            store_rates(conn, snap)
+            conn.commit()
+    except ProviderError as exc:
+        stored = latest_stored_rates(conn, RATES_BASE, currencies)
+        if stored is None or now - stored.as_of > max_age:
+            age = "none stored" if stored is None else f"newest stored as of {stored.as_of.isoformat()}"
+            raise ProviderError(
+                f"rates provider failed ({exc}) and no stored rates younger than {max_age} can stand in "
+                f"({age}); fix the provider or its connection and clear the fetch_rates task"
+            ) from exc
+        log.warning("rates provider failed, using stored rates as of %s: %s", stored.as_of, exc)
+        return RatesSnapshot(stored.base, stored.rates, stored.as_of, f"{stored.source} (fallback)", True)
+    age = now - snap.as_of
+    if age > max_age:
+        raise ProviderError(
+            f"rates as of {snap.as_of.isoformat()} are older than {max_age}; refresh exchange_rates "
+            "or configure the HTTP rates provider"
+        )
+    if age > FRESH_RATES_AGE:
+        return RatesSnapshot(snap.base, snap.rates, snap.as_of, snap.source, True)
+    return snap
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Audience:
+    """Which users a market serves on a session: theirs, none of whose markets open earlier."""
+
+    market: str
+    earlier: tuple[str, ...]
+    user_ids: tuple[str, ...] | None = None
+
+    def where(self) -> tuple[str, dict[str, Any]]:
+        """Returns the SQL condition on `users u` and its parameters."""
+        sql = "u.active AND u.markets @> ARRAY[%(market)s]::text[] AND NOT (u.markets && %(earlier)s::text[])"
+        params: dict[str, Any] = {"market": self.market, "earlier": list(self.earlier)}
+        if self.user_ids is not None:
+            sql += " AND u.id = ANY(%(user_ids)s::uuid[])"
+            params["user_ids"] = list(self.user_ids)
+        return sql, params
+
+    def to_xcom(self) -> dict[str, Any]:
+        """Returns a small JSON-able dict."""
+        return {"market": self.market, "earlier": list(self.earlier),
+                "user_ids": list(self.user_ids) if self.user_ids is not None else None}
+
+    @classmethod
+    def from_xcom(cls, data: dict[str, Any]) -> Audience:
+        """Inverse of `to_xcom`."""
+        ids = data.get("user_ids")
+        return cls(data["market"], tuple(data["earlier"]), tuple(ids) if ids is not None else None)
+
+
+def effective_batch_size(total: int, batch_size: int, max_tasks: int = MAX_MAPPED_TASKS) -> int:
+    """Returns the batch size, grown so that `total` users never need more than `max_tasks` batches."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    return max(batch_size, math.ceil(total / max_tasks)) if total else batch_size
+
+
+def plan_batches(conn: psycopg.Connection, audience: Audience, batch_size: int) -> list[dict[str, Any]]:
+    """Returns small batch descriptors (id range and position) covering the served users in id order."""
+    where, params = audience.where()
+    ids = [r[0] for r in conn.execute(f"SELECT u.id FROM users u WHERE {where} ORDER BY u.id", params)]
+    total = len(ids)
+    size = effective_batch_size(total, batch_size)
+    batches = []
+    for i, start in enumerate(range(0, total, size)):
+        end = min(start + size, total)
+        batches.append({
+            "index": i,
+            "first": start + 1,
+            "last": end,
+            "total": total,
+            "lo": str(ids[start]),
+            "hi": str(ids[end - 1]),
+            "label": f"users {start + 1:,}-{end:,} of {total:,}",
+        })
+    return batches
+
+
+# --------------------------------------------------------------------------- score a batch
+
+
+class UserFailure(Exception):
+    """One user cannot be calculated; `stage` says where (load, criteria, targets, prices, ...)."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+@dataclass
+class AssetRow:
+    """An asset as the batch loaded it."""
+
+    id: int
+    symbol: str
+    market: str
+    class_name: str
+    currency: str
+    fundamentals: dict[str, Any]
+
+
+@dataclass
+class UserRow:
+    """A user and their inputs as the batch loaded them."""
+
+    id: str
+    base_currency: str
+    default_contribution: Decimal | None
+    markets: list[str]
+    criteria_key: str
+    holdings: list[tuple[int, Any]] = field(default_factory=list)
+    watchlist: list[int] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+
+
+@dataclass
+class UserResult:
+    """What one user's calculation produced: four events and two documents."""
+
+    user_id: str
+    events: list[tuple[str, datetime, dict[str, Any], list[str] | None]]
+    document: dict[str, Any]
+    portfolio: dict[str, Any]
+    criteria_version: str
+    generated_at: datetime
+    assets_scored: int
+    recommendations: int
+
+
+def _load_batch(
+    conn: psycopg.Connection, job: JobRun, audience: Audience, batch: dict[str, Any]
+) -> tuple[list[UserRow], dict[int, AssetRow], dict[str, tuple[str, int, Any]]]:
+    """Loads the batch's pending users and all their inputs in a constant number of queries."""
+    where, params = audience.where()
+    params.update(lo=batch["lo"], hi=batch["hi"], job=job.id)
+    users = {
+        str(r[0]): UserRow(str(r[0]), r[1].strip(), r[2], list(r[3]), r[4])
+        for r in conn.execute(
+            f"SELECT u.id, u.base_currency, u.default_contribution, u.markets, u.criteria_key FROM users u"
+            f" WHERE {where} AND u.id BETWEEN %(lo)s AND %(hi)s AND NOT EXISTS (SELECT 1 FROM"
+            " overnight_job_users j WHERE j.job_run_id = %(job)s AND j.user_id = u.id AND j.status = 'completed')"
+            " ORDER BY u.id",
+            params,
+        )
+    }
+    if not users:
+        return [], {}, {}
+    ids = list(users)
+    asset_ids: set[int] = set()
+    for uid, aid, qty in conn.execute(
+        "SELECT user_id, asset_id, quantity FROM holdings WHERE user_id = ANY(%s::uuid[])", (ids,)
+    ):
+        users[str(uid)].holdings.append((aid, qty))
+        asset_ids.add(aid)
+    for uid, aid in conn.execute("SELECT user_id, asset_id FROM watchlist WHERE user_id = ANY(%s::uuid[])", (ids,)):
+        users[str(uid)].watchlist.append(aid)
+        asset_ids.add(aid)
+    for uid, name, lo, hi in conn.execute(
+        "SELECT t.user_id, c.name, t.min_pct, t.max_pct FROM allocation_targets t"
+        " JOIN asset_classes c ON c.id = t.class_id WHERE t.user_id = ANY(%s::uuid[])",
+        (ids,),
+    ):
+        users[str(uid)].targets.append(Target(name, lo, hi))
+    keys = sorted({u.criteria_key for u in users.values()})
+    criteria = {
+        k: (str(cid), v, rules)
+        for k, cid, v, rules in conn.execute(
+            "SELECT DISTINCT ON (criteria_key) criteria_key, id, version, rules FROM criteria_sets"
+            " WHERE criteria_key = ANY(%s) ORDER BY criteria_key, version DESC",
+            (keys,),
+        )
+    }
+    assets = {
+        r[0]: AssetRow(r[0], r[1], r[2], r[3], r[4].strip(), r[5] or {})
+        for r in conn.execute(
+            "SELECT a.id, a.symbol, a.market, c.name, a.currency, a.fundamentals FROM assets a"
+            " JOIN asset_classes c ON c.id = a.class_id WHERE a.id = ANY(%s)",
+            (sorted(asset_ids),),
+        )
+    }
+    return list(users.values()), assets, criteria
+
+
+def _quantity(raw: Any, symbol: str) -> Decimal:
+    if raw is None:
+        raise UserFailure("load", f"holding {symbol}: quantity is missing; fix the holding row")
+    q = Decimal(raw)
+    if not q.is_finite() or q < 0:
+        raise UserFailure("load", f"holding {symbol}: quantity {raw} is not a non-negative number")
+    return q
+
+
+def _convert(amount: Decimal, src: str, dst: str, rates: dict[str, Decimal]) -> Decimal:
+    """Converts through the rates' base (rates are `1 base = r currency`)."""
+    if src == dst:
+        return amount
+    for c in (src, dst):
+        if c not in rates:
+            raise UserFailure("convert", f"no exchange rate for currency {c!r}; known: {', '.join(sorted(rates))}")
+    return amount / rates[src] * rates[dst]
+
+
+def _fmt(d: Decimal, places: Decimal = CENT) -> str:
+    return str(d.quantize(places))
+
+
+def calculate_user(
+    user: UserRow,
+    job: JobRun,
+    rates: RatesSnapshot,
+    assets: dict[int, AssetRow],
+    criteria: dict[str, tuple[str, int, Any]],
+    parsed_rules: dict[str, tuple[Rule, ...] | CriteriaError],
+    prices: dict[str, Any],
+    score_memo: dict[tuple[str, int], Score],
+    contribution_override: Decimal | None,
+) -> UserResult:
+    """Scores one user's universe and builds their events and documents; raises UserFailure."""
+    t0 = time.perf_counter()
+    stamps: list[datetime] = []
+
+    def stamp() -> datetime:
+        now = datetime.now(UTC)
+        if stamps and now <= stamps[-1]:
+            now = stamps[-1] + timedelta(microseconds=1)
+        stamps.append(now)
+        return now
+
+    started = stamp()
+    if user.criteria_key not in criteria:
+        raise UserFailure("criteria", f"criteria '{user.criteria_key}' has no version; add one")
+    criteria_id, version, raw_rules = criteria[user.criteria_key]
+    rules = parsed_rules.get(user.criteria_key)
+    if rules is None:
+        try:
+            rules = parse_rules(raw_rules)
+        except CriteriaError as exc:
+            rules = exc
+        parsed_rules[user.criteria_key] = rules
+    if isinstance(rules, CriteriaError):
+        raise UserFailure("criteria", f"criteria '{user.criteria_key}' v{version}: {rules}")
+    try:
+        validate_targets(user.targets)
+    except AllocationError as exc:
+        raise UserFailure("targets", str(exc)) from None
+    if user.base_currency not in rates.rates:
+        raise UserFailure("convert", f"base currency {user.base_currency!r} has no exchange rate")
+
+    values: dict[str, Decimal] = {}
+    holdings_used: dict[str, str] = {}
+    prices_used: dict[str, list[str]] = {}
+    total = Decimal(0)
+    for aid, raw_qty in user.holdings:
+        asset = assets.get(aid)
+        if asset is None:
+            raise UserFailure("load", f"holding of asset id {aid}: no such asset")
+        qty = _quantity(raw_qty, asset.symbol)
+        quote = prices.get(asset.symbol)
+        if quote is None:
+            raise UserFailure("prices", f"holding {asset.symbol}: no usable price; the portfolio cannot be valued")
+        value = _convert(qty * quote.price, quote.currency, user.base_currency, rates.rates)
+        values[asset.class_name] = values.get(asset.class_name, Decimal(0)) + value
+        total += value
+        holdings_used[asset.symbol] = str(qty)
+    universe = {aid for aid, _ in user.holdings} | set(user.watchlist)
+    scores: dict[str, str | None] = {}
+    unscored: dict[str, str] = {}
+    candidates: list[Candidate] = []
+    for aid in sorted(universe):
+        asset = assets.get(aid)
+        if asset is None or asset.market not in user.markets:
+            continue
+        quote = prices.get(asset.symbol)
+        if quote is not None:
+            prices_used[asset.symbol] = [str(quote.price), quote.currency, quote.as_of.isoformat()]
+        memo_key = (criteria_id, aid)
+        score = score_memo.get(memo_key)
+        if score is None:
+            score = score_asset(rules, asset.fundamentals, quote is not None)
+            score_memo[memo_key] = score
+        if score.score is None:
+            scores[asset.symbol] = None
+            unscored[asset.symbol] = score.reason
+            continue
+        scores[asset.symbol] = str(score.score)
+        if asset.currency in rates.rates:
+            candidates.append(Candidate(aid, asset.symbol, asset.class_name, score.score,
+                                        score.criteria_count, score.top_contributor))
+        else:
+            unscored[asset.symbol] = f"no exchange rate for {asset.currency}"
+    inputs_at = stamp()
+    scores_at = stamp()
+    contribution = contribution_override if contribution_override is not None else (
+        user.default_contribution or Decimal(0))
+    try:
+        recs = recommend(Decimal(contribution), values, user.targets, candidates)
+    except AllocationError as exc:
+        raise UserFailure("recommend", str(exc)) from None
+    completed = stamp()
+    criteria_version = f"{user.criteria_key}@v{version}"
+    allocations = {
+        t.class_name: _fmt(values.get(t.class_name, Decimal(0)) * 100 / total if total else Decimal(0))
+        for t in user.targets
+    }
+    for name, v in values.items():
+        allocations.setdefault(name, _fmt(v * 100 / total if total else Decimal(0)))
+    prices_as_of = min((datetime.fromisoformat(p[2]) for p in prices_used.values()), default=rates.as_of)
+    document = {
+        "userId": user.id,
+        "generatedAt": completed.isoformat(),
+        "recommendations": [
+            {
+                "assetId": str(r.candidate.asset_id),
+                "symbol": r.candidate.symbol,
+                "score": str(r.candidate.score),
+                "amount": _fmt(r.amount),
+                "currency": user.base_currency,
+                "allocationGap": _fmt(r.allocation_gap),
+                "breakdown": {"criteriaCount": r.candidate.criteria_count,
+                              "topContributor": r.candidate.top_contributor},
+            }
+            for r in recs
+        ],
+        "portfolioSummary": {"totalValue": _fmt(total), "baseCurrency": user.base_currency,
+                             "allocations": allocations},
+        "dataFreshness": {"pricesAsOf": prices_as_of.isoformat(), "ratesAsOf": rates.as_of.isoformat(),
+                          "criteriaVersion": criteria_version},
+        "totalInvestable": _fmt(Decimal(contribution)),
+        "ratesStale": rates.stale,
+        "correlationId": job.correlation_id,
+        "market": job.market,
+        "sessionDate": job.session_date,
+    }
+    portfolio = {
+        "totalValue": _fmt(total),
+        "assetCount": len(user.holdings),
+        "allocations": [
+            {"className": t.class_name, "currentPercent": allocations.get(t.class_name, "0.00"),
+             "targetMin": str(t.min_pct), "targetMax": str(t.max_pct)}
+            for t in sorted(user.targets, key=lambda t: t.class_name)
+        ],
+    }
+    scored_symbols = sorted(s for s, v in scores.items() if v is not None)
+    duration_ms = round((time.perf_counter() - t0) * 1000, 3)
+    events = [
+        ("CALC_STARTED", started, {"market": job.market, "sessionDate": job.session_date, "jobRunId": job.id,
+                                   "criteriaKey": user.criteria_key}, None),
+        ("INPUTS_CAPTURED", inputs_at, {
+            "criteriaVersion": criteria_version, "criteria": raw_rules, "prices": prices_used,
+            "rates": {k: str(v) for k, v in sorted(rates.rates.items())}, "ratesBase": rates.base,
+            "ratesAsOf": rates.as_of.isoformat(), "ratesStale": rates.stale, "holdings": holdings_used,
+            "watchlist": sorted(assets[a].symbol for a in user.watchlist if a in assets),
+            "targets": [[t.class_name, str(t.min_pct), str(t.max_pct)] for t in user.targets],
+            "contribution": str(contribution), "baseCurrency": user.base_currency,
+        }, None),
+        ("SCORES_COMPUTED", scores_at, {"scores": scores, "unscored": unscored}, scored_symbols),
+        ("CALC_COMPLETED", completed, {"durationMs": duration_ms, "assetsScored": len(scored_symbols),
+                                       "recommendations": len(recs), "totalInvestable": _fmt(Decimal(contribution))},
+         None),
+    ]
+    return UserResult(user.id, events, document, portfolio, criteria_version, completed, len(scored_symbols),
+                      len(recs))
+
+
+def event_id(correlation_id: str, user_id: str, event_type: str) -> uuid.UUID:
+    """Returns the deterministic id of one of a user's four events in a job run."""
+    return uuid.uuid5(uuid.UUID(correlation_id), f"{user_id}:{event_type}")
+
+
+def _copy_value(v: Any) -> str:
+    if v is None:
+        return "\\N"
+    return str(v).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _write_results(
+    conn: psycopg.Connection, job: JobRun, results: list[UserResult], failures: list[tuple[str, str, str]]
+) -> list[UserResult]:
+    """Writes completed users (events, documents) and failures in one transaction; returns new ones."""
+    with conn.transaction():
+        fresh: set[str] = set()
+        if results:
+            fresh = {
+                str(r[0])
+                for r in conn.execute(
+                    "INSERT INTO overnight_job_users (job_run_id, user_id, status)"
+                    " SELECT %s, unnest(%s::uuid[]), 'completed'"
+                    " ON CONFLICT (job_run_id, user_id) DO UPDATE SET status = 'completed', stage = NULL,"
+                    " error = NULL, updated_at = now() WHERE overnight_job_users.status <> 'completed'"
+                    " RETURNING user_id",
+                    (job.id, [r.user_id for r in results]),
+                )
+            }
+        if failures:
+            conn.execute(
+                "INSERT INTO overnight_job_users (job_run_id, user_id, status, stage, error)"
+                " SELECT %s, u, 'failed', s, e FROM unnest(%s::uuid[], %s::text[], %s::text[]) AS f(u, s, e)"
+                " ON CONFLICT (job_run_id, user_id) DO UPDATE SET status = 'failed', stage = EXCLUDED.stage,"
+                " error = EXCLUDED.error, updated_at = now() WHERE overnight_job_users.status <> 'completed'",
+                (job.id, [f[0] for f in failures], [f[1] for f in failures], [f[2][:1000] for f in failures]),
+            )
+        new = [r for r in results if r.user_id in fresh]
+        if not new:
+            return []
+        with conn.cursor().copy(
+            "COPY calculation_events (event_id, correlation_id, user_id, event_type, payload, symbols, created_at)"
+            " FROM STDIN"
+        ) as cp:
+            lines = []
+            for r in new:
+                for etype, at, payload, symbols in r.events:
+                    arr = None if symbols is None else "{" + ",".join(
+                        '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in symbols) + "}"
+                    lines.append("\t".join(_copy_value(v) for v in (
+                        event_id(job.correlation_id, r.user_id, etype), job.correlation_id, r.user_id, etype,
+                        json.dumps(payload, separators=(",", ":")), arr, at.isoformat())))
+            cp.write("\n".join(lines) + "\n")
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS _recs (LIKE recommendations INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        with conn.cursor().copy(
+            "COPY _recs (user_id, job_run_id, correlation_id, generated_at, criteria_version, rates_stale,"
+            " document, portfolio) FROM STDIN"
+        ) as cp:
+            cp.write("\n".join("\t".join(_copy_value(v) for v in (
+                r.user_id, job.id, job.correlation_id, r.generated_at.isoformat(), r.criteria_version,
+                "t" if r.document["ratesStale"] else "f",
+                json.dumps(r.document, separators=(",", ":")), json.dumps(r.portfolio, separators=(",", ":"))))
+                for r in new) + "\n")
+        conn.execute(
+            "INSERT INTO recommendations SELECT * FROM _recs ON CONFLICT (user_id) DO UPDATE SET"
+            " job_run_id = EXCLUDED.job_run_id, correlation_id = EXCLUDED.correlation_id,"
+            " generated_at = EXCLUDED.generated_at, criteria_version = EXCLUDED.criteria_version,"
+            " rates_stale = EXCLUDED.rates_stale, document = EXCLUDED.document, portfolio = EXCLUDED.portfolio"
+        )
+    return new
+
+
+def score_batch(
+    conn: psycopg.Connection,
+    job: JobRun,
+    audience: Audience,
+    rates: RatesSnapshot,
+    batch: dict[str, Any],
+    price_provider: PriceProvider,
+    *,
+    warm_cache: Callable[[list[tuple[str, str, str]]], int] | None,
+    contribution: Decimal | None = None,
+) -> dict[str, Any]:
+    """Calculates the batch's pending users; one user's failure never stops the others.
+
+    A systemic failure (database gone) raises, so the task is retried; users written before are
+    complete (their events and documents committed together) and are skipped on the retry.
+    """
+    t0 = time.perf_counter()
+    users, assets, criteria = _load_batch(conn, job, audience, batch)
+    symbols = sorted({a.symbol for a in assets.values()})
+    prices = price_provider.fetch_prices(symbols) if symbols else {}
+    t_loaded = time.perf_counter()
+    parsed: dict[str, tuple[Rule, ...] | CriteriaError] = {}
+    memo: dict[tuple[str, int], Score] = {}
+    results: list[UserResult] = []
+    failures: list[tuple[str, str, str]] = []
+    for user in users:
+        try:
+            results.append(calculate_user(user, job, rates, assets, criteria, parsed, prices, memo, contribution))
+        except UserFailure as exc:
+            failures.append((user.id, exc.stage, str(exc)))
+            log.warning("user %s failed at %s: %s", user.id, exc.stage, exc)
+        except (ArithmeticError, InvalidOperation, ValueError, KeyError, TypeError) as exc:
+            failures.append((user.id, "calculate", f"{type(exc).__name__}: {exc}"))
+            log.exception("user %s failed unexpectedly", user.id)
+    t_calc = time.perf_counter()
+    new = _write_results(conn, job, results, failures)
+    t_written = time.perf_counter()
+    cache_status, cache_error = "skipped", None
+    if warm_cache is not None and new:
+        try:
+            warm_cache([(r.user_id, json.dumps(r.document, separators=(",", ":")),
+                         json.dumps(r.portfolio, separators=(",", ":"))) for r in new])
+            cache_status = "warmed"
+        except Exception as exc:  # noqa: BLE001 - the cache is optional: Postgres holds the results
+            cache_status, cache_error = "failed", f"{type(exc).__name__}: {exc}"
+            log.warning("cache not warmed for batch %s: %s", batch.get("label"), cache_error)
+    t_end = time.perf_counter()
+    out = {
+        "index": batch["index"],
+        "label": batch.get("label"),
+        "users": len(users),
+        "completed": len(new),
+        "skipped": len(results) - len(new),
+        "failed": len(failures),
+        "assets_scored": sum(r.assets_scored for r in new),
+        "recommendations_generated": sum(r.recommendations for r in new),
+        "cache_status": cache_status,
+        "cache_error": cache_error,
+        "load_ms": round((t_loaded - t0) * 1000, 1),
+        "calc_ms": round((t_calc - t_loaded) * 1000, 1),
+        "write_ms": round((t_written - t_calc) * 1000, 1),
+        "cache_warm_ms": round((t_end - t_written) * 1000, 1),
+        "duration_ms": round((t_end - t0) * 1000, 1),
+        "started_at": time.time() - (t_end - t0),
+        "ended_at": time.time(),
+    }
+    log.info("batch %s: %d users, %d completed, %d failed, %.0f ms", batch.get("label"), len(users),
+             len(new), len(failures), out["duration_ms"], extra={"correlation_id": job.correlation_id})
+    return out
+
+
+# --------------------------------------------------------------------------- finalize
+
+
+def finalize(
+    conn: psycopg.Connection,
+    job: JobRun,
+    *,
+    planned: list[dict[str, Any]] | None,
+    results: list[dict[str, Any] | None],
+    rates: dict[str, Any] | None,
+    fetch_rates_ms: float | None = None,
+) -> dict[str, Any]:
+    """Writes the job-run row's outcome: completed, partial or failed, with counts and metrics."""
+    counts = dict(conn.execute(
+        "SELECT status, count(*) FROM overnight_job_users WHERE job_run_id = %s GROUP BY status", (job.id,)
+    ).fetchall())
+    completed, failed_rows = counts.get("completed", 0), counts.get("failed", 0)
+    failures = [
+        {"userId": str(u), "stage": s, "message": e}
+        for u, s, e in conn.execute(
+            "SELECT user_id, stage, error FROM overnight_job_users WHERE job_run_id = %s AND status = 'failed'"
+            " ORDER BY user_id LIMIT %s",
+            (job.id, MAX_ERROR_DETAILS),
+        )
+    ]
+    total = planned[0]["total"] if planned else 0
+    done = [r for r in results if r]
+    done_idx = {r["index"] for r in done}
+    failed_batches = [b["label"] for b in (planned or []) if b["index"] not in done_idx]
+    missing = max(0, total - completed - failed_rows)
+    row = conn.execute("SELECT error_details FROM overnight_job_runs WHERE id = %s", (job.id,)).fetchone()
+    details: dict[str, Any] = dict(row[0] or {}) if row else {}
+    details.pop("users", None)
+    details.pop("batches", None)
+    if failures:
+        details["users"] = failures
+    if failed_batches:
+        details["batches"] = failed_batches
+    if planned is None or rates is None:
+        status = "failed"
+        details.setdefault("run", {"stage": "before fan-out", "message": "a step before the fan-out failed"})
+    elif total and completed == 0:
+        status = "failed"
+    elif failed_rows or missing or failed_batches:
+        status = "partial"
+    else:
+        status = "completed"
+        details.pop("run", None)
+    cache_states = {r["cache_status"] for r in done if r["users"]}
+    cache = ("warmed" if cache_states <= {"warmed", "skipped"} and "warmed" in cache_states
+             else "not warmed" if cache_states == {"failed"}
+             else "partially warmed" if "failed" in cache_states else "nothing to warm")
+    starts = [r["started_at"] for r in done]
+    ends = [r["ended_at"] for r in done]
+    metrics = {
+        "fetch_rates_ms": fetch_rates_ms,
+        "process_users_ms": round((max(ends) - min(starts)) * 1000, 1) if done else 0,
+        "cache_warm_ms": round(sum(r["cache_warm_ms"] for r in done), 1),
+        "users_total": total,
+        "batches": len(planned or []),
+        "batches_failed": len(failed_batches),
+        "assets_scored": sum(r["assets_scored"] for r in done),
+        "recommendations_generated": sum(r["recommendations_generated"] for r in done),
+        "users_skipped_already_done": sum(r["skipped"] for r in done),
+        "cache_status": cache,
+        "cache_errors": sorted({r["cache_error"] for r in done if r.get("cache_error")})[:5],
+        "rates_stale": bool(rates and rates.get("stale")),
+        "rates_as_of": rates.get("as_of") if rates else None,
+    }
+    users_failed = failed_rows + missing
+    conn.execute(
+        "UPDATE overnight_job_runs SET status = %s, completed_at = now(), users_processed = %s, users_failed = %s,"
+        " error_details = %s, metrics = %s WHERE id = %s",
+        (status, completed, users_failed, json.dumps(details) if details else None, json.dumps(metrics), job.id),
+    )
+    conn.commit()
+    summary = {"status": status, "users_processed": completed, "users_failed": users_failed, **metrics}
+    log.info("job run %s %s: %d processed, %d failed", job.id, status, completed, users_failed,
+             extra={"correlation_id": job.correlation_id})
+    return summary
+
+
+def iter_chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    """Yields consecutive slices of at most `size` items."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

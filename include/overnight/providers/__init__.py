@@ -1,0 +1,1 @@
+"""Exchange-rate and price providers: one small interface each, database and HTTP adapters."""

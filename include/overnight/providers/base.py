@@ -1,0 +1,69 @@
+"""Types shared by every provider: what a provider returns and how it fails."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Protocol
+
+
+class ProviderError(RuntimeError):
+    """A provider could not deliver usable data (after its retries); the message says why."""
+
+
+@dataclass(frozen=True)
+class RatesSnapshot:
+    """Exchange rates: 1 unit of `base` = rates[quote] units of quote, as of `as_of` (aware UTC)."""
+
+    base: str
+    rates: dict[str, Decimal]
+    as_of: datetime
+    source: str = "unknown"
+    stale: bool = False
+
+    def to_xcom(self) -> dict[str, object]:
+        """Returns a small JSON-able dict (decimals as strings)."""
+        return {
+            "base": self.base,
+            "rates": {k: str(v) for k, v in sorted(self.rates.items())},
+            "as_of": self.as_of.isoformat(),
+            "source": self.source,
+            "stale": self.stale,
+        }
+
+    @classmethod
+    def from_xcom(cls, data: dict[str, object]) -> RatesSnapshot:
+        """Inverse of `to_xcom`."""
+        rates = data["rates"]
+        assert isinstance(rates, dict)
+        return cls(
+            base=str(data["base"]),
+            rates={str(k): Decimal(str(v)) for k, v in rates.items()},
+            as_of=datetime.fromisoformat(str(data["as_of"])),
+            source=str(data.get("source", "unknown")),
+            stale=bool(data.get("stale", False)),
+        )
+
+
+@dataclass(frozen=True)
+class PriceQuote:
+    """The last price of one asset in its trading currency."""
+
+    symbol: str
+    price: Decimal
+    currency: str
+    as_of: datetime
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class RatesProvider(Protocol):
+    """Fetches exchange rates for the given currencies against a base currency."""
+
+    def fetch_rates(self, base: str, symbols: list[str]) -> RatesSnapshot: ...
+
+
+class PriceProvider(Protocol):
+    """Fetches the latest quote of each symbol; symbols it cannot price are absent from the result."""
+
+    def fetch_prices(self, symbols: list[str]) -> dict[str, PriceQuote]: ...

@@ -1,0 +1,76 @@
+"""Database providers: rates and prices from the application's own tables (the offline default)."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import psycopg
+
+from overnight.providers.base import PriceQuote, ProviderError, RatesSnapshot
+
+
+class DbRatesProvider:
+    """Reads the latest stored rate of each currency against the base."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self._conn = conn
+
+    def fetch_rates(self, base: str, symbols: list[str]) -> RatesSnapshot:
+        """Returns the newest stored rates; the snapshot's as-of is the oldest of them."""
+        rows = self._conn.execute(
+            "SELECT DISTINCT ON (quote) quote, rate, as_of FROM exchange_rates"
+            " WHERE base = %s AND quote = ANY(%s) ORDER BY quote, as_of DESC",
+            (base, symbols),
+        ).fetchall()
+        found = {q.strip(): (Decimal(r), a) for q, r, a in rows}
+        missing = sorted(set(symbols) - set(found) - {base})
+        if missing:
+            raise ProviderError(
+                f"exchange_rates: no stored {base} rate for {', '.join(missing)}; "
+                "load them or configure the HTTP rates provider"
+            )
+        rates = {q: r for q, (r, _) in found.items()}
+        rates[base] = Decimal(1)
+        as_of = min((a for _, a in found.values()), default=datetime.now(UTC))
+        return RatesSnapshot(base=base, rates=rates, as_of=as_of, source="database")
+
+
+class DbPriceProvider:
+    """Reads the latest stored price of each asset (by symbol)."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self._conn = conn
+
+    def fetch_prices(self, symbols: list[str]) -> dict[str, PriceQuote]:
+        """Returns a quote per symbol that has a finite, positive stored price."""
+        rows = self._conn.execute(
+            "SELECT a.symbol, p.price, p.currency, p.as_of FROM prices p JOIN assets a ON a.id = p.asset_id"
+            " WHERE a.symbol = ANY(%s)",
+            (symbols,),
+        ).fetchall()
+        out = {}
+        for symbol, price, currency, as_of in rows:
+            if price is None or not math.isfinite(price) or price <= 0:
+                continue
+            out[symbol] = PriceQuote(symbol, Decimal(price), currency.strip(), as_of)
+        return out
+
+
+def store_rates(conn: psycopg.Connection, snapshot: RatesSnapshot) -> None:
+    """Keeps a fetched snapshot (its as-of time and source) for audit and stale fallback."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO exchange_rates (base, quote, rate, as_of, source) VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT (base, quote, as_of) DO UPDATE SET rate = EXCLUDED.rate, source = EXCLUDED.source",
+            [(snapshot.base, q, r, snapshot.as_of, snapshot.source) for q, r in snapshot.rates.items()],
+        )
+
+
+def latest_stored_rates(conn: psycopg.Connection, base: str, symbols: list[str]) -> RatesSnapshot | None:
+    """Returns the newest stored rates for the currencies, or None when some are missing."""
+    try:
+        return DbRatesProvider(conn).fetch_rates(base, symbols)
+    except ProviderError:
+        return None

@@ -1,0 +1,162 @@
+"""Recommendations: where a contribution goes, by allocation gaps first, then by score."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import ROUND_DOWN, Decimal
+
+CENT = Decimal("0.01")
+HUNDRED = Decimal(100)
+PER_CLASS = 3  # how many of a class's best-scored assets share its money
+
+
+class AllocationError(ValueError):
+    """Allocation targets are unusable (e.g. minimums above 100 %); the message says which."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A class's allocation target range, in percent of the portfolio."""
+
+    class_name: str
+    min_pct: Decimal
+    max_pct: Decimal
+
+    @property
+    def mid_pct(self) -> Decimal:
+        """The middle of the range: where money goes once the minimum is met."""
+        return (self.min_pct + self.max_pct) / 2
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A scored asset the contribution may buy."""
+
+    asset_id: int
+    symbol: str
+    class_name: str
+    score: Decimal
+    criteria_count: int
+    top_contributor: str
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """Buy `amount` (base currency) of an asset; `allocation_gap` is its class's gap in points."""
+
+    candidate: Candidate
+    amount: Decimal
+    allocation_gap: Decimal
+
+
+def validate_targets(targets: list[Target]) -> None:
+    """Raises AllocationError for targets no portfolio can meet."""
+    for t in targets:
+        if t.min_pct < 0 or t.max_pct > HUNDRED or t.min_pct > t.max_pct:
+            raise AllocationError(
+                f"allocation target '{t.class_name}': range {t.min_pct}-{t.max_pct}% is not within 0-100"
+            )
+    total_min = sum((t.min_pct for t in targets), Decimal(0))
+    if total_min > HUNDRED:
+        raise AllocationError(f"allocation targets: minimums add up to {total_min}% (more than 100%)")
+
+
+def split_to_cents(total: Decimal, weights: dict[str, Decimal]) -> dict[str, Decimal]:
+    """Splits `total` by weights into cents that add up to it exactly (largest remainder)."""
+    total = total.quantize(CENT)
+    positive = {k: w for k, w in weights.items() if w > 0}
+    if total <= 0 or not positive:
+        return {k: Decimal(0) for k in weights}
+    wsum = sum(positive.values(), Decimal(0))
+    raw = {k: total * w / wsum for k, w in positive.items()}
+    floors = {k: v.quantize(CENT, rounding=ROUND_DOWN) for k, v in raw.items()}
+    left = int(((total - sum(floors.values(), Decimal(0))) / CENT).to_integral_value())
+    for k in sorted(positive, key=lambda k: (-(raw[k] - floors[k]), k))[:left]:
+        floors[k] += CENT
+    return {k: floors.get(k, Decimal(0)) for k in weights}
+
+
+def _class_weights(
+    contribution: Decimal, values: dict[str, Decimal], targets: list[Target], eligible: set[str]
+) -> tuple[dict[str, Decimal], dict[str, Decimal]]:
+    """Returns (money weight per class, gap in points per class)."""
+    total_after = sum(values.values(), Decimal(0)) + contribution
+    total_before = sum(values.values(), Decimal(0))
+    gaps = {}
+    for t in targets:
+        current = values.get(t.class_name, Decimal(0)) * HUNDRED / total_before if total_before else Decimal(0)
+        gaps[t.class_name] = (t.mid_pct - current).quantize(CENT)
+    pool = [t for t in targets if t.class_name in eligible]
+    alloc = {t.class_name: Decimal(0) for t in pool}
+    remaining = contribution
+
+    def fill(need: dict[str, Decimal]) -> None:
+        nonlocal remaining
+        need = {k: v for k, v in need.items() if v > 0}
+        total_need = sum(need.values(), Decimal(0))
+        if remaining <= 0 or total_need <= 0:
+            return
+        if total_need >= remaining:
+            for k, v in need.items():
+                alloc[k] += remaining * v / total_need
+            remaining = Decimal(0)
+        else:
+            for k, v in need.items():
+                alloc[k] += v
+            remaining -= total_need
+
+    def held(name: str) -> Decimal:
+        return values.get(name, Decimal(0)) + alloc[name]
+
+    # 1. classes below their minimum, in proportion to the gap; 2. toward the middle of the range;
+    # 3. up to the maximum; 4. anything left (all classes full) by the middle of the range.
+    fill({t.class_name: t.min_pct * total_after / HUNDRED - held(t.class_name) for t in pool})
+    fill({t.class_name: t.mid_pct * total_after / HUNDRED - held(t.class_name) for t in pool})
+    fill({t.class_name: t.max_pct * total_after / HUNDRED - held(t.class_name) for t in pool})
+    if remaining > 0 and pool:
+        mids = {t.class_name: t.mid_pct for t in pool}
+        if sum(mids.values(), Decimal(0)) <= 0:
+            mids = {t.class_name: Decimal(1) for t in pool}
+        fill({k: remaining * v / sum(mids.values(), Decimal(0)) for k, v in mids.items()})
+    return alloc, gaps
+
+
+def recommend(
+    contribution: Decimal,
+    values: dict[str, Decimal],
+    targets: list[Target],
+    candidates: list[Candidate],
+) -> list[Recommendation]:
+    """Spreads the contribution over the best-scored assets of each class, by allocation gap.
+
+    `values` is the current holding value per class in the base currency. Amounts are cents that
+    add up to the contribution exactly (when any asset is eligible), none negative.
+    """
+    validate_targets(targets)
+    if contribution <= 0 or not candidates:
+        return []
+    by_class: dict[str, list[Candidate]] = {}
+    for c in sorted(candidates, key=lambda c: (-c.score, c.symbol)):
+        by_class.setdefault(c.class_name, []).append(c)
+    if targets:
+        class_money, gaps = _class_weights(contribution, values, targets, set(by_class))
+    else:
+        class_money, gaps = {}, {}
+    if not class_money or sum(class_money.values(), Decimal(0)) <= 0:
+        # No usable targets: the best-scored assets overall share the contribution.
+        best = sorted(candidates, key=lambda c: (-c.score, c.symbol))[: PER_CLASS * 2]
+        weights = {c.symbol: Decimal(1) for c in best}
+    else:
+        weights = {}
+        for name, money in class_money.items():
+            picks = by_class.get(name, [])[:PER_CLASS]
+            for c in picks:
+                weights[c.symbol] = money / len(picks)
+    amounts = split_to_cents(contribution, weights)
+    by_symbol = {c.symbol: c for c in candidates}
+    recs = [
+        Recommendation(by_symbol[s], amt, gaps.get(by_symbol[s].class_name, Decimal(0)))
+        for s, amt in amounts.items()
+        if amt > 0
+    ]
+    return sorted(recs, key=lambda r: (-r.amount, r.candidate.symbol))

@@ -1,0 +1,246 @@
+"""What each task of a market DAG does, given plain values: parameters, connections, providers.
+
+No Airflow import: the DAG factory passes in what it read from the task context.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from overnight import cache, db, pipeline, sessions
+from overnight.connections import ConnectionNotConfigured, get_connection
+from overnight.markets import Market
+from overnight.providers.base import PriceProvider, RatesProvider, RatesSnapshot
+from overnight.providers.db import DbPriceProvider, DbRatesProvider
+
+log = logging.getLogger(__name__)
+
+RATES_CONN_ID = "overnight_rates_http"
+PRICES_CONN_ID = "overnight_prices_http"
+PARAM_NAMES = ("session_date", "user_ids", "batch_size", "contribution", "force")
+_DECIMAL = re.compile(r"^\d{1,12}(\.\d{1,2})?$")
+
+
+class ParamError(ValueError):
+    """The run's parameters are unusable; the message lists each problem and what to pass."""
+
+
+@dataclass(frozen=True)
+class RunParams:
+    """A run's validated parameters."""
+
+    session_date: date
+    user_ids: tuple[str, ...] | None
+    batch_size: int
+    contribution: Decimal | None
+    force: bool
+
+    def to_xcom(self) -> dict[str, Any]:
+        """Returns a small JSON-able dict."""
+        return {
+            "session_date": self.session_date.isoformat(),
+            "user_ids": list(self.user_ids) if self.user_ids is not None else None,
+            "batch_size": self.batch_size,
+            "contribution": str(self.contribution) if self.contribution is not None else None,
+            "force": self.force,
+        }
+
+    @classmethod
+    def from_xcom(cls, data: dict[str, Any]) -> RunParams:
+        """Inverse of `to_xcom`."""
+        ids = data.get("user_ids")
+        c = data.get("contribution")
+        return cls(date.fromisoformat(data["session_date"]), tuple(ids) if ids is not None else None,
+                   int(data["batch_size"]), Decimal(c) if c is not None else None, bool(data["force"]))
+
+
+def validate_params(
+    market: Market, params: dict[str, Any], conf: dict[str, Any], *, interval_end: datetime | None,
+    run_after: datetime | None,
+) -> RunParams:
+    """Checks a run's params and --conf; raises ParamError naming every problem, before anything is written."""
+    problems: list[str] = []
+    unknown = sorted(set(conf) - set(PARAM_NAMES))
+    if unknown:
+        problems.append(f"unknown --conf keys {unknown}; known: {list(PARAM_NAMES)}")
+    merged = {**params, **{k: v for k, v in conf.items() if k in PARAM_NAMES}}
+    session: date | None = None
+    raw_date = merged.get("session_date")
+    if raw_date not in (None, ""):
+        try:
+            session = sessions.validate_session_date(market.code, str(raw_date))
+        except ValueError as exc:
+            problems.append(f"session_date: {exc}")
+    else:
+        try:
+            if interval_end is not None:
+                session = sessions.session_for_run(market.code, timedelta(0), interval_end)
+            else:
+                moment = run_after or datetime.now(UTC)
+                session = sessions.next_run(market.code, timedelta(0), moment, inclusive=False)[0]
+        except ValueError as exc:
+            problems.append(f"session: {exc}")
+    user_ids = merged.get("user_ids")
+    ids: tuple[str, ...] | None = None
+    if user_ids not in (None, []):
+        if not isinstance(user_ids, list):
+            problems.append(f"user_ids: expected a list of user ids (UUIDs), got {type(user_ids).__name__}")
+        else:
+            bad = []
+            for u in user_ids:
+                try:
+                    uuid.UUID(str(u))
+                except ValueError:
+                    bad.append(str(u)[:40])
+            if bad:
+                problems.append(f"user_ids: not UUIDs: {bad[:5]}")
+            ids = tuple(str(uuid.UUID(str(u))) for u in user_ids if str(u)[:40] not in bad)
+    raw_bs = merged.get("batch_size")
+    batch_size = market.batch_size or pipeline.DEFAULT_BATCH_SIZE
+    if raw_bs is not None:
+        if isinstance(raw_bs, bool) or not isinstance(raw_bs, int) or raw_bs < 1 or raw_bs > 100_000:
+            problems.append(f"batch_size: expected an integer from 1 to 100000, got {raw_bs!r}")
+        else:
+            batch_size = raw_bs
+    contribution: Decimal | None = None
+    raw_c = merged.get("contribution")
+    if raw_c not in (None, ""):
+        text = str(raw_c)
+        if not _DECIMAL.match(text):
+            problems.append(f"contribution: expected an amount such as \"1500.00\" (>= 0, cents at most), got {raw_c!r}")
+        else:
+            contribution = Decimal(text)
+    force = merged.get("force", False)
+    if not isinstance(force, bool):
+        problems.append(f"force: expected true or false, got {force!r}")
+    if problems:
+        raise ParamError(f"{market.dag_id}: bad parameters: " + "; ".join(problems))
+    assert session is not None
+    return RunParams(session, ids, batch_size, contribution, bool(force))
+
+
+def start(market: Market, run: RunParams, dag_run_id: str) -> dict[str, Any]:
+    """Records the job run (status started) and returns the job for the next tasks."""
+    with db.connect() as conn:
+        job = pipeline.start_job(conn, market.code, run.session_date, dag_run_id, force=run.force)
+    return job.to_xcom()
+
+
+def _http_conn(conn_id: str) -> tuple[str, str | None] | None:
+    try:
+        info = get_connection(conn_id)
+    except ConnectionNotConfigured:
+        return None
+    scheme = info.extra.get("scheme") or ("https" if info.conn_type in ("https", "http") and info.port in (None, 443)
+                                           else "http")
+    if info.conn_type in ("http", "https") and info.host and "://" in info.host:
+        base = info.host.rstrip("/")
+    else:
+        port = f":{info.port}" if info.port else ""
+        path = f"/{info.schema}" if info.schema else ""
+        base = f"{scheme}://{info.host}{port}{path}"
+    return base, info.password or info.extra.get("api_key")
+
+
+def rates_provider(conn: Any) -> RatesProvider:
+    """Returns the HTTP rates provider when `overnight_rates_http` is set, else the database one."""
+    http = _http_conn(RATES_CONN_ID)
+    if http is None:
+        return DbRatesProvider(conn)
+    from overnight.providers.http import HttpRatesProvider
+
+    return HttpRatesProvider(http[0], api_key=http[1])
+
+
+def price_provider(conn: Any) -> PriceProvider:
+    """Returns the HTTP price provider when `overnight_prices_http` is set, else the database one."""
+    http = _http_conn(PRICES_CONN_ID)
+    if http is None:
+        return DbPriceProvider(conn)
+    from overnight.providers.http import HttpPriceProvider
+    from overnight.providers.ratelimit import RedisRateLimiter
+
+    limiter = RedisRateLimiter(cache.connect(), "ratelimit:prices", rate_per_s=float(
+        os.environ.get("OVERNIGHT_PRICES_RATE_PER_S", "5")), burst=10)
+    return HttpPriceProvider(http[0], api_key=http[1], rate_limiter=limiter)
+
+
+def fetch_rates(job_x: dict[str, Any]) -> dict[str, Any]:
+    """Fetches exchange rates once for the run; records a clear error on the job run if it cannot."""
+    job = pipeline.JobRun.from_xcom(job_x)
+    t0 = time.perf_counter()
+    max_age = timedelta(hours=float(os.environ.get("OVERNIGHT_MAX_RATES_AGE_HOURS", "72")))
+    with db.connect() as conn:
+        try:
+            snap = pipeline.fetch_rates(conn, rates_provider(conn), pipeline.needed_currencies(conn), max_age=max_age)
+        except Exception as exc:
+            conn.rollback()
+            pipeline.record_job_error(conn, job, "fetch_rates", str(exc))
+            raise
+    out = snap.to_xcom()
+    out["fetch_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+    log.info("rates as of %s from %s (%d currencies, stale=%s)", snap.as_of, snap.source, len(snap.rates),
+             snap.stale)
+    return out
+
+
+def audience(market: Market, run: RunParams, all_codes: list[str]) -> pipeline.Audience:
+    """Returns who this market serves on the run's session."""
+    earlier = sessions.earlier_markets(market.code, run.session_date, all_codes)
+    return pipeline.Audience(market.code, tuple(earlier), run.user_ids)
+
+
+def plan(market: Market, run: RunParams, all_codes: list[str]) -> list[dict[str, Any]]:
+    """Plans the user batches of the run (small descriptors)."""
+    aud = audience(market, run, all_codes)
+    with db.connect() as conn:
+        batches = pipeline.plan_batches(conn, aud, run.batch_size)
+    total = batches[0]["total"] if batches else 0
+    log.info("%s %s: %d users in %d batches (earlier markets that day: %s)", market.code, run.session_date,
+             total, len(batches), ", ".join(aud.earlier) or "none")
+    for b in batches:
+        b["audience"] = aud.to_xcom()
+    return batches
+
+
+def score_batch(batch: dict[str, Any], job_x: dict[str, Any], rates_x: dict[str, Any], run_x: dict[str, Any]
+                ) -> dict[str, Any]:
+    """Scores one batch of users and warms their cache entries."""
+    job = pipeline.JobRun.from_xcom(job_x)
+    run = RunParams.from_xcom(run_x)
+    rates = RatesSnapshot.from_xcom(rates_x)
+    aud = pipeline.Audience.from_xcom(batch["audience"])
+    redis_client = None
+    try:
+        redis_client = cache.connect()
+    except Exception as exc:  # noqa: BLE001 - a bad Redis URL must not lose the night
+        log.warning("redis client not created: %s", exc)
+
+    def warm(docs: list[tuple[str, str, str]]) -> int:
+        if redis_client is None:
+            raise ConnectionError("no Redis client")
+        return cache.warm(redis_client, docs)
+
+    with db.connect() as conn:
+        return pipeline.score_batch(conn, job, aud, rates, batch, price_provider(conn), warm_cache=warm,
+                                    contribution=run.contribution)
+
+
+def finalize(job_x: dict[str, Any] | None, planned: list[dict[str, Any]] | None,
+             results: list[dict[str, Any] | None], rates_x: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Writes the job-run outcome; returns the summary (None when the run never started)."""
+    if job_x is None:
+        log.error("the start task did not record a job run (bad parameters or database down); nothing to finalize")
+        return None
+    job = pipeline.JobRun.from_xcom(job_x)
+    with db.connect() as conn:
+        return pipeline.finalize(conn, job, planned=planned, results=results, rates=rates_x,
+                                 fetch_rates_ms=(rates_x or {}).get("fetch_ms"))

@@ -1,0 +1,138 @@
+"""Test set-up: every run gets fresh databases and a Redis database of its own, on the real servers.
+
+The servers are the ones the `overnight_postgres` / `overnight_redis` connections point at (the
+machine's, or the embedded ones `make test` starts). This module sets the environment before
+anything imports Airflow, so Airflow's metadata database is fresh too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "include"))
+
+import pytest  # noqa: E402
+
+from overnight import devenv  # noqa: E402
+from overnight.connections import POSTGRES_CONN_ID, REDIS_CONN_ID, ConnInfo, parse_connection, postgres_dsn  # noqa: E402
+
+pytest_plugins = ["tests.support.fixtures_provider"]
+
+RUN_ID = uuid.uuid4().hex[:10]
+
+
+def _prepare_environment() -> dict[str, str]:
+    if not os.environ.get("AIRFLOW_CONN_OVERNIGHT_POSTGRES") or not os.environ.get("AIRFLOW_CONN_OVERNIGHT_REDIS"):
+        os.environ.update(devenv.environment())  # started outside make: bring the servers up
+    base = parse_connection(POSTGRES_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
+    app_db, meta_db = f"ovt_{RUN_ID}", f"ovt_{RUN_ID}_af"
+    for name in (app_db, meta_db):
+        devenv.create_database(base, name)
+    app = ConnInfo(**{**base.__dict__, "schema": app_db})
+    meta = ConnInfo(**{**base.__dict__, "schema": meta_db})
+    import redis
+
+    rinfo = parse_connection(REDIS_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"])
+    chosen = None
+    for index in range(15, 0, -1):
+        client = redis.Redis(host=rinfo.host or "127.0.0.1", port=rinfo.port or 6379, db=index,
+                             password=rinfo.password)
+        if client.dbsize() == 0 and client.set(f"overnight-test-lock:{index}", RUN_ID, nx=True, ex=7200):
+            chosen = index
+            break
+    if chosen is None:
+        raise RuntimeError("no empty Redis database (1-15) for this test run; flush one or free one")
+    auth = f":{rinfo.password}@" if rinfo.password else ""
+    home = ROOT / ".local" / f"test-{RUN_ID}"
+    home.mkdir(parents=True, exist_ok=True)
+    env = {
+        "AIRFLOW_CONN_OVERNIGHT_POSTGRES": postgres_dsn(app),
+        "AIRFLOW_CONN_OVERNIGHT_REDIS": f"redis://{auth}{rinfo.host or '127.0.0.1'}:{rinfo.port or 6379}/{chosen}",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres_dsn(meta).replace("postgresql://", "postgresql+psycopg2://", 1),
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+        "OVERNIGHT_TEST_REDIS_URL": f"redis://{auth}{rinfo.host or '127.0.0.1'}:{rinfo.port or 6379}/{chosen}",
+        "OVERNIGHT_TEST_RUN_ID": RUN_ID,
+    }
+    os.environ.update(env)
+    return env
+
+
+TEST_ENV = _prepare_environment()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Drops this run's databases and flushes its Redis database (kept with OVERNIGHT_KEEP_TEST_DATA=1)."""
+    if os.environ.get("OVERNIGHT_KEEP_TEST_DATA"):
+        return
+    import psycopg
+    import redis
+
+    base = parse_connection(POSTGRES_CONN_ID, TEST_ENV["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
+    admin = ConnInfo(**{**base.__dict__, "schema": "postgres"})
+    try:
+        with psycopg.connect(postgres_dsn(admin), autocommit=True) as conn:
+            for name in (f"ovt_{RUN_ID}", f"ovt_{RUN_ID}_af"):
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        client = redis.Redis.from_url(TEST_ENV["AIRFLOW_CONN_OVERNIGHT_REDIS"])
+        client.flushdb()
+    except Exception as exc:  # noqa: BLE001 - clean-up must not mask the test result
+        print(f"test clean-up incomplete: {exc}")
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> str:
+    """The migrated application database of this test run."""
+    from overnight import migrate
+
+    dsn = TEST_ENV["AIRFLOW_CONN_OVERNIGHT_POSTGRES"]
+    migrate.migrate(dsn)
+    return dsn
+
+
+@pytest.fixture
+def conn(pg_dsn: str):
+    """A connection to this run's application database."""
+    import psycopg
+
+    with psycopg.connect(pg_dsn) as c:
+        yield c
+
+
+@pytest.fixture
+def redis_client():
+    """A client of this run's Redis database."""
+    import redis
+
+    client = redis.Redis.from_url(TEST_ENV["AIRFLOW_CONN_OVERNIGHT_REDIS"])
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """Airflow's metadata database of this run, migrated (once per run)."""
+    from overnight import airflow_setup
+
+    airflow_setup.migrate_metadata()
+    airflow_setup.write_passwords()
+
+
+@pytest.fixture(scope="session")
+def seeded(pg_dsn: str) -> dict[str, int]:
+    """600 synthetic users (seed 7) in this run's database."""
+    import psycopg
+
+    from overnight import seed
+
+    with psycopg.connect(pg_dsn) as c:
+        counts = seed.seed(c, 600, 7, dsn=pg_dsn)
+    return counts

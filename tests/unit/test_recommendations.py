@@ -1,0 +1,91 @@
+"""Recommendations: cents add up exactly, gaps first, no negatives, edge cases."""
+
+from __future__ import annotations
+
+from decimal import Decimal as D
+
+import pytest
+
+from overnight.recommendations import AllocationError, Candidate, Target, recommend, split_to_cents, validate_targets
+
+
+def cand(symbol: str, cls: str, score: str) -> Candidate:
+    return Candidate(hash(symbol) % 10_000, symbol, cls, D(score), 1, "dividend_yield")
+
+
+CANDIDATES = [
+    cand("AAA", "Stocks", "20"), cand("AAB", "Stocks", "15"), cand("AAC", "Stocks", "10"), cand("AAD", "Stocks", "5"),
+    cand("BBA", "Fixed income", "8"), cand("BBB", "Fixed income", "3"),
+    cand("CCA", "ETFs", "1"),
+]
+TARGETS = [Target("Stocks", D(40), D(60)), Target("Fixed income", D(20), D(40)), Target("ETFs", D(10), D(30))]
+
+
+@pytest.mark.parametrize(
+    ("contribution", "values", "targets"),
+    [
+        pytest.param(D("1000.00"), {"Stocks": D(500), "Fixed income": D(500)}, TARGETS, id="one-class-below-min"),
+        pytest.param(D("0.01"), {"Stocks": D(100)}, TARGETS, id="one-cent"),
+        pytest.param(D("333.33"), {}, TARGETS, id="empty-portfolio"),
+        pytest.param(D("1000"), {"Stocks": D(10_000), "Fixed income": D(10_000), "ETFs": D(10_000)},
+                     [Target("Stocks", D(0), D(10)), Target("Fixed income", D(0), D(10)), Target("ETFs", D(0), D(10))],
+                     id="all-classes-over-target"),
+        pytest.param(D("999.99"), {"Stocks": D(1)}, [], id="no-targets"),
+    ],
+)
+def test_amounts_are_cents_adding_up_to_contribution(contribution, values, targets):
+    recs = recommend(contribution, values, targets, CANDIDATES)
+    assert recs, "some recommendation expected"
+    assert sum(r.amount for r in recs) == contribution
+    assert all(r.amount > 0 and r.amount == r.amount.quantize(D("0.01")) for r in recs)
+
+
+def test_money_goes_first_to_classes_below_minimum():
+    # Stocks at 0% (min 40%), the others within range: a small contribution all goes to Stocks' best assets.
+    recs = recommend(D("300.00"), {"Fixed income": D(8_000), "ETFs": D(2_000)}, TARGETS, CANDIDATES)
+    assert {r.candidate.class_name for r in recs} == {"Stocks"}
+    assert [r.candidate.symbol for r in recs] == ["AAA", "AAB", "AAC"]  # best three by score
+    assert all(r.amount == D("100.00") for r in recs)
+    assert recs[0].allocation_gap == D("50.00")  # mid 50% - current 0%
+
+
+def test_below_minimum_split_in_proportion_to_gap():
+    # total after = 1000; Stocks needs 400, Fixed income 200, ETFs 100 to reach min: 700 > 70 contribution
+    recs = recommend(D("70.00"), {"Unlisted": D("930")}, TARGETS, CANDIDATES)
+    per_class: dict[str, D] = {}
+    for r in recs:
+        per_class[r.candidate.class_name] = per_class.get(r.candidate.class_name, D(0)) + r.amount
+    assert per_class == {"Stocks": D("40.00"), "Fixed income": D("20.00"), "ETFs": D("10.00")}
+
+
+@pytest.mark.parametrize(
+    ("contribution", "candidates"),
+    [pytest.param(D(0), CANDIDATES, id="zero-contribution"), pytest.param(D(100), [], id="no-candidates")],
+)
+def test_nothing_to_recommend(contribution, candidates):
+    assert recommend(contribution, {"Stocks": D(1)}, TARGETS, candidates) == []
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        pytest.param([Target("A", D(60), D(70)), Target("B", D(50), D(60))], "add up to 110", id="mins-over-100"),
+        pytest.param([Target("A", D(50), D(40))], "not within", id="min-above-max"),
+        pytest.param([Target("A", D(-1), D(40))], "not within", id="negative"),
+    ],
+)
+def test_unusable_targets_raise(targets, message):
+    with pytest.raises(AllocationError, match=message):
+        validate_targets(targets)
+
+
+@pytest.mark.parametrize(
+    ("total", "weights", "expected"),
+    [
+        pytest.param(D("1.00"), {"a": D(1), "b": D(1), "c": D(1)}, {"a": D("0.34"), "b": D("0.33"), "c": D("0.33")},
+                     id="thirds"),
+        pytest.param(D("10"), {"a": D(0), "b": D(2)}, {"a": D(0), "b": D("10.00")}, id="zero-weight"),
+    ],
+)
+def test_split_to_cents(total, weights, expected):
+    assert split_to_cents(total, weights) == expected
