@@ -76,6 +76,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import psycopg
     import redis
 
+    if "airflow.settings" in sys.modules:
+        sys.modules["airflow.settings"].dispose_orm()
     base = parse_connection(POSTGRES_CONN_ID, TEST_ENV["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
     admin = ConnInfo(**{**base.__dict__, "schema": "postgres"})
     try:

@@ -68,9 +68,10 @@ def _pg_user() -> str | None:
     """Postgres refuses to run as root: as root, run it as the `pgserver` system user."""
     if os.geteuid() != 0:
         return None
-    from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
-    from pgserver._commands import POSTGRES_BIN_PATH
     import stat
+
+    from pgserver._commands import POSTGRES_BIN_PATH
+    from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
     ensure_user_exists("pgserver")
     ensure_prefix_permissions(LOCAL)

@@ -24,9 +24,7 @@ LEAD_CLOCK_PATTERN = re.compile(r"^(?P<h>\d{1,2}):(?P<m>[0-5]\d)$")
 EXAMPLE_CODES = ("XNYS", "XLON", "BVMF", "XTKS")
 POOL_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 YAML_INT_TAG = "tag:yaml.org,2002:int"
-YAML_INT_PATTERN = re.compile(
-    r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"
-)
+YAML_INT_PATTERN = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
 
 
 class _Loader(yaml.SafeLoader):
@@ -127,13 +125,9 @@ def parse_lead(value: object) -> timedelta:
         if clock:
             lead = timedelta(hours=int(clock["h"]), minutes=int(clock["m"]))
         elif units and any(units.group(g) for g in ("h", "m", "s")):
-            lead = timedelta(
-                hours=int(units["h"] or 0), minutes=int(units["m"] or 0), seconds=int(units["s"] or 0)
-            )
+            lead = timedelta(hours=int(units["h"] or 0), minutes=int(units["m"] or 0), seconds=int(units["s"] or 0))
         else:
-            raise ValueError(
-                f"cannot parse lead {value!r}; write a duration like '2h', '90m', '1h30m' or '02:00'"
-            )
+            raise ValueError(f"cannot parse lead {value!r}; write a duration like '2h', '90m', '1h30m' or '02:00'")
     else:
         raise ValueError(
             f"lead must be a quoted duration like '2h', '90m', '1h30m' or '02:00', got {value!r} "
@@ -186,9 +180,7 @@ def _check_batch_size(value: object) -> int:
 def _check_pool(value: object) -> str:
     """Returns value if it is a usable Airflow pool name; raises ValueError otherwise."""
     if not isinstance(value, str) or not POOL_PATTERN.match(value):
-        raise ValueError(
-            f"pool must be an Airflow pool name (letters, digits, '_', '.', '-'), got {value!r}"
-        )
+        raise ValueError(f"pool must be an Airflow pool name (letters, digits, '_', '.', '-'), got {value!r}")
     return value
 
 

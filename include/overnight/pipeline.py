@@ -141,6 +141,10 @@ def fetch_rates(
             ) from exc
         log.warning("rates provider failed, using stored rates as of %s: %s", stored.as_of, exc)
         return RatesSnapshot(stored.base, stored.rates, stored.as_of, f"{stored.source} (fallback)", True)
+    missing = sorted(set(currencies) - set(snap.rates))
+    if missing:
+        log.warning("no exchange rate for %s: users and assets that need them fail or stay unscored",
+                    ", ".join(missing))
     age = now - snap.as_of
     if age > max_age:
         raise ProviderError(

@@ -9,7 +9,7 @@ import threading
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import exchange_calendars
 from exchange_calendars import ExchangeCalendar
@@ -46,7 +46,7 @@ _LOCK = threading.RLock()
 
 def _today() -> date:
     """Today's UTC date (a function so tests can fake it)."""
-    return datetime.now(timezone.utc).date()
+    return datetime.now(UTC).date()
 
 
 def _as_utc(value: datetime, name: str) -> datetime:
@@ -54,9 +54,9 @@ def _as_utc(value: datetime, name: str) -> datetime:
     if not isinstance(value, datetime):
         raise TypeError(f"{name} must be a timezone-aware datetime, got {type(value).__name__} {value!r}")
     if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{name} must be timezone-aware (UTC), got naive {value.isoformat()}; add tzinfo=timezone.utc")
-    v = value.astimezone(timezone.utc)
-    return datetime(v.year, v.month, v.day, v.hour, v.minute, v.second, v.microsecond, tzinfo=timezone.utc)
+        raise ValueError(f"{name} must be timezone-aware (UTC), got naive {value.isoformat()}; add tzinfo=datetime.UTC")
+    v = value.astimezone(UTC)
+    return datetime(v.year, v.month, v.day, v.hour, v.minute, v.second, v.microsecond, tzinfo=UTC)
 
 
 def _check_lead(lead: timedelta) -> timedelta:
@@ -118,10 +118,7 @@ def _schedule(code: str, start: date, end: date) -> _Schedule:
             calendar = exchange_calendars.get_calendar(code, start=new_start.isoformat(), end=new_end.isoformat())
         table = calendar.schedule
         sessions = [ts.date() for ts in table.index]
-        opens = [
-            ts.to_pydatetime().astimezone(timezone.utc).replace(tzinfo=timezone.utc)
-            for ts in table["open"].dt.tz_convert("UTC")
-        ]
+        opens = [ts.to_pydatetime().astimezone(UTC).replace(tzinfo=UTC) for ts in table["open"].dt.tz_convert("UTC")]
         built = _Schedule(
             code=code,
             start=new_start,
@@ -283,9 +280,7 @@ def earlier_markets(code: str, session_date: date, all_codes: Iterable[str]) -> 
 
 def serving_market(user_markets: Iterable[str], session_date: date) -> str | None:
     """The market whose DAG scores this user on `session_date`: earliest open among their open markets."""
-    candidates = [
-        (session_open_utc(c, session_date), c) for c in set(user_markets) if is_session(c, session_date)
-    ]
+    candidates = [(session_open_utc(c, session_date), c) for c in set(user_markets) if is_session(c, session_date)]
     return min(candidates)[1] if candidates else None
 
 

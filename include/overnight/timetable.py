@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pendulum
@@ -22,12 +22,12 @@ RUN_ID_PREFIX = "session__"
 
 def _utcnow() -> datetime:
     """The current aware UTC time (a function so tests can fake it)."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _pendulum(value: datetime) -> DateTime:
     """An aware UTC pendulum DateTime, the type Airflow's DagRunInfo/DataInterval expect."""
-    return pendulum.instance(value.astimezone(timezone.utc), tz=pendulum.UTC)
+    return pendulum.instance(value.astimezone(UTC), tz=pendulum.UTC)
 
 
 class MarketSessionTimetable(Timetable):
@@ -109,7 +109,7 @@ class MarketSessionTimetable(Timetable):
             candidates.append(self._first_session_opening_after(last_automated_data_interval.end))
         if restriction.earliest is None:
             # No start_date: start with the next session not yet open (nothing to catch up from).
-            if True:
+            if last_automated_data_interval is None:
                 candidates.append(self._first_session_opening_after(_utcnow()))
         else:
             candidates.append(sessions.next_run(self.market_code, self.lead, restriction.earliest, inclusive=True)[0])

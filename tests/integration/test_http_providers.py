@@ -15,6 +15,9 @@ from typing import TypeVar
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
 from overnight.providers.base import ProviderError
 from overnight.providers.http import (
     HttpPriceProvider,
@@ -27,11 +30,7 @@ from overnight.providers.ratelimit import (
     RateLimitTimeout,
     RedisRateLimiter,
 )
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
 from tests.support.fake_provider import QUOTE_PATH, RATES_PATH, FakeProviderServer
-
 
 REDIS_URL = os.environ.get("OVERNIGHT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 SECRET = "s3cr3t-KEY-123"

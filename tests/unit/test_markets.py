@@ -73,7 +73,9 @@ def test_all_fields_are_read_and_markets_sorted(tmp_path: Path) -> None:
 
 
 BAD_ENTRIES = [
-    pytest.param("  - code: XNYZ\n", "XNYZ", "code", "unknown calendar code; known codes include XNYS", id="unknown-code"),
+    pytest.param(
+        "  - code: XNYZ\n", "XNYZ", "code", "unknown calendar code; known codes include XNYS", id="unknown-code"
+    ),
     pytest.param("  - code: xnys\n", "xnys", "code", "write 'XNYS'", id="lower-case-code"),
     pytest.param("  - code: NYSE\n", "NYSE", "code", "alias; write the calendar code 'XNYS'", id="alias-code"),
     pytest.param("  - code: 24/7\n", "24/7", "code", "unknown calendar code", id="non-mic-code"),

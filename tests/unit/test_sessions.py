@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import exchange_calendars
 import pytest
@@ -17,12 +17,14 @@ from overnight.sessions import (
     is_session,
     next_run,
     run_time,
+    serving_market,
     session_for_run,
     session_open_utc,
     sessions_between,
-    serving_market,
     validate_session_date,
 )
+
+pytestmark = pytest.mark.filterwarnings("ignore:Series.values returning an ndarray")
 
 DEFAULT_CODES = ("BVMF", "XLON", "XNYS", "XTKS")
 TWO_HOURS = timedelta(hours=2)
@@ -32,7 +34,7 @@ YEAR_START, YEAR_END = date(2026, 1, 1), date(2026, 12, 31)
 
 def utc(*args: int) -> datetime:
     """An aware UTC datetime."""
-    return datetime(*args, tzinfo=timezone.utc)
+    return datetime(*args, tzinfo=UTC)
 
 
 def independent_opens(code: str, start: date, end: date) -> dict[date, datetime]:
@@ -275,13 +277,26 @@ def test_calendar_cache_extends_in_a_long_lived_process(monkeypatch: pytest.Monk
     assert date(2028, 11, 1) <= first.last_session.date() <= date(2028, 11, 30)
     # months later the same process asks beyond the cached end: the calendar is rebuilt wider
     beyond = first.last_session.date() + timedelta(days=20)
-    day, at = next_run("XNYS", TWO_HOURS, datetime.combine(beyond, datetime.min.time(), timezone.utc), inclusive=True)
+    day, at = next_run("XNYS", TWO_HOURS, datetime.combine(beyond, datetime.min.time(), UTC), inclusive=True)
     assert day >= beyond
     assert at == independent_opens("XNYS", beyond, beyond + timedelta(days=10))[day] - TWO_HOURS
     second = get_calendar("XNYS")
     assert second is not first
     assert second.last_session.date() > beyond
     assert second.first_session.date() == first.first_session.date()  # still covers what it covered
+
+
+def test_calendar_rebuild_keeps_what_was_covered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sessions, "_CACHE", {})
+    monkeypatch.setattr(sessions, "_today", lambda: date(2026, 11, 22))
+    assert session_open_utc("XNYS", date(2020, 3, 9)) == utc(2020, 3, 9, 13, 30)
+    wide = get_calendar("XNYS")
+    assert session_open_utc("XNYS", date(2030, 3, 11)) == utc(2030, 3, 11, 13, 30)
+    wider = get_calendar("XNYS")
+    assert wider is not wide
+    # alternating old and new dates must not rebuild the calendar back and forth
+    assert session_open_utc("XNYS", date(2020, 3, 9)) == utc(2020, 3, 9, 13, 30)
+    assert get_calendar("XNYS") is wider
 
 
 def test_calendar_before_cached_start_is_rebuilt(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -304,7 +319,7 @@ def test_horizon_warning_near_the_end_of_fixed_calendar_data() -> None:
     ended = horizon_warnings(["XSHG"], today=horizon + timedelta(days=5))
     assert len(ended) == 1 and "ended" in ended[0] and "5 days before" in ended[0]
     with pytest.raises(ValueError, match="upgrade the exchange-calendars package"):
-        next_run("XSHG", TWO_HOURS, datetime.combine(horizon, datetime.max.time(), timezone.utc), inclusive=False)
+        next_run("XSHG", TWO_HOURS, datetime.combine(horizon, datetime.max.time(), UTC), inclusive=False)
 
 
 @pytest.mark.parametrize("code", DEFAULT_CODES)

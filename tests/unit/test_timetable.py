@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import exchange_calendars
@@ -26,14 +26,12 @@ NINETY_MINUTES = timedelta(minutes=90)
 
 def utc(*args: int) -> datetime:
     """An aware UTC datetime."""
-    return datetime(*args, tzinfo=timezone.utc)
+    return datetime(*args, tzinfo=UTC)
 
 
 def first(tt: MarketSessionTimetable, earliest: datetime | None, *, catchup: bool = True) -> DagRunInfo | None:
     """The first scheduled run with no previous run."""
-    return tt.next_dagrun_info(
-        last_automated_data_interval=None, restriction=TimeRestriction(earliest, None, catchup)
-    )
+    return tt.next_dagrun_info(last_automated_data_interval=None, restriction=TimeRestriction(earliest, None, catchup))
 
 
 def iterate(tt: MarketSessionTimetable, earliest: datetime, latest: datetime) -> list[DagRunInfo]:
@@ -66,9 +64,7 @@ def fake_now(monkeypatch: pytest.MonkeyPatch):
 def test_whole_year_runs_are_open_minus_lead_for_every_session(code: str, lead: timedelta) -> None:
     earliest, latest = utc(2026, 1, 1), utc(2026, 12, 31, 23, 59, 59)
     cal = exchange_calendars.get_calendar(code, start="2025-12-01", end="2027-01-31")
-    expected_opens = [
-        o.to_pydatetime() for o in cal.schedule["open"] if earliest <= o.to_pydatetime() - lead <= latest
-    ]
+    expected_opens = [o.to_pydatetime() for o in cal.schedule["open"] if earliest <= o.to_pydatetime() - lead <= latest]
     infos = iterate(MarketSessionTimetable(code, lead), earliest, latest)
     assert [i.run_after for i in infos] == [o - lead for o in expected_opens]
     assert [i.data_interval for i in infos] == [(o - lead, o) for o in expected_opens]

@@ -25,12 +25,13 @@ class DbRatesProvider:
             (base, symbols),
         ).fetchall()
         found = {q.strip(): (Decimal(r), a) for q, r, a in rows}
-        missing = sorted(set(symbols) - set(found) - {base})
-        if missing:
+        if not found and [s for s in symbols if s != base]:
             raise ProviderError(
-                f"exchange_rates: no stored {base} rate for {', '.join(missing)}; "
+                f"exchange_rates: no stored {base} rates at all for {', '.join(symbols)}; "
                 "load them or configure the HTTP rates provider"
             )
+        # A currency with no stored rate is left out: the users and assets that need it fail or stay
+        # unscored with that reason, instead of one bad row stopping everyone's run.
         rates = {q: r for q, (r, _) in found.items()}
         rates[base] = Decimal(1)
         as_of = min((a for _, a in found.values()), default=datetime.now(UTC))
@@ -69,7 +70,7 @@ def store_rates(conn: psycopg.Connection, snapshot: RatesSnapshot) -> None:
 
 
 def latest_stored_rates(conn: psycopg.Connection, base: str, symbols: list[str]) -> RatesSnapshot | None:
-    """Returns the newest stored rates for the currencies, or None when some are missing."""
+    """Returns the newest stored rates for the currencies, or None when none are stored."""
     try:
         return DbRatesProvider(conn).fetch_rates(base, symbols)
     except ProviderError:

@@ -1,0 +1,127 @@
+"""Whole DAG runs with dag.test(): the job-run row, counts, partial runs, re-runs, Redis down, bad params."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import psycopg
+import pytest
+
+from overnight import cli, seed, sessions
+
+pytestmark = pytest.mark.e2e
+
+
+def _served(conn, market: str, session: date) -> set[str]:
+    return {str(u) for u, m in conn.execute("SELECT id, markets FROM users WHERE active")
+            if sessions.serving_market(m, session) == market}
+
+
+def _job(conn, market, session):
+    return conn.execute(
+        "SELECT id, status, users_processed, users_failed, correlation_id, error_details, metrics, dag_run_id"
+        " FROM overnight_job_runs WHERE market = %s AND session_date = %s ORDER BY started_at DESC LIMIT 1",
+        (market, session)).fetchone()
+
+
+def _events(conn, corr) -> int:
+    return conn.execute("SELECT count(*) FROM calculation_events WHERE correlation_id = %s", (corr,)).fetchone()[0]
+
+
+def test_run_counts_match_the_served_users_and_rerun_adds_nothing(pg_dsn, seeded, airflow_db, redis_client):
+    session = date(2026, 11, 23)  # a Monday: every market trades
+    result = cli.run_market("XLON", session, quiet=True)
+    with psycopg.connect(pg_dsn) as conn:
+        expected = _served(conn, "XLON", session)
+        job = _job(conn, "XLON", session)
+        assert result["dag_run_state"].endswith("success")
+        assert job[1] == "completed" and job[2] == len(expected) > 0 and job[3] == 0
+        assert _events(conn, job[4]) == 4 * len(expected)
+        assert job[6]["cache_status"] == "warmed" and job[6]["users_total"] == len(expected)
+        first_run_id = job[7]
+        some_user = sorted(expected)[0]
+    assert redis_client.exists(f"recs:{some_user}") == 1
+
+    again = cli.run_market("XLON", session, quiet=True)  # dag.test() makes a new DAG run
+    with psycopg.connect(pg_dsn) as conn:
+        job2 = _job(conn, "XLON", session)
+        assert (job2[0], job2[4]) == (job[0], job[4])  # same row, same correlation id
+        assert job2[7] != first_run_id  # the latest DAG run that worked on it
+        assert _events(conn, job[4]) == 4 * len(expected)
+        assert conn.execute("SELECT count(*) FROM overnight_job_runs WHERE market = 'XLON' AND session_date = %s",
+                            (session,)).fetchone()[0] == 1
+    assert again["status"] == "completed"
+
+
+def test_a_corrupted_user_makes_the_run_partial_and_is_named(pg_dsn, seeded, airflow_db):
+    session = date(2026, 11, 24)
+    with psycopg.connect(pg_dsn) as conn:
+        served = sorted(_served(conn, "XNYS", session))
+        victim = served[0]
+        conn.execute("UPDATE holdings SET quantity = -1 WHERE user_id = %s", (victim,))
+        conn.commit()
+    try:
+        cli.run_market("XNYS", session, quiet=True)
+        with psycopg.connect(pg_dsn) as conn:
+            job = _job(conn, "XNYS", session)
+    finally:
+        with psycopg.connect(pg_dsn) as conn:
+            seed.seed(conn, 600, 7, dsn=pg_dsn)
+    assert job[1] == "partial"
+    assert (job[2], job[3]) == (len(served) - 1, 1)
+    assert job[5]["users"] == [{"userId": victim, "stage": "load", "message": job[5]["users"][0]["message"]}]
+    assert "quantity" in job[5]["users"][0]["message"]
+
+
+def test_redis_unreachable_still_completes_in_postgres(pg_dsn, seeded, airflow_db, monkeypatch):
+    session = date(2026, 11, 25)
+    monkeypatch.setenv("AIRFLOW_CONN_OVERNIGHT_REDIS", "redis://127.0.0.1:1/0")
+    cli.run_market("BVMF", session, quiet=True)
+    with psycopg.connect(pg_dsn) as conn:
+        job = _job(conn, "BVMF", session)
+        expected = _served(conn, "BVMF", session)
+        in_pg = conn.execute("SELECT count(*) FROM recommendations WHERE correlation_id = %s", (job[4],)).fetchone()[0]
+    assert job[1] == "completed" and job[2] == len(expected) == in_pg > 0
+    assert job[6]["cache_status"] == "not warmed"
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        pytest.param({"session_date": "2026-11-26"}, "not a XNYS session", id="holiday"),
+        pytest.param({"session_date": "26/11/2026"}, "is not a 'date'", id="malformed-date"),
+        pytest.param({"session_date": "2026-11-30", "batch_sise": 5}, "unknown --conf keys", id="unknown-key"),
+        pytest.param({"session_date": "2026-11-30", "user_ids": ["'; DROP TABLE users;--"]}, "not UUIDs",
+                     id="hostile-user-id"),
+    ],
+)
+def test_bad_parameters_fail_before_anything_is_written(pg_dsn, seeded, airflow_db, conf, message):
+    from overnight.cli import _load_dag
+
+    dag = _load_dag("overnight_scoring_xnys")
+    with psycopg.connect(pg_dsn) as conn:
+        before = conn.execute("SELECT count(*) FROM overnight_job_runs").fetchone()[0]
+    from airflow.sdk.exceptions import ParamValidationError
+
+    try:
+        dag_run = dag.test(run_conf=conf)
+    except ParamValidationError as exc:  # the params' schema refuses it before a DAG run exists
+        assert message in str(exc)
+    else:
+        assert str(dag_run.state).endswith("failed")
+        ti = next(t for t in dag_run.get_task_instances() if t.task_id == "start")
+        assert str(ti.state).endswith("failed")
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM overnight_job_runs").fetchone()[0] == before
+        assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 600
+
+
+def test_params_validation_messages():
+    from overnight import runtime
+    from overnight.markets import get_market
+
+    with pytest.raises(runtime.ParamError, match="not a XNYS session"):
+        runtime.validate_params(get_market("XNYS"), {}, {"session_date": "2026-11-26"}, interval_end=None,
+                                run_after=None)
+    with pytest.raises(runtime.ParamError, match="batch_size: expected an integer from 1"):
+        runtime.validate_params(get_market("XNYS"), {}, {"batch_size": 0}, interval_end=None, run_after=None)

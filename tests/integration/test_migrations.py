@@ -1,0 +1,61 @@
+"""Migrations apply on an empty database, again with no change, and refuse edited history."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+
+from overnight import devenv, migrate
+from overnight.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+
+TABLES = {"users", "holdings", "watchlist", "assets", "asset_classes", "allocation_targets", "criteria_sets",
+          "prices", "exchange_rates", "calculation_events", "overnight_job_runs", "overnight_job_users",
+          "recommendations", "schema_migrations"}
+
+
+@pytest.fixture
+def empty_db(pg_dsn):
+    base = parse_connection(POSTGRES_CONN_ID, pg_dsn)
+    name = f"{base.schema}_m{uuid.uuid4().hex[:6]}"
+    devenv.create_database(base, name)
+    yield postgres_dsn(ConnInfo(**{**base.__dict__, "schema": name}))
+    with psycopg.connect(postgres_dsn(ConnInfo(**{**base.__dict__, "schema": "postgres"})), autocommit=True) as c:
+        c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def test_apply_on_empty_then_again_changes_nothing(empty_db):
+    first = migrate.migrate(empty_db)
+    assert first == [p.name for p in migrate.migration_files()]
+    with psycopg.connect(empty_db) as c:
+        tables = {r[0] for r in c.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        before = c.execute("SELECT version, checksum, applied_at FROM schema_migrations ORDER BY 1").fetchall()
+    assert TABLES <= tables
+    assert migrate.migrate(empty_db) == []
+    with psycopg.connect(empty_db) as c:
+        assert c.execute("SELECT version, checksum, applied_at FROM schema_migrations ORDER BY 1").fetchall() == before
+
+
+def test_events_are_partitioned_monthly(empty_db):
+    migrate.migrate(empty_db)
+    with psycopg.connect(empty_db) as c:
+        parts = [r[0] for r in c.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'calculation_events'::regclass")]
+        created = c.execute("SELECT ensure_event_partitions('2030-01-15', 2)").fetchone()[0]
+        again = c.execute("SELECT ensure_event_partitions('2030-01-01', 2)").fetchone()[0]
+    assert "calculation_events_default" in parts
+    assert len([p for p in parts if p != "calculation_events_default"]) >= 3
+    assert (created, again) == (2, 0)
+
+
+def test_edited_migration_is_refused(empty_db, monkeypatch, tmp_path):
+    migrate.migrate(empty_db)
+    for p in migrate.migration_files():
+        (tmp_path / p.name).write_text(p.read_text())
+    first = sorted(tmp_path.glob("*.sql"))[0]
+    first.write_text(first.read_text() + "\n-- edited\n")
+    monkeypatch.setattr(migrate, "MIGRATIONS_DIR", tmp_path)
+    with pytest.raises(RuntimeError, match="changed after it was applied"):
+        migrate.migrate(empty_db)

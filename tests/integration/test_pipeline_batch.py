@@ -1,0 +1,173 @@
+"""One market's batches against real Postgres and Redis: events, documents, TTLs, idempotency, isolation."""
+
+from __future__ import annotations
+
+from datetime import date
+from decimal import Decimal
+
+import psycopg
+import pytest
+
+from overnight import cache, pipeline, sessions
+from overnight.markets import load_markets
+from overnight.providers.db import DbPriceProvider, DbRatesProvider
+
+SESSION = date(2026, 12, 1)
+CODES = load_markets().codes
+
+
+def _served(conn: psycopg.Connection, market: str, session: date) -> set[str]:
+    rows = conn.execute("SELECT id, markets FROM users WHERE active").fetchall()
+    return {str(uid) for uid, markets in rows if sessions.serving_market(markets, session) == market}
+
+
+def _run(conn, market, session, redis_client, *, force=False, warm=True, batch_size=100):
+    job = pipeline.start_job(conn, market, session, "test-run", force=force)
+    rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
+    aud = pipeline.Audience(market, tuple(sessions.earlier_markets(market, session, CODES)))
+    batches = pipeline.plan_batches(conn, aud, batch_size)
+
+    def warm_cache(docs):
+        return cache.warm(redis_client, docs)
+
+    results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn),
+                                    warm_cache=warm_cache if warm else None) for b in batches]
+    summary = pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+    return job, batches, results, summary
+
+
+@pytest.fixture
+def batch_run(conn, seeded, redis_client):
+    return _run(conn, "XNYS", SESSION, redis_client)
+
+
+def test_batches_cover_exactly_the_served_users(conn, batch_run):
+    job, batches, results, summary = batch_run
+    expected = _served(conn, "XNYS", SESSION)
+    assert batches and batches[0]["total"] == len(expected)
+    assert [b["first"] for b in batches] == list(range(1, len(expected) + 1, 100))
+    assert batches[-1]["label"].endswith(f"of {len(expected):,}")
+    done = {str(r[0]) for r in conn.execute(
+        "SELECT user_id FROM overnight_job_users WHERE job_run_id = %s AND status = 'completed'", (job.id,))}
+    assert done == expected
+    assert summary["status"] == "completed" and summary["users_processed"] == len(expected)
+
+
+def test_four_events_per_user_in_order_with_deterministic_ids(conn, batch_run):
+    job, *_ = batch_run
+    rows = conn.execute(
+        "SELECT user_id, array_agg(event_type ORDER BY created_at), array_agg(event_id ORDER BY created_at)"
+        " FROM calculation_events WHERE correlation_id = %s GROUP BY user_id", (job.correlation_id,)).fetchall()
+    assert rows
+    for user_id, types, ids in rows:
+        assert types == list(pipeline.EVENT_TYPES)
+        assert ids == [pipeline.event_id(job.correlation_id, str(user_id), t) for t in types]
+    scored = conn.execute(
+        "SELECT payload, symbols FROM calculation_events WHERE correlation_id = %s AND event_type = 'SCORES_COMPUTED'"
+        " LIMIT 1", (job.correlation_id,)).fetchone()
+    assert sorted(s for s, v in scored[0]["scores"].items() if v is not None) == scored[1]
+
+
+def test_documents_shapes_and_ttl(conn, batch_run, redis_client):
+    job, *_ = batch_run
+    user_id, doc, portfolio = conn.execute(
+        "SELECT user_id, document, portfolio FROM recommendations WHERE correlation_id = %s"
+        " AND jsonb_array_length(document->'recommendations') > 0 LIMIT 1", (job.correlation_id,)).fetchone()
+    assert set(doc) >= {"userId", "generatedAt", "recommendations", "portfolioSummary", "dataFreshness"}
+    rec = doc["recommendations"][0]
+    assert set(rec) == {"assetId", "symbol", "score", "amount", "currency", "allocationGap", "breakdown"}
+    assert set(rec["breakdown"]) == {"criteriaCount", "topContributor"}
+    assert all(isinstance(rec[k], str) for k in ("score", "amount", "allocationGap"))
+    assert sum(Decimal(r["amount"]) for r in doc["recommendations"]) == Decimal(doc["totalInvestable"])
+    assert set(doc["dataFreshness"]) == {"pricesAsOf", "ratesAsOf", "criteriaVersion"}
+    assert set(portfolio) == {"totalValue", "assetCount", "allocations"}
+    import json
+
+    assert json.loads(redis_client.get(cache.recs_key(str(user_id)))) == doc
+    assert json.loads(redis_client.get(cache.portfolio_key(str(user_id)))) == portfolio
+    for key in (cache.recs_key(str(user_id)), cache.portfolio_key(str(user_id))):
+        assert 86_000 < redis_client.ttl(key) <= 86_400
+
+
+def test_rerun_continues_the_same_job_and_adds_nothing(conn, batch_run, redis_client):
+    job, _, _, summary = batch_run
+    count = conn.execute("SELECT count(*) FROM calculation_events WHERE correlation_id = %s",
+                         (job.correlation_id,)).fetchone()[0]
+    job2, _, results2, summary2 = _run(conn, "XNYS", SESSION, redis_client)
+    assert (job2.id, job2.correlation_id, job2.resumed) == (job.id, job.correlation_id, True)
+    assert sum(r["completed"] for r in results2) == 0
+    assert conn.execute("SELECT count(*) FROM calculation_events WHERE correlation_id = %s",
+                        (job.correlation_id,)).fetchone()[0] == count
+    assert summary2["users_processed"] == summary["users_processed"]
+    assert conn.execute("SELECT count(*) FROM overnight_job_runs WHERE market = 'XNYS' AND session_date = %s",
+                        (SESSION,)).fetchone()[0] == 1
+
+
+def test_force_starts_a_new_calculation(conn, batch_run, redis_client):
+    job, *_ = batch_run
+    job2, _, _, summary2 = _run(conn, "XNYS", SESSION, redis_client, force=True)
+    assert job2.correlation_id != job.correlation_id and not job2.resumed
+    assert conn.execute("SELECT count(*) FROM calculation_events WHERE correlation_id = %s",
+                        (job2.correlation_id,)).fetchone()[0] == 4 * summary2["users_processed"]
+
+
+@pytest.mark.parametrize(
+    ("corrupt_sql", "stage", "message"),
+    [
+        pytest.param("UPDATE holdings SET quantity = -5 WHERE user_id = %(u)s", "load", "not a non-negative",
+                     id="negative-quantity"),
+        pytest.param("UPDATE holdings SET quantity = NULL WHERE user_id = %(u)s", "load", "quantity is missing",
+                     id="null-quantity"),
+        pytest.param("UPDATE users SET base_currency = 'XXX' WHERE id = %(u)s", "convert", "XXX",
+                     id="unknown-currency"),
+        pytest.param("UPDATE allocation_targets SET min_pct = 30, max_pct = 90 WHERE user_id = %(u)s", "targets", "more than 100",
+                     id="targets-over-100"),
+        pytest.param("UPDATE prices SET price = 'NaN' WHERE asset_id = (SELECT asset_id FROM holdings WHERE"
+                     " user_id = %(u)s ORDER BY asset_id LIMIT 1)", "prices", "no usable price", id="nan-price"),
+        pytest.param("INSERT INTO criteria_sets (id, criteria_key, version, name, rules) SELECT gen_random_uuid(),"
+                     " criteria_key, 99, 'broken', '[{\"metric\": \"pe_ratio\", \"op\": \"~~\"}]' FROM users"
+                     " WHERE id = %(u)s", "criteria", "unknown op", id="criteria-do-not-parse"),
+    ],
+)
+def test_a_bad_user_fails_with_a_reason_and_the_others_complete(pg_dsn, seeded, redis_client, corrupt_sql, stage,
+                                                                 message):
+    from overnight import seed
+
+    session = date(2026, 12, 2)
+    with psycopg.connect(pg_dsn) as conn:
+        served = sorted(_served(conn, "XNYS", session))
+        victim = served[len(served) // 2]
+        conn.execute(corrupt_sql, {"u": victim})
+        conn.commit()
+        try:
+            job, _, _, summary = _run(conn, "XNYS", session, redis_client, force=True)
+            details = conn.execute("SELECT status, error_details FROM overnight_job_runs WHERE id = %s",
+                                   (job.id,)).fetchone()
+        finally:
+            conn.rollback()
+            seed.seed(conn, 600, 7, dsn=pg_dsn)  # restore the session's data set for the other tests
+    status, errors = details
+    assert status == "partial"
+    assert summary["users_failed"] >= 1
+    failed = {e["userId"]: e for e in errors["users"]}
+    assert failed[victim]["stage"] == stage and message in failed[victim]["message"]
+    assert summary["users_processed"] == len(served) - len(failed)
+
+
+def test_redis_down_still_completes_in_postgres(conn, seeded, redis_client):
+    def broken(docs):
+        raise ConnectionError("Redis is down")
+
+    session = date(2026, 12, 3)
+    job = pipeline.start_job(conn, "XLON", session, "t", force=True)
+    rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
+    aud = pipeline.Audience("XLON", tuple(sessions.earlier_markets("XLON", session, CODES)))
+    batches = pipeline.plan_batches(conn, aud, 500)
+    results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=broken)
+               for b in batches]
+    summary = pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+    assert summary["status"] == "completed"
+    assert summary["cache_status"] == "not warmed"
+    assert "Redis is down" in summary["cache_errors"][0]
+    assert conn.execute("SELECT count(*) FROM recommendations WHERE correlation_id = %s",
+                        (job.correlation_id,)).fetchone()[0] == summary["users_processed"] > 0
