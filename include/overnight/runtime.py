@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from overnight import cache, db, pipeline, sessions
+from overnight import cache, db, pipeline, sessions, telemetry
 from overnight.connections import ConnectionNotConfigured, get_connection
 from overnight.markets import Market
 from overnight.providers.base import PriceProvider, RatesProvider, RatesSnapshot
@@ -230,8 +230,10 @@ def score_batch(batch: dict[str, Any], job_x: dict[str, Any], rates_x: dict[str,
         return cache.warm(redis_client, docs)
 
     with db.connect() as conn:
-        return pipeline.score_batch(conn, job, aud, rates, batch, price_provider(conn), warm_cache=warm,
-                                    contribution=run.contribution)
+        out = pipeline.score_batch(conn, job, aud, rates, batch, price_provider(conn), warm_cache=warm,
+                                   contribution=run.contribution)
+    telemetry.batch_span(job.correlation_id, {**out, "market": job.market, "correlation_id": job.correlation_id})
+    return out
 
 
 def finalize(job_x: dict[str, Any] | None, planned: list[dict[str, Any]] | None,
@@ -242,5 +244,9 @@ def finalize(job_x: dict[str, Any] | None, planned: list[dict[str, Any]] | None,
         return None
     job = pipeline.JobRun.from_xcom(job_x)
     with db.connect() as conn:
-        return pipeline.finalize(conn, job, planned=planned, results=results, rates=rates_x,
-                                 fetch_rates_ms=(rates_x or {}).get("fetch_ms"))
+        summary = pipeline.finalize(conn, job, planned=planned, results=results, rates=rates_x,
+                                    fetch_rates_ms=(rates_x or {}).get("fetch_ms"))
+    attrs = {**summary, "users_success": summary["users_processed"], "market": job.market,
+             "session_date": job.session_date, "correlation_id": job.correlation_id}
+    telemetry.job_span(job.correlation_id, job.started_at, attrs, failed=summary["status"] == "failed")
+    return summary

@@ -1,0 +1,12 @@
+# Production image: the official Airflow image plus this package's pinned requirements and code.
+# (Astro: the same files work with `FROM astrocrpublic.azurecr.io/runtime:3.x` instead.)
+FROM apache/airflow:3.3.2-python3.11
+COPY requirements.txt /requirements.txt
+RUN pip install --no-cache-dir -r /requirements.txt
+COPY --chown=airflow:root dags/ /opt/airflow/dags/
+COPY --chown=airflow:root plugins/ /opt/airflow/plugins/
+COPY --chown=airflow:root include/ /opt/airflow/include/
+ENV PYTHONPATH=/opt/airflow/include
+# Connections come from the deployment (secrets backend or environment), never from the image:
+#   AIRFLOW_CONN_OVERNIGHT_POSTGRES=postgresql://user:pass@host:5432/overnight
+#   AIRFLOW_CONN_OVERNIGHT_REDIS=redis://host:6379/0

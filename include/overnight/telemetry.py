@@ -1,0 +1,108 @@
+"""OpenTelemetry: one `overnight-scoring-job` span per job run, one child span per batch.
+
+The tasks run in different processes, so the job span's ids are derived from the correlation id:
+every batch span names it as its (remote) parent, and finalize records the job span itself with
+those ids and the job's real start time. Spans are exported when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
+
+JOB_SPAN = "overnight-scoring-job"
+_lock = threading.Lock()
+_provider: TracerProvider | None = None
+
+
+class _Ids(RandomIdGenerator):
+    """Random ids, except for the one span whose ids are pinned (the job span)."""
+
+    def __init__(self) -> None:
+        self.pinned = threading.local()
+
+    def generate_span_id(self) -> int:
+        return getattr(self.pinned, "span_id", None) or super().generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        return getattr(self.pinned, "trace_id", None) or super().generate_trace_id()
+
+
+_ids = _Ids()
+
+
+def set_provider(provider: TracerProvider | None) -> None:
+    """Replaces the tracer provider (tests pass one with an in-memory exporter)."""
+    global _provider
+    _provider = provider
+
+
+def new_provider() -> TracerProvider:
+    """Returns a provider using this module's id generator (for tests and for `provider()`)."""
+    return TracerProvider(resource=Resource.create({"service.name": "overnight"}), id_generator=_ids)
+
+
+def provider() -> TracerProvider:
+    """Returns the package's tracer provider, exporting over OTLP when an endpoint is configured."""
+    global _provider
+    with _lock:
+        if _provider is None:
+            _provider = new_provider()
+            if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+                from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+                _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        return _provider
+
+
+def job_ids(correlation_id: str) -> tuple[int, int]:
+    """Returns (trace id, span id) of a job run's span, derived from its correlation id."""
+    trace_id = uuid.UUID(correlation_id).int
+    span_id = uuid.uuid5(uuid.UUID(correlation_id), "job-span").int >> 64
+    return trace_id, span_id or 1
+
+
+def batch_span(correlation_id: str, attributes: Mapping[str, Any]) -> None:
+    """Records a finished batch as a child of the job span."""
+    trace_id, span_id = job_ids(correlation_id)
+    parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
+        trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))))
+    tracer = provider().get_tracer("overnight")
+    start_ns = int(float(attributes.get("started_at", 0)) * 1e9) or None
+    end_ns = int(float(attributes.get("ended_at", 0)) * 1e9) or None
+    span = tracer.start_span("overnight-scoring-batch", context=parent, start_time=start_ns)
+    for k, v in attributes.items():
+        if isinstance(v, str | int | float | bool):
+            span.set_attribute(k, v)
+    span.end(end_time=end_ns)
+    provider().force_flush(2000)
+
+
+def job_span(correlation_id: str, started_at: str, attributes: Mapping[str, Any], failed: bool) -> None:
+    """Records the job run's span (start: the job's start; end: now) with its timing breakdown."""
+    trace_id, span_id = job_ids(correlation_id)
+    tracer = provider().get_tracer("overnight")
+    _ids.pinned.trace_id, _ids.pinned.span_id = trace_id, span_id
+    try:
+        span = tracer.start_span(JOB_SPAN, context=trace.set_span_in_context(trace.INVALID_SPAN),
+                                 start_time=int(datetime.fromisoformat(started_at).timestamp() * 1e9))
+    finally:
+        _ids.pinned.trace_id = _ids.pinned.span_id = None
+    for k, v in attributes.items():
+        if isinstance(v, str | int | float | bool):
+            span.set_attribute(k, v)
+    if failed:
+        span.set_status(Status(StatusCode.ERROR, "overnight job failed"))
+    span.end()
+    provider().force_flush(2000)
