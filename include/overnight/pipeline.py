@@ -311,7 +311,7 @@ def _load_batch(
         )
     }
     assets = {
-        r[0]: AssetRow(r[0], r[1], r[2], r[3], r[4].strip(), r[5] or {})
+        r[0]: AssetRow(r[0], r[1], r[2], r[3], r[4].strip(), _decimals(r[5] or {}))
         for r in conn.execute(
             "SELECT a.id, a.symbol, a.market, c.name, a.currency, a.fundamentals FROM assets a"
             " JOIN asset_classes c ON c.id = a.class_id WHERE a.id = ANY(%s)",
@@ -319,6 +319,17 @@ def _load_batch(
         )
     }
     return list(users.values()), assets, criteria
+
+
+def _decimals(fundamentals: dict[str, Any]) -> dict[str, Any]:
+    """Parses an asset's fundamentals once per batch (values that are not numbers stay as they are)."""
+    out: dict[str, Any] = {}
+    for k, v in fundamentals.items():
+        try:
+            out[k] = Decimal(str(v)) if v is not None else None
+        except (InvalidOperation, ValueError):
+            out[k] = v
+    return out
 
 
 def _quantity(raw: Any, symbol: str) -> Decimal:
@@ -354,9 +365,12 @@ def calculate_user(
     prices: dict[str, Any],
     score_memo: dict[tuple[str, int], Score],
     contribution_override: Decimal | None,
+    price_entries: dict[str, list[str]] | None = None,
 ) -> UserResult:
     """Scores one user's universe and builds their events and documents; raises UserFailure."""
     t0 = time.perf_counter()
+    if price_entries is None:
+        price_entries = {k: [str(q.price), q.currency, q.as_of.isoformat()] for k, q in prices.items()}
     stamps: list[datetime] = []
 
     def stamp() -> datetime:
@@ -402,6 +416,7 @@ def calculate_user(
         values[asset.class_name] = values.get(asset.class_name, Decimal(0)) + value
         total += value
         holdings_used[asset.symbol] = str(qty)
+    prices_as_of: datetime | None = None
     universe = {aid for aid, _ in user.holdings} | set(user.watchlist)
     scores: dict[str, str | None] = {}
     unscored: dict[str, str] = {}
@@ -412,7 +427,8 @@ def calculate_user(
             continue
         quote = prices.get(asset.symbol)
         if quote is not None:
-            prices_used[asset.symbol] = [str(quote.price), quote.currency, quote.as_of.isoformat()]
+            prices_used[asset.symbol] = price_entries[asset.symbol]
+            prices_as_of = quote.as_of if prices_as_of is None else min(prices_as_of, quote.as_of)
         memo_key = (criteria_id, aid)
         score = score_memo.get(memo_key)
         if score is None:
@@ -444,7 +460,6 @@ def calculate_user(
     }
     for name, v in values.items():
         allocations.setdefault(name, _fmt(v * 100 / total if total else Decimal(0)))
-    prices_as_of = min((datetime.fromisoformat(p[2]) for p in prices_used.values()), default=rates.as_of)
     document = {
         "userId": user.id,
         "generatedAt": completed.isoformat(),
@@ -463,7 +478,7 @@ def calculate_user(
         ],
         "portfolioSummary": {"totalValue": _fmt(total), "baseCurrency": user.base_currency,
                              "allocations": allocations},
-        "dataFreshness": {"pricesAsOf": prices_as_of.isoformat(), "ratesAsOf": rates.as_of.isoformat(),
+        "dataFreshness": {"pricesAsOf": (prices_as_of or rates.as_of).isoformat(), "ratesAsOf": rates.as_of.isoformat(),
                           "criteriaVersion": criteria_version},
         "totalInvestable": _fmt(Decimal(contribution)),
         "ratesStale": rates.stale,
@@ -601,9 +616,11 @@ def score_batch(
     memo: dict[tuple[str, int], Score] = {}
     results: list[UserResult] = []
     failures: list[tuple[str, str, str]] = []
+    entries = {k: [str(q.price), q.currency, q.as_of.isoformat()] for k, q in prices.items()}
     for user in users:
         try:
-            results.append(calculate_user(user, job, rates, assets, criteria, parsed, prices, memo, contribution))
+            results.append(calculate_user(user, job, rates, assets, criteria, parsed, prices, memo, contribution,
+                                          entries))
         except UserFailure as exc:
             failures.append((user.id, exc.stage, str(exc)))
             log.warning("user %s failed at %s: %s", user.id, exc.stage, exc)

@@ -100,10 +100,13 @@ def score_asset(rules: tuple[Rule, ...], fundamentals: dict[str, Any], priced: b
         raw = fundamentals.get(rule.metric)
         if raw is None:
             return Score(None, reason=f"missing fundamental '{rule.metric}'")
-        try:
-            x = Decimal(str(raw))
-        except (InvalidOperation, ValueError):
-            return Score(None, reason=f"fundamental '{rule.metric}' is not a number ({raw!r})")
+        if isinstance(raw, Decimal):
+            x = raw
+        else:
+            try:
+                x = Decimal(str(raw))
+            except (InvalidOperation, ValueError):
+                return Score(None, reason=f"fundamental '{rule.metric}' is not a number ({raw!r})")
         if not x.is_finite():
             return Score(None, reason=f"fundamental '{rule.metric}' is not finite")
         if rule.matches(x):
