@@ -1,0 +1,40 @@
+"""Rates: fetched once over HTTP and kept; when the provider fails, stored rates stand in (stale) or the run stops."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from overnight import pipeline
+from overnight.providers.base import ProviderError
+from overnight.providers.http import HttpRatesProvider
+
+CURRENCIES = ["BRL", "GBP", "JPY", "USD"]
+
+
+def _provider(fake_provider) -> HttpRatesProvider:
+    return HttpRatesProvider(fake_provider.base_url, max_attempts=2, timeout_s=0.5, sleep=lambda s: None)
+
+
+def test_http_rates_are_stored_with_their_as_of(conn, seeded, fake_provider):
+    snap = pipeline.fetch_rates(conn, _provider(fake_provider), CURRENCIES, now=datetime(2026, 11, 21, tzinfo=UTC))
+    assert snap.source == "frankfurter" and not snap.stale
+    stored = conn.execute("SELECT count(*) FROM exchange_rates WHERE source = 'frankfurter' AND as_of = %s",
+                          (snap.as_of,)).fetchone()[0]
+    assert stored == len(snap.rates) >= 3
+
+
+def test_provider_down_uses_recent_stored_rates_marked_stale(conn, seeded, fake_provider):
+    fake_provider.respond("/latest", status=500, times=10)
+    latest = conn.execute("SELECT max(as_of) FROM exchange_rates WHERE base = 'USD'").fetchone()[0]
+    snap = pipeline.fetch_rates(conn, _provider(fake_provider), CURRENCIES, now=latest + timedelta(hours=30))
+    assert snap.stale and "fallback" in snap.source
+    assert len(fake_provider.requests_for("/latest")) == 2  # bounded retries, then the fallback
+
+
+def test_provider_down_and_stored_rates_too_old_fails_before_fan_out(conn, seeded, fake_provider):
+    fake_provider.respond("/latest", body=b"<html>not json</html>", times=10)
+    latest = conn.execute("SELECT max(as_of) FROM exchange_rates WHERE base = 'USD'").fetchone()[0]
+    with pytest.raises(ProviderError, match="no stored rates younger than"):
+        pipeline.fetch_rates(conn, _provider(fake_provider), CURRENCIES, now=latest + timedelta(days=4))
