@@ -1,0 +1,334 @@
+"""The dashboard's FastAPI app, mounted by the `overnight_dashboard` plugin at `/overnight` on the api-server.
+
+Every route, the page, its static assets and the OpenAPI docs included, runs behind Airflow's own
+authentication (`get_user`: bearer token or the UI's `_token` cookie) and the auth manager's
+"may read DAGs" check, declared once on the app so no route can ship open. Anonymous API calls
+get 401 JSON; a browser opening the page without a session is sent to Airflow's login page.
+Data access lives in `overnight.dashboard`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from overnight.dashboard import (
+    HISTORY_PER_MARKET,
+    MAX_LIMIT,
+    DashboardStore,
+    InvalidUserId,
+    StoreUnavailable,
+    UnknownUser,
+)
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+_SYMBOL_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # any printable text; control characters (NUL) are refused
+
+# --------------------------------------------------------------------------- response models
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Breakdown(_Model):
+    """Why an asset was recommended."""
+
+    criteriaCount: int | None = None
+    topContributor: str | None = None
+
+
+class Recommendation(_Model):
+    """One recommendation, as the overnight run wrote it (decimals as strings)."""
+
+    assetId: str
+    symbol: str
+    score: str
+    amount: str
+    currency: str
+    allocationGap: str
+    breakdown: Breakdown | None = None
+
+
+class DataFreshness(_Model):
+    """When the document was generated (`generatedAt`) and the as-of times of the inputs it used."""
+
+    generatedAt: str | None = None
+    pricesAsOf: str | None = None
+    ratesAsOf: str | None = None
+    criteriaVersion: str | None = None
+
+
+class Dashboard(BaseModel):
+    """A user's recommendations. `fromCache`: served from Redis (else Postgres); `stale`: older than 24 h
+    or built on stale exchange rates. A known user not calculated yet has no recommendations and is stale."""
+
+    userId: str
+    recommendations: list[Recommendation]
+    totalInvestable: str | None
+    baseCurrency: str | None
+    dataFreshness: DataFreshness | None
+    fromCache: bool
+    stale: bool
+    correlationId: str | None = None
+    portfolioSummary: dict[str, Any] | None = None
+
+
+class DashboardResponse(BaseModel):
+    """`GET /api/v1/dashboard/{user_id}`."""
+
+    data: Dashboard
+
+
+class JobRun(BaseModel):
+    """One `overnight_job_runs` row with its duration and freshness (`ageSeconds` since completion;
+    `stale` when it completed more than 24 h ago, has not completed, or used stale rates)."""
+
+    id: str
+    jobType: str
+    market: str
+    sessionDate: str
+    status: str
+    startedAt: str
+    completedAt: str | None
+    durationSeconds: float | None
+    usersProcessed: int
+    usersFailed: int
+    usersTotal: int | None
+    correlationId: str
+    dagRunId: str | None
+    ratesStale: bool
+    ratesAsOf: str | None
+    cacheStatus: str | None
+    ageSeconds: float | None
+    stale: bool
+
+
+class JobRunsResponse(BaseModel):
+    """`GET /api/v1/job-runs`: newest first."""
+
+    data: list[JobRun]
+
+
+class MarketHistory(BaseModel):
+    """A market's latest job run and its last runs, oldest first."""
+
+    market: str
+    latest: JobRun
+    history: list[JobRun]
+
+
+class MarketsResponse(BaseModel):
+    """`GET /api/v1/markets`: per market, the last runs (the page's table and chart)."""
+
+    data: list[MarketHistory]
+
+
+class JobRunRef(BaseModel):
+    """The job run an event belongs to."""
+
+    id: str
+    market: str
+    sessionDate: str
+    status: str
+
+
+class AssetEvent(BaseModel):
+    """A calculation event that scored the asset; `score` is the asset's score in it (null: unscored)."""
+
+    eventId: str
+    eventType: str
+    userId: str
+    correlationId: str
+    createdAt: str
+    symbol: str
+    score: str | None
+    jobRun: JobRunRef | None
+
+
+class Cursor(BaseModel):
+    """Pass both back as `before` and `before_id` for the next (older) page."""
+
+    before: str
+    beforeId: str
+
+
+class AssetEventsResponse(BaseModel):
+    """`GET /api/v1/audit/assets/{symbol}`: newest first; `next` is null on the last page."""
+
+    data: list[AssetEvent]
+    next: Cursor | None
+
+
+# --------------------------------------------------------------------------- auth
+
+
+def _auth_dependencies() -> list[Any]:
+    """Airflow's authentication plus the auth manager's "may read DAGs" check, for every route."""
+    from airflow.api_fastapi.core_api.security import get_user, requires_access_dag
+
+    return [Depends(get_user), Depends(requires_access_dag("GET"))]
+
+
+def _login_redirect(request: Request) -> RedirectResponse | None:
+    """For a browser page request without a session: the auth manager's login URL, coming back here."""
+    accepts_html = "text/html" in request.headers.get("accept", "")
+    if request.method != "GET" or not accepts_html or f"{API_PREFIX}/" in request.url.path:
+        return None
+    try:
+        from airflow.api_fastapi.app import get_auth_manager
+
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(get_auth_manager().get_url_login(next_url=target), status_code=303)
+    except Exception:  # noqa: BLE001 - without a login URL, the plain 401 stands
+        log.exception("overnight dashboard: no login URL from the auth manager")
+        return None
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(
+    *,
+    static_dir: Path | None = None,
+    template_dir: Path | None = None,
+    store: DashboardStore | None = None,
+    dependencies: list[Any] | None = None,
+) -> FastAPI:
+    """Builds the dashboard app; `dependencies` defaults to Airflow's auth (tests of the logic may pass [])."""
+    store = store or DashboardStore()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await store.aclose()
+
+    app = FastAPI(
+        title="Overnight dashboard",
+        version="1",
+        description="Pre-computed recommendations, job runs and the audit trail of the overnight package. "
+        "Authenticate with a bearer token from `POST /auth/token` (or the Airflow UI's session).",
+        dependencies=_auth_dependencies() if dependencies is None else dependencies,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=lifespan,
+    )
+    app.state.store = store
+    static_files = {p.name: p for p in static_dir.iterdir() if p.is_file()} if static_dir else {}
+    templates = None
+    if template_dir is not None:
+        import jinja2
+
+        templates = jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir)), autoescape=True)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 401 and (redirect := _login_redirect(request)) is not None:
+            return redirect
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        log.error("overnight dashboard: %s", exc)
+        return JSONResponse({"detail": "the overnight database is unavailable; try again shortly"}, status_code=503)
+
+    # ------------------------------------------------------------------ API
+
+    @app.get(f"{API_PREFIX}/dashboard/{{user_id}}", response_model=DashboardResponse,
+             responses={404: {"description": "Unknown user"}, 422: {"description": "Not a UUID"}})
+    async def dashboard(user_id: Annotated[str, PathParam(description="The user's id (UUID)", max_length=64)]
+                        ) -> dict[str, Any]:
+        """A user's recommendations: Redis `recs:{id}` first, else the `recommendations` table."""
+        try:
+            view = await store.dashboard(user_id)
+        except InvalidUserId as exc:
+            raise HTTPException(422, str(exc)) from None
+        except UnknownUser as exc:
+            raise HTTPException(404, str(exc)) from None
+        return {"data": view.to_json()}
+
+    @app.get(f"{API_PREFIX}/job-runs", response_model=JobRunsResponse)
+    async def job_runs(
+        market: Annotated[str | None, Query(min_length=1, max_length=32, pattern=_SYMBOL_PATTERN,
+                                            description="Only this market (e.g. XNYS)")] = None,
+        status: Annotated[Literal["started", "completed", "partial", "failed"] | None,
+                          Query(description="Only runs in this status")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT, description="At most this many rows")] = 50,
+    ) -> dict[str, Any]:
+        """Recent `overnight_job_runs` rows, newest first, with counts, duration and freshness."""
+        return {"data": await store.job_runs(market=market, status=status, limit=limit)}
+
+    @app.get(f"{API_PREFIX}/markets", response_model=MarketsResponse)
+    async def markets(
+        runs: Annotated[int, Query(ge=1, le=100, description="Runs per market")] = HISTORY_PER_MARKET,
+    ) -> dict[str, Any]:
+        """Per market: its latest job run and its last `runs` runs, oldest first."""
+        history = await store.market_history(runs)
+        return {"data": [{"market": m, "latest": h[-1], "history": h} for m, h in sorted(history.items())]}
+
+    @app.get(f"{API_PREFIX}/audit/assets/{{symbol}}", response_model=AssetEventsResponse)
+    async def asset_events(
+        symbol: Annotated[str, PathParam(min_length=1, max_length=64, pattern=_SYMBOL_PATTERN)],
+        limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
+        before: Annotated[datetime | None, Query(description="Only events created before this ISO time")] = None,
+        before_id: Annotated[UUID | None, Query(description="With `before`: the last event id of the previous "
+                                                            "page (ties on the same time)")] = None,
+    ) -> dict[str, Any]:
+        """Every calculation event that scored `symbol` (newest first), with its correlation id and job run."""
+        events, cursor = await store.asset_events(
+            symbol, limit=limit, before=before, before_id=str(before_id) if before_id and before else None)
+        return {"data": events, "next": cursor}
+
+    # ------------------------------------------------------------------ page, assets, docs
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        """The Overnight page: job runs per market, a chart, a user lookup."""
+        if templates is None:
+            raise HTTPException(404, "this app was built without its page template")
+        history = await store.market_history(HISTORY_PER_MARKET)
+        latest = [h[-1] for _, h in sorted(history.items())]
+        payload = json.dumps([{"market": m, "history": h} for m, h in sorted(history.items())])
+        html = templates.get_template("overnight.html").render(
+            latest=latest, history_json=payload.replace("<", "\\u003c").replace(">", "\\u003e"),
+            runs_per_market=HISTORY_PER_MARKET)
+        return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> FileResponse:
+        """The page's own assets (served here, behind the same auth, never from a CDN)."""
+        path = static_files.get(name)
+        if path is None:
+            raise HTTPException(404, f"no static file {name!r}")
+        return FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        """This app's OpenAPI schema, with its mount point as the server URL."""
+        schema = dict(app.openapi())
+        schema["servers"] = [{"url": request.scope.get("root_path") or "/"}]
+        return JSONResponse(schema)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        """Swagger UI for this app."""
+        return get_swagger_ui_html(openapi_url="openapi.json", title="Overnight dashboard API")
+
+    return app

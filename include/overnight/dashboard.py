@@ -1,0 +1,445 @@
+"""The dashboard's data access: recommendations (Redis first, Postgres fallback), job runs, the audit trail.
+
+Async and free of FastAPI so it can be tested on its own: `DashboardStore` owns a lazily created,
+bounded pool of `psycopg.AsyncConnection`s and a `redis.asyncio` client with ~100 ms socket
+timeouts. Redis is optional: any Redis error or timeout falls back to the `recommendations` table,
+and after a failure Redis is skipped for a few seconds so an outage costs one timeout, not one per
+request. All SQL is parameterised; nothing a caller passes is ever formatted into a statement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.pq import TransactionStatus
+
+from overnight import cache
+
+log = logging.getLogger(__name__)
+
+STALE_AFTER = timedelta(hours=24)
+REDIS_TIMEOUT_S = 0.1
+REDIS_RETRY_AFTER_S = 5.0
+PG_POOL_SIZE = 8
+PG_CONNECT_TIMEOUT_S = 5
+PG_STATEMENT_TIMEOUT_MS = 10_000
+JOB_STATUSES = ("started", "completed", "partial", "failed")
+MAX_LIMIT = 500
+HISTORY_PER_MARKET = 30
+
+
+class InvalidUserId(ValueError):
+    """The user id is not a UUID."""
+
+
+class UnknownUser(LookupError):
+    """Neither the users table nor any recommendations know this user id."""
+
+
+class StoreUnavailable(RuntimeError):
+    """Postgres cannot be reached or answered with an error; the message says which and what to check."""
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def parse_user_id(raw: str) -> str:
+    """Returns the canonical UUID string of `raw`; raises InvalidUserId when it is not a UUID."""
+    try:
+        return str(uuid.UUID(str(raw)))
+    except (ValueError, AttributeError, TypeError):
+        raise InvalidUserId(f"user id {str(raw)[:80]!r} is not a UUID (e.g. 3f2b1c9e-...-...)") from None
+
+
+def parse_time(value: Any) -> datetime | None:
+    """Returns an aware UTC datetime from an ISO string or datetime (naive ones taken as UTC); None if unusable."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        dt = value
+    else:
+        try:
+            dt = datetime.fromisoformat(str(value))
+        except ValueError:
+            return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def is_stale(generated_at: datetime | None, rates_stale: bool, now: datetime | None = None) -> bool:
+    """Returns True when the recommendations are older than 24 h, built on stale rates, or of unknown age."""
+    if generated_at is None or rates_stale:
+        return True
+    return (now or datetime.now(UTC)) - generated_at > STALE_AFTER
+
+
+@dataclass(frozen=True)
+class DashboardView:
+    """What the dashboard shows for one user; `recommendations` are the document's items, unchanged."""
+
+    user_id: str
+    recommendations: list[dict[str, Any]]
+    total_investable: str | None
+    base_currency: str | None
+    data_freshness: dict[str, Any] | None
+    from_cache: bool
+    stale: bool
+    correlation_id: str | None = None
+    portfolio_summary: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Returns the API's camelCase `data` object."""
+        return {
+            "userId": self.user_id,
+            "recommendations": self.recommendations,
+            "totalInvestable": self.total_investable,
+            "baseCurrency": self.base_currency,
+            "dataFreshness": self.data_freshness,
+            "fromCache": self.from_cache,
+            "stale": self.stale,
+            "correlationId": self.correlation_id,
+            "portfolioSummary": self.portfolio_summary,
+        }
+
+
+def view_from_document(
+    user_id: str, doc: dict[str, Any], *, from_cache: bool, base_currency: str | None = None,
+    now: datetime | None = None,
+) -> DashboardView:
+    """Builds the view of a `CachedRecommendations` document (from Redis or the recommendations row).
+
+    `dataFreshness` is the document's own object (pricesAsOf, ratesAsOf, criteriaVersion) with the
+    document's `generatedAt` added, so the client sees both when it was built and on what inputs.
+    """
+    generated = parse_time(doc.get("generatedAt"))
+    freshness = dict(doc.get("dataFreshness") or {})
+    freshness["generatedAt"] = generated.isoformat() if generated else doc.get("generatedAt")
+    summary = doc.get("portfolioSummary") or None
+    recs = doc.get("recommendations")
+    if not isinstance(recs, list):
+        raise ValueError(f"recommendations document of user {user_id}: 'recommendations' is not a list")
+    base = (summary or {}).get("baseCurrency") or base_currency
+    if base is None and recs:
+        base = recs[0].get("currency")
+    return DashboardView(
+        user_id=user_id,
+        recommendations=recs,
+        total_investable=doc.get("totalInvestable"),
+        base_currency=base.strip() if isinstance(base, str) else base,
+        data_freshness=freshness,
+        from_cache=from_cache,
+        stale=is_stale(generated, bool(doc.get("ratesStale")), now),
+        correlation_id=doc.get("correlationId"),
+        portfolio_summary=summary,
+    )
+
+
+def _iso(v: Any) -> Any:
+    if isinstance(v, datetime | date):
+        return v.isoformat()
+    if isinstance(v, uuid.UUID):
+        return str(v)
+    return v
+
+
+# --------------------------------------------------------------------------- Postgres pool
+
+
+class AsyncPgPool:
+    """A small bounded pool of autocommit `psycopg.AsyncConnection`s, opened on first use.
+
+    (psycopg_pool is not among the pinned requirements; this is the part of it the dashboard needs.)
+    """
+
+    def __init__(self, dsn: str, max_size: int = PG_POOL_SIZE) -> None:
+        self._dsn = dsn
+        self._sem = asyncio.Semaphore(max_size)
+        self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self._closed = False
+
+    async def _open(self) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(
+            self._dsn, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT_S,
+            application_name="overnight-dashboard", options=f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}",
+        )
+
+    @contextlib.asynccontextmanager
+    async def connection(self, *, fresh: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Lends a connection; returns it to the pool when it is still healthy and idle."""
+        if self._closed:
+            raise StoreUnavailable("the dashboard's Postgres pool is closed")
+        async with self._sem:
+            conn = None
+            while self._idle and not fresh:
+                candidate = self._idle.pop()
+                if not candidate.closed:
+                    conn = candidate
+                    break
+            if conn is None:
+                conn = await self._open()
+            ok = False
+            try:
+                yield conn
+                ok = True
+            finally:
+                if ok and not self._closed and not conn.closed and (
+                        conn.info.transaction_status == TransactionStatus.IDLE):
+                    self._idle.append(conn)
+                else:
+                    await conn.close()
+
+    async def fetch(self, sql: str, params: dict[str, Any] | tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Runs one parameterised query; retries once on a fresh connection if a pooled one went away."""
+        for attempt in (1, 2):
+            try:
+                async with self.connection(fresh=attempt == 2) as conn:
+                    cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+                    return await cur.fetchall()
+            except psycopg.OperationalError as exc:
+                if attempt == 2:
+                    raise StoreUnavailable(f"Postgres (overnight_postgres) is unavailable: {exc}".strip()) from exc
+                log.info("dashboard: Postgres connection failed, retrying on a fresh one: %s", exc)
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        """Closes the idle connections; connections on loan close when returned."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
+# --------------------------------------------------------------------------- the store
+
+
+@dataclass
+class DashboardStore:
+    """The dashboard's reads. Connections are resolved and pools created on first use, not per request."""
+
+    pg_dsn: str | None = None
+    redis_url: str | None = None
+    redis_timeout_s: float = REDIS_TIMEOUT_S
+    pg_pool_size: int = PG_POOL_SIZE
+    _pg: AsyncPgPool | None = field(default=None, init=False, repr=False)
+    _redis: Any = field(default=None, init=False, repr=False)
+    _redis_skip_until: float = field(default=0.0, init=False, repr=False)
+    _lock: asyncio.Lock | None = field(default=None, init=False, repr=False)
+
+    async def _ensure(self) -> None:
+        if self._pg is not None:
+            return
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._pg is not None:
+                return
+            if self.pg_dsn is None or self.redis_url is None:
+                from overnight import connections
+
+                # Resolving a connection may ask Airflow's secrets backends: keep it off the event loop.
+                if self.pg_dsn is None:
+                    self.pg_dsn = await asyncio.to_thread(connections.postgres_dsn)
+                if self.redis_url is None:
+                    try:
+                        self.redis_url = await asyncio.to_thread(connections.redis_url)
+                    except connections.ConnectionNotConfigured as exc:
+                        log.warning("dashboard: no Redis (%s); serving from Postgres only", exc)
+                        self.redis_url = ""
+            if self.redis_url:
+                import redis.asyncio as aredis
+                from redis.asyncio.retry import Retry
+                from redis.backoff import NoBackoff
+
+                self._redis = aredis.Redis.from_url(
+                    self.redis_url, socket_timeout=self.redis_timeout_s,
+                    socket_connect_timeout=self.redis_timeout_s, retry=Retry(NoBackoff(), 0),
+                    max_connections=64,
+                )
+            self._pg = AsyncPgPool(self.pg_dsn, self.pg_pool_size)
+
+    async def _pool(self) -> AsyncPgPool:
+        await self._ensure()
+        assert self._pg is not None
+        return self._pg
+
+    async def aclose(self) -> None:
+        """Closes the pools (the app's shutdown)."""
+        if self._pg is not None:
+            await self._pg.close()
+            self._pg = None
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+            self._redis = None
+
+    # ---------------------------------------------------------------- recommendations
+
+    async def _cached(self, user_id: str) -> dict[str, Any] | None:
+        """Returns the cached document, or None on a miss, a Redis error, a timeout or an unusable value."""
+        if self._redis is None or time.monotonic() < self._redis_skip_until:
+            return None
+        try:
+            async with asyncio.timeout(self.redis_timeout_s * 2):
+                raw = await self._redis.get(cache.recs_key(user_id))
+        except Exception as exc:  # noqa: BLE001 - the cache is optional: any failure means "ask Postgres"
+            self._redis_skip_until = time.monotonic() + REDIS_RETRY_AFTER_S
+            log.warning("dashboard: Redis unavailable (%s: %s); using Postgres for %.0f s",
+                        type(exc).__name__, exc, REDIS_RETRY_AFTER_S)
+            return None
+        if raw is None:
+            return None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            log.warning("dashboard: cache key %s holds invalid JSON; using Postgres", cache.recs_key(user_id))
+            return None
+        return doc if isinstance(doc, dict) and isinstance(doc.get("recommendations"), list) else None
+
+    async def dashboard(self, user_id: str, now: datetime | None = None) -> DashboardView:
+        """Returns a user's recommendations: Redis `recs:{id}` first, else the `recommendations` row.
+
+        A user known to the users table but not calculated yet gets an empty, stale view; an id that
+        neither table knows raises UnknownUser; a malformed id raises InvalidUserId.
+        """
+        uid = parse_user_id(user_id)
+        await self._ensure()
+        doc = await self._cached(uid)
+        if doc is not None:
+            return view_from_document(uid, doc, from_cache=True, now=now)
+        rows = await (await self._pool()).fetch(
+            "SELECT r.document, u.base_currency, u.id IS NOT NULL FROM (SELECT %(id)s::uuid AS id) q"
+            " LEFT JOIN recommendations r ON r.user_id = q.id LEFT JOIN users u ON u.id = q.id",
+            {"id": uid},
+        )
+        document, base_currency, known = rows[0]
+        if document is not None:
+            return view_from_document(uid, document, from_cache=False, base_currency=base_currency, now=now)
+        if not known:
+            raise UnknownUser(f"user {uid} is not in the users table and has no recommendations")
+        return DashboardView(uid, [], None, base_currency.strip() if base_currency else None, None,
+                             from_cache=False, stale=True)
+
+    # ---------------------------------------------------------------- job runs
+
+    async def job_runs(
+        self, *, market: str | None = None, status: str | None = None, limit: int = 50,
+        now: datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        """Returns the newest `overnight_job_runs` rows (optionally of one market / status), newest first."""
+        if status is not None and status not in JOB_STATUSES:
+            raise ValueError(f"status {status!r} is not one of {', '.join(JOB_STATUSES)}")
+        limit = max(1, min(int(limit), MAX_LIMIT))
+        where: list[str] = []
+        params: dict[str, Any] = {"limit": limit}
+        if market is not None:
+            where.append("market = %(market)s")
+            params["market"] = market
+        if status is not None:
+            where.append("status = %(status)s")
+            params["status"] = status
+        sql = (_JOB_RUN_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY started_at DESC LIMIT %(limit)s")
+        rows = await (await self._pool()).fetch(sql, params)
+        return [_job_run(r, now) for r in rows]
+
+    async def market_history(self, per_market: int = HISTORY_PER_MARKET,
+                             now: datetime | None = None) -> dict[str, list[dict[str, Any]]]:
+        """Returns each market's last `per_market` job runs, oldest first (the page's table and chart)."""
+        rows = await (await self._pool()).fetch(
+            "SELECT * FROM (" + _JOB_RUN_SELECT.replace(
+                "FROM overnight_job_runs",
+                ", row_number() OVER (PARTITION BY market ORDER BY started_at DESC) AS rn FROM overnight_job_runs")
+            + ") t WHERE rn <= %(n)s ORDER BY market, started_at",
+            {"n": max(1, min(per_market, MAX_LIMIT))},
+        )
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            run = _job_run(r[:-1], now)
+            out.setdefault(run["market"], []).append(run)
+        return out
+
+    # ---------------------------------------------------------------- audit
+
+    async def asset_events(
+        self, symbol: str, *, limit: int = 50, before: datetime | None = None, before_id: str | None = None,
+    ) -> tuple[list[dict[str, Any]], dict[str, str] | None]:
+        """Returns the calculation events that scored `symbol`, newest first, and the next page's cursor.
+
+        Keyset pagination on (created_at, event_id): pass the returned `before` (and `beforeId`) back.
+        """
+        limit = max(1, min(int(limit), MAX_LIMIT))
+        params: dict[str, Any] = {"symbol": symbol, "limit": limit + 1}
+        cond = ""
+        if before is not None:
+            params["before"] = parse_time(before)
+            if before_id is not None:
+                params["before_id"] = str(uuid.UUID(before_id))
+                cond = " AND (e.created_at, e.event_id) < (%(before)s, %(before_id)s::uuid)"
+            else:
+                cond = " AND e.created_at < %(before)s"
+        rows = await (await self._pool()).fetch(
+            "SELECT e.event_id, e.event_type, e.user_id, e.correlation_id, e.created_at,"
+            " e.payload -> 'scores' ->> %(symbol)s, j.id, j.market, j.session_date, j.status"
+            " FROM calculation_events e LEFT JOIN overnight_job_runs j ON j.correlation_id = e.correlation_id"
+            " WHERE e.symbols @> ARRAY[%(symbol)s]::text[]" + cond
+            + " ORDER BY e.created_at DESC, e.event_id DESC LIMIT %(limit)s",
+            params,
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        events = [
+            {
+                "eventId": str(r[0]), "eventType": r[1], "userId": str(r[2]), "correlationId": str(r[3]),
+                "createdAt": r[4].isoformat(), "symbol": symbol, "score": r[5],
+                "jobRun": None if r[6] is None else {
+                    "id": str(r[6]), "market": r[7], "sessionDate": _iso(r[8]), "status": r[9]},
+            }
+            for r in rows
+        ]
+        cursor = {"before": events[-1]["createdAt"], "beforeId": events[-1]["eventId"]} if more and events else None
+        return events, cursor
+
+
+_JOB_RUN_SELECT = (
+    "SELECT id, job_type, market, session_date, status, started_at, completed_at, users_processed,"
+    " users_failed, correlation_id, dag_run_id, metrics ->> 'rates_stale', metrics ->> 'rates_as_of',"
+    " metrics ->> 'cache_status', metrics ->> 'users_total' FROM overnight_job_runs"
+)
+
+
+def _job_run(r: tuple[Any, ...], now: datetime | None) -> dict[str, Any]:
+    """Shapes one `_JOB_RUN_SELECT` row: counts, duration and freshness (age, stale)."""
+    now = now or datetime.now(UTC)
+    started, completed = r[5], r[6]
+    rates_stale = (r[11] or "").lower() == "true"
+    age = (now - completed).total_seconds() if completed else None
+    return {
+        "id": str(r[0]),
+        "jobType": r[1],
+        "market": r[2],
+        "sessionDate": _iso(r[3]),
+        "status": r[4],
+        "startedAt": _iso(started),
+        "completedAt": _iso(completed),
+        "durationSeconds": round((completed - started).total_seconds(), 3) if completed else None,
+        "usersProcessed": r[7],
+        "usersFailed": r[8],
+        "usersTotal": int(r[14]) if r[14] is not None else None,
+        "correlationId": str(r[9]),
+        "dagRunId": r[10],
+        "ratesStale": rates_stale,
+        "ratesAsOf": r[12],
+        "cacheStatus": r[13],
+        "ageSeconds": round(age, 1) if age is not None else None,
+        "stale": rates_stale or age is None or age > STALE_AFTER.total_seconds(),
+    }

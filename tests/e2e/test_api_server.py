@@ -1,0 +1,484 @@
+"""The Overnight plugin on a real `airflow api-server`: auth, data, fallbacks, hostile input, and the page in Chromium.
+
+Two api-servers start side by side on this run's fresh databases: the normal one, and one whose
+`overnight_redis` connection points at a TCP listener that never answers (a hung Redis). Tokens
+come from the simple auth manager's `POST /auth/token`; a user configured with no role
+(`norole:`) is authenticated but may not read DAGs, which is how a 403 is produced for real.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import psycopg
+import pytest
+import redis
+
+from overnight import cache, pipeline, sessions
+from overnight.markets import load_markets
+from overnight.providers.db import DbPriceProvider, DbRatesProvider
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+SESSION = date(2026, 11, 25)
+JWT_SECRET = uuid.uuid4().hex
+HOSTILE = ["'", '"', "'; DROP TABLE users;--", "../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "ÄÖÜ-€-日本",
+           "%27%20OR%20%271%27%3D%271", "\\", "<script>alert(1)</script>", "a" * 300, "%00"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SilentServer:
+    """Accepts TCP connections and never answers: a hung Redis."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.held.append(self.sock.accept()[0])
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(2)
+        for s in self.held:
+            s.close()
+        self.sock.close()
+
+
+class ApiServer:
+    """An `airflow api-server` subprocess (its own process group) on a free port."""
+
+    def __init__(self, name: str, env: dict[str, str], logdir: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = logdir / f"api-server-{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("airflow")), "api-server", "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(ROOT),
+        )
+
+    def wait_healthy(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                if httpx.get(f"{self.url}/api/v2/monitor/health", timeout=2, trust_env=False).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"api-server did not become healthy; last log lines:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+
+
+def _score(pg_dsn: str, redis_url: str, market: str, session: date) -> pipeline.JobRun:
+    codes = load_markets().codes
+    client = redis.Redis.from_url(redis_url)
+    with psycopg.connect(pg_dsn) as conn:
+        job = pipeline.start_job(conn, market, session, "test-e2e-api")
+        rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
+        aud = pipeline.Audience(market, tuple(sessions.earlier_markets(market, session, codes)))
+        batches = pipeline.plan_batches(conn, aud, 300)
+        results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn),
+                                        warm_cache=lambda docs: cache.warm(client, docs)) for b in batches]
+        pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+    client.close()
+    return job
+
+
+@pytest.fixture(scope="module")
+def stack(airflow_db: None, pg_dsn: str, seeded: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """Scored data, and the two api-servers (normal, hung Redis) with tokens for admin, viewer and norole."""
+    redis_url = os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"]
+    job = _score(pg_dsn, redis_url, "XNYS", SESSION)
+    with psycopg.connect(pg_dsn) as conn:
+        user_id, doc = conn.execute(
+            "SELECT user_id::text, document FROM recommendations WHERE correlation_id = %s"
+            " AND jsonb_array_length(document->'recommendations') > 1 ORDER BY user_id LIMIT 1",
+            (job.correlation_id,)).fetchone()
+    tmp = Path(tempfile.mkdtemp(prefix="overnight-e2e-"))
+    passwords = json.loads(Path(os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]).read_text())
+    passwords["norole"] = "norole"
+    (tmp / "passwords.json").write_text(json.dumps(passwords))
+    env = {
+        **os.environ,
+        "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer,norole:",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp / "passwords.json"),
+        "AIRFLOW__API_AUTH__JWT_SECRET": JWT_SECRET,
+        "AIRFLOW__CORE__LAZY_LOAD_PLUGINS": "False",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "include"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "NO_PROXY": "*",
+    }
+    silent = SilentServer()
+    main = ApiServer("main", env, tmp)
+    hung = ApiServer("hung-redis", {**env, "AIRFLOW_CONN_OVERNIGHT_REDIS": f"redis://127.0.0.1:{silent.port}/0"},
+                     tmp)
+    try:
+        deadline = time.monotonic() + 120
+        main.wait_healthy(deadline)
+        hung.wait_healthy(deadline)
+        tokens = {}
+        for name, pw in (("admin", passwords["admin"]), ("viewer", passwords["viewer"]), ("norole", "norole")):
+            resp = httpx.post(f"{main.url}/auth/token", json={"username": name, "password": pw}, trust_env=False)
+            assert resp.status_code == 201, f"token for {name}: {resp.status_code} {resp.text}"
+            tokens[name] = resp.json()["access_token"]
+        yield {"main": main, "hung": hung, "tokens": tokens, "user_id": user_id, "doc": doc, "job": job,
+               "redis": redis.Redis.from_url(redis_url), "pg_dsn": pg_dsn, "passwords": passwords, "tmp": tmp}
+    finally:
+        for server in (main, hung):
+            server.stop()
+        silent.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _get(stack: dict[str, Any], path: str, *, who: str | None = "admin", server: str = "main",
+         headers: dict[str, str] | None = None) -> httpx.Response:
+    h = dict(headers or {})
+    if who:
+        h["Authorization"] = f"Bearer {stack['tokens'][who]}"
+    return httpx.get(stack[server].url + path, headers=h, timeout=10, follow_redirects=False, trust_env=False)
+
+
+def _dash(user: str) -> str:
+    return f"/overnight/api/v1/dashboard/{user}"
+
+
+# --------------------------------------------------------------------------- authentication / authorization
+
+ROUTES = [_dash(str(uuid.uuid4())), "/overnight/api/v1/job-runs", "/overnight/api/v1/markets",
+          "/overnight/api/v1/audit/assets/AAPL", "/overnight/", "/overnight/static/overnight.js",
+          "/overnight/docs", "/overnight/openapi.json"]
+
+
+@pytest.mark.parametrize("path", ROUTES)
+def test_every_route_needs_a_user(stack: dict[str, Any], path: str) -> None:
+    anon = _get(stack, path, who=None)
+    assert anon.status_code == 401 and anon.json() == {"detail": "Not authenticated"}
+    bad = _get(stack, path, who=None, headers={"Authorization": "Bearer not-a-jwt"})
+    assert bad.status_code in (401, 403) and "data" not in bad.json()
+    assert _get(stack, path, who="norole").status_code == 403
+    assert _get(stack, path, who="viewer").status_code in (200, 404)
+
+
+def test_token_signed_with_another_secret_is_refused(stack: dict[str, Any]) -> None:
+    import jwt
+
+    claims = jwt.decode(stack["tokens"]["admin"], options={"verify_signature": False})
+    forged = jwt.encode(claims, "not-the-secret", algorithm="HS512")
+    resp = _get(stack, _dash(stack["user_id"]), who=None, headers={"Authorization": f"Bearer {forged}"})
+    assert resp.status_code == 403 and resp.json() == {"detail": "Invalid JWT token"}
+    cookie = httpx.get(stack["main"].url + _dash(stack["user_id"]), cookies={"_token": forged}, trust_env=False)
+    assert cookie.status_code in (401, 403)
+
+
+def test_browser_without_session_is_sent_to_login(stack: dict[str, Any]) -> None:
+    resp = _get(stack, "/overnight/", who=None, headers={"Accept": "text/html"})
+    assert resp.status_code == 303
+    assert resp.headers["location"] == "/auth/login?next=%2Fovernight%2F"
+    api = _get(stack, _dash(stack["user_id"]), who=None, headers={"Accept": "text/html,application/json"})
+    assert api.status_code == 401  # API routes never redirect
+
+
+def test_plugin_is_registered_with_its_external_view(stack: dict[str, Any]) -> None:
+    plugins = _get(stack, "/api/v2/plugins").json()["plugins"]
+    mine = next(p for p in plugins if p["name"] == "overnight_dashboard")
+    assert mine["fastapi_apps"][0]["url_prefix"] == "/overnight"
+    view = mine["external_views"][0]
+    assert (view["href"], view["url_route"], view["destination"]) == ("overnight/", "overnight", "nav")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_dashboard_from_cache_then_from_postgres_with_the_same_recommendations(stack: dict[str, Any]) -> None:
+    uid = stack["user_id"]
+    client: redis.Redis = stack["redis"]
+    client.set(cache.recs_key(uid), json.dumps(stack["doc"]), ex=cache.TTL_SECONDS)
+    hit = _get(stack, _dash(uid))
+    assert hit.status_code == 200, hit.text
+    client.delete(cache.recs_key(uid))
+    miss = _get(stack, _dash(uid))
+    client.set(cache.recs_key(uid), json.dumps(stack["doc"]), ex=cache.TTL_SECONDS)
+    assert miss.status_code == 200, miss.text
+    h, m = hit.json()["data"], miss.json()["data"]
+    assert (h["fromCache"], m["fromCache"]) == (True, False)
+    assert h["recommendations"] == m["recommendations"] == stack["doc"]["recommendations"]
+    assert {k: v for k, v in h.items() if k != "fromCache"} == {k: v for k, v in m.items() if k != "fromCache"}
+    assert set(h) >= {"recommendations", "totalInvestable", "baseCurrency", "dataFreshness", "fromCache", "stale"}
+    assert h["totalInvestable"] == stack["doc"]["totalInvestable"]
+    assert h["dataFreshness"]["criteriaVersion"] == stack["doc"]["dataFreshness"]["criteriaVersion"]
+    assert isinstance(h["stale"], bool)
+
+
+def test_hung_redis_still_serves_from_postgres(stack: dict[str, Any]) -> None:
+    for _ in range(3):
+        t0 = time.perf_counter()
+        resp = _get(stack, _dash(stack["user_id"]), server="hung")
+        elapsed = time.perf_counter() - t0
+        assert resp.status_code == 200, resp.text
+        data = resp.json()["data"]
+        assert data["fromCache"] is False and data["recommendations"] == stack["doc"]["recommendations"]
+        assert elapsed < 2.0
+
+
+@pytest.mark.parametrize(
+    ("user", "status"),
+    [
+        pytest.param(str(uuid.uuid4()), 404, id="unknown-user"),
+        pytest.param("not-a-uuid", 422, id="words"),
+        pytest.param("12345", 422, id="digits"),
+        pytest.param(quote("'; DROP TABLE users;--", safe=""), 422, id="sql"),
+        pytest.param("x" * 65, 422, id="too-long"),
+    ],
+)
+def test_dashboard_unknown_and_malformed_users(stack: dict[str, Any], user: str, status: int) -> None:
+    resp = _get(stack, _dash(user))
+    assert resp.status_code == status and "data" not in resp.json()
+
+
+def test_job_runs_and_validation(stack: dict[str, Any]) -> None:
+    runs = _get(stack, "/overnight/api/v1/job-runs?market=XNYS&limit=500").json()["data"]
+    run = next(r for r in runs if r["id"] == stack["job"].id)
+    assert run["status"] in ("completed", "partial") and run["usersProcessed"] > 0
+    assert run["durationSeconds"] >= 0 and isinstance(run["stale"], bool)
+    assert len(_get(stack, "/overnight/api/v1/job-runs?limit=1").json()["data"]) == 1
+    for query in ("limit=0", "limit=501", "limit=abc", "status=bogus"):
+        assert _get(stack, f"/overnight/api/v1/job-runs?{query}").status_code == 422, query
+    markets = _get(stack, "/overnight/api/v1/markets").json()["data"]
+    assert any(m["market"] == "XNYS" and m["latest"]["id"] == stack["job"].id for m in markets)
+
+
+def test_audit_events_for_an_asset_with_keyset_pages(stack: dict[str, Any]) -> None:
+    symbol = stack["doc"]["recommendations"][0]["symbol"]
+    first = _get(stack, f"/overnight/api/v1/audit/assets/{quote(symbol)}?limit=3").json()
+    assert len(first["data"]) == 3 and first["next"] is not None
+    assert all(e["eventType"] == "SCORES_COMPUTED" and e["jobRun"] for e in first["data"])
+    nxt = first["next"]
+    second = _get(stack, f"/overnight/api/v1/audit/assets/{quote(symbol)}?limit=3"
+                         f"&before={quote(nxt['before'])}&before_id={nxt['beforeId']}").json()
+    assert second["data"] and not {e["eventId"] for e in first["data"]} & {e["eventId"] for e in second["data"]}
+    assert second["data"][0]["createdAt"] <= first["data"][-1]["createdAt"]
+    assert _get(stack, f"/overnight/api/v1/audit/assets/{quote(symbol)}?before=yesterday").status_code == 422
+
+
+def test_hostile_input_is_harmless(stack: dict[str, Any]) -> None:
+    with psycopg.connect(stack["pg_dsn"]) as conn:
+        before = conn.execute("SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM calculation_events),"
+                              " (SELECT count(*) FROM recommendations)").fetchone()
+    for raw in HOSTILE:
+        for path in (f"/overnight/api/v1/audit/assets/{quote(raw, safe='%')}",
+                     f"/overnight/api/v1/audit/assets/{raw}",
+                     f"/overnight/api/v1/job-runs?market={quote(raw, safe='%')}",
+                     _dash(quote(raw, safe="%"))):
+            resp = _get(stack, path)
+            assert resp.status_code in (200, 404, 422), f"{path}: {resp.status_code} {resp.text[:200]}"
+            if resp.status_code == 200:
+                assert resp.json()["data"] == []
+    with psycopg.connect(stack["pg_dsn"]) as conn:
+        after = conn.execute("SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM calculation_events),"
+                             " (SELECT count(*) FROM recommendations)").fetchone()
+    assert after == before
+
+
+def test_openapi_docs(stack: dict[str, Any]) -> None:
+    docs = _get(stack, "/overnight/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    schema = _get(stack, "/overnight/openapi.json").json()
+    assert schema["servers"] == [{"url": "/overnight"}]
+    assert {"/api/v1/dashboard/{user_id}", "/api/v1/job-runs", "/api/v1/audit/assets/{symbol}"} <= set(schema["paths"])
+
+
+# --------------------------------------------------------------------------- the page in Chromium
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("no Chromium (/usr/bin/chromium) and not root with apt-get to install it")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if proc.returncode != 0:
+            pytest.skip(f"Chromium is missing and `{' '.join(cmd)}` failed: {proc.stderr[-300:]}")
+    found = shutil.which("chromium")
+    if not found:
+        pytest.skip("apt-get installed chromium but no `chromium` binary is on PATH")
+    return found
+
+
+class Cdp:
+    """A minimal Chrome DevTools Protocol client over one page's websocket."""
+
+    def __init__(self, ws_url: str) -> None:
+        from websockets.sync.client import connect
+
+        self.ws = connect(ws_url, max_size=64 * 1024 * 1024, proxy=None)
+        self.next_id = 0
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=30))
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    def js(self, expr: str) -> Any:
+        res = self.call("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"{expr[:80]}: {res['exceptionDetails']}")
+        return res["result"].get("value")
+
+    def wait(self, expr: str, timeout: float = 20) -> Any:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                value = self.js(expr)
+            except RuntimeError:
+                value = None
+            if value:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {expr!r}; at {self.js('location.href')}")
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+def test_page_in_chromium(stack: dict[str, Any]) -> None:
+    binary = _chromium()
+    profile = Path(tempfile.mkdtemp(prefix="overnight-chromium-"))
+    proc = subprocess.Popen(
+        [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-proxy-server",
+         "--no-first-run", "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1280,1400",
+         "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    cdp = None
+    try:
+        port_file = profile / "DevToolsActivePort"
+        end = time.monotonic() + 30
+        while not port_file.exists() or len(port_file.read_text().splitlines()) < 2:
+            assert time.monotonic() < end and proc.poll() is None, "Chromium did not start its DevTools endpoint"
+            time.sleep(0.1)
+        port = int(port_file.read_text().splitlines()[0])
+        targets = httpx.get(f"http://127.0.0.1:{port}/json/list", trust_env=False).json()
+        cdp = Cdp(next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"])
+        cdp.call("Page.enable")
+        base = stack["main"].url
+        # No session: the page sends the browser to Airflow's login, which comes back to the page.
+        cdp.call("Page.navigate", url=f"{base}/overnight/")
+        cdp.wait("location.pathname.startsWith('/auth/login') && !!document.querySelector('input[type=password]')")
+        cdp.js("document.querySelector('input[name=username]').focus()")
+        cdp.call("Input.insertText", text="admin")
+        cdp.js("document.querySelector('input[type=password]').focus()")
+        cdp.call("Input.insertText", text=stack["passwords"]["admin"])
+        cdp.js("document.querySelector('button[type=submit]').click()")
+        cdp.wait("location.pathname === '/overnight/' && !!document.querySelector('#runs tbody tr')", 30)
+        markets = cdp.js("[...document.querySelectorAll('#runs tbody tr')].map(r => r.dataset.market)")
+        assert "XNYS" in markets
+        row = cdp.js("document.querySelector('#runs tr[data-market=XNYS]').innerText")
+        assert "completed" in row or "partial" in row
+        assert cdp.js("document.querySelectorAll('#charts svg rect').length") >= 1
+        assert cdp.js("document.querySelectorAll('#charts svg polyline').length") >= 1
+        # Look a user up: the cached recommendations, then (key deleted) the same from Postgres.
+        uid = stack["user_id"]
+        stack["redis"].set(cache.recs_key(uid), json.dumps(stack["doc"]), ex=cache.TTL_SECONDS)
+        cdp.js(f"document.getElementById('user-id').value = {json.dumps(uid)}")
+        cdp.js("document.querySelector('#lookup button').click()")
+        cdp.wait("!!document.querySelector('#recs tbody tr')")
+        assert "from cache" in cdp.js("document.getElementById('lookup-summary').innerText")
+        symbols = cdp.js("[...document.querySelectorAll('#recs tbody tr td:first-child')].map(td => td.innerText)")
+        assert symbols == [r["symbol"] for r in stack["doc"]["recommendations"]]
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = cdp.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        (ARTIFACTS / "overnight-page.png").write_bytes(base64.b64decode(shot["data"]))
+        stack["redis"].delete(cache.recs_key(uid))
+        cdp.js("document.querySelector('#lookup button').click()")
+        cdp.wait("(document.getElementById('lookup-summary') || {}).innerText?.includes('from Postgres')")
+        cdp.js("document.getElementById('user-id').value = 'nope'")
+        cdp.js("document.querySelector('#lookup button').click()")
+        cdp.wait("document.getElementById('lookup-result').innerText.includes('422')")
+        # The UI's nav entry frames the page at /plugin/overnight.
+        cdp.call("Page.navigate", url=f"{base}/plugin/overnight")
+        cdp.wait("[...document.querySelectorAll('iframe')].some(f => f.src.includes('/overnight/'))", 30)
+    finally:
+        if cdp is not None:
+            cdp.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(profile, ignore_errors=True)
+        stack["redis"].set(cache.recs_key(stack["user_id"]), json.dumps(stack["doc"]), ex=cache.TTL_SECONDS)
+
+
+@pytest.mark.skipif(not os.environ.get("OVERNIGHT_MEASURE_LATENCY"), reason="set OVERNIGHT_MEASURE_LATENCY=1")
+def test_measure_latency(stack: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """Runs `python -m overnight.api_latency` once against the api-server (200 sequential calls per case)."""
+    from overnight import api_latency
+
+    assert api_latency.main(["--url", stack["main"].url, "--token", stack["tokens"]["admin"],
+                             "--user", stack["user_id"], "--redis-url", os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"]]) == 0
+    out = capsys.readouterr().out
+    with capsys.disabled():
+        print("\n" + out)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["hit"]["n"] == result["miss"]["n"] == 200

@@ -1,0 +1,308 @@
+"""The dashboard's data access (overnight.dashboard) against real Postgres and Redis, on real pipeline output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, TypeVar
+
+import psycopg
+import pytest
+import redis
+
+from overnight import cache, dashboard, pipeline, sessions
+from overnight.markets import load_markets
+from overnight.providers.db import DbPriceProvider, DbRatesProvider
+
+SESSION = date(2026, 11, 23)
+T = TypeVar("T")
+HOSTILE_SYMBOLS = ["'", '"', "'; DROP TABLE users;--", "../../etc/passwd", "ÄÖÜ-€-日本", "%", "_", "\\", "{a,b}",
+                   "' OR '1'='1"]
+
+
+def run_market(pg_dsn: str, redis_url: str, market: str, session: date) -> pipeline.JobRun:
+    """Runs one market's pipeline for a session (as the DAG does, without Airflow), warming the cache."""
+    codes = load_markets().codes
+    client = redis.Redis.from_url(redis_url)
+    with psycopg.connect(pg_dsn) as conn:
+        job = pipeline.start_job(conn, market, session, "test-dashboard")
+        rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
+        aud = pipeline.Audience(market, tuple(sessions.earlier_markets(market, session, codes)))
+        batches = pipeline.plan_batches(conn, aud, 200)
+        results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn),
+                                        warm_cache=lambda docs: cache.warm(client, docs)) for b in batches]
+        pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+    client.close()
+    return job
+
+
+@pytest.fixture(scope="module")
+def scored(pg_dsn: str, seeded: dict[str, int]) -> dict[str, Any]:
+    """XNYS and BVMF scored for SESSION; a user with recommendations and a known user without any."""
+    redis_url = os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"]
+    jobs = {m: run_market(pg_dsn, redis_url, m, SESSION) for m in ("XNYS", "BVMF")}
+    with psycopg.connect(pg_dsn) as conn:
+        user_id, doc = conn.execute(
+            "SELECT user_id, document FROM recommendations WHERE correlation_id = %s"
+            " AND jsonb_array_length(document->'recommendations') > 1 ORDER BY user_id LIMIT 1",
+            (jobs["XNYS"].correlation_id,)).fetchone()
+        idle = uuid.uuid4()
+        conn.execute(
+            "INSERT INTO users (id, email, base_currency, default_contribution, markets, criteria_key, active)"
+            " VALUES (%s, %s, 'EUR', 100, ARRAY['XLON'], 'tpl-01', false)", (idle, f"{idle}@example.test"))
+        conn.commit()
+    yield {"jobs": jobs, "user_id": str(user_id), "doc": doc, "idle_user": str(idle), "redis_url": redis_url,
+           "pg_dsn": pg_dsn}
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("DELETE FROM users WHERE id = %s", (idle,))
+
+
+def with_store(scored: dict[str, Any], fn: Callable[[dashboard.DashboardStore], Awaitable[T]],
+               redis_url: str | None = None) -> T:
+    """Runs `fn(store)` on a fresh event loop with a fresh store, closed afterwards."""
+
+    async def main() -> T:
+        store = dashboard.DashboardStore(scored["pg_dsn"], scored["redis_url"] if redis_url is None else redis_url)
+        try:
+            return await fn(store)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def silent_redis() -> Iterator[str]:
+    """A TCP server that accepts connections and never answers: a hung Redis."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{srv.getsockname()[1]}/0"
+    stop.set()
+    thread.join(2)
+    for s in held:
+        s.close()
+    srv.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+@pytest.mark.parametrize(
+    ("raw", "ok"),
+    [
+        pytest.param("0b7c6d4e-1f2a-4b3c-8d9e-0a1b2c3d4e5f", True, id="canonical"),
+        pytest.param("0B7C6D4E1F2A4B3C8D9E0A1B2C3D4E5F", True, id="hex-upper"),
+        pytest.param("not-a-uuid", False, id="words"),
+        pytest.param("'; DROP TABLE users;--", False, id="sql"),
+        pytest.param("", False, id="empty"),
+    ],
+)
+def test_parse_user_id(raw: str, ok: bool) -> None:
+    if ok:
+        assert dashboard.parse_user_id(raw) == str(uuid.UUID(raw))
+    else:
+        with pytest.raises(dashboard.InvalidUserId, match="not a UUID"):
+            dashboard.parse_user_id(raw)
+
+
+NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("generated", "rates_stale", "stale"),
+    [
+        pytest.param(NOW - timedelta(hours=1), False, False, id="fresh"),
+        pytest.param(NOW - timedelta(hours=25), False, True, id="older-than-24h"),
+        pytest.param(NOW - timedelta(hours=1), True, True, id="stale-rates"),
+        pytest.param(None, False, True, id="unknown-age"),
+    ],
+)
+def test_is_stale(generated: datetime | None, rates_stale: bool, stale: bool) -> None:
+    assert dashboard.is_stale(generated, rates_stale, NOW) is stale
+
+
+# --------------------------------------------------------------------------- recommendations
+
+
+def test_cache_hit_and_miss_serve_the_same_recommendations(scored: dict[str, Any]) -> None:
+    uid = scored["user_id"]
+    client = redis.Redis.from_url(scored["redis_url"])
+    client.set(cache.recs_key(uid), json.dumps(scored["doc"]), ex=cache.TTL_SECONDS)
+    hit = with_store(scored, lambda s: s.dashboard(uid))
+    client.delete(cache.recs_key(uid))
+    miss = with_store(scored, lambda s: s.dashboard(uid))
+    client.close()
+    assert hit.from_cache is True and miss.from_cache is False
+    assert hit.recommendations == miss.recommendations == scored["doc"]["recommendations"]
+    assert hit.to_json() | {"fromCache": None} == miss.to_json() | {"fromCache": None}
+    assert miss.total_investable == scored["doc"]["totalInvestable"]
+    assert miss.base_currency == scored["doc"]["portfolioSummary"]["baseCurrency"]
+    assert miss.data_freshness == {**scored["doc"]["dataFreshness"],
+                                   "generatedAt": datetime.fromisoformat(scored["doc"]["generatedAt"]).isoformat()}
+    generated = datetime.fromisoformat(scored["doc"]["generatedAt"])
+    assert miss.stale is dashboard.is_stale(generated, scored["doc"]["ratesStale"])
+
+
+def test_stale_when_generated_more_than_24h_ago(scored: dict[str, Any]) -> None:
+    uid = scored["user_id"]
+    later = datetime.fromisoformat(scored["doc"]["generatedAt"]) + timedelta(hours=25)
+    view = with_store(scored, lambda s: s.dashboard(uid, now=later))
+    assert view.stale is True
+
+
+@pytest.mark.parametrize("kind", [pytest.param("closed-port", id="redis-down"),
+                                  pytest.param("silent", id="redis-hung")])
+def test_redis_unavailable_falls_back_to_postgres_quickly(scored: dict[str, Any], silent_redis: str,
+                                                          kind: str) -> None:
+    url = silent_redis if kind == "silent" else f"redis://127.0.0.1:{_closed_port()}/0"
+    uid = scored["user_id"]
+
+    async def three_calls(store: dashboard.DashboardStore) -> tuple[list[dashboard.DashboardView], list[float]]:
+        views, times = [], []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            views.append(await store.dashboard(uid))
+            times.append(time.perf_counter() - t0)
+        return views, times
+
+    views, times = with_store(scored, three_calls, redis_url=url)
+    assert all(v.from_cache is False for v in views)
+    assert all(v.recommendations == scored["doc"]["recommendations"] for v in views)
+    assert times[0] < 1.0, f"first call took {times[0]:.3f} s: the Redis timeout is not ~100 ms"
+    assert max(times[1:]) < 0.5, f"later calls {times[1:]}: Redis is not skipped after a failure"
+
+
+def test_corrupt_cache_value_falls_back_to_postgres(scored: dict[str, Any]) -> None:
+    uid = scored["user_id"]
+    client = redis.Redis.from_url(scored["redis_url"])
+    client.set(cache.recs_key(uid), b"{not json", ex=60)
+    try:
+        view = with_store(scored, lambda s: s.dashboard(uid))
+    finally:
+        client.delete(cache.recs_key(uid))
+        client.close()
+    assert view.from_cache is False and view.recommendations == scored["doc"]["recommendations"]
+
+
+def test_unknown_known_and_malformed_users(scored: dict[str, Any]) -> None:
+    with pytest.raises(dashboard.UnknownUser):
+        with_store(scored, lambda s: s.dashboard(str(uuid.uuid4())))
+    with pytest.raises(dashboard.InvalidUserId):
+        with_store(scored, lambda s: s.dashboard("nope"))
+    idle = with_store(scored, lambda s: s.dashboard(scored["idle_user"]))
+    assert (idle.recommendations, idle.base_currency, idle.stale, idle.from_cache) == ([], "EUR", True, False)
+
+
+def test_postgres_down_raises_store_unavailable(scored: dict[str, Any]) -> None:
+    async def call() -> None:
+        store = dashboard.DashboardStore(f"postgresql://postgres@127.0.0.1:{_closed_port()}/x", "")
+        try:
+            await store.dashboard(str(uuid.uuid4()))
+        finally:
+            await store.aclose()
+
+    with pytest.raises(dashboard.StoreUnavailable, match="unavailable"):
+        asyncio.run(call())
+
+
+def test_pool_is_reused_across_requests(scored: dict[str, Any]) -> None:
+    async def many(store: dashboard.DashboardStore) -> int:
+        await asyncio.gather(*(store.dashboard(scored["idle_user"]) for _ in range(30)))
+        assert store._pg is not None
+        return len(store._pg._idle)
+
+    idle = with_store(scored, many, redis_url="")
+    assert 1 <= idle <= dashboard.PG_POOL_SIZE
+
+
+# --------------------------------------------------------------------------- job runs
+
+
+def test_job_runs_filters_and_shape(scored: dict[str, Any]) -> None:
+    rows = with_store(scored, lambda s: s.job_runs(market="XNYS"))
+    assert rows and all(r["market"] == "XNYS" for r in rows)
+    run = next(r for r in rows if r["id"] == scored["jobs"]["XNYS"].id)
+    assert run["status"] in ("completed", "partial") and run["usersProcessed"] > 0
+    assert run["durationSeconds"] is not None and run["durationSeconds"] >= 0
+    assert run["correlationId"] == scored["jobs"]["XNYS"].correlation_id
+    assert run["ageSeconds"] is not None and run["stale"] is (run["ratesStale"] or run["ageSeconds"] > 86400)
+    started = [r["startedAt"] for r in with_store(scored, lambda s: s.job_runs(limit=500))]
+    assert started == sorted(started, reverse=True)
+    assert len(with_store(scored, lambda s: s.job_runs(limit=1))) == 1
+    assert with_store(scored, lambda s: s.job_runs(market="'; DROP TABLE users;--")) == []
+    assert all(r["status"] == "completed" for r in with_store(scored, lambda s: s.job_runs(status="completed")))
+    with pytest.raises(ValueError, match="status"):
+        with_store(scored, lambda s: s.job_runs(status="bogus"))
+
+
+def test_market_history_per_market_oldest_first(scored: dict[str, Any]) -> None:
+    history = with_store(scored, lambda s: s.market_history(30))
+    assert {"XNYS", "BVMF"} <= set(history)
+    for market, runs in history.items():
+        assert 1 <= len(runs) <= 30 and all(r["market"] == market for r in runs)
+        assert [r["startedAt"] for r in runs] == sorted(r["startedAt"] for r in runs)
+
+
+# --------------------------------------------------------------------------- audit
+
+
+def test_asset_events_newest_first_with_job_run_and_keyset_pages(scored: dict[str, Any]) -> None:
+    symbol = scored["doc"]["recommendations"][0]["symbol"]
+    with psycopg.connect(scored["pg_dsn"]) as conn:
+        expected = conn.execute("SELECT count(*) FROM calculation_events WHERE symbols @> ARRAY[%s]::text[]",
+                                (symbol,)).fetchone()[0]
+    assert expected >= 1
+    first, cursor = with_store(scored, lambda s: s.asset_events(symbol, limit=500))
+    assert len(first) == min(expected, 500)
+    assert all(e["eventType"] == "SCORES_COMPUTED" and e["symbol"] == symbol for e in first)
+    assert [e["createdAt"] for e in first] == sorted((e["createdAt"] for e in first), reverse=True)
+    mine = [e for e in first if e["correlationId"] == scored["jobs"]["XNYS"].correlation_id]
+    assert mine and mine[0]["jobRun"]["id"] == scored["jobs"]["XNYS"].id and mine[0]["score"] is not None
+
+    pages, cursor = [], None
+    while True:
+        before = datetime.fromisoformat(cursor["before"]) if cursor else None
+        before_id = cursor["beforeId"] if cursor else None
+        page, cursor = with_store(scored, lambda s, b=before, i=before_id: s.asset_events(
+            symbol, limit=7, before=b, before_id=i))
+        pages.append(page)
+        if cursor is None:
+            break
+    ids = [e["eventId"] for p in pages for e in p]
+    assert len(ids) == len(set(ids)) == expected
+    assert ids == [e["eventId"] for e in first][:expected]
+
+
+@pytest.mark.parametrize("symbol", [pytest.param(s, id=f"hostile-{i}") for i, s in enumerate(HOSTILE_SYMBOLS)])
+def test_hostile_symbols_are_just_values(scored: dict[str, Any], symbol: str) -> None:
+    events, cursor = with_store(scored, lambda s: s.asset_events(symbol))
+    assert (events, cursor) == ([], None)
+    with psycopg.connect(scored["pg_dsn"]) as conn:
+        assert conn.execute("SELECT count(*) FROM users").fetchone()[0] > 0
