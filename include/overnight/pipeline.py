@@ -735,7 +735,7 @@ def finalize(
     }
     users_failed = failed_rows + missing
     conn.execute(
-        "UPDATE overnight_job_runs SET status = %s, completed_at = now(), users_processed = %s, users_failed = %s,"
+        "UPDATE overnight_job_runs SET status = %s, completed_at = clock_timestamp(), users_processed = %s, users_failed = %s,"
         " error_details = %s, metrics = %s WHERE id = %s",
         (status, completed, users_failed, json.dumps(details) if details else None, json.dumps(metrics), job.id),
     )
