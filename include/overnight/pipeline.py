@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -745,8 +745,3 @@ def finalize(
              extra={"correlation_id": job.correlation_id})
     return summary
 
-
-def iter_chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    """Yields consecutive slices of at most `size` items."""
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
