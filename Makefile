@@ -39,6 +39,11 @@ run: migrate airflow-setup  ## run MARKET's DAG once in-process for DATE (defaul
 	@test -n "$(MARKET)" || { echo "usage: make run MARKET=XNYS [DATE=YYYY-MM-DD]"; exit 2; }
 	@$(WITH_ENV) $(PY) -m overnight.cli run --market "$(MARKET)" $(if $(DATE),--date "$(DATE)")
 
+EXECUTOR ?= local
+BATCH ?= 5000
+bench: migrate  ## the benchmark on fresh databases: USERS=N [EXECUTOR=celery] [BATCH=users per task]
+	@$(WITH_ENV) $(PY) -m overnight.bench --users $(USERS) --executor $(EXECUTOR) --batch-size $(BATCH)
+
 test: env  ## the whole test suite, on fresh databases of its own
 	@$(WITH_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 

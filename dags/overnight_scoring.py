@@ -12,10 +12,10 @@ from airflow.sdk import get_parsing_context  # noqa: E402
 from overnight.dag_factory import build_market_dag  # noqa: E402
 from overnight.markets import load_markets  # noqa: E402
 
-_LOADED = load_markets()
+_CURRENT = get_parsing_context().dag_id  # while a task runs, build only its DAG, and cheaply
+_LOADED = load_markets(check_codes=_CURRENT is None)
 _CODES = _LOADED.codes
-_CURRENT = get_parsing_context().dag_id  # while a task runs, build only its DAG
 
 for _market in sorted(_LOADED.markets, key=lambda m: m.code):
     if _CURRENT is None or _CURRENT == _market.dag_id:
-        globals()[_market.dag_id] = build_market_dag(_market, _CODES)
+        globals()[_market.dag_id] = build_market_dag(_market, _CODES, for_task=_CURRENT is not None)

@@ -34,24 +34,12 @@ def _prepare_environment() -> dict[str, str]:
         devenv.create_database(base, name)
     app = ConnInfo(**{**base.__dict__, "schema": app_db})
     meta = ConnInfo(**{**base.__dict__, "schema": meta_db})
-    import redis
-
-    rinfo = parse_connection(REDIS_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"])
-    chosen = None
-    for index in range(15, 0, -1):
-        client = redis.Redis(host=rinfo.host or "127.0.0.1", port=rinfo.port or 6379, db=index,
-                             password=rinfo.password)
-        if client.dbsize() == 0 and client.set(f"overnight-test-lock:{index}", RUN_ID, nx=True, ex=7200):
-            chosen = index
-            break
-    if chosen is None:
-        raise RuntimeError("no empty Redis database (1-15) for this test run; flush one or free one")
-    auth = f":{rinfo.password}@" if rinfo.password else ""
+    redis_test_url = devenv.pick_redis_db(os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"], f"test-{RUN_ID}")
     home = ROOT / ".local" / f"test-{RUN_ID}"
     home.mkdir(parents=True, exist_ok=True)
     env = {
         "AIRFLOW_CONN_OVERNIGHT_POSTGRES": postgres_dsn(app),
-        "AIRFLOW_CONN_OVERNIGHT_REDIS": f"redis://{auth}{rinfo.host or '127.0.0.1'}:{rinfo.port or 6379}/{chosen}",
+        "AIRFLOW_CONN_OVERNIGHT_REDIS": redis_test_url,
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres_dsn(meta).replace("postgresql://", "postgresql+psycopg2://", 1),
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
@@ -59,7 +47,7 @@ def _prepare_environment() -> dict[str, str]:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
-        "OVERNIGHT_TEST_REDIS_URL": f"redis://{auth}{rinfo.host or '127.0.0.1'}:{rinfo.port or 6379}/{chosen}",
+        "OVERNIGHT_TEST_REDIS_URL": redis_test_url,
         "OVERNIGHT_TEST_RUN_ID": RUN_ID,
     }
     os.environ.update(env)

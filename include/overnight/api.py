@@ -275,6 +275,11 @@ def create_app(
         """Recent `overnight_job_runs` rows, newest first, with counts, duration and freshness."""
         return {"data": await store.job_runs(market=market, status=status, limit=limit)}
 
+    @app.get(f"{API_PREFIX}/ping", include_in_schema=False)
+    async def ping() -> dict[str, str]:
+        """Authenticated no-op: the baseline the benchmark compares the dashboard with."""
+        return {"status": "ok"}
+
     @app.get(f"{API_PREFIX}/markets", response_model=MarketsResponse)
     async def markets(
         runs: Annotated[int, Query(ge=1, le=100, description="Runs per market")] = HISTORY_PER_MARKET,

@@ -9,7 +9,7 @@ from typing import Any
 from airflow.sdk import DAG, Param, TriggerRule, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from overnight import runtime, sessions
+from overnight import alerts, runtime, sessions
 from overnight.markets import Market, format_lead
 from overnight.timetable import MarketSessionTimetable
 
@@ -56,13 +56,13 @@ def _params(market: Market) -> dict[str, Param]:
     }
 
 
-def _doc(market: Market) -> str:
+def _doc(market: Market, *, with_schedule: bool = True) -> str:
     lead = format_lead(market.lead)
     now = datetime.now(UTC)
     rows = []
     moment = now
     try:
-        for _ in range(5):
+        for _ in range(5 if with_schedule else 0):
             session, run_at = sessions.next_run(market.code, market.lead, moment, inclusive=False)
             local = sessions.session_open_utc(market.code, session).astimezone(
                 sessions.get_calendar(market.code).tz)
@@ -102,8 +102,8 @@ def _context_session(ctx: dict[str, Any]) -> tuple[datetime | None, datetime | N
     return end, run_after
 
 
-def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
-    """Returns the scoring DAG of one market."""
+def build_market_dag(market: Market, all_codes: list[str], *, for_task: bool = False) -> DAG:
+    """Returns the scoring DAG of one market (`for_task`: a task run's parse, which skips the docs' calendar)."""
 
     @dag(
         dag_id=market.dag_id,
@@ -114,9 +114,11 @@ def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
         default_args=DEFAULT_ARGS,
         tags=["overnight", "scoring"],
         params=_params(market),
-        doc_md=_doc(market),
+        doc_md=_doc(market, with_schedule=not for_task),
         description=f"Overnight recommendations, {format_lead(market.lead)} before the {market.code} open",
         dagrun_timeout=timedelta(hours=6),
+        on_failure_callback=alerts.on_dag_failure,
+        deadline=alerts.market_deadline(market),
     )
     def overnight_scoring() -> None:
         @task

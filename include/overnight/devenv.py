@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from overnight.connections import (
     POSTGRES_CONN_ID,
@@ -249,11 +250,38 @@ def environment() -> dict[str, str]:
             "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(Path(airflow_home) / "passwords.json"),
+            "AIRFLOW__API_AUTH__JWT_SECRET": os.environ.get("AIRFLOW__API_AUTH__JWT_SECRET") or jwt_secret(),
             "PYTHONPATH": str(ROOT / "include"),
             "NO_PROXY": "*",
         }
     )
     return env
+
+
+def jwt_secret() -> str:
+    """Returns the local JWT secret shared by every Airflow component (made once under .local/)."""
+    path = LOCAL / "jwt_secret"
+    if not path.exists():
+        import secrets
+
+        LOCAL.mkdir(exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def pick_redis_db(url: str, owner: str) -> str:
+    """Returns `url` moved to an empty Redis database (1-15) claimed for `owner` (tests, benchmarks)."""
+    import redis
+
+    info = parse_connection(REDIS_CONN_ID, url)
+    for index in range(15, 0, -1):
+        client = redis.Redis(host=info.host or "127.0.0.1", port=info.port or 6379, db=index,
+                             password=info.password, socket_connect_timeout=3)
+        if client.dbsize() == 0 and client.set(f"overnight-claim:{index}", owner, nx=True, ex=7200):
+            auth = f":{quote(info.password, safe='')}@" if info.password else ""
+            return f"redis://{auth}{info.host or '127.0.0.1'}:{info.port or 6379}/{index}"
+    raise SetupError(f"no empty Redis database (1-15) at {info.redacted()} for {owner}; flush one or free one")
 
 
 def write_env_file(env: dict[str, str]) -> Path:

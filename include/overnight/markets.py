@@ -9,7 +9,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import exchange_calendars
 import yaml
 
 DEFAULT_MARKETS_PATH = Path(__file__).resolve().parents[1] / "markets.yaml"
@@ -143,11 +142,22 @@ def parse_lead(value: object) -> timedelta:
 
 def _calendar_codes() -> list[str]:
     """Canonical exchange_calendars names (no aliases)."""
+    import exchange_calendars
+
     return exchange_calendars.get_calendar_names(include_aliases=False)
+
+
+def _check_code_syntax(code: object) -> str:
+    """The cheap check a task run uses (the dag-processor already checked the code against the calendars)."""
+    if not isinstance(code, str) or not MIC_PATTERN.match(code):
+        raise ValueError(f"code must be a calendar code string like 'XNYS', got {code!r}")
+    return code
 
 
 def _check_code(code: object) -> str:
     """Returns the code if it is a known exchange_calendars MIC code; raises ValueError with a hint otherwise."""
+    import exchange_calendars
+
     if not isinstance(code, str) or not code.strip():
         raise ValueError(f"code must be a calendar code string like 'XNYS', got {code!r}")
     known = _calendar_codes()
@@ -184,7 +194,7 @@ def _check_pool(value: object) -> str:
     return value
 
 
-def _parse_entry(raw: Any, index: int, source: str) -> Market:
+def _parse_entry(raw: Any, index: int, source: str, check_codes: bool = True) -> Market:
     """Builds a Market from one raw entry; raises one MarketConfigError listing every problem found."""
     if not isinstance(raw, dict):
         raise MarketConfigError(
@@ -206,7 +216,7 @@ def _parse_entry(raw: Any, index: int, source: str) -> Market:
         problems.append(("code", "missing; every entry needs 'code: <calendar code>' like 'code: XNYS'"))
     else:
         try:
-            code = _check_code(raw_code)
+            code = _check_code(raw_code) if check_codes else _check_code_syntax(raw_code)
         except ValueError as exc:
             problems.append(("code", str(exc)))
     lead = DEFAULT_LEAD
@@ -242,7 +252,7 @@ def _parse_entry(raw: Any, index: int, source: str) -> Market:
     return Market(code=code, lead=lead, batch_size=batch_size, pool=pool)
 
 
-def load_markets(path: Path | None = None) -> MarketsLoad:
+def load_markets(path: Path | None = None, *, check_codes: bool = True) -> MarketsLoad:
     """Reads markets.yaml; bad entries become errors while the valid markets still load."""
     path = Path(path) if path is not None else DEFAULT_MARKETS_PATH
     source = path.name
@@ -295,7 +305,7 @@ def load_markets(path: Path | None = None) -> MarketsLoad:
     first_index: dict[str, int] = {}
     for index, raw in enumerate(entries, start=1):
         try:
-            market = _parse_entry(raw, index, source)
+            market = _parse_entry(raw, index, source, check_codes)
         except MarketConfigError as exc:
             result.errors.append(exc)
             continue

@@ -11,8 +11,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-import exchange_calendars
-from exchange_calendars import ExchangeCalendar
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from exchange_calendars import ExchangeCalendar
+
+
+class _LazyCalendars:
+    """Imports exchange_calendars (and pandas, ~2 s) on first use, not when a task parses its DAG file."""
+
+    def __getattr__(self, name: str) -> Any:
+        import exchange_calendars as module
+
+        return getattr(module, name)
+
+
+exchange_calendars: Any = _LazyCalendars()
 
 PAST_WINDOW = timedelta(days=366)
 FUTURE_WINDOW = timedelta(days=2 * 366)

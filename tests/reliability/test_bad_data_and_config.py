@@ -1,0 +1,178 @@
+"""Bad data and bad configuration.
+
+- Several bad users at once in one dag.test() run: the run is partial, each bad user is named in
+  error_details with its stage and reason, everyone else completes.
+- Bad markets.yaml entries (unknown code, duplicate, negative lead), bad run parameters (not a session,
+  batch_size 0, unknown keys, ...) and bad command lines: a clear error, nothing written.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from overnight import cli, runtime, seed
+from overnight.markets import get_market, load_markets
+from tests.support import reliability as R
+
+MARKET = "XNYS"
+SESSION = R.S_BAD_DATA
+
+
+def _counts(conn: psycopg.Connection) -> tuple[int, ...]:
+    return conn.execute(
+        "SELECT (SELECT count(*) FROM overnight_job_runs), (SELECT count(*) FROM calculation_events),"
+        " (SELECT count(*) FROM overnight_job_users), (SELECT count(*) FROM recommendations),"
+        " (SELECT count(*) FROM users)").fetchone()
+
+
+def test_several_bad_users_at_once_in_a_dag_run(pg_dsn, seeded, airflow_db) -> None:
+    with psycopg.connect(pg_dsn) as conn:
+        served = sorted(R.served(conn, MARKET, SESSION))
+        holdings: dict[str, set[int]] = {}
+        for u, a in conn.execute("SELECT user_id::text, asset_id FROM holdings"):
+            holdings.setdefault(u, set()).add(a)
+        key_of = dict(conn.execute("SELECT id::text, criteria_key FROM users").fetchall())
+        served_set = set(served)
+        pool = [u for u in served if holdings.get(u)]
+        nan_user = pool[0]
+        nan_asset = min(holdings[nan_user])
+        nan_holders = {u for u in served_set if nan_asset in holdings.get(u, set())}
+        crit_user = next(u for u in pool if u not in nan_holders)
+        crit_sharers = {u for u in served_set if key_of[u] == key_of[crit_user]}
+        taken = nan_holders | crit_sharers
+        others = [u for u in pool if u not in taken][:4]
+        assert len(others) == 4
+        neg, null, cur, tgt = others
+        bad = {
+            neg: ("load", "not a non-negative", "UPDATE holdings SET quantity = -5 WHERE user_id = %(u)s"),
+            null: ("load", "quantity is missing", "UPDATE holdings SET quantity = NULL WHERE user_id = %(u)s"),
+            cur: ("convert", "XXX", "UPDATE users SET base_currency = 'XXX' WHERE id = %(u)s"),
+            tgt: ("targets", "more than 100",
+                  "UPDATE allocation_targets SET min_pct = 30, max_pct = 90 WHERE user_id = %(u)s"),
+            nan_user: ("prices", "no usable price", "UPDATE prices SET price = 'NaN' WHERE asset_id = %(a)s"),
+            crit_user: ("criteria", "unknown op",
+                        "INSERT INTO criteria_sets (id, criteria_key, version, name, rules) SELECT gen_random_uuid(),"
+                        " criteria_key, 99, 'broken', '[{\"metric\": \"pe_ratio\", \"op\": \"~~\"}]' FROM users"
+                        " WHERE id = %(u)s"),
+        }
+        for u, (_, _, sql) in bad.items():
+            conn.execute(sql, {"u": u, "a": nan_asset})
+        conn.commit()
+        expected_failed = set(bad) | nan_holders | crit_sharers
+        try:
+            result = cli.run_market(MARKET, SESSION, quiet=True, batch_size=100)
+            out = R.check_invariants(conn, MARKET, SESSION)
+        finally:
+            conn.rollback()
+            seed.seed(conn, 600, 7, dsn=pg_dsn)  # restore the shared data set
+    assert result["dag_run_state"].endswith("success"), result
+    assert out.status == "partial"
+    assert set(out.failed) == expected_failed
+    assert out.completed == served_set - expected_failed and out.completed
+    named = {e["userId"]: e for e in out.error_details["users"]}
+    assert set(named) == expected_failed
+    for u, (stage, message, _) in bad.items():
+        assert named[u]["stage"] == stage and message in named[u]["message"], (u, named[u])
+    assert all(named[u]["message"] for u in named)
+
+
+# --------------------------------------------------------------------------- markets.yaml
+
+
+@pytest.mark.parametrize(
+    ("entry", "words"),
+    [
+        pytest.param("  - code: XXXX\n", ["XXXX", "code"], id="unknown-code"),
+        pytest.param("  - code: XLON\n", ["XLON", "duplicate"], id="duplicate"),
+        pytest.param("  - code: BVMF\n    lead: \"-2h\"\n", ["BVMF", "lead"], id="negative-lead"),
+        pytest.param("  - code: XTKS\n    lead: 25h\n", ["XTKS", "lead"], id="lead-over-a-day"),
+        pytest.param("  - code: XTKS\n    batch_size: 0\n", ["XTKS", "batch_size"], id="batch-size-0"),
+        pytest.param("  - code: \"'; DROP TABLE users;--\"\n", ["code"], id="hostile-code"),
+    ],
+)
+def test_bad_markets_yaml_entry_is_named_and_the_valid_markets_still_load(tmp_path: Path, entry, words) -> None:
+    path = tmp_path / "markets.yaml"
+    path.write_text("markets:\n  - code: XNYS\n  - code: XLON\n" + entry)
+    loaded = load_markets(path)
+    assert {"XNYS", "XLON"} <= set(loaded.codes)
+    assert len(loaded.errors) == 1, loaded.errors
+    text = str(loaded.errors[0])
+    assert all(w.lower() in text.lower() for w in words), text
+
+
+# --------------------------------------------------------------------------- run parameters
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        pytest.param({"session_date": "2026-12-25"}, "not a XNYS session", id="holiday"),
+        pytest.param({"session_date": "2027-01-09"}, "not a XNYS session", id="saturday"),
+        pytest.param({"session_date": "2027-01-05", "batch_size": 0}, "batch_size", id="batch-size-0"),
+        pytest.param({"session_date": "2027-01-05", "batch_size": "50"}, "batch_size", id="batch-size-text"),
+        pytest.param({"session_date": "2027-01-05", "batch_size": True}, "batch_size", id="batch-size-bool"),
+        pytest.param({"session_date": "2027-01-05", "contribution": "-5"}, "contribution", id="negative-contribution"),
+        pytest.param({"session_date": "2027-01-05", "force": "yes"}, "force", id="force-text"),
+        pytest.param({"session_date": "2027-01-05", "user_ids": "abc"}, "user_ids", id="user-ids-not-a-list"),
+        pytest.param({"session_date": "2027-01-05", "sesion_date": "x"}, "unknown --conf keys", id="unknown-key"),
+    ],
+)
+def test_bad_params_are_refused_naming_the_problem(conf, message) -> None:
+    with pytest.raises(runtime.ParamError, match=message) as info:
+        runtime.validate_params(get_market(MARKET), {}, conf, interval_end=None, run_after=None)
+    assert "overnight_scoring_xnys: bad parameters" in str(info.value)
+
+
+def test_several_bad_params_are_all_named_at_once() -> None:
+    with pytest.raises(runtime.ParamError) as info:
+        runtime.validate_params(get_market(MARKET), {}, {"session_date": "2026-12-25", "batch_size": 0,
+                                                         "force": "yes", "extra": 1},
+                                interval_end=None, run_after=None)
+    for word in ("session_date", "batch_size", "force", "unknown --conf keys"):
+        assert word in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [pytest.param({"session_date": "2027-01-05", "batch_size": 0}, id="batch-size-0"),
+     pytest.param({"session_date": "2027-01-05", "force": "yes"}, id="force-text")],
+)
+def test_bad_params_in_a_dag_run_write_nothing(pg_dsn, seeded, airflow_db, conf) -> None:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = cli._load_dag("overnight_scoring_xnys")
+    with psycopg.connect(pg_dsn) as conn:
+        before = _counts(conn)
+    try:
+        dag_run = dag.test(run_conf=conf)
+    except ParamValidationError as exc:  # the params' schema refuses it before a DAG run exists
+        assert "batch_size" in str(exc) or "force" in str(exc)
+    else:
+        assert str(dag_run.state).endswith("failed")
+    with psycopg.connect(pg_dsn) as conn:
+        assert _counts(conn) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["--market", "XXXX"], "XXXX", id="unknown-market"),
+        pytest.param(["--market", "XNYS", "--date", "2026-12-25"], "not a XNYS session", id="holiday"),
+        pytest.param(["--market", "XNYS", "--date", "25/12/2026"], "2026", id="malformed-date"),
+        pytest.param(["--market", "'; DROP TABLE users;--"], "DROP TABLE", id="hostile-market"),
+    ],
+)
+def test_bad_command_lines_fail_fast_and_write_nothing(pg_dsn, seeded, args, message) -> None:
+    with psycopg.connect(pg_dsn) as conn:
+        before = _counts(conn)
+    proc = subprocess.run([sys.executable, "-m", "overnight.cli", "run", *args], env=R.subprocess_env(),
+                          capture_output=True, text=True, timeout=120, cwd=str(R.ROOT))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: ") and message in proc.stderr and "Traceback" not in proc.stderr
+    with psycopg.connect(pg_dsn) as conn:
+        assert _counts(conn) == before

@@ -1,0 +1,207 @@
+"""Secrets stay secret, hostile values stay harmless.
+
+A run (`python -m overnight.cli run`, dag.test in a subprocess) with a known password on the Postgres
+connection (a real role with that password on the test server) and a known API key on both HTTP provider
+connections, whose provider answers 401 / 500 echoing the key back: neither secret appears in XCom
+(Airflow's `xcom` table), task logs (AIRFLOW_HOME/logs and the run's output), `error_details`, `metrics`,
+events, documents, or the dashboard data layer's answers. Hostile symbols (quotes, SQL, unicode, very
+long) flow through scoring intact; hostile parameters get clear errors and write nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from urllib.parse import quote
+
+import psycopg
+import pytest
+
+from overnight import runtime
+from overnight.connections import ConnInfo, postgres_dsn
+from overnight.dashboard import DashboardStore
+from overnight.markets import get_market
+from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from tests.support import reliability as R
+from tests.support.fake_provider import QUOTE_PATH, RATES_PATH, FakeProviderServer
+
+pytestmark = pytest.mark.slow
+
+MARKET = "XNYS"
+SESSION = R.S_SECURITY
+PG_SECRET = f"Pg-S3cret-{uuid.uuid4().hex[:12]}"
+API_KEY = f"ApiK3y-{uuid.uuid4().hex[:12]}"
+HOSTILE_SYMBOLS = ["'; DROP TABLE users;--", 'Q"U\\OTE\'S', "ÄÖÜ-€-日本", "L" + "o" * 300 + "NG", "<script>x</script>"]
+
+
+def _secrets() -> list[str]:
+    return [PG_SECRET, API_KEY, quote(PG_SECRET, safe=""), quote(API_KEY, safe="")]
+
+
+def _leaks(text: str) -> list[str]:
+    return [s for s in _secrets() if s in text]
+
+
+@pytest.fixture
+def secret_role():
+    info = R.base_info()
+    admin = postgres_dsn(ConnInfo(**{**info.__dict__, "schema": "postgres"}))
+    role = f"ovt_sec_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{PG_SECRET}'")
+    try:
+        yield role
+    finally:
+        with psycopg.connect(admin, autocommit=True) as c:
+            c.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+            c.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+def _hostile_assets(conn: psycopg.Connection) -> str:
+    """Adds assets with hostile symbols, held and watched by one served user; returns that user."""
+    user = sorted(R.served(conn, MARKET, SESSION))[0]
+    for i, symbol in enumerate(HOSTILE_SYMBOLS, start=1):
+        aid = conn.execute(
+            "INSERT INTO assets (id, symbol, name, market, class_id, currency, fundamentals)"
+            " SELECT (SELECT max(id) FROM assets) + 1, %s, %s, market, class_id, currency, fundamentals"
+            " FROM assets WHERE market = %s AND currency = 'USD' ORDER BY id LIMIT 1 RETURNING id",
+            (symbol, symbol * 2, MARKET)).fetchone()[0]
+        conn.execute("INSERT INTO prices (asset_id, price, currency, as_of) VALUES (%s, %s, 'USD', now())",
+                      (aid, 10 + i))
+        conn.execute("INSERT INTO holdings (user_id, asset_id, quantity) VALUES (%s, %s, 1)", (user, aid))
+        conn.execute("INSERT INTO watchlist (user_id, asset_id) VALUES (%s, %s)", (user, aid))
+    conn.commit()
+    return user
+
+
+def _dashboard(dsn: str, user: str) -> tuple[dict, list]:
+    async def go() -> tuple[dict, list]:
+        store = DashboardStore(pg_dsn=dsn, redis_url=os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"])
+        try:
+            view = (await store.dashboard(user)).to_json()
+            runs = await store.job_runs(market=MARKET, limit=50)
+            return view, runs
+        finally:
+            await store.aclose()
+
+    return asyncio.run(go())
+
+
+def test_no_secret_leaks_and_hostile_symbols_are_harmless(airflow_db, secret_role, tmp_path: Path) -> None:
+    with R.scratch_database("sec", users=600) as admin_dsn:
+        secret_dsn = admin_dsn.replace("postgresql://postgres@", f"postgresql://{secret_role}:{PG_SECRET}@", 1)
+        with psycopg.connect(secret_dsn) as conn:  # the role and its password work
+            hostile_user = _hostile_assets(conn)
+            symbols = [r[0] for r in conn.execute("SELECT symbol FROM assets")]
+            quotes = DbPriceProvider(conn).fetch_prices(symbols)
+            stored = DbRatesProvider(conn).fetch_rates("USD", ["BRL", "GBP", "JPY", "USD"])
+            counts_before = conn.execute("SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM assets)"
+                                         ).fetchone()
+        server = FakeProviderServer(rates={"USD": {c: str(v) for c, v in stored.rates.items() if c != "USD"}},
+                                    prices={s: (str(q.price), q.currency) for s, q in quotes.items()}).start()
+        try:
+            echo = {"error": f"bad request ?apikey={API_KEY} password={PG_SECRET}"}
+            server.respond(RATES_PATH, 401, echo)  # not retried: stored rates stand in, flagged stale
+            server.respond(QUOTE_PATH, 500, echo)  # retried
+            provider_url = f"http://:{API_KEY}@127.0.0.1:{server.base_url.rsplit(':', 1)[1]}"
+            env = R.subprocess_env(AIRFLOW_CONN_OVERNIGHT_POSTGRES=secret_dsn,
+                                   AIRFLOW_CONN_OVERNIGHT_RATES_HTTP=provider_url,
+                                   AIRFLOW_CONN_OVERNIGHT_PRICES_HTTP=provider_url)
+            log = tmp_path / "run.log"
+            proc = R.cli_run(MARKET, SESSION, env, batch_size=100, log=log)
+            rc = proc.wait(600)
+        finally:
+            server.stop()
+        output = log.read_text(errors="replace")
+        assert rc == 0, output[-3000:]
+        assert server.requests_for(RATES_PATH) and server.requests_for(QUOTE_PATH)
+        assert all(r.param("apikey") == API_KEY for r in server.requests)  # the key was really used
+        assert "rates provider failed" in output and "401" in output  # the failure was logged ...
+        assert not _leaks(output), "secret in the run's output"  # ... redacted
+
+        with psycopg.connect(admin_dsn) as conn:
+            out = R.check_invariants(conn, MARKET, SESSION)
+            assert out.status in ("completed", "partial") and hostile_user in out.completed
+            assert out.metrics["rates_stale"] is True
+            scored = conn.execute(
+                "SELECT symbols, payload FROM calculation_events WHERE correlation_id = %s AND user_id = %s"
+                " AND event_type = 'SCORES_COMPUTED'", (out.correlation_id, hostile_user)).fetchone()
+            assert set(HOSTILE_SYMBOLS) <= set(scored[1]["scores"])
+            assert conn.execute("SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM assets)"
+                                ).fetchone() == counts_before
+            stored_text = "\n".join(str(r) for r in conn.execute(
+                "SELECT error_details::text, metrics::text, dag_run_id FROM overnight_job_runs"))
+            stored_text += "\n".join(r[0] for r in conn.execute(
+                "SELECT payload::text FROM calculation_events WHERE correlation_id = %s", (out.correlation_id,)))
+            stored_text += "\n".join(r[0] for r in conn.execute("SELECT document::text FROM recommendations"))
+            stored_text += "\n".join(str(r) for r in conn.execute(
+                "SELECT stage, error FROM overnight_job_users"))
+        assert not _leaks(stored_text), "secret in the application tables"
+
+        with psycopg.connect(R.airflow_meta_dsn()) as af:
+            xcoms = af.execute("SELECT dag_id, task_id, value::text FROM xcom").fetchall()
+            runs = af.execute("SELECT conf::text FROM dag_run").fetchall()
+        assert xcoms and not _leaks(json.dumps(xcoms) + json.dumps(runs)), "secret in XCom"
+
+        logs = Path(os.environ["AIRFLOW_HOME"]) / "logs"
+        files = [p for p in logs.rglob("*") if p.is_file()] if logs.exists() else []
+        leaking = [str(p) for p in files if _leaks(p.read_text(errors="replace"))]
+        assert not leaking, f"secret in task logs: {leaking[:5]}"
+
+        view, job_runs = _dashboard(secret_dsn, hostile_user)
+        assert view["recommendations"] is not None and job_runs
+        assert not _leaks(json.dumps(view, default=str) + json.dumps(job_runs, default=str))
+
+
+def test_wrong_port_with_a_secret_password_fails_without_showing_it(airflow_db, tmp_path: Path) -> None:
+    port = R.free_port()  # nothing listens there
+    dsn = f"postgresql://someone:{PG_SECRET}@127.0.0.1:{port}/overnight"
+    proc = subprocess.run([sys.executable, "-m", "overnight.cli", "run", "--market", MARKET, "--date",
+                           SESSION.isoformat()], env=R.subprocess_env(AIRFLOW_CONN_OVERNIGHT_POSTGRES=dsn),
+                          capture_output=True, text=True, timeout=300, cwd=str(R.ROOT))
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert not _leaks(text), text[-2000:]
+
+    async def go() -> str:
+        store = DashboardStore(pg_dsn=dsn, redis_url="")
+        try:
+            await store.dashboard(str(uuid.uuid4()))
+        except Exception as exc:  # noqa: BLE001 - the message is what is checked
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            await store.aclose()
+        return "no error"
+
+    message = asyncio.run(go())
+    assert message != "no error" and not _leaks(message), message
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"session_date": "'; DROP TABLE users;--"},
+        {"session_date": "2027-01-05", "contribution": "'; DROP TABLE users;--"},
+        {"session_date": "2027-01-05", "user_ids": ["' OR 1=1 --", "日本" * 50]},
+        {"session_date": "2027-01-05", "'; DROP TABLE users;--": 1},
+        {"session_date": "2027-01-05", "x" * 100_000: 1},
+        {"session_date": "2027-01-05\u0000"},
+        {"session_date": "２０２７-０１-０５"},
+    ],
+    ids=["sql-date", "sql-contribution", "sql-user-ids", "sql-key", "long-key", "nul", "fullwidth-digits"],
+)
+def test_hostile_params_get_clear_errors(pg_dsn, conf) -> None:
+    with psycopg.connect(pg_dsn) as conn:
+        before = conn.execute("SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM overnight_job_runs)"
+                              ).fetchone()
+    with pytest.raises(runtime.ParamError) as info:
+        runtime.validate_params(get_market(MARKET), {}, conf, interval_end=None, run_after=None)
+    assert "bad parameters" in str(info.value)
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM overnight_job_runs)"
+                            ).fetchone() == before

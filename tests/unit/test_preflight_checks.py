@@ -1,0 +1,123 @@
+"""The pure preflight checks: pools, calendar horizon, market DAGs' pause state and next run."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from overnight import preflight, sessions
+from overnight.markets import Market
+
+pytestmark = pytest.mark.filterwarnings("ignore:Series.values returning an ndarray")
+
+XNYS = Market("XNYS")
+XLON = Market("XLON", pool="lse_pool")
+NOW = datetime(2026, 11, 24, 3, 0, tzinfo=UTC)  # a Tuesday, before any of the day's runs
+XNYS_RUN = sessions.run_time("XNYS", timedelta(hours=2), date(2026, 11, 24))  # 12:30 UTC
+XLON_RUN = sessions.run_time("XLON", timedelta(hours=2), date(2026, 11, 24))  # 06:00 UTC
+
+
+def _ok(run: datetime) -> dict[str, Any]:
+    return {"is_paused": False, "next_dagrun": run}
+
+
+def test_required_pools_from_settings_and_markets(tmp_path: Path) -> None:
+    settings = tmp_path / "airflow_settings.yaml"
+    settings.write_text("airflow:\n  pools:\n    - pool_name: overnight_scoring\n      pool_slot: 4\n")
+    assert preflight.required_pools([XNYS, XLON], settings) == {
+        "overnight_scoring": ["airflow_settings.yaml"],
+        "default_pool": ["overnight_scoring_xnys.score_batch"],
+        "lse_pool": ["overnight_scoring_xlon.score_batch"],
+    }
+
+
+def test_required_pools_of_this_project() -> None:
+    assert "overnight_scoring" in preflight.required_pools([XNYS])
+
+
+@pytest.mark.parametrize(
+    ("existing", "missing"),
+    [
+        pytest.param(["default_pool", "overnight_scoring", "lse_pool"], [], id="all-there"),
+        pytest.param(["default_pool"], ["lse_pool", "overnight_scoring"], id="two-missing"),
+        pytest.param([], ["default_pool", "lse_pool", "overnight_scoring"], id="none"),
+    ],
+)
+def test_check_pools(existing: list[str], missing: list[str]) -> None:
+    required = {"overnight_scoring": ["airflow_settings.yaml"], "default_pool": ["a.score_batch"],
+                "lse_pool": ["overnight_scoring_xlon.score_batch"]}
+    lines = preflight.check_pools(required, existing)
+    assert [line.split("'")[1] for line in lines] == missing
+    for line in lines:
+        assert "\n" not in line and "airflow pools set" in line
+
+
+def test_check_horizon_warns_then_fails() -> None:
+    horizon = sessions.calendar_horizon("XSHG")
+    problems, warnings = preflight.check_horizon(["XSHG", "XNYS"], horizon - timedelta(days=30))
+    assert problems == [] and len(warnings) == 1 and warnings[0].startswith("XSHG: ")
+    problems, warnings = preflight.check_horizon(["XSHG"], horizon + timedelta(days=2))
+    assert warnings == [] and len(problems) == 1 and "ended" in problems[0]
+    assert preflight.check_horizon(["XSHG", "XNYS"], horizon - timedelta(days=90)) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("info", "now", "expected"),
+    [
+        pytest.param({"overnight_scoring_xnys": _ok(XNYS_RUN), "overnight_scoring_xlon": _ok(XLON_RUN)}, NOW, [],
+                     id="both-on-time"),
+        pytest.param({"overnight_scoring_xnys": _ok(XNYS_RUN.isoformat()), "overnight_scoring_xlon": _ok(XLON_RUN)},
+                     NOW, [], id="iso-string"),
+        pytest.param({"overnight_scoring_xnys": _ok(XNYS_RUN)}, NOW, ["overnight_scoring_xlon: not found"],
+                     id="missing"),
+        pytest.param({"overnight_scoring_xnys": {"is_paused": True, "next_dagrun": XNYS_RUN},
+                      "overnight_scoring_xlon": _ok(XLON_RUN)}, NOW, ["overnight_scoring_xnys: paused"], id="paused"),
+        pytest.param({"overnight_scoring_xnys": _ok(None), "overnight_scoring_xlon": _ok(XLON_RUN)}, NOW,
+                     ["overnight_scoring_xnys: Airflow has no next run"], id="no-next-run"),
+        pytest.param({"overnight_scoring_xnys": _ok(XNYS_RUN + timedelta(days=1)),
+                      "overnight_scoring_xlon": _ok(XLON_RUN)}, NOW,
+                     ["overnight_scoring_xnys: Airflow's next run is 2026-11-25 12:30 UTC but the XNYS calendar says "
+                      "2026-11-24 12:30 UTC"], id="a-session-skipped"),
+        pytest.param({"overnight_scoring_xnys": _ok(XNYS_RUN), "overnight_scoring_xlon": _ok(XLON_RUN)},
+                     XLON_RUN + timedelta(minutes=5), [], id="just-due-within-grace"),
+        pytest.param({"overnight_scoring_xnys": _ok(XNYS_RUN), "overnight_scoring_xlon": _ok(XLON_RUN)},
+                     XLON_RUN + timedelta(hours=1), ["overnight_scoring_xlon: Airflow's next run is 2026-11-24 06:00"],
+                     id="scheduler-behind"),
+        pytest.param({"overnight_scoring_xnys": _ok(XNYS_RUN - timedelta(minutes=30)),
+                      "overnight_scoring_xlon": _ok(XLON_RUN)}, NOW, ["overnight_scoring_xnys: Airflow's next run"],
+                     id="stale-lead"),
+    ],
+)
+def test_check_next_runs(info: dict[str, Any], now: datetime, expected: list[str]) -> None:
+    lines = preflight.check_next_runs([XNYS, XLON], info, now)
+    assert len(lines) == len(expected), lines
+    for line, start in zip(lines, expected, strict=True):
+        assert line.startswith(start), line
+        assert "\n" not in line
+
+
+def test_report_failure_message_has_one_line_per_problem() -> None:
+    report = preflight.Report(problems=["a: down", "b: paused"])
+    assert report.failure_message() == "preflight: 2 problem(s):\n- a: down\n- b: paused"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        pytest.param({}, None, id="nothing"),
+        pytest.param({"OVERNIGHT_AIRFLOW_API_TOKEN": "t"}, None, id="token-without-url"),
+        pytest.param({"OVERNIGHT_AIRFLOW_API_TOKEN": "t", "AIRFLOW__API__BASE_URL": "http://af:8080/"},
+                     ("http://af:8080", "t", None, None), id="token-and-url"),
+        pytest.param({"AIRFLOW_CONN_OVERNIGHT_AIRFLOW_API": "http://admin:pw@af:8080"},
+                     ("http://af:8080", None, "admin", "pw"), id="connection-login"),
+    ],
+)
+def test_api_access(env: dict[str, str], expected: tuple[Any, ...] | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIRFLOW_CONN_OVERNIGHT_AIRFLOW_API", raising=False)
+    for key, value in env.items():
+        if key.startswith("AIRFLOW_CONN_"):
+            monkeypatch.setenv(key, value)
+    assert preflight.api_access(env) == expected
