@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "include"))
 import pytest  # noqa: E402
 
 from overnight import devenv  # noqa: E402
-from overnight.connections import POSTGRES_CONN_ID, REDIS_CONN_ID, ConnInfo, parse_connection, postgres_dsn  # noqa: E402
+from overnight.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn  # noqa: E402
 
 pytest_plugins = ["tests.support.fixtures_provider"]
 

@@ -10,7 +10,6 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
