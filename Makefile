@@ -15,12 +15,13 @@ WITH_ENV := set -a && . .local/env.sh && set +a &&
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check uv==0.13.9
-	@$(VENV)/bin/uv pip install --python $(PY) -q -r requirements.txt
+	@$(VENV)/bin/uv pip install --python $(PY) -q --compile-bytecode -r requirements.txt
 	@touch $@
 
 install: $(VENV)/.installed  ## create .venv with the pinned requirements
 
 env: install  ## start embedded Postgres/Redis unless connections are given; write .local/env.sh
+	@$(PY) -m compileall -q include dags plugins >/dev/null || true
 	@PYTHONPATH=include $(PY) -m overnight.devenv up
 
 migrate: env  ## apply the application's migrations

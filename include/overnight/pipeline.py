@@ -6,6 +6,7 @@ the DAG only wires them. Bulk data moves between Postgres and Redis, never throu
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -265,6 +266,16 @@ class UserResult:
     generated_at: datetime
     assets_scored: int
     recommendations: int
+
+    @functools.cached_property
+    def document_json(self) -> str:
+        """The recommendations document as stored in Postgres and Redis (encoded once)."""
+        return json.dumps(self.document, separators=(",", ":"))
+
+    @functools.cached_property
+    def portfolio_json(self) -> str:
+        """The portfolio summary as stored in Postgres and Redis (encoded once)."""
+        return json.dumps(self.portfolio, separators=(",", ":"))
 
 
 def _load_batch(
@@ -580,7 +591,7 @@ def _write_results(
             cp.write("\n".join("\t".join(_copy_value(v) for v in (
                 r.user_id, job.id, job.correlation_id, r.generated_at.isoformat(), r.criteria_version,
                 "t" if r.document["ratesStale"] else "f",
-                json.dumps(r.document, separators=(",", ":")), json.dumps(r.portfolio, separators=(",", ":"))))
+                r.document_json, r.portfolio_json))
                 for r in new) + "\n")
         conn.execute(
             "INSERT INTO recommendations SELECT * FROM _recs ON CONFLICT (user_id) DO UPDATE SET"
@@ -633,8 +644,7 @@ def score_batch(
     cache_status, cache_error = "skipped", None
     if warm_cache is not None and new:
         try:
-            warm_cache([(r.user_id, json.dumps(r.document, separators=(",", ":")),
-                         json.dumps(r.portfolio, separators=(",", ":"))) for r in new])
+            warm_cache([(r.user_id, r.document_json, r.portfolio_json) for r in new])
             cache_status = "warmed"
         except Exception as exc:  # noqa: BLE001 - the cache is optional: Postgres holds the results
             cache_status, cache_error = "failed", f"{type(exc).__name__}: {exc}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,8 @@ class MarketSessionTimetable(Timetable):
             raise AirflowTimetableInvalid(
                 f"{type(self).__name__}({self.market_code!r}): lead {self.lead!r} must be more than 0 and less than 24h"
             )
+        if os.environ.get("_AIRFLOW_PARSING_CONTEXT_DAG_ID"):
+            return  # a task run re-parses a DAG the dag-processor already validated: skip the calendar (~3 s)
         try:
             sessions.get_calendar(self.market_code)
         except ValueError as exc:
