@@ -240,14 +240,27 @@ class Bench:
         return time.perf_counter() - t0, states
 
     def _sample_rss(self, stop: threading.Event, peak: dict[str, int]) -> None:
-        """Peak RSS of any one task process (the processes running our task code)."""
+        """Peak RSS of any one task process, and CPU seconds per kind of process (where the time goes)."""
+        last: dict[int, float] = {}
+        cpu: dict[str, float] = {}
         while not stop.is_set():
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
+            for p in psutil.process_iter(["cmdline", "memory_info", "cpu_times", "name"]):
                 with suppress(psutil.Error, TypeError):
                     cmd = " ".join(p.info["cmdline"] or [])
-                    if ("task" in cmd or "supervisor" in cmd or "celery" in cmd) and "airflow" in cmd:
+                    busy_local = "LocalExecutor: " in cmd and "<idle>" not in cmd
+                    if busy_local or ("celery" in cmd and "worker" in cmd and "airflow" in cmd):
                         peak["rss"] = max(peak["rss"], p.info["memory_info"].rss)
+                    kind = ("tasks" if "LocalExecutor" in cmd or "celery" in cmd else
+                            "scheduler" if "scheduler" in cmd else "dag-processor" if "dag-processor" in cmd else
+                            "api-server" if "api_server" in cmd or "api-server" in cmd else
+                            "postgres" if p.info["name"] == "postgres" else
+                            "redis" if "redis-server" in cmd else "bench" if "overnight.bench" in cmd else None)
+                    if kind:
+                        t = p.info["cpu_times"].user + p.info["cpu_times"].system
+                        cpu[kind] = cpu.get(kind, 0.0) + t - last.get(p.pid, t)
+                        last[p.pid] = t
             stop.wait(0.25)
+        self.figures["cpu_s_by_process"] = {k: round(v, 1) for k, v in sorted(cpu.items())}
 
     def _batches_per_market(self) -> dict[str, int]:
         out = {}

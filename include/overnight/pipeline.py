@@ -285,9 +285,9 @@ def _load_batch(
     where, params = audience.where()
     params.update(lo=batch["lo"], hi=batch["hi"], job=job.id)
     users = {
-        str(r[0]): UserRow(str(r[0]), r[1].strip(), r[2], list(r[3]), r[4])
+        r[0]: UserRow(r[0], r[1].strip(), r[2], list(r[3]), r[4])
         for r in conn.execute(
-            f"SELECT u.id, u.base_currency, u.default_contribution, u.markets, u.criteria_key FROM users u"
+            f"SELECT u.id::text, u.base_currency, u.default_contribution, u.markets, u.criteria_key FROM users u"
             f" WHERE {where} AND u.id BETWEEN %(lo)s AND %(hi)s AND NOT EXISTS (SELECT 1 FROM"
             " overnight_job_users j WHERE j.job_run_id = %(job)s AND j.user_id = u.id AND j.status = 'completed')"
             " ORDER BY u.id",
@@ -299,19 +299,20 @@ def _load_batch(
     ids = list(users)
     asset_ids: set[int] = set()
     for uid, aid, qty in conn.execute(
-        "SELECT user_id, asset_id, quantity FROM holdings WHERE user_id = ANY(%s::uuid[])", (ids,)
+        "SELECT user_id::text, asset_id, quantity FROM holdings WHERE user_id = ANY(%s::uuid[])", (ids,)
     ):
-        users[str(uid)].holdings.append((aid, qty))
+        users[uid].holdings.append((aid, qty))
         asset_ids.add(aid)
-    for uid, aid in conn.execute("SELECT user_id, asset_id FROM watchlist WHERE user_id = ANY(%s::uuid[])", (ids,)):
-        users[str(uid)].watchlist.append(aid)
+    for uid, aid in conn.execute("SELECT user_id::text, asset_id FROM watchlist WHERE user_id = ANY(%s::uuid[])",
+                                 (ids,)):
+        users[uid].watchlist.append(aid)
         asset_ids.add(aid)
     for uid, name, lo, hi in conn.execute(
-        "SELECT t.user_id, c.name, t.min_pct, t.max_pct FROM allocation_targets t"
+        "SELECT t.user_id::text, c.name, t.min_pct, t.max_pct FROM allocation_targets t"
         " JOIN asset_classes c ON c.id = t.class_id WHERE t.user_id = ANY(%s::uuid[])",
         (ids,),
     ):
-        users[str(uid)].targets.append(Target(name, lo, hi))
+        users[uid].targets.append(Target(name, lo, hi))
     keys = sorted({u.criteria_key for u in users.values()})
     criteria = {
         k: (str(cid), v, rules)
@@ -366,22 +367,31 @@ def _fmt(d: Decimal, places: Decimal = CENT) -> str:
     return str(d.quantize(places))
 
 
-def calculate_user(
-    user: UserRow,
-    job: JobRun,
-    rates: RatesSnapshot,
-    assets: dict[int, AssetRow],
-    criteria: dict[str, tuple[str, int, Any]],
-    parsed_rules: dict[str, tuple[Rule, ...] | CriteriaError],
-    prices: dict[str, Any],
-    score_memo: dict[tuple[str, int], Score],
-    contribution_override: Decimal | None,
-    price_entries: dict[str, list[str]] | None = None,
-) -> UserResult:
+@dataclass
+class Batch:
+    """What every user of a batch shares: the job, rates, assets, prices, criteria and memos."""
+
+    job: JobRun
+    rates: RatesSnapshot
+    assets: dict[int, AssetRow]
+    criteria: dict[str, tuple[str, int, Any]]
+    prices: dict[str, Any]
+    contribution: Decimal | None = None
+    parsed_rules: dict[str, tuple[Rule, ...] | CriteriaError] = field(default_factory=dict)
+    score_memo: dict[tuple[str, int], Score] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.price_entries = {k: [str(q.price), q.currency, q.as_of.isoformat()] for k, q in self.prices.items()}
+        self.rates_payload = {k: str(v) for k, v in sorted(self.rates.rates.items())}
+        self.rates_as_of = self.rates.as_of.isoformat()
+
+
+def calculate_user(user: UserRow, batch: Batch) -> UserResult:
     """Scores one user's universe and builds their events and documents; raises UserFailure."""
     t0 = time.perf_counter()
-    if price_entries is None:
-        price_entries = {k: [str(q.price), q.currency, q.as_of.isoformat()] for k, q in prices.items()}
+    job, rates, assets, criteria, prices = batch.job, batch.rates, batch.assets, batch.criteria, batch.prices
+    parsed_rules, score_memo, price_entries = batch.parsed_rules, batch.score_memo, batch.price_entries
+    contribution_override = batch.contribution
     stamps: list[datetime] = []
 
     def stamp() -> datetime:
@@ -460,7 +470,7 @@ def calculate_user(
     contribution = contribution_override if contribution_override is not None else (
         user.default_contribution or Decimal(0))
     try:
-        recs = recommend(Decimal(contribution), values, user.targets, candidates)
+        recs = recommend(Decimal(contribution), values, user.targets, candidates, check_targets=False)
     except AllocationError as exc:
         raise UserFailure("recommend", str(exc)) from None
     completed = stamp()
@@ -489,7 +499,8 @@ def calculate_user(
         ],
         "portfolioSummary": {"totalValue": _fmt(total), "baseCurrency": user.base_currency,
                              "allocations": allocations},
-        "dataFreshness": {"pricesAsOf": (prices_as_of or rates.as_of).isoformat(), "ratesAsOf": rates.as_of.isoformat(),
+        "dataFreshness": {"pricesAsOf": prices_as_of.isoformat() if prices_as_of else batch.rates_as_of,
+                          "ratesAsOf": batch.rates_as_of,
                           "criteriaVersion": criteria_version},
         "totalInvestable": _fmt(Decimal(contribution)),
         "ratesStale": rates.stale,
@@ -513,8 +524,7 @@ def calculate_user(
                                    "criteriaKey": user.criteria_key}, None),
         ("INPUTS_CAPTURED", inputs_at, {
             "criteriaVersion": criteria_version, "criteria": raw_rules, "prices": prices_used,
-            "rates": {k: str(v) for k, v in sorted(rates.rates.items())}, "ratesBase": rates.base,
-            "ratesAsOf": rates.as_of.isoformat(), "ratesStale": rates.stale, "holdings": holdings_used,
+            "rates": batch.rates_payload, "ratesBase": rates.base, "ratesAsOf": batch.rates_as_of, "ratesStale": rates.stale, "holdings": holdings_used,
             "watchlist": sorted(assets[a].symbol for a in user.watchlist if a in assets),
             "targets": [[t.class_name, str(t.min_pct), str(t.max_pct)] for t in user.targets],
             "contribution": str(contribution), "baseCurrency": user.base_currency,
@@ -623,15 +633,12 @@ def score_batch(
     symbols = sorted({a.symbol for a in assets.values()})
     prices = price_provider.fetch_prices(symbols) if symbols else {}
     t_loaded = time.perf_counter()
-    parsed: dict[str, tuple[Rule, ...] | CriteriaError] = {}
-    memo: dict[tuple[str, int], Score] = {}
+    shared = Batch(job, rates, assets, criteria, prices, contribution)
     results: list[UserResult] = []
     failures: list[tuple[str, str, str]] = []
-    entries = {k: [str(q.price), q.currency, q.as_of.isoformat()] for k, q in prices.items()}
     for user in users:
         try:
-            results.append(calculate_user(user, job, rates, assets, criteria, parsed, prices, memo, contribution,
-                                          entries))
+            results.append(calculate_user(user, shared))
         except UserFailure as exc:
             failures.append((user.id, exc.stage, str(exc)))
             log.warning("user %s failed at %s: %s", user.id, exc.stage, exc)

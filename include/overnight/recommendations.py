@@ -126,13 +126,16 @@ def recommend(
     values: dict[str, Decimal],
     targets: list[Target],
     candidates: list[Candidate],
+    *,
+    check_targets: bool = True,
 ) -> list[Recommendation]:
     """Spreads the contribution over the best-scored assets of each class, by allocation gap.
 
     `values` is the current holding value per class in the base currency. Amounts are cents that
     add up to the contribution exactly (when any asset is eligible), none negative.
     """
-    validate_targets(targets)
+    if check_targets:  # callers that validated already (the pipeline, per user) skip the second check
+        validate_targets(targets)
     if contribution <= 0 or not candidates:
         return []
     by_class: dict[str, list[Candidate]] = {}
