@@ -128,7 +128,7 @@ def fetch_rates(
     """Fetches rates once (kept in `exchange_rates`); falls back to stored ones younger than max_age."""
     now = now or datetime.now(UTC)
     try:
-        snap = provider.fetch_rates(RATES_BASE, [c for c in currencies if c != RATES_BASE])
+        snap = provider.fetch_rates(RATES_BASE, currencies)
         if snap.source != "database":
             store_rates(conn, snap)
             conn.commit()

@@ -30,7 +30,6 @@ def _counts(conn: psycopg.Connection) -> tuple[int, ...]:
         " (SELECT count(*) FROM users)").fetchone()
 
 
-@R.xfail_if_dag_test_deadline_bug()
 def test_several_bad_users_at_once_in_a_dag_run(pg_dsn, seeded, airflow_db) -> None:
     with psycopg.connect(pg_dsn) as conn:
         served = sorted(R.served(conn, MARKET, SESSION))

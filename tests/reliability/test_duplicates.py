@@ -56,7 +56,6 @@ def test_two_triggers_at_once_share_one_job_run(pg_dsn, seeded) -> None:
     assert sum(r["completed"] for v in out.values() for r in v[2]) == len(expected)
 
 
-@R.xfail_if_dag_test_deadline_bug()
 def test_two_dag_runs_in_a_row_for_the_same_session(pg_dsn, seeded, airflow_db) -> None:
     market, session = "BVMF", R.S_DUP_DAGTEST
     first = cli.run_market(market, session, quiet=True, batch_size=200)

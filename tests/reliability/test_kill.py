@@ -44,7 +44,6 @@ def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> Non
         proc.wait(10)
 
 
-@R.xfail_if_dag_test_deadline_bug()
 def test_cli_run_killed_mid_way_then_rerun_continues_the_same_job(airflow_db, tmp_path: Path) -> None:
     with R.scratch_database("kill_cli", users=3000) as dsn:
         env = R.subprocess_env(AIRFLOW_CONN_OVERNIGHT_POSTGRES=dsn)

@@ -76,13 +76,6 @@ def test_429_with_retry_after_is_honoured_then_fresh_rates(conn, server, tables)
         c: Decimal(v) for c, v in tables["rates"]["USD"].items()}
 
 
-BASE_BUG = ("pipeline.fetch_rates asks the provider for the currencies minus the base (USD); "
-            "HttpRatesProvider only adds base=1 when the base is requested, so HTTP snapshots lack USD and "
-            "every USD user fails at 'convert'. Fix: include/overnight/pipeline.py fetch_rates: "
-            "`snap = provider.fetch_rates(RATES_BASE, currencies)`")
-
-
-@pytest.mark.xfail(strict=True, reason=BASE_BUG)
 def test_fresh_http_rates_score_usd_users(conn, server, tables) -> None:
     with _rates_provider(server, Sleeps()) as provider:
         snap = pipeline.fetch_rates(conn, provider, tables["currencies"])

@@ -31,7 +31,6 @@ def _dashboard(pg_dsn: str, redis_url: str, user_id: str) -> dict:
     return asyncio.run(go())
 
 
-@R.xfail_if_dag_test_deadline_bug()
 def test_redis_down_for_the_run_then_flushed_then_rewarmed(pg_dsn, seeded, airflow_db, redis_client,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     redis_url = os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"]

@@ -265,34 +265,3 @@ class PrivatePostgres:
         with psycopg.connect(self.admin_dsn(), autocommit=True) as c:
             c.execute(f'CREATE DATABASE "{name}"')
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
-
-
-# --------------------------------------------------------------------------- known bug: dag.test() + deadlines
-
-DAG_TEST_DEADLINE_REASON = (
-    "Airflow 3.3.2 dag.test() crashes when a DAG run with a DeadlineAlert succeeds "
-    "(DagRun.update_state passes the DeadlineAlert object, not its id, to DeadlineAlertModel.get_by_id: "
-    "psycopg2 \"can't adapt type 'dict'\"), so `make run`/cli.run_market exits 1 after the work is done. "
-    "Fix: include/overnight/cli.py run_market, before `dag_run = dag.test(run_conf=conf)`: "
-    "`dag.deadline = None  # dag.test() cannot prune deadlines; the scheduler handles them`"
-)
-
-
-def dag_test_deadline_bug() -> bool:
-    """Whether the market DAGs carry a deadline that `cli.run_market` does not strip before dag.test()."""
-    import inspect
-
-    from overnight import cli
-
-    try:
-        dag = cli._load_dag("overnight_scoring_xnys")
-    except Exception:  # noqa: BLE001 - the DAG tests report import problems
-        return False
-    return bool(getattr(dag, "deadline", None)) and ".deadline" not in inspect.getsource(cli)
-
-
-def xfail_if_dag_test_deadline_bug():  # noqa: ANN201 - a pytest mark
-    """Marks a test that needs a successful dag.test() run as a strict xfail while the bug is present."""
-    import pytest
-
-    return pytest.mark.xfail(dag_test_deadline_bug(), reason=DAG_TEST_DEADLINE_REASON, strict=True)
