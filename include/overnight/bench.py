@@ -247,10 +247,10 @@ class Bench:
             for p in psutil.process_iter(["cmdline", "memory_info", "cpu_times", "name"]):
                 with suppress(psutil.Error, TypeError):
                     cmd = " ".join(p.info["cmdline"] or [])
-                    busy_local = "LocalExecutor: " in cmd and "<idle>" not in cmd
-                    if busy_local or ("celery" in cmd and "worker" in cmd and "airflow" in cmd):
+                    # the task runner titles itself "airflow worker -- <ti id>"; its supervisor adds the executor
+                    if cmd.startswith("airflow worker -- ") and ":" not in cmd:
                         peak["rss"] = max(peak["rss"], p.info["memory_info"].rss)
-                    kind = ("tasks" if "LocalExecutor" in cmd or "celery" in cmd else
+                    kind = ("tasks" if cmd.startswith("airflow worker") or "celery" in cmd else
                             "scheduler" if "scheduler" in cmd else "dag-processor" if "dag-processor" in cmd else
                             "api-server" if "api_server" in cmd or "api-server" in cmd else
                             "postgres" if p.info["name"] == "postgres" else
@@ -259,7 +259,7 @@ class Bench:
                         t = p.info["cpu_times"].user + p.info["cpu_times"].system
                         cpu[kind] = cpu.get(kind, 0.0) + t - last.get(p.pid, t)
                         last[p.pid] = t
-            stop.wait(0.25)
+            stop.wait(0.5)
         self.figures["cpu_s_by_process"] = {k: round(v, 1) for k, v in sorted(cpu.items())}
 
     def _batches_per_market(self) -> dict[str, int]:
