@@ -18,6 +18,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+import msgspec
 import psycopg
 
 from overnight.providers.base import PriceProvider, ProviderError, RatesProvider, RatesSnapshot
@@ -35,6 +36,8 @@ DEFAULT_MAX_RATES_AGE = timedelta(hours=72)
 FRESH_RATES_AGE = timedelta(hours=24)
 EVENT_TYPES = ("CALC_STARTED", "INPUTS_CAPTURED", "SCORES_COMPUTED", "CALC_COMPLETED")
 MAX_ERROR_DETAILS = 1000
+_JSON = msgspec.json.Encoder()
+CHUNK_SIZE = 1000  # users loaded, calculated and written together inside a batch (bounds a task's memory)
 CENT = Decimal("0.01")
 
 
@@ -270,27 +273,28 @@ class UserResult:
     @functools.cached_property
     def document_json(self) -> str:
         """The recommendations document as stored in Postgres and Redis (encoded once)."""
-        return json.dumps(self.document, separators=(",", ":"))
+        return _encode(self.document)
 
     @functools.cached_property
     def portfolio_json(self) -> str:
         """The portfolio summary as stored in Postgres and Redis (encoded once)."""
-        return json.dumps(self.portfolio, separators=(",", ":"))
+        return _encode(self.portfolio)
 
 
-def _load_batch(
-    conn: psycopg.Connection, job: JobRun, audience: Audience, batch: dict[str, Any]
+def _load_chunk(
+    conn: psycopg.Connection, job: JobRun, audience: Audience, batch: dict[str, Any], after: str | None, limit: int
 ) -> tuple[list[UserRow], dict[int, AssetRow], dict[str, tuple[str, int, Any]]]:
-    """Loads the batch's pending users and all their inputs in a constant number of queries."""
+    """Loads the next `limit` pending users of the batch (ids after `after`) and their inputs, in 6 queries."""
     where, params = audience.where()
-    params.update(lo=batch["lo"], hi=batch["hi"], job=job.id)
+    params.update(lo=after or batch["lo"], hi=batch["hi"], job=job.id, limit=limit)
+    lower = "u.id > %(lo)s" if after else "u.id >= %(lo)s"
     users = {
         r[0]: UserRow(r[0], r[1].strip(), r[2], list(r[3]), r[4])
         for r in conn.execute(
             f"SELECT u.id::text, u.base_currency, u.default_contribution, u.markets, u.criteria_key FROM users u"
-            f" WHERE {where} AND u.id BETWEEN %(lo)s AND %(hi)s AND NOT EXISTS (SELECT 1 FROM"
+            f" WHERE {where} AND {lower} AND u.id <= %(hi)s AND NOT EXISTS (SELECT 1 FROM"
             " overnight_job_users j WHERE j.job_run_id = %(job)s AND j.user_id = u.id AND j.status = 'completed')"
-            " ORDER BY u.id",
+            " ORDER BY u.id LIMIT %(limit)s",
             params,
         )
     }
@@ -363,6 +367,11 @@ def _convert(amount: Decimal, src: str, dst: str, rates: dict[str, Decimal]) -> 
     return amount / rates[src] * rates[dst]
 
 
+def _encode(value: Any) -> str:
+    """Compact JSON of the documents and events (msgspec: several times faster than json on this path)."""
+    return _JSON.encode(value).decode()
+
+
 def _fmt(d: Decimal, places: Decimal = CENT) -> str:
     return str(d.quantize(places))
 
@@ -378,12 +387,22 @@ class Batch:
     prices: dict[str, Any]
     contribution: Decimal | None = None
     parsed_rules: dict[str, tuple[Rule, ...] | CriteriaError] = field(default_factory=dict)
-    score_memo: dict[tuple[str, int], Score] = field(default_factory=dict)
+    score_memo: dict[tuple[str, int], tuple[str | None, Candidate | None, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.price_entries = {k: [str(q.price), q.currency, q.as_of.isoformat()] for k, q in self.prices.items()}
         self.rates_payload = {k: str(v) for k, v in sorted(self.rates.rates.items())}
         self.rates_as_of = self.rates.as_of.isoformat()
+
+
+def _scored(score: Score, asset: AssetRow, rates: RatesSnapshot) -> tuple[str | None, Candidate | None, str]:
+    """(score text, candidate or None, unscored reason): the same for every user of a criteria set."""
+    if score.score is None:
+        return None, None, score.reason
+    if asset.currency not in rates.rates:
+        return str(score.score), None, f"no exchange rate for {asset.currency}"
+    return str(score.score), Candidate(asset.id, asset.symbol, asset.class_name, score.score,
+                                       score.criteria_count, score.top_contributor), ""
 
 
 def calculate_user(user: UserRow, batch: Batch) -> UserResult:
@@ -451,20 +470,16 @@ def calculate_user(user: UserRow, batch: Batch) -> UserResult:
             prices_used[asset.symbol] = price_entries[asset.symbol]
             prices_as_of = quote.as_of if prices_as_of is None else min(prices_as_of, quote.as_of)
         memo_key = (criteria_id, aid)
-        score = score_memo.get(memo_key)
-        if score is None:
-            score = score_asset(rules, asset.fundamentals, quote is not None)
-            score_memo[memo_key] = score
-        if score.score is None:
-            scores[asset.symbol] = None
-            unscored[asset.symbol] = score.reason
-            continue
-        scores[asset.symbol] = str(score.score)
-        if asset.currency in rates.rates:
-            candidates.append(Candidate(aid, asset.symbol, asset.class_name, score.score,
-                                        score.criteria_count, score.top_contributor))
-        else:
-            unscored[asset.symbol] = f"no exchange rate for {asset.currency}"
+        scored = score_memo.get(memo_key)
+        if scored is None:
+            scored = _scored(score_asset(rules, asset.fundamentals, quote is not None), asset, rates)
+            score_memo[memo_key] = scored
+        score_text, candidate, reason = scored
+        scores[asset.symbol] = score_text
+        if reason:
+            unscored[asset.symbol] = reason
+        if candidate is not None:
+            candidates.append(candidate)
     inputs_at = stamp()
     scores_at = stamp()
     contribution = contribution_override if contribution_override is not None else (
@@ -589,7 +604,7 @@ def _write_results(
                         '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in symbols) + "}"
                     lines.append("\t".join(_copy_value(v) for v in (
                         event_id(job.correlation_id, r.user_id, etype), job.correlation_id, r.user_id, etype,
-                        json.dumps(payload, separators=(",", ":")), arr, at.isoformat())))
+                        _encode(payload), arr, at.isoformat())))
             cp.write("\n".join(lines) + "\n")
         conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS _recs (LIKE recommendations INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
@@ -622,62 +637,88 @@ def score_batch(
     *,
     warm_cache: Callable[[list[tuple[str, str, str]]], int] | None,
     contribution: Decimal | None = None,
+    chunk_size: int = CHUNK_SIZE,
 ) -> dict[str, Any]:
     """Calculates the batch's pending users; one user's failure never stops the others.
 
-    A systemic failure (database gone) raises, so the task is retried; users written before are
-    complete (their events and documents committed together) and are skipped on the retry.
+    The batch streams through in chunks of `chunk_size` users (load, calculate, write, warm), so a task's
+    memory does not grow with the batch. A systemic failure (database gone) raises and the task is
+    retried; users written before are complete (events, row and document committed together) and skipped.
     """
-    t0 = time.perf_counter()
-    users, assets, criteria = _load_batch(conn, job, audience, batch)
-    symbols = sorted({a.symbol for a in assets.values()})
-    prices = price_provider.fetch_prices(symbols) if symbols else {}
-    t_loaded = time.perf_counter()
-    shared = Batch(job, rates, assets, criteria, prices, contribution)
-    results: list[UserResult] = []
-    failures: list[tuple[str, str, str]] = []
-    for user in users:
-        try:
-            results.append(calculate_user(user, shared))
-        except UserFailure as exc:
-            failures.append((user.id, exc.stage, str(exc)))
-            log.warning("user %s failed at %s: %s", user.id, exc.stage, exc)
-        except (ArithmeticError, InvalidOperation, ValueError, KeyError, TypeError) as exc:
-            failures.append((user.id, "calculate", f"{type(exc).__name__}: {exc}"))
-            log.exception("user %s failed unexpectedly", user.id)
-    t_calc = time.perf_counter()
-    new = _write_results(conn, job, results, failures)
-    t_written = time.perf_counter()
-    cache_status, cache_error = "skipped", None
-    if warm_cache is not None and new:
-        try:
-            warm_cache([(r.user_id, r.document_json, r.portfolio_json) for r in new])
-            cache_status = "warmed"
-        except Exception as exc:  # noqa: BLE001 - the cache is optional: Postgres holds the results
-            cache_status, cache_error = "failed", f"{type(exc).__name__}: {exc}"
-            log.warning("cache not warmed for batch %s: %s", batch.get("label"), cache_error)
-    t_end = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
+    timings = {"load": 0.0, "calc": 0.0, "write": 0.0, "cache_warm": 0.0}
+    counts = {"users": 0, "completed": 0, "skipped": 0, "failed": 0, "assets_scored": 0,
+              "recommendations_generated": 0}
+    quotes: dict[str, Any] = {}  # prices fetched once per batch, whatever the chunks
+    parsed: dict[str, tuple[Rule, ...] | CriteriaError] = {}
+    memo: dict[tuple[str, int], tuple[str | None, Candidate | None, str]] = {}
+    cache_states: set[str] = set()
+    cache_error = None
+    after: str | None = None
+    while True:
+        t = time.perf_counter()
+        users, assets, criteria = _load_chunk(conn, job, audience, batch, after, chunk_size)
+        if not users:
+            break
+        missing = sorted({a.symbol for a in assets.values()} - set(quotes))
+        if missing:
+            quotes.update({s: None for s in missing})
+            quotes.update(price_provider.fetch_prices(missing))
+        prices = {a.symbol: quotes[a.symbol] for a in assets.values() if quotes.get(a.symbol) is not None}
+        timings["load"] += time.perf_counter() - t
+        t = time.perf_counter()
+        shared = Batch(job, rates, assets, criteria, prices, contribution, parsed, memo)
+        results: list[UserResult] = []
+        failures: list[tuple[str, str, str]] = []
+        for user in users:
+            try:
+                results.append(calculate_user(user, shared))
+            except UserFailure as exc:
+                failures.append((user.id, exc.stage, str(exc)))
+                log.warning("user %s failed at %s: %s", user.id, exc.stage, exc)
+            except (ArithmeticError, InvalidOperation, ValueError, KeyError, TypeError) as exc:
+                failures.append((user.id, "calculate", f"{type(exc).__name__}: {exc}"))
+                log.exception("user %s failed unexpectedly", user.id)
+        timings["calc"] += time.perf_counter() - t
+        t = time.perf_counter()
+        new = _write_results(conn, job, results, failures)
+        timings["write"] += time.perf_counter() - t
+        t = time.perf_counter()
+        if warm_cache is not None and new:
+            try:
+                warm_cache([(r.user_id, r.document_json, r.portfolio_json) for r in new])
+                cache_states.add("warmed")
+            except Exception as exc:  # noqa: BLE001 - the cache is optional: Postgres holds the results
+                cache_states.add("failed")
+                cache_error = f"{type(exc).__name__}: {exc}"
+                log.warning("cache not warmed for %s (chunk after %s): %s", batch.get("label"), after, cache_error)
+        timings["cache_warm"] += time.perf_counter() - t
+        counts["users"] += len(users)
+        counts["completed"] += len(new)
+        counts["skipped"] += len(results) - len(new)
+        counts["failed"] += len(failures)
+        counts["assets_scored"] += sum(r.assets_scored for r in new)
+        counts["recommendations_generated"] += sum(r.recommendations for r in new)
+        log.info("%s: %d of %d users done", batch.get("label"), counts["users"],
+                 batch.get("last", 0) - batch.get("first", 1) + 1)
+        after = users[-1].id
+        if len(users) < chunk_size:
+            break
+    cache_status = ("failed" if cache_states == {"failed"} else "partial" if "failed" in cache_states
+                    else "warmed" if cache_states else "skipped")
     out = {
         "index": batch["index"],
         "label": batch.get("label"),
-        "users": len(users),
-        "completed": len(new),
-        "skipped": len(results) - len(new),
-        "failed": len(failures),
-        "assets_scored": sum(r.assets_scored for r in new),
-        "recommendations_generated": sum(r.recommendations for r in new),
+        **counts,
         "cache_status": cache_status,
         "cache_error": cache_error,
-        "load_ms": round((t_loaded - t0) * 1000, 1),
-        "calc_ms": round((t_calc - t_loaded) * 1000, 1),
-        "write_ms": round((t_written - t_calc) * 1000, 1),
-        "cache_warm_ms": round((t_end - t_written) * 1000, 1),
-        "duration_ms": round((t_end - t0) * 1000, 1),
-        "started_at": time.time() - (t_end - t0),
+        **{f"{k}_ms": round(v * 1000, 1) for k, v in timings.items()},
+        "duration_ms": round((time.perf_counter() - t0) * 1000, 1),
+        "started_at": wall0,
         "ended_at": time.time(),
     }
-    log.info("batch %s: %d users, %d completed, %d failed, %.0f ms", batch.get("label"), len(users),
-             len(new), len(failures), out["duration_ms"], extra={"correlation_id": job.correlation_id})
+    log.info("batch %s: %d users, %d completed, %d failed, %.0f ms", batch.get("label"), counts["users"],
+             counts["completed"], counts["failed"], out["duration_ms"], extra={"correlation_id": job.correlation_id})
     return out
 
 
@@ -732,7 +773,7 @@ def finalize(
     cache_states = {r["cache_status"] for r in done if r["users"]}
     cache = ("warmed" if cache_states <= {"warmed", "skipped"} and "warmed" in cache_states
              else "not warmed" if cache_states == {"failed"}
-             else "partially warmed" if "failed" in cache_states else "nothing to warm")
+             else "partially warmed" if cache_states & {"failed", "partial"} else "nothing to warm")
     starts = [r["started_at"] for r in done]
     ends = [r["ended_at"] for r in done]
     metrics = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -25,18 +27,14 @@ class Rule:
 
     def matches(self, x: Decimal) -> bool:
         """Returns whether a fundamental value satisfies the rule."""
-        if self.op == ">=":
-            return x >= self.value
-        if self.op == "<=":
-            return x <= self.value
-        if self.op == ">":
-            return x > self.value
-        if self.op == "<":
-            return x < self.value
-        if self.op == "==":
-            return x == self.value
-        assert self.upper is not None
-        return self.value <= x <= self.upper
+        if self.upper is not None:
+            return self.value <= x <= self.upper
+        return bool(_OPS[self.op](x, self.value))
+
+
+_OPS: dict[str, Callable[[Decimal, Decimal], bool]] = {
+    ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq,
+}
 
 
 @dataclass(frozen=True)
@@ -97,19 +95,18 @@ def score_asset(rules: tuple[Rule, ...], fundamentals: dict[str, Any], priced: b
     matched = 0
     top_metric, top_abs = "", Decimal(-1)
     for rule in rules:
-        raw = fundamentals.get(rule.metric)
-        if raw is None:
-            return Score(None, reason=f"missing fundamental '{rule.metric}'")
-        if isinstance(raw, Decimal):
-            x = raw
-        else:
+        x = fundamentals.get(rule.metric)
+        if type(x) is not Decimal or not x.is_finite():  # the batch parsed fundamentals once: slow path only here
+            if x is None:
+                return Score(None, reason=f"missing fundamental '{rule.metric}'")
             try:
-                x = Decimal(str(raw))
+                x = Decimal(str(x))
             except (InvalidOperation, ValueError):
-                return Score(None, reason=f"fundamental '{rule.metric}' is not a number ({raw!r})")
-        if not x.is_finite():
-            return Score(None, reason=f"fundamental '{rule.metric}' is not finite")
-        if rule.matches(x):
+                return Score(None, reason=f"fundamental '{rule.metric}' is not a number ({x!r})")
+            if not x.is_finite():
+                return Score(None, reason=f"fundamental '{rule.metric}' is not finite")
+        upper = rule.upper
+        if (rule.value <= x <= upper) if upper is not None else _OPS[rule.op](x, rule.value):
             total += rule.points
             matched += 1
             if abs(rule.points) > top_abs:

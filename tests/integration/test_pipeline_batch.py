@@ -171,3 +171,17 @@ def test_redis_down_still_completes_in_postgres(conn, seeded, redis_client):
     assert "Redis is down" in summary["cache_errors"][0]
     assert conn.execute("SELECT count(*) FROM recommendations WHERE correlation_id = %s",
                         (job.correlation_id,)).fetchone()[0] == summary["users_processed"] > 0
+
+
+def test_a_batch_streams_in_chunks_with_the_same_results(conn, seeded, redis_client):
+    session = date(2026, 12, 4)
+    job = pipeline.start_job(conn, "XLON", session, "chunks", force=True)
+    rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
+    aud = pipeline.Audience("XLON", tuple(sessions.earlier_markets("XLON", session, CODES)))
+    [batch] = pipeline.plan_batches(conn, aud, 10_000)
+    out = pipeline.score_batch(conn, job, aud, rates, batch, DbPriceProvider(conn), warm_cache=None, chunk_size=7)
+    expected = _served(conn, "XLON", session)
+    assert out["users"] == out["completed"] == len(expected) > 7 * 3
+    rows = conn.execute("SELECT user_id, count(*) FROM calculation_events WHERE correlation_id = %s GROUP BY 1",
+                        (job.correlation_id,)).fetchall()
+    assert {str(u) for u, _ in rows} == expected and {n for _, n in rows} == {4}
