@@ -144,7 +144,7 @@ class Bench:
             "OVERNIGHT_ADMIN_PASSWORD": "admin",
         }
         if self.executor == "celery":
-            broker = self.redis_url.rsplit("/", 1)[0] + "/0"
+            broker = self.redis_url  # its own Redis database, like the cache
             self.env.update({
                 "AIRFLOW__CELERY__BROKER_URL": broker,
                 "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + meta,
@@ -230,7 +230,7 @@ class Bench:
                         states[dag_id] = r.json()["state"]
                 if len(states) == len(runs):
                     break
-                time.sleep(0.5)
+                time.sleep(2)
         finally:
             stop.set()
         if sample:
