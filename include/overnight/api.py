@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
+import swagger_ui_bundle
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exception_handlers import http_exception_handler
@@ -204,6 +205,9 @@ def _login_redirect(request: Request) -> RedirectResponse | None:
 # --------------------------------------------------------------------------- the app
 
 
+_SWAGGER_FILES = frozenset({"swagger-ui-bundle.js", "swagger-ui.css"})
+
+
 def create_app(
     *,
     static_dir: Path | None = None,
@@ -331,9 +335,20 @@ def create_app(
         schema["servers"] = [{"url": request.scope.get("root_path") or "/"}]
         return JSONResponse(schema)
 
+    @app.get("/docs-assets/{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> FileResponse:
+        """Swagger UI's own files, from the swagger-ui-bundle package (no CDN)."""
+        if name not in _SWAGGER_FILES:
+            raise HTTPException(404, f"no docs asset {name!r}")
+        return FileResponse(Path(swagger_ui_bundle.swagger_ui_path) / name)
+
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
-        """Swagger UI for this app."""
-        return get_swagger_ui_html(openapi_url="openapi.json", title="Overnight dashboard API")
+        """Swagger UI for this app, its assets served by the plugin."""
+        return get_swagger_ui_html(
+            openapi_url="openapi.json", title="Overnight dashboard API",
+            swagger_js_url="docs-assets/swagger-ui-bundle.js", swagger_css_url="docs-assets/swagger-ui.css",
+            swagger_favicon_url="static/favicon.svg" if "favicon.svg" in static_files else "",
+        )
 
     return app

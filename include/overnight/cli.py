@@ -18,10 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_dag(dag_id: str) -> Any:
-    sys.path.insert(0, str(ROOT / "dags"))
+    """Returns a freshly built market DAG (a DAG object that ran once keeps that run's conf in its params)."""
+    if str(ROOT / "dags") not in sys.path:
+        sys.path.insert(0, str(ROOT / "dags"))
+    import importlib
+
     import overnight_scoring
 
-    dag = getattr(overnight_scoring, dag_id)
+    dag = getattr(importlib.reload(overnight_scoring), dag_id)
     # In-process runs have no scheduler to watch a deadline, and Airflow 3.3.2's dag.test() fails after a
     # successful run of a DAG with a DeadlineAlert (it looks the alert up by the object, not its id).
     dag.deadline = None

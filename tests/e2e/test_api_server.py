@@ -334,6 +334,12 @@ def test_hostile_input_is_harmless(stack: dict[str, Any]) -> None:
 def test_openapi_docs(stack: dict[str, Any]) -> None:
     docs = _get(stack, "/overnight/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert "https://" not in docs.text  # no CDN: Swagger UI's files come from the plugin
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert f"docs-assets/{asset}" in docs.text
+        got = _get(stack, f"/overnight/docs-assets/{asset}")
+        assert got.status_code == 200 and len(got.content) > 10_000
+    assert _get(stack, "/overnight/docs-assets/..%2Fapi.py").status_code == 404
     schema = _get(stack, "/overnight/openapi.json").json()
     assert schema["servers"] == [{"url": "/overnight"}]
     assert {"/api/v1/dashboard/{user_id}", "/api/v1/job-runs", "/api/v1/audit/assets/{symbol}"} <= set(schema["paths"])

@@ -125,3 +125,13 @@ def test_params_validation_messages():
                                 run_after=None)
     with pytest.raises(runtime.ParamError, match="batch_size: expected an integer from 1"):
         runtime.validate_params(get_market("XNYS"), {}, {"batch_size": 0}, interval_end=None, run_after=None)
+
+
+def test_a_run_does_not_leak_its_conf_into_the_next(pg_dsn, seeded, airflow_db):
+    """dag.test() merges a run's conf into the DAG object's params; each in-process run gets a fresh DAG."""
+    from overnight.cli import _load_dag
+
+    bad = _load_dag("overnight_scoring_xnys").test(run_conf={"session_date": "2026-12-07", "user_ids": ["nope"]})
+    assert str(bad.state).endswith("failed")
+    result = cli.run_market("XNYS", date(2026, 12, 7), quiet=True)
+    assert result["status"] == "completed" and result["processed"] > 0
