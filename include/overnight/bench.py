@@ -438,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-seconds", type=float, default=20.0)
     parser.add_argument("--keep", action="store_true", help="keep the databases and Airflow home afterwards")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped benchmark still stops its Airflow
     bench = Bench(args.users, args.executor, args.batch_size, args.seed, None)
     try:
         bench.prepare()
