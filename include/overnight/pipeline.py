@@ -7,6 +7,7 @@ the DAG only wires them. Bulk data moves between Postgres and Redis, never throu
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from typing import Any
 import msgspec
 import psycopg
 
-from overnight.providers.base import PriceProvider, ProviderError, RatesProvider, RatesSnapshot
+from overnight.providers.base import PriceProvider, PriceQuote, ProviderError, RatesProvider, RatesSnapshot
 from overnight.providers.db import latest_stored_rates, store_rates
 from overnight.recommendations import AllocationError, Candidate, Target, recommend, validate_targets
 from overnight.scoring import CriteriaError, Rule, Score, parse_rules, score_asset
@@ -282,9 +283,13 @@ class UserResult:
 
 
 def _load_chunk(
-    conn: psycopg.Connection, job: JobRun, audience: Audience, batch: dict[str, Any], after: str | None, limit: int
+    conn: psycopg.Connection, job: JobRun, audience: Audience, batch: dict[str, Any], after: str | None, limit: int,
+    assets: dict[int, AssetRow] | None = None,
 ) -> tuple[list[UserRow], dict[int, AssetRow], dict[str, tuple[str, int, Any]]]:
-    """Loads the next `limit` pending users of the batch (ids after `after`) and their inputs, in 6 queries."""
+    """Loads the next `limit` pending users of the batch (ids after `after`) and their inputs, in 6 queries.
+
+    `assets` holds the assets earlier chunks loaded (fundamentals parsed once per batch); only the
+    missing ones are read, added to it, and it is returned."""
     where, params = audience.where()
     params.update(lo=after or batch["lo"], hi=batch["hi"], job=job.id, limit=limit)
     lower = "u.id > %(lo)s" if after else "u.id >= %(lo)s"
@@ -326,14 +331,17 @@ def _load_chunk(
             (keys,),
         )
     }
-    assets = {
-        r[0]: AssetRow(r[0], r[1], r[2], r[3], r[4].strip(), _decimals(r[5] or {}))
-        for r in conn.execute(
-            "SELECT a.id, a.symbol, a.market, c.name, a.currency, a.fundamentals FROM assets a"
-            " JOIN asset_classes c ON c.id = a.class_id WHERE a.id = ANY(%s)",
-            (sorted(asset_ids),),
-        )
-    }
+    assets = {} if assets is None else assets
+    missing = sorted(asset_ids.difference(assets))
+    if missing:
+        assets.update({
+            r[0]: AssetRow(r[0], r[1], r[2], r[3], r[4].strip(), _decimals(r[5] or {}))
+            for r in conn.execute(
+                "SELECT a.id, a.symbol, a.market, c.name, a.currency, a.fundamentals FROM assets a"
+                " JOIN asset_classes c ON c.id = a.class_id WHERE a.id = ANY(%s)",
+                (missing,),
+            )
+        })
     return list(users.values()), assets, criteria
 
 
@@ -367,6 +375,12 @@ def _convert(amount: Decimal, src: str, dst: str, rates: dict[str, Decimal]) -> 
     return amount / rates[src] * rates[dst]
 
 
+def _num(d: Decimal) -> str:
+    """A decimal as plain text without trailing zeros (116.78000000 -> 116.78, 1E+2 -> 100)."""
+    text = format(d, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def _encode(value: Any) -> str:
     """Compact JSON of the documents and events (msgspec: several times faster than json on this path)."""
     return _JSON.encode(value).decode()
@@ -378,20 +392,25 @@ def _fmt(d: Decimal, places: Decimal = CENT) -> str:
 
 @dataclass
 class Batch:
-    """What every user of a batch shares: the job, rates, assets, prices, criteria and memos."""
+    """What every user of a batch shares: the job, rates, assets, prices, criteria and memos.
+
+    `prices` are the job run's quotes by symbol; `price_text` the same prices as the events show them."""
 
     job: JobRun
     rates: RatesSnapshot
     assets: dict[int, AssetRow]
     criteria: dict[str, tuple[str, int, Any]]
-    prices: dict[str, Any]
+    prices: dict[str, PriceQuote]
     contribution: Decimal | None = None
     parsed_rules: dict[str, tuple[Rule, ...] | CriteriaError] = field(default_factory=dict)
     score_memo: dict[tuple[str, int], tuple[str | None, Candidate | None, str]] = field(default_factory=dict)
+    price_text: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.price_entries = {k: [str(q.price), q.currency, q.as_of.isoformat()] for k, q in self.prices.items()}
-        self.rates_payload = {k: str(v) for k, v in sorted(self.rates.rates.items())}
+        for symbol, quote in self.prices.items():
+            if symbol not in self.price_text:
+                self.price_text[symbol] = _num(quote.price)
+        self.rates_payload = {k: _num(v) for k, v in sorted(self.rates.rates.items())}
         self.rates_as_of = self.rates.as_of.isoformat()
 
 
@@ -409,7 +428,7 @@ def calculate_user(user: UserRow, batch: Batch) -> UserResult:
     """Scores one user's universe and builds their events and documents; raises UserFailure."""
     t0 = time.perf_counter()
     job, rates, assets, criteria, prices = batch.job, batch.rates, batch.assets, batch.criteria, batch.prices
-    parsed_rules, score_memo, price_entries = batch.parsed_rules, batch.score_memo, batch.price_entries
+    parsed_rules, score_memo, price_text = batch.parsed_rules, batch.score_memo, batch.price_text
     contribution_override = batch.contribution
     stamps: list[datetime] = []
 
@@ -442,7 +461,7 @@ def calculate_user(user: UserRow, batch: Batch) -> UserResult:
 
     values: dict[str, Decimal] = {}
     holdings_used: dict[str, str] = {}
-    prices_used: dict[str, list[str]] = {}
+    prices_used: dict[str, str] = {}
     total = Decimal(0)
     for aid, raw_qty in user.holdings:
         asset = assets.get(aid)
@@ -457,27 +476,30 @@ def calculate_user(user: UserRow, batch: Batch) -> UserResult:
         total += value
         holdings_used[asset.symbol] = str(qty)
     prices_as_of: datetime | None = None
-    universe = {aid for aid, _ in user.holdings} | set(user.watchlist)
+    universe = {aid for aid, _ in user.holdings}
+    universe.update(user.watchlist)
     scores: dict[str, str | None] = {}
     unscored: dict[str, str] = {}
     candidates: list[Candidate] = []
+    user_markets = user.markets
     for aid in sorted(universe):
         asset = assets.get(aid)
-        if asset is None or asset.market not in user.markets:
+        if asset is None or asset.market not in user_markets:
             continue
-        quote = prices.get(asset.symbol)
+        symbol = asset.symbol
+        quote = prices.get(symbol)
         if quote is not None:
-            prices_used[asset.symbol] = price_entries[asset.symbol]
-            prices_as_of = quote.as_of if prices_as_of is None else min(prices_as_of, quote.as_of)
-        memo_key = (criteria_id, aid)
-        scored = score_memo.get(memo_key)
+            prices_used[symbol] = price_text[symbol]
+            if prices_as_of is None or quote.as_of < prices_as_of:
+                prices_as_of = quote.as_of
+        scored = score_memo.get((criteria_id, aid))
         if scored is None:
             scored = _scored(score_asset(rules, asset.fundamentals, quote is not None), asset, rates)
-            score_memo[memo_key] = scored
+            score_memo[(criteria_id, aid)] = scored
         score_text, candidate, reason = scored
-        scores[asset.symbol] = score_text
+        scores[symbol] = score_text
         if reason:
-            unscored[asset.symbol] = reason
+            unscored[symbol] = reason
         if candidate is not None:
             candidates.append(candidate)
     inputs_at = stamp()
@@ -538,8 +560,8 @@ def calculate_user(user: UserRow, batch: Batch) -> UserResult:
         ("CALC_STARTED", started, {"market": job.market, "sessionDate": job.session_date, "jobRunId": job.id,
                                    "criteriaKey": user.criteria_key}, None),
         ("INPUTS_CAPTURED", inputs_at, {
-            "criteriaVersion": criteria_version, "criteria": raw_rules, "prices": prices_used,
-            "rates": batch.rates_payload, "ratesBase": rates.base, "ratesAsOf": batch.rates_as_of, "ratesStale": rates.stale, "holdings": holdings_used,
+            "jobRunId": job.id, "criteriaVersion": criteria_version, "criteria": raw_rules, "prices": prices_used,
+            "pricesAsOf": prices_as_of.isoformat() if prices_as_of else None, "rates": batch.rates_payload, "ratesBase": rates.base, "ratesAsOf": batch.rates_as_of, "ratesStale": rates.stale, "holdings": holdings_used,
             "watchlist": sorted(assets[a].symbol for a in user.watchlist if a in assets),
             "targets": [[t.class_name, str(t.min_pct), str(t.max_pct)] for t in user.targets],
             "contribution": str(contribution), "baseCurrency": user.base_currency,
@@ -558,6 +580,33 @@ def event_id(correlation_id: str, user_id: str, event_type: str) -> uuid.UUID:
     return uuid.uuid5(uuid.UUID(correlation_id), f"{user_id}:{event_type}")
 
 
+def _event_id_text(namespace: bytes, user_id: str, event_type: str) -> str:
+    """`str(event_id(...))` without the UUID objects (the writer's hot path); `namespace` is the
+    correlation id's 16 bytes."""
+    h = bytearray(hashlib.sha1(namespace + f"{user_id}:{event_type}".encode()).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50  # version 5
+    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
+def _copy_json(text: str) -> str:
+    """JSON text for COPY: JSON escapes control characters itself, so only backslashes need doubling."""
+    return text.replace("\\", "\\\\") if "\\" in text else text
+
+
+def _copy_array(items: list[str] | None) -> str:
+    """A text[] value for COPY (NULL for None)."""
+    if items is None:
+        return "\\N"
+    if not items:
+        return "{}"
+    arr = '{"' + '","'.join(items) + '"}'
+    if "\\" in arr or arr.count('"') != 2 * len(items) or not arr.isprintable():  # quote, backslash, control
+        arr = _copy_value("{" + ",".join('"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in items) + "}")
+    return arr
+
+
 def _copy_value(v: Any) -> str:
     if v is None:
         return "\\N"
@@ -568,6 +617,7 @@ def _write_results(
     conn: psycopg.Connection, job: JobRun, results: list[UserResult], failures: list[tuple[str, str, str]]
 ) -> list[UserResult]:
     """Writes completed users (events, documents) and failures in one transaction; returns new ones."""
+    conn.commit()  # ends the chunk's read transaction, so each chunk's writes commit on their own
     with conn.transaction():
         fresh: set[str] = set()
         if results:
@@ -598,13 +648,13 @@ def _write_results(
             " FROM STDIN"
         ) as cp:
             lines = []
+            ns = uuid.UUID(job.correlation_id).bytes
+            corr = job.correlation_id
             for r in new:
+                uid = r.user_id
                 for etype, at, payload, symbols in r.events:
-                    arr = None if symbols is None else "{" + ",".join(
-                        '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in symbols) + "}"
-                    lines.append("\t".join(_copy_value(v) for v in (
-                        event_id(job.correlation_id, r.user_id, etype), job.correlation_id, r.user_id, etype,
-                        _encode(payload), arr, at.isoformat())))
+                    lines.append(f"{_event_id_text(ns, uid, etype)}\t{corr}\t{uid}\t{etype}\t"
+                                 f"{_copy_json(_encode(payload))}\t{_copy_array(symbols)}\t{at.isoformat()}")
             cp.write("\n".join(lines) + "\n")
         conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS _recs (LIKE recommendations INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
@@ -625,6 +675,38 @@ def _write_results(
             " rates_stale = EXCLUDED.rates_stale, document = EXCLUDED.document, portfolio = EXCLUDED.portfolio"
         )
     return new
+
+
+def job_quotes(
+    conn: psycopg.Connection, job: JobRun, provider: PriceProvider, symbols: list[str]
+) -> dict[str, PriceQuote]:
+    """The job run's quote of each symbol (symbols without a usable price are left out).
+
+    The first batch that needs a symbol fetches it from the provider and stores the quote in
+    `overnight_job_prices`; every other batch, retry and resumed run of the job run reads that same
+    quote, so all its users are priced alike and the events need not repeat currency and as-of times.
+    """
+    sql = ("SELECT symbol, price, currency, as_of FROM overnight_job_prices"
+           " WHERE job_run_id = %s AND symbol = ANY(%s)")
+    out = {s: PriceQuote(s, p, c.strip(), a.astimezone(UTC)) for s, p, c, a in conn.execute(sql, (job.id, symbols))}
+    missing = [s for s in symbols if s not in out]
+    if not missing:
+        return out
+    fetched = provider.fetch_prices(missing)
+    if fetched:
+        source = getattr(provider, "source", None) or type(provider).__name__
+        conn.commit()
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO overnight_job_prices (job_run_id, symbol, price, currency, as_of, source)"
+                " SELECT %s, * FROM unnest(%s::text[], %s::numeric[], %s::text[], %s::timestamptz[], %s::text[])"
+                " ON CONFLICT (job_run_id, symbol) DO NOTHING",
+                (job.id, list(fetched), [q.price for q in fetched.values()], [q.currency for q in fetched.values()],
+                 [q.as_of for q in fetched.values()], [source] * len(fetched)),
+            )
+        # Another batch may have stored some of these first: its quotes are the job run's.
+        out.update({s: PriceQuote(s, p, c.strip(), a.astimezone(UTC)) for s, p, c, a in conn.execute(sql, (job.id, list(fetched)))})
+    return out
 
 
 def score_batch(
@@ -649,7 +731,9 @@ def score_batch(
     timings = {"load": 0.0, "calc": 0.0, "write": 0.0, "cache_warm": 0.0}
     counts = {"users": 0, "completed": 0, "skipped": 0, "failed": 0, "assets_scored": 0,
               "recommendations_generated": 0}
-    quotes: dict[str, Any] = {}  # prices fetched once per batch, whatever the chunks
+    quotes: dict[str, PriceQuote | None] = {}  # the job run's quotes, looked up once per batch
+    assets: dict[int, AssetRow] = {}  # loaded once per batch, whatever the chunks
+    price_text: dict[str, str] = {}
     parsed: dict[str, tuple[Rule, ...] | CriteriaError] = {}
     memo: dict[tuple[str, int], tuple[str | None, Candidate | None, str]] = {}
     cache_states: set[str] = set()
@@ -657,17 +741,17 @@ def score_batch(
     after: str | None = None
     while True:
         t = time.perf_counter()
-        users, assets, criteria = _load_chunk(conn, job, audience, batch, after, chunk_size)
+        users, assets, criteria = _load_chunk(conn, job, audience, batch, after, chunk_size, assets)
         if not users:
             break
-        missing = sorted({a.symbol for a in assets.values()} - set(quotes))
+        missing = sorted({a.symbol for a in assets.values()}.difference(quotes))
         if missing:
-            quotes.update({s: None for s in missing})
-            quotes.update(price_provider.fetch_prices(missing))
-        prices = {a.symbol: quotes[a.symbol] for a in assets.values() if quotes.get(a.symbol) is not None}
+            quotes.update(dict.fromkeys(missing))
+            quotes.update(job_quotes(conn, job, price_provider, missing))
+        prices = {s: q for s, q in quotes.items() if q is not None}
         timings["load"] += time.perf_counter() - t
         t = time.perf_counter()
-        shared = Batch(job, rates, assets, criteria, prices, contribution, parsed, memo)
+        shared = Batch(job, rates, assets, criteria, prices, contribution, parsed, memo, price_text)
         results: list[UserResult] = []
         failures: list[tuple[str, str, str]] = []
         for user in users:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import attrgetter
 from decimal import ROUND_DOWN, Decimal
 
 CENT = Decimal("0.01")
 HUNDRED = Decimal(100)
 PER_CLASS = 3  # how many of a class's best-scored assets share its money
+_RANK = attrgetter("rank")
 
 
 class AllocationError(ValueError):
@@ -28,9 +30,9 @@ class Target:
         return (self.min_pct + self.max_pct) / 2
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Candidate:
-    """A scored asset the contribution may buy."""
+    """A scored asset the contribution may buy (`rank`: best score first, then symbol)."""
 
     asset_id: int
     symbol: str
@@ -38,9 +40,13 @@ class Candidate:
     score: Decimal
     criteria_count: int
     top_contributor: str
+    rank: tuple[Decimal, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.rank = (-self.score, self.symbol)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Recommendation:
     """Buy `amount` (base currency) of an asset; `allocation_gap` is its class's gap in points."""
 
@@ -139,7 +145,8 @@ def recommend(
     if contribution <= 0 or not candidates:
         return []
     by_class: dict[str, list[Candidate]] = {}
-    for c in sorted(candidates, key=lambda c: (-c.score, c.symbol)):
+    ordered = sorted(candidates, key=_RANK)
+    for c in ordered:
         by_class.setdefault(c.class_name, []).append(c)
     if targets:
         class_money, gaps = _class_weights(contribution, values, targets, set(by_class))
@@ -147,7 +154,7 @@ def recommend(
         class_money, gaps = {}, {}
     if not class_money or sum(class_money.values(), Decimal(0)) <= 0:
         # No usable targets: the best-scored assets overall share the contribution.
-        best = sorted(candidates, key=lambda c: (-c.score, c.symbol))[: PER_CLASS * 2]
+        best = ordered[: PER_CLASS * 2]
         weights = {c.symbol: Decimal(1) for c in best}
     else:
         weights = {}

@@ -37,7 +37,7 @@ _OPS: dict[str, Callable[[Decimal, Decimal], bool]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Score:
     """An asset's score, or why it has none."""
 

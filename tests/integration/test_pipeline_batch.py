@@ -185,3 +185,75 @@ def test_a_batch_streams_in_chunks_with_the_same_results(conn, seeded, redis_cli
     rows = conn.execute("SELECT user_id, count(*) FROM calculation_events WHERE correlation_id = %s GROUP BY 1",
                         (job.correlation_id,)).fetchall()
     assert {str(u) for u, _ in rows} == expected and {n for _, n in rows} == {4}
+
+
+def test_each_chunk_commits_so_a_crash_keeps_the_users_written_before(pg_dsn, seeded, redis_client, monkeypatch):
+    session = date(2026, 12, 3)
+    with psycopg.connect(pg_dsn) as conn:
+        job = pipeline.start_job(conn, "XNYS", session, "test-crash")
+        rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
+        aud = pipeline.Audience("XNYS", tuple(sessions.earlier_markets("XNYS", session, CODES)))
+        batch = pipeline.plan_batches(conn, aud, 10_000)[0]
+        assert batch["total"] > 25
+        symbols = [r[0] for r in conn.execute("SELECT symbol FROM assets")]
+        pipeline.job_quotes(conn, job, DbPriceProvider(conn), symbols)  # no price fetch (and commit) mid-batch
+        calculated = []
+        real = pipeline.calculate_user
+
+        def crash_in_third_chunk(user, shared):
+            calculated.append(user.id)
+            if len(calculated) > 20:
+                raise RuntimeError("the task process died")
+            return real(user, shared)
+
+        monkeypatch.setattr(pipeline, "calculate_user", crash_in_third_chunk)
+        with pytest.raises(RuntimeError):
+            pipeline.score_batch(conn, job, aud, rates, batch, DbPriceProvider(conn), warm_cache=None, chunk_size=10)
+        with psycopg.connect(pg_dsn) as other:  # what a retry sees while the dead task's connection is still open
+            done = {str(r[0]) for r in other.execute(
+                "SELECT user_id FROM overnight_job_users WHERE job_run_id = %s AND status = 'completed'", (job.id,))}
+            events = other.execute("SELECT count(*) FROM calculation_events WHERE correlation_id = %s",
+                                   (job.correlation_id,)).fetchone()[0]
+        conn.rollback()
+    assert done == set(calculated[:20]) and events == 4 * 20
+
+
+def test_a_job_run_prices_every_user_with_the_same_stored_quote(pg_dsn, seeded, redis_client):
+    import dataclasses
+
+    class MovedMarket:
+        """The database's prices, doubled: what a provider answers later in the night."""
+
+        source = "moved"
+
+        def __init__(self, conn):
+            self.inner = DbPriceProvider(conn)
+
+        def fetch_prices(self, symbols):
+            return {s: dataclasses.replace(q, price=q.price * 2) for s, q in self.inner.fetch_prices(symbols).items()}
+
+    session = date(2026, 12, 4)
+    with psycopg.connect(pg_dsn) as conn:
+        job = pipeline.start_job(conn, "XNYS", session, "test-prices")
+        rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
+        aud = pipeline.Audience("XNYS", tuple(sessions.earlier_markets("XNYS", session, CODES)))
+        first, second, *_ = pipeline.plan_batches(conn, aud, 40)
+        pipeline.score_batch(conn, job, aud, rates, first, DbPriceProvider(conn), warm_cache=None)
+        stored = dict(conn.execute("SELECT symbol, price FROM overnight_job_prices WHERE job_run_id = %s", (job.id,)))
+        assert stored
+        pipeline.score_batch(conn, job, aud, rates, second, MovedMarket(conn), warm_cache=None)
+        conn.commit()
+        after = {s: (p, src) for s, p, src in conn.execute(
+            "SELECT symbol, price, source FROM overnight_job_prices WHERE job_run_id = %s", (job.id,))}
+        db_price = dict(conn.execute("SELECT a.symbol, p.price FROM prices p JOIN assets a ON a.id = p.asset_id"))
+        captured = [r[0] for r in conn.execute(
+            "SELECT payload FROM calculation_events WHERE correlation_id = %s AND event_type = 'INPUTS_CAPTURED'",
+            (job.correlation_id,))]
+    # quotes the first batch stored stay the job run's; symbols first needed later are stored as fetched then
+    assert {s: after[s] for s in stored} == {s: (p, "database") for s, p in stored.items()}
+    later = set(after) - set(stored)
+    assert later and all(after[s] == (db_price[s] * 2, "moved") for s in later)
+    assert len(captured) == 80
+    for payload in captured:
+        assert payload["jobRunId"] == job.id and payload["prices"]
+        assert all(Decimal(text) == after[symbol][0] for symbol, text in payload["prices"].items())

@@ -41,6 +41,8 @@ class DbRatesProvider:
 class DbPriceProvider:
     """Reads the latest stored price of each asset (by symbol)."""
 
+    source = "database"
+
     def __init__(self, conn: psycopg.Connection) -> None:
         self._conn = conn
 
