@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import attrgetter
 from decimal import ROUND_DOWN, Decimal
+from operator import attrgetter
 
 CENT = Decimal("0.01")
 HUNDRED = Decimal(100)
