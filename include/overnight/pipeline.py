@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import operator
 import time
 import uuid
 from collections.abc import Callable
@@ -24,8 +25,17 @@ import psycopg
 
 from overnight.providers.base import PriceProvider, PriceQuote, ProviderError, RatesProvider, RatesSnapshot
 from overnight.providers.db import latest_stored_rates, store_rates
-from overnight.recommendations import AllocationError, Candidate, Target, recommend, validate_targets
-from overnight.scoring import CriteriaError, Rule, Score, parse_rules, score_asset
+from overnight.recommendations import AllocationError, Candidate, Target, recommend, shortlist, validate_targets
+from overnight.scoring import (
+    CompiledRules,
+    CriteriaError,
+    FundamentalsTable,
+    Score,
+    compile_rules,
+    parse_rules,
+    score_asset,
+    score_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -402,11 +412,12 @@ class Batch:
     criteria: dict[str, tuple[str, int, Any]]
     prices: dict[str, PriceQuote]
     contribution: Decimal | None = None
-    parsed_rules: dict[str, tuple[Rule, ...] | CriteriaError] = field(default_factory=dict)
-    score_memo: dict[tuple[str, int], tuple[str | None, Candidate | None, str]] = field(default_factory=dict)
+    compiled: dict[str, CompiledRules | CriteriaError] = field(default_factory=dict)
     price_text: dict[str, str] = field(default_factory=dict)
+    table: FundamentalsTable = field(default_factory=FundamentalsTable)
 
     def __post_init__(self) -> None:
+        self.table.add({aid: a.fundamentals for aid, a in self.assets.items()})
         for symbol, quote in self.prices.items():
             if symbol not in self.price_text:
                 self.price_text[symbol] = _num(quote.price)
@@ -414,21 +425,19 @@ class Batch:
         self.rates_as_of = self.rates.as_of.isoformat()
 
 
-def _scored(score: Score, asset: AssetRow, rates: RatesSnapshot) -> tuple[str | None, Candidate | None, str]:
-    """(score text, candidate or None, unscored reason): the same for every user of a criteria set."""
-    if score.score is None:
-        return None, None, score.reason
-    if asset.currency not in rates.rates:
-        return str(score.score), None, f"no exchange rate for {asset.currency}"
-    return str(score.score), Candidate(asset.id, asset.symbol, asset.class_name, score.score,
-                                       score.criteria_count, score.top_contributor), ""
+NO_PRICE = score_asset((), {}, False).reason
+_BEST_FIRST = operator.itemgetter(0, 1)
+
+
+def _asset_class(item: tuple[Any, str, int, AssetRow]) -> str:
+    return item[3].class_name
 
 
 def calculate_user(user: UserRow, batch: Batch) -> UserResult:
     """Scores one user's universe and builds their events and documents; raises UserFailure."""
     t0 = time.perf_counter()
     job, rates, assets, criteria, prices = batch.job, batch.rates, batch.assets, batch.criteria, batch.prices
-    parsed_rules, score_memo, price_text = batch.parsed_rules, batch.score_memo, batch.price_text
+    price_text, table = batch.price_text, batch.table
     contribution_override = batch.contribution
     stamps: list[datetime] = []
 
@@ -443,15 +452,15 @@ def calculate_user(user: UserRow, batch: Batch) -> UserResult:
     if user.criteria_key not in criteria:
         raise UserFailure("criteria", f"criteria '{user.criteria_key}' has no version; add one")
     criteria_id, version, raw_rules = criteria[user.criteria_key]
-    rules = parsed_rules.get(user.criteria_key)
-    if rules is None:
+    compiled = batch.compiled.get(criteria_id)  # by criteria version: an edit mid-batch is a new entry
+    if compiled is None:
         try:
-            rules = parse_rules(raw_rules)
+            compiled = compile_rules(parse_rules(raw_rules))
         except CriteriaError as exc:
-            rules = exc
-        parsed_rules[user.criteria_key] = rules
-    if isinstance(rules, CriteriaError):
-        raise UserFailure("criteria", f"criteria '{user.criteria_key}' v{version}: {rules}")
+            compiled = exc
+        batch.compiled[criteria_id] = compiled
+    if isinstance(compiled, CriteriaError):
+        raise UserFailure("criteria", f"criteria '{user.criteria_key}' v{version}: {compiled}")
     try:
         validate_targets(user.targets)
     except AllocationError as exc:
@@ -480,28 +489,49 @@ def calculate_user(user: UserRow, batch: Batch) -> UserResult:
     universe.update(user.watchlist)
     scores: dict[str, str | None] = {}
     unscored: dict[str, str] = {}
-    candidates: list[Candidate] = []
     user_markets = user.markets
-    for aid in sorted(universe):
-        asset = assets.get(aid)
-        if asset is None or asset.market not in user_markets:
-            continue
+    in_scope = [a for a in map(assets.get, sorted(universe)) if a is not None and a.market in user_markets]
+    priced = [a for a in in_scope if a.symbol in prices]
+    rows = table.rows
+    found = score_rows(compiled, table, [rows[a.id] for a in priced])
+    texts, exact_values = found.texts, found.values
+    slow: dict[int, Score] = {}  # positions `score_asset` scored
+    buyable: list[tuple[Any, str, int, AssetRow]] = []  # (-score, symbol, position, asset)
+    rate_table = rates.rates
+    j = -1
+    for asset in in_scope:
         symbol = asset.symbol
         quote = prices.get(symbol)
-        if quote is not None:
-            prices_used[symbol] = price_text[symbol]
-            if prices_as_of is None or quote.as_of < prices_as_of:
-                prices_as_of = quote.as_of
-        scored = score_memo.get((criteria_id, aid))
-        if scored is None:
-            scored = _scored(score_asset(rules, asset.fundamentals, quote is not None), asset, rates)
-            score_memo[(criteria_id, aid)] = scored
-        score_text, candidate, reason = scored
-        scores[symbol] = score_text
-        if reason:
-            unscored[symbol] = reason
-        if candidate is not None:
-            candidates.append(candidate)
+        if quote is None:
+            scores[symbol] = None
+            unscored[symbol] = NO_PRICE
+            continue
+        j += 1
+        prices_used[symbol] = price_text[symbol]
+        if prices_as_of is None or quote.as_of < prices_as_of:
+            prices_as_of = quote.as_of
+        text = texts[j]
+        if text is None:  # a value the vectorised pass cannot compare exactly, or a missing one
+            score = slow[j] = score_asset(compiled.rules, asset.fundamentals, True)
+            if score.score is None:
+                scores[symbol] = None
+                unscored[symbol] = score.reason
+                continue
+            value: Any = score.score
+            text = str(value)
+        else:
+            value = exact_values[j]
+        scores[symbol] = text
+        if asset.currency in rate_table:
+            buyable.append((-value, symbol, j, asset))
+        else:
+            unscored[symbol] = f"no exchange rate for {asset.currency}"
+    buyable.sort(key=_BEST_FIRST)
+    candidates = []
+    for _, symbol, j, asset in shortlist(buyable, _asset_class):
+        sc = slow.get(j) or found.score(j)
+        candidates.append(Candidate(asset.id, symbol, asset.class_name, sc.score, sc.criteria_count,
+                                    sc.top_contributor))
     inputs_at = stamp()
     scores_at = stamp()
     contribution = contribution_override if contribution_override is not None else (
@@ -734,8 +764,8 @@ def score_batch(
     quotes: dict[str, PriceQuote | None] = {}  # the job run's quotes, looked up once per batch
     assets: dict[int, AssetRow] = {}  # loaded once per batch, whatever the chunks
     price_text: dict[str, str] = {}
-    parsed: dict[str, tuple[Rule, ...] | CriteriaError] = {}
-    memo: dict[tuple[str, int], tuple[str | None, Candidate | None, str]] = {}
+    compiled: dict[str, CompiledRules | CriteriaError] = {}
+    table = FundamentalsTable()
     cache_states: set[str] = set()
     cache_error = None
     after: str | None = None
@@ -751,7 +781,7 @@ def score_batch(
         prices = {s: q for s, q in quotes.items() if q is not None}
         timings["load"] += time.perf_counter() - t
         t = time.perf_counter()
-        shared = Batch(job, rates, assets, criteria, prices, contribution, parsed, memo, price_text)
+        shared = Batch(job, rates, assets, criteria, prices, contribution, compiled, price_text, table)
         results: list[UserResult] = []
         failures: list[tuple[str, str, str]] = []
         for user in users:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
 from operator import attrgetter
+from typing import TypeVar
 
 CENT = Decimal("0.01")
 HUNDRED = Decimal(100)
 PER_CLASS = 3  # how many of a class's best-scored assets share its money
 _RANK = attrgetter("rank")
+T = TypeVar("T")
 
 
 class AllocationError(ValueError):
@@ -53,6 +56,20 @@ class Recommendation:
     candidate: Candidate
     amount: Decimal
     allocation_gap: Decimal
+
+
+def shortlist(ranked: Iterable[T], class_of: Callable[[T], str]) -> list[T]:
+    """Of items sorted best first, those `recommend` can pick: each class's best PER_CLASS and the best
+    2 x PER_CLASS overall. `recommend` on the shortlist answers as on all the items."""
+    out: list[T] = []
+    per_class: dict[str, int] = {}
+    for i, item in enumerate(ranked):
+        name = class_of(item)
+        seen = per_class.get(name, 0)
+        if seen < PER_CLASS or i < PER_CLASS * 2:
+            out.append(item)
+        per_class[name] = seen + 1
+    return out
 
 
 def validate_targets(targets: list[Target]) -> None:

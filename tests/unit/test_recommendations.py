@@ -89,3 +89,23 @@ def test_unusable_targets_raise(targets, message):
 )
 def test_split_to_cents(total, weights, expected):
     assert split_to_cents(total, weights) == expected
+
+
+def test_recommend_on_the_shortlist_answers_as_on_every_candidate():
+    import random
+
+    from overnight.recommendations import shortlist
+
+    rng = random.Random(11)
+    classes = ["Stocks", "Fixed income", "ETFs", "Real estate"]
+    shortened = 0
+    for _ in range(300):
+        pool = [cand(f"S{i:03d}", rng.choice(classes), rng.choice(["0", "5", "12.5", "-3", "20", "7"]))
+                for i in rng.sample(range(500), rng.randint(1, 40))]
+        targets = rng.choice([TARGETS, [], [Target("Real estate", D(0), D(100))]])
+        values = {c: D(rng.randint(0, 5000)) for c in rng.sample(classes, rng.randint(0, 4))}
+        best_first = sorted(pool, key=lambda c: (-c.score, c.symbol))
+        short = shortlist(best_first, lambda c: c.class_name)
+        shortened += len(short) < len(pool)
+        assert recommend(D("1234.56"), values, targets, short) == recommend(D("1234.56"), values, targets, pool)
+    assert shortened > 100
