@@ -30,10 +30,12 @@ from overnight.scoring import (
     CompiledRules,
     CriteriaError,
     FundamentalsTable,
+    RowScores,
     Score,
     compile_rules,
     parse_rules,
     score_asset,
+    score_many,
     score_rows,
 )
 
@@ -433,25 +435,42 @@ def _asset_class(item: tuple[Any, str, int, AssetRow]) -> str:
     return item[3].class_name
 
 
-def calculate_user(user: UserRow, batch: Batch) -> UserResult:
-    """Scores one user's universe and builds their events and documents; raises UserFailure."""
+@dataclass(slots=True)
+class Prepared:
+    """A user between the two halves of their calculation: inputs checked and valued, assets to score."""
+
+    user: UserRow
+    stamps: list[datetime]
+    criteria_id: str
+    version: int
+    raw_rules: Any
+    compiled: CompiledRules
+    values: dict[str, Decimal]
+    total: Decimal
+    holdings_used: dict[str, str]
+    in_scope: list[AssetRow]
+    priced_rows: list[int]
+    spent_s: float
+
+
+def _stamp(stamps: list[datetime]) -> datetime:
+    """Now, strictly after the user's previous stamp (their events keep their order)."""
+    now = datetime.now(UTC)
+    if stamps and now <= stamps[-1]:
+        now = stamps[-1] + timedelta(microseconds=1)
+    stamps.append(now)
+    return now
+
+
+def prepare_user(user: UserRow, batch: Batch) -> Prepared:
+    """First half of a user's calculation: criteria, targets, currency, holdings valued; raises UserFailure."""
     t0 = time.perf_counter()
-    job, rates, assets, criteria, prices = batch.job, batch.rates, batch.assets, batch.criteria, batch.prices
-    price_text, table = batch.price_text, batch.table
-    contribution_override = batch.contribution
+    assets, prices, rates = batch.assets, batch.prices, batch.rates
     stamps: list[datetime] = []
-
-    def stamp() -> datetime:
-        now = datetime.now(UTC)
-        if stamps and now <= stamps[-1]:
-            now = stamps[-1] + timedelta(microseconds=1)
-        stamps.append(now)
-        return now
-
-    started = stamp()
-    if user.criteria_key not in criteria:
+    _stamp(stamps)
+    if user.criteria_key not in batch.criteria:
         raise UserFailure("criteria", f"criteria '{user.criteria_key}' has no version; add one")
-    criteria_id, version, raw_rules = criteria[user.criteria_key]
+    criteria_id, version, raw_rules = batch.criteria[user.criteria_key]
     compiled = batch.compiled.get(criteria_id)  # by criteria version: an edit mid-batch is a new entry
     if compiled is None:
         try:
@@ -470,7 +489,6 @@ def calculate_user(user: UserRow, batch: Batch) -> UserResult:
 
     values: dict[str, Decimal] = {}
     holdings_used: dict[str, str] = {}
-    prices_used: dict[str, str] = {}
     total = Decimal(0)
     for aid, raw_qty in user.holdings:
         asset = assets.get(aid)
@@ -484,22 +502,33 @@ def calculate_user(user: UserRow, batch: Batch) -> UserResult:
         values[asset.class_name] = values.get(asset.class_name, Decimal(0)) + value
         total += value
         holdings_used[asset.symbol] = str(qty)
-    prices_as_of: datetime | None = None
     universe = {aid for aid, _ in user.holdings}
     universe.update(user.watchlist)
-    scores: dict[str, str | None] = {}
-    unscored: dict[str, str] = {}
     user_markets = user.markets
     in_scope = [a for a in map(assets.get, sorted(universe)) if a is not None and a.market in user_markets]
-    priced = [a for a in in_scope if a.symbol in prices]
-    rows = table.rows
-    found = score_rows(compiled, table, [rows[a.id] for a in priced])
+    rows = batch.table.rows
+    priced_rows = [rows[a.id] for a in in_scope if a.symbol in prices]
+    return Prepared(user, stamps, criteria_id, version, raw_rules, compiled, values, total, holdings_used, in_scope,
+                    priced_rows, time.perf_counter() - t0)
+
+
+def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0.0) -> UserResult:
+    """Second half: the scores `found` for the user's priced assets, recommendations, events, documents.
+
+    `shared_s` is the user's share of the time spent scoring the chunk together."""
+    t0 = time.perf_counter()
+    user, stamps, compiled, values, total = p.user, p.stamps, p.compiled, p.values, p.total
+    job, rates, prices, price_text = batch.job, batch.rates, batch.prices, batch.price_text
     texts, exact_values = found.texts, found.values
+    scores: dict[str, str | None] = {}
+    unscored: dict[str, str] = {}
+    prices_used: dict[str, str] = {}
+    prices_as_of: datetime | None = None
     slow: dict[int, Score] = {}  # positions `score_asset` scored
     buyable: list[tuple[Any, str, int, AssetRow]] = []  # (-score, symbol, position, asset)
     rate_table = rates.rates
     j = -1
-    for asset in in_scope:
+    for asset in p.in_scope:
         symbol = asset.symbol
         quote = prices.get(symbol)
         if quote is None:
@@ -532,16 +561,17 @@ def calculate_user(user: UserRow, batch: Batch) -> UserResult:
         sc = slow.get(j) or found.score(j)
         candidates.append(Candidate(asset.id, symbol, asset.class_name, sc.score, sc.criteria_count,
                                     sc.top_contributor))
-    inputs_at = stamp()
-    scores_at = stamp()
-    contribution = contribution_override if contribution_override is not None else (
+    started = stamps[0]
+    inputs_at = _stamp(stamps)
+    scores_at = _stamp(stamps)
+    contribution = batch.contribution if batch.contribution is not None else (
         user.default_contribution or Decimal(0))
     try:
         recs = recommend(Decimal(contribution), values, user.targets, candidates, check_targets=False)
     except AllocationError as exc:
         raise UserFailure("recommend", str(exc)) from None
-    completed = stamp()
-    criteria_version = f"{user.criteria_key}@v{version}"
+    completed = _stamp(stamps)
+    criteria_version = f"{user.criteria_key}@v{p.version}"
     allocations = {
         t.class_name: _fmt(values.get(t.class_name, Decimal(0)) * 100 / total if total else Decimal(0))
         for t in user.targets
@@ -585,14 +615,16 @@ def calculate_user(user: UserRow, batch: Batch) -> UserResult:
         ],
     }
     scored_symbols = sorted(s for s, v in scores.items() if v is not None)
-    duration_ms = round((time.perf_counter() - t0) * 1000, 3)
+    duration_ms = round((p.spent_s + shared_s + time.perf_counter() - t0) * 1000, 3)
+    assets = batch.assets
     events = [
         ("CALC_STARTED", started, {"market": job.market, "sessionDate": job.session_date, "jobRunId": job.id,
                                    "criteriaKey": user.criteria_key}, None),
         ("INPUTS_CAPTURED", inputs_at, {
-            "jobRunId": job.id, "criteriaVersion": criteria_version, "criteria": raw_rules, "prices": prices_used,
-            "pricesAsOf": prices_as_of.isoformat() if prices_as_of else None, "rates": batch.rates_payload, "ratesBase": rates.base, "ratesAsOf": batch.rates_as_of, "ratesStale": rates.stale, "holdings": holdings_used,
-            "watchlist": sorted(assets[a].symbol for a in user.watchlist if a in assets),
+            "jobRunId": job.id, "criteriaVersion": criteria_version, "criteria": p.raw_rules, "prices": prices_used,
+            "pricesAsOf": prices_as_of.isoformat() if prices_as_of else None, "rates": batch.rates_payload,
+            "ratesBase": rates.base, "ratesAsOf": batch.rates_as_of, "ratesStale": rates.stale,
+            "holdings": p.holdings_used, "watchlist": sorted(assets[a].symbol for a in user.watchlist if a in assets),
             "targets": [[t.class_name, str(t.min_pct), str(t.max_pct)] for t in user.targets],
             "contribution": str(contribution), "baseCurrency": user.base_currency,
         }, None),
@@ -603,6 +635,41 @@ def calculate_user(user: UserRow, batch: Batch) -> UserResult:
     ]
     return UserResult(user.id, events, document, portfolio, criteria_version, completed, len(scored_symbols),
                       len(recs))
+
+
+def calculate_user(user: UserRow, batch: Batch) -> UserResult:
+    """Scores one user's universe and builds their events and documents; raises UserFailure."""
+    p = prepare_user(user, batch)
+    return finish_user(p, score_rows(p.compiled, batch.table, p.priced_rows), batch)
+
+
+_UNEXPECTED = (ArithmeticError, InvalidOperation, ValueError, KeyError, TypeError)
+
+
+def calculate_chunk(users: list[UserRow], batch: Batch) -> tuple[list[UserResult], list[tuple[str, str, str]]]:
+    """Calculates a chunk's users, scoring them together; returns (results, failures as (user, stage, message)).
+
+    One user's failure never stops the others."""
+    failures: list[tuple[str, str, str]] = []
+
+    def guarded(user_id: str, step: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return step(*args)
+        except UserFailure as exc:
+            failures.append((user_id, exc.stage, str(exc)))
+            log.warning("user %s failed at %s: %s", user_id, exc.stage, exc)
+        except _UNEXPECTED as exc:
+            failures.append((user_id, "calculate", f"{type(exc).__name__}: {exc}"))
+            log.exception("user %s failed unexpectedly", user_id)
+        return None
+
+    prepared = [p for u in users if (p := guarded(u.id, prepare_user, u, batch)) is not None]
+    t = time.perf_counter()
+    found = score_many([(p.compiled, p.priced_rows) for p in prepared], batch.table)
+    shared_s = (time.perf_counter() - t) / max(1, len(prepared))
+    results = [r for p, f in zip(prepared, found, strict=True)
+               if (r := guarded(p.user.id, finish_user, p, f, batch, shared_s)) is not None]
+    return results, failures
 
 
 def event_id(correlation_id: str, user_id: str, event_type: str) -> uuid.UUID:
@@ -782,17 +849,7 @@ def score_batch(
         timings["load"] += time.perf_counter() - t
         t = time.perf_counter()
         shared = Batch(job, rates, assets, criteria, prices, contribution, compiled, price_text, table)
-        results: list[UserResult] = []
-        failures: list[tuple[str, str, str]] = []
-        for user in users:
-            try:
-                results.append(calculate_user(user, shared))
-            except UserFailure as exc:
-                failures.append((user.id, exc.stage, str(exc)))
-                log.warning("user %s failed at %s: %s", user.id, exc.stage, exc)
-            except (ArithmeticError, InvalidOperation, ValueError, KeyError, TypeError) as exc:
-                failures.append((user.id, "calculate", f"{type(exc).__name__}: {exc}"))
-                log.exception("user %s failed unexpectedly", user.id)
+        results, failures = calculate_chunk(users, shared)
         timings["calc"] += time.perf_counter() - t
         t = time.perf_counter()
         new = _write_results(conn, job, results, failures)

@@ -238,29 +238,88 @@ class RowScores:
 
 def score_rows(compiled: CompiledRules, table: FundamentalsTable, rows: list[int]) -> RowScores:
     """Scores the (priced) assets at table `rows`; positions whose text is None need `score_asset`."""
-    n = len(rows)
-    if not n or not compiled.exact:
-        return RowScores([None] * n, [None] * n, [0] * n, [""] * n)
+    return score_many([(compiled, rows)], table)[0]
+
+
+def score_many(requests: list[tuple[CompiledRules, list[int]]], table: FundamentalsTable) -> list[RowScores]:
+    """Scores many users at once: each request is a user's criteria and the table rows of their priced assets.
+
+    One numpy pass over every (asset, rule) pair of the chunk: the per-call cost of numpy is paid once per
+    chunk, not per user. Positions whose text is None need `score_asset` (missing or inexact values)."""
+    out: list[RowScores] = [RowScores([None] * len(rows), [None] * len(rows), [0] * len(rows), [""] * len(rows))
+                            for _, rows in requests]
+    todo = [q for q, (c, rows) in enumerate(requests) if c.exact and rows]
+    if not todo:
+        return out
+    scale = max(requests[q][0].scale for q in todo)
+    # the chunk's rules, each compiled set once, points at the common scale
+    offsets: dict[int, int] = {}
+    sets: list[CompiledRules] = []
+    for q in todo:
+        c = requests[q][0]
+        if id(c) not in offsets:
+            offsets[id(c)] = sum(len(x.rules) for x in sets)
+            sets.append(c)
+    factor = [10 ** (scale - c.scale) for c in sets]
+    if len(todo) > 1 and any(int(c.magnitude.max()) * f > 2**53 // len(c.rules)
+                             for c, f in zip(sets, factor, strict=True)):
+        return [score_many([r], table)[0] for r in requests]  # scales too far apart for one int64 pass
     columns = table.columns
-    x = table.matrix[np.fromiter(rows, dtype=np.intp, count=n)[:, None],
-                     [columns.get(m, 0) for m in compiled.metrics]]  # (assets x rules)
-    unsure = np.isnan(x).any(axis=1).tolist()
-    lo, hi = compiled.lo, compiled.hi
-    matched = np.where(compiled.lo_closed, x >= lo, x > lo) & np.where(compiled.hi_closed, x <= hi, x < hi)
-    totals = (matched @ compiled.points).tolist()
-    counts = matched.sum(axis=1).tolist()
-    tops_idx = np.where(matched, compiled.magnitude, -1).argmax(axis=1).tolist()
-    metrics = compiled.metrics
-    tops = [metrics[t] if c else "" for t, c in zip(tops_idx, counts, strict=True)]
-    if compiled.scale == 0:  # whole points: the sum's text is the integer's
-        values: list[Any] = totals
-        texts: list[str | None] = [str(t) for t in totals]
-    else:
-        exps = np.where(matched, compiled.exponents, 0).min(axis=1).tolist()
-        values = [Decimal(t).scaleb(-compiled.scale).quantize(Decimal(1).scaleb(e))
-                  for t, e in zip(totals, exps, strict=True)]
-        texts = [str(v) for v in values]
-    for j in range(n):
-        if unsure[j]:
-            texts[j] = None
-    return RowScores(texts, values, counts, tops)
+    rule_col = np.array([columns.get(m, 0) for c in sets for m in c.metrics], dtype=np.intp)
+    rule_lo = np.concatenate([c.lo for c in sets])
+    rule_hi = np.concatenate([c.hi for c in sets])
+    rule_lo_closed = np.concatenate([c.lo_closed for c in sets])
+    rule_hi_closed = np.concatenate([c.hi_closed for c in sets])
+    rule_points = np.concatenate([c.points * f for c, f in zip(sets, factor, strict=True)])
+    rule_magnitude = np.abs(rule_points)
+    rule_exp = np.concatenate([c.exponents for c in sets])
+    # one entry per (user, asset); pairs are (entry, rule of that user)
+    rows_all: list[int] = []
+    counts_per_request: list[int] = []
+    starts_per_request: list[int] = []
+    for q in todo:
+        c, rows = requests[q]
+        rows_all.extend(rows)
+        counts_per_request.append(len(rows))
+        starts_per_request.append(offsets[id(c)])
+    n_entries = np.array(counts_per_request, dtype=np.intp)
+    n_rules = np.repeat(np.array([len(requests[q][0].rules) for q in todo], dtype=np.intp), n_entries)
+    first_rule = np.repeat(np.array(starts_per_request, dtype=np.intp), n_entries)
+    group = np.cumsum(n_rules) - n_rules  # first pair of each entry
+    pairs = int(n_rules.sum())
+    pair_entry = np.repeat(np.arange(len(rows_all)), n_rules)
+    pair_rule = np.repeat(first_rule - group, n_rules) + np.arange(pairs)
+    x = table.matrix[np.array(rows_all, dtype=np.intp)[pair_entry], rule_col[pair_rule]]
+    lo, hi = rule_lo[pair_rule], rule_hi[pair_rule]
+    matched = (np.where(rule_lo_closed[pair_rule], x >= lo, x > lo)
+               & np.where(rule_hi_closed[pair_rule], x <= hi, x < hi))
+    unsure = np.logical_or.reduceat(np.isnan(x), group).tolist()
+    totals = np.add.reduceat(np.where(matched, rule_points[pair_rule], 0), group).tolist()
+    counts = np.add.reduceat(matched.astype(np.int64), group).tolist()
+    key = np.where(matched, rule_magnitude[pair_rule], -1)
+    best = np.repeat(np.maximum.reduceat(key, group), n_rules)
+    hits = np.flatnonzero(key == best)  # every entry has one: its maximum; the first is the top contributor
+    firsts = hits[np.unique(pair_entry[hits], return_index=True)[1]]
+    top_local = (pair_rule[firsts] - first_rule).tolist()
+    exps = np.minimum.reduceat(np.where(matched, rule_exp[pair_rule], 0), group).tolist() if scale else None
+    k = 0
+    for q in todo:
+        c, rows = requests[q]
+        end = k + len(rows)
+        metrics = c.metrics
+        if scale == 0:  # whole points: the sum's text is the integer's
+            values: list[Any] = totals[k:end]
+            texts: list[str | None] = [str(t) for t in values]
+        else:
+            assert exps is not None
+            values = [Decimal(t).scaleb(-scale).quantize(Decimal(1).scaleb(e))
+                      for t, e in zip(totals[k:end], exps[k:end], strict=True)]
+            texts = [str(v) for v in values]
+        cnt = counts[k:end]
+        tops = [metrics[t] if n else "" for t, n in zip(top_local[k:end], cnt, strict=True)]
+        for j, flag in enumerate(unsure[k:end]):
+            if flag:
+                texts[j] = None
+        out[q] = RowScores(texts, values, cnt, tops)
+        k = end
+    return out

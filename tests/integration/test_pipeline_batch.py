@@ -198,15 +198,15 @@ def test_each_chunk_commits_so_a_crash_keeps_the_users_written_before(pg_dsn, se
         symbols = [r[0] for r in conn.execute("SELECT symbol FROM assets")]
         pipeline.job_quotes(conn, job, DbPriceProvider(conn), symbols)  # no price fetch (and commit) mid-batch
         calculated = []
-        real = pipeline.calculate_user
+        real = pipeline.finish_user
 
-        def crash_in_third_chunk(user, shared):
-            calculated.append(user.id)
+        def crash_in_third_chunk(prepared, *args):
+            calculated.append(prepared.user.id)
             if len(calculated) > 20:
                 raise RuntimeError("the task process died")
-            return real(user, shared)
+            return real(prepared, *args)
 
-        monkeypatch.setattr(pipeline, "calculate_user", crash_in_third_chunk)
+        monkeypatch.setattr(pipeline, "finish_user", crash_in_third_chunk)
         with pytest.raises(RuntimeError):
             pipeline.score_batch(conn, job, aud, rates, batch, DbPriceProvider(conn), warm_cache=None, chunk_size=10)
         with psycopg.connect(pg_dsn) as other:  # what a retry sees while the dead task's connection is still open

@@ -134,3 +134,35 @@ def test_rules_with_more_digits_than_floats_hold_are_left_to_score_asset():
     table = FundamentalsTable()
     table.add({1: {"roe": Decimal("0.1")}})
     assert score_rows(compile_rules(rules), table, [0]).texts == [None]
+
+
+def test_score_many_scores_each_user_by_their_own_rules():
+    import random
+
+    from overnight.pipeline import _decimals
+    from overnight.scoring import FundamentalsTable, compile_rules, score_many
+
+    rng = random.Random(13)
+    checked = 0
+    for _ in range(60):
+        cases = [_random_case(rng) for _ in range(rng.randint(1, 12))]
+        table = FundamentalsTable()
+        requests, expected = [], []
+        for raw_rules, raw_assets in cases:
+            offset = len(table.rows) + 1000
+            assets = {offset + aid: _decimals(f) for aid, f in raw_assets.items()}
+            table.add(assets)
+            rules = parse_rules(raw_rules)
+            ids = [a for a in assets if rng.random() < 0.8]
+            requests.append((compile_rules(rules), [table.rows[a] for a in ids]))
+            expected.append([score_asset(rules, assets[a], priced=True) for a in ids])
+        for got, want in zip(score_many(requests, table), expected, strict=True):
+            assert len(got.texts) == len(want)
+            for j, w in enumerate(want):
+                if got.texts[j] is None:
+                    continue
+                assert (got.texts[j], got.counts[j], got.tops[j]) == (str(w.score), w.criteria_count,
+                                                                      w.top_contributor)
+                assert got.score(j).score == w.score
+                checked += 1
+    assert checked > 1000
