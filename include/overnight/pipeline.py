@@ -375,6 +375,8 @@ def _decimals(fundamentals: dict[str, Any]) -> dict[str, Any]:
 
 
 def _quantity(raw: Any, symbol: str) -> Decimal:
+    if type(raw) is Decimal and raw.is_finite() and raw >= 0:  # numeric columns: the usual case
+        return raw
     if raw is None:
         raise UserFailure("load", f"holding {symbol}: quantity is missing; fix the holding row")
     q = Decimal(raw)

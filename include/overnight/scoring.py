@@ -184,14 +184,13 @@ class CompiledRules:
     rules: tuple[Rule, ...]
     exact: bool
     metrics: list[str]
-    lo: np.ndarray
-    lo_closed: np.ndarray
-    hi: np.ndarray
-    hi_closed: np.ndarray
-    points: np.ndarray  # int64: points * 10**scale
-    magnitude: np.ndarray  # int64: |points| * 10**scale, the top contributor's key
+    lo: list[float]
+    lo_closed: list[bool]
+    hi: list[float]
+    hi_closed: list[bool]
+    points: list[int]  # points * 10**scale
     scale: int
-    exponents: np.ndarray  # each rule's points exponent: a Decimal sum's exponent is the least of them
+    exponents: list[int]  # each rule's points exponent (at most 0): a Decimal sum's is the least matched
 
 
 def compile_rules(rules: tuple[Rule, ...]) -> CompiledRules:
@@ -214,10 +213,8 @@ def compile_rules(rules: tuple[Rule, ...]) -> CompiledRules:
         lo_closed.append(ac)
         hi.append(b)
         hi_closed.append(bc)
-    points = np.array(scaled, dtype=np.int64)
-    return CompiledRules(rules, exact, [r.metric for r in rules], np.array(lo), np.array(lo_closed), np.array(hi),
-                         np.array(hi_closed), points, np.abs(points), scale,
-                         np.minimum(np.array(exponents, dtype=np.int64), 0))
+    return CompiledRules(rules, exact, [r.metric for r in rules], lo, lo_closed, hi, hi_closed, scaled, scale,
+                         [min(e, 0) for e in exponents])
 
 
 @dataclass(slots=True)
@@ -261,18 +258,18 @@ def score_many(requests: list[tuple[CompiledRules, list[int]]], table: Fundament
             offsets[id(c)] = sum(len(x.rules) for x in sets)
             sets.append(c)
     factor = [10 ** (scale - c.scale) for c in sets]
-    if len(todo) > 1 and any(int(c.magnitude.max()) * f > 2**53 // len(c.rules)
+    if len(todo) > 1 and any(max(map(abs, c.points)) * f > 2**53 // len(c.rules)
                              for c, f in zip(sets, factor, strict=True)):
         return [score_many([r], table)[0] for r in requests]  # scales too far apart for one int64 pass
     columns = table.columns
     rule_col = np.array([columns.get(m, 0) for c in sets for m in c.metrics], dtype=np.intp)
-    rule_lo = np.concatenate([c.lo for c in sets])
-    rule_hi = np.concatenate([c.hi for c in sets])
-    rule_lo_closed = np.concatenate([c.lo_closed for c in sets])
-    rule_hi_closed = np.concatenate([c.hi_closed for c in sets])
-    rule_points = np.concatenate([c.points * f for c, f in zip(sets, factor, strict=True)])
+    rule_lo = np.array([v for c in sets for v in c.lo], dtype=np.float64)
+    rule_hi = np.array([v for c in sets for v in c.hi], dtype=np.float64)
+    rule_lo_closed = np.array([v for c in sets for v in c.lo_closed], dtype=bool)
+    rule_hi_closed = np.array([v for c in sets for v in c.hi_closed], dtype=bool)
+    rule_points = np.array([p * f for c, f in zip(sets, factor, strict=True) for p in c.points], dtype=np.int64)
     rule_magnitude = np.abs(rule_points)
-    rule_exp = np.concatenate([c.exponents for c in sets])
+    rule_exp = np.array([e for c in sets for e in c.exponents], dtype=np.int64)
     # one entry per (user, asset); pairs are (entry, rule of that user)
     rows_all: list[int] = []
     counts_per_request: list[int] = []
