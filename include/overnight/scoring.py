@@ -7,9 +7,10 @@ import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 OPS = (">=", "<=", ">", "<", "==", "between")
 
@@ -170,6 +171,8 @@ class FundamentalsTable:
     @property
     def matrix(self) -> np.ndarray:
         """The (assets x metrics) float matrix."""
+        import numpy as np  # imported on first use: DAG parsing and the other tasks never pay for it
+
         if self._matrix is None:
             self._matrix = np.array(self._data, dtype=np.float64).reshape(len(self._data), len(self.columns))
         return self._matrix
@@ -243,6 +246,8 @@ def score_many(requests: list[tuple[CompiledRules, list[int]]], table: Fundament
 
     One numpy pass over every (asset, rule) pair of the chunk: the per-call cost of numpy is paid once per
     chunk, not per user. Positions whose text is None need `score_asset` (missing or inexact values)."""
+    import numpy as np
+
     out: list[RowScores] = [RowScores([None] * len(rows), [None] * len(rows), [0] * len(rows), [""] * len(rows))
                             for _, rows in requests]
     todo = [q for q, (c, rows) in enumerate(requests) if c.exact and rows]
