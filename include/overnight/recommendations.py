@@ -12,6 +12,7 @@ CENT = Decimal("0.01")
 HUNDRED = Decimal(100)
 PER_CLASS = 3  # how many of a class's best-scored assets share its money
 _RANK = attrgetter("rank")
+_ZERO = Decimal(0)
 T = TypeVar("T")
 
 
@@ -103,44 +104,47 @@ def _class_weights(
     contribution: Decimal, values: dict[str, Decimal], targets: list[Target], eligible: set[str]
 ) -> tuple[dict[str, Decimal], dict[str, Decimal]]:
     """Returns (money weight per class, gap in points per class)."""
-    total_after = sum(values.values(), Decimal(0)) + contribution
-    total_before = sum(values.values(), Decimal(0))
+    zero = _ZERO
+    total_before = sum(values.values(), zero)
+    total_after = total_before + contribution
+    mids = {t.class_name: t.mid_pct for t in targets}
     gaps = {}
     for t in targets:
-        current = values.get(t.class_name, Decimal(0)) * HUNDRED / total_before if total_before else Decimal(0)
-        gaps[t.class_name] = (t.mid_pct - current).quantize(CENT)
+        name = t.class_name
+        current = values.get(name, zero) * HUNDRED / total_before if total_before else zero
+        gaps[name] = (mids[name] - current).quantize(CENT)
     pool = [t for t in targets if t.class_name in eligible]
-    alloc = {t.class_name: Decimal(0) for t in pool}
+    alloc = {t.class_name: zero for t in pool}
     remaining = contribution
 
     def fill(need: dict[str, Decimal]) -> None:
         nonlocal remaining
         need = {k: v for k, v in need.items() if v > 0}
-        total_need = sum(need.values(), Decimal(0))
+        total_need = sum(need.values(), zero)
         if remaining <= 0 or total_need <= 0:
             return
         if total_need >= remaining:
             for k, v in need.items():
                 alloc[k] += remaining * v / total_need
-            remaining = Decimal(0)
+            remaining = zero
         else:
             for k, v in need.items():
                 alloc[k] += v
             remaining -= total_need
 
-    def held(name: str) -> Decimal:
-        return values.get(name, Decimal(0)) + alloc[name]
-
     # 1. classes below their minimum, in proportion to the gap; 2. toward the middle of the range;
     # 3. up to the maximum; 4. anything left (all classes full) by the middle of the range.
-    fill({t.class_name: t.min_pct * total_after / HUNDRED - held(t.class_name) for t in pool})
-    fill({t.class_name: t.mid_pct * total_after / HUNDRED - held(t.class_name) for t in pool})
-    fill({t.class_name: t.max_pct * total_after / HUNDRED - held(t.class_name) for t in pool})
+    # A step is skipped once nothing remains (it could not change anything).
+    for level in ("min", "mid", "max"):
+        if remaining <= 0:
+            break
+        fill({t.class_name: (t.min_pct if level == "min" else mids[t.class_name] if level == "mid" else t.max_pct)
+              * total_after / HUNDRED - (values.get(t.class_name, zero) + alloc[t.class_name]) for t in pool})
     if remaining > 0 and pool:
-        mids = {t.class_name: t.mid_pct for t in pool}
-        if sum(mids.values(), Decimal(0)) <= 0:
-            mids = {t.class_name: Decimal(1) for t in pool}
-        fill({k: remaining * v / sum(mids.values(), Decimal(0)) for k, v in mids.items()})
+        pool_mids = {t.class_name: mids[t.class_name] for t in pool}
+        if sum(pool_mids.values(), zero) <= 0:
+            pool_mids = {t.class_name: Decimal(1) for t in pool}
+        fill({k: remaining * v / sum(pool_mids.values(), zero) for k, v in pool_mids.items()})
     return alloc, gaps
 
 
