@@ -53,6 +53,8 @@ def _job_run(conn: psycopg.Connection, started: datetime, users: int) -> uuid.UU
     for _ in range(users):
         conn.execute("INSERT INTO overnight_job_users (job_run_id, user_id, status) VALUES (%s, %s, 'completed')",
                      (job_id, uuid.uuid4()))
+    conn.execute("INSERT INTO overnight_job_prices (job_run_id, symbol, price, currency, as_of, source)"
+                 " VALUES (%s, 'AAPL', 187.5, 'USD', %s, 'test')", (job_id, started))
     return job_id
 
 
@@ -152,6 +154,9 @@ def test_removes_exactly_what_is_older_than_the_cutoff(pg_dsn: str) -> None:
         users = dict(conn.execute("SELECT job_run_id, count(*) FROM overnight_job_users WHERE job_run_id = ANY(%s)"
                                   " GROUP BY job_run_id", ([old_run, edge_run, young_run],)).fetchall())
         assert users == {edge_run: 2, young_run: 2}
+        priced = {r[0] for r in conn.execute("SELECT job_run_id FROM overnight_job_prices WHERE job_run_id = ANY(%s)",
+                                             ([old_run, edge_run, young_run],))}
+        assert priced == {edge_run, young_run}  # a job run's price snapshot goes with it
 
     assert result["cutoff"] == cutoff.isoformat()
     assert set(result["partitions_dropped"]) >= {_part(first), _part(_month(cutoff, -1))}
