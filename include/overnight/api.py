@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+import zlib
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
+import msgspec
 import swagger_ui_bundle
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -177,14 +179,135 @@ class AssetEventsResponse(BaseModel):
     next: Cursor | None
 
 
+# --------------------------------------------------------------------------- the dashboard's JSON, pre-encoded
+
+_JSON = msgspec.json.Encoder()
+_REC_STR_FIELDS = ("assetId", "symbol", "score", "amount", "currency", "allocationGap")
+_REC_FIELDS = frozenset(Recommendation.model_fields)
+_BREAKDOWN_FIELDS = {"criteriaCount": int, "topContributor": str}
+_FRESHNESS_FIELDS = dict.fromkeys(DataFreshness.model_fields, str)
+_INT64 = 2**63
+_GZIP_MIN_BYTES = 1024  # Airflow's GZipMiddleware(minimum_size=1024)
+
+
+def _plain(value: Any) -> bool:
+    """True for JSON that msgspec and pydantic write byte for byte alike: str, 64-bit int, bool, null, lists, objects."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return -_INT64 <= value < _INT64
+    if kind is list:
+        return all(_plain(v) for v in value)
+    if kind is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())
+    return False  # floats (formatting differs), anything else
+
+
+def _as_model(obj: Any, fields: Mapping[str, type]) -> dict[str, Any] | None:
+    """`obj` as an `extra="allow"` model of optional `fields` serialises it (declared fields first, then the
+    extras); None when a field holds another type or an extra is not plain JSON."""
+    if type(obj) is not dict:
+        return None
+    out: dict[str, Any] = {}
+    for name, kind in fields.items():
+        value = obj.get(name)
+        if value is not None and type(value) is not kind:
+            return None
+        out[name] = value
+    for key, value in obj.items():
+        if key not in out:
+            if not _plain(value):
+                return None
+            out[key] = value
+    return out
+
+
+def _recommendation(rec: Any) -> dict[str, Any] | None:
+    if type(rec) is not dict:
+        return None
+    out: dict[str, Any] = {}
+    for name in _REC_STR_FIELDS:
+        if type(value := rec.get(name)) is not str:
+            return None
+        out[name] = value
+    breakdown = rec.get("breakdown")
+    if breakdown is not None and (breakdown := _as_model(breakdown, _BREAKDOWN_FIELDS)) is None:
+        return None
+    out["breakdown"] = breakdown
+    for key, value in rec.items():
+        if key not in _REC_FIELDS:
+            if not _plain(value):
+                return None
+            out[key] = value
+    return out
+
+
+def dashboard_body(data: dict[str, Any]) -> bytes | None:
+    """Returns `{"data": data}` as `DashboardResponse` validates and serialises it (the same bytes, ~10x
+    cheaper), or None when a value is not already of its declared type (then pydantic must coerce or refuse)."""
+    recs = [_recommendation(r) for r in data["recommendations"]]
+    freshness = data["dataFreshness"]
+    if freshness is not None and (freshness := _as_model(freshness, _FRESHNESS_FIELDS)) is None:
+        return None
+    summary = data["portfolioSummary"]
+    if (None in recs or type(data["userId"]) is not str or type(data["fromCache"]) is not bool
+            or type(data["stale"]) is not bool or (summary is not None and not (type(summary) is dict and _plain(summary)))
+            or any(data[k] is not None and type(data[k]) is not str
+                   for k in ("totalInvestable", "baseCurrency", "correlationId"))):
+        return None
+    return _JSON.encode({"data": {
+        "userId": data["userId"], "recommendations": recs, "totalInvestable": data["totalInvestable"],
+        "baseCurrency": data["baseCurrency"], "dataFreshness": freshness, "fromCache": data["fromCache"],
+        "stale": data["stale"], "correlationId": data["correlationId"], "portfolioSummary": summary,
+    }})
+
+
+def json_response(body: bytes, accept_encoding: str) -> Response:
+    """A JSON response, gzipped here when the client takes gzip and the api-server's GZipMiddleware would.
+
+    The middleware builds a compressor with a 32 KB window for every response (~110 us); one sized
+    to the body, at level 1, takes ~25 us (4% larger), and the middleware passes a gzipped body through.
+    """
+    if len(body) < _GZIP_MIN_BYTES or "gzip" not in accept_encoding:  # the middleware's own test
+        return Response(body, media_type="application/json")
+    window_bits = max(9, min(15, (len(body) - 1).bit_length()))
+    gz = zlib.compressobj(1, zlib.DEFLATED, 16 + window_bits, 4)
+    return Response(gz.compress(body) + gz.flush(), media_type="application/json",
+                    headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+
+
 # --------------------------------------------------------------------------- auth
 
 
 def _auth_dependencies() -> list[Any]:
-    """Airflow's authentication plus the auth manager's "may read DAGs" check, for every route."""
-    from airflow.api_fastapi.core_api.security import get_user, requires_access_dag
+    """Airflow's authentication plus the auth manager's "may read DAGs" check, for every route.
 
-    return [Depends(get_user), Depends(requires_access_dag("GET"))]
+    Airflow's answer is remembered per token for a few seconds (`overnight.api_auth`): its revocation
+    check is a metadata-database query per request, which cost more than the dashboard itself.
+    """
+    from overnight.api_auth import airflow_auth
+
+    return airflow_auth()
+
+
+def _declare_security(app: FastAPI) -> None:
+    """Adds Airflow's security schemes to every operation of the app's OpenAPI schema (the docs' login form)."""
+    from overnight.api_auth import openapi_security
+
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schemes, requirement = openapi_security()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(schemes)
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.setdefault("security", requirement)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _login_redirect(request: Request) -> RedirectResponse | None:
@@ -234,6 +357,8 @@ def create_app(
         openapi_url=None,
         lifespan=lifespan,
     )
+    if dependencies is None:
+        _declare_security(app)
     app.state.store = store
     static_files = {p.name: p for p in static_dir.iterdir() if p.is_file()} if static_dir else {}
     templates = None
@@ -257,8 +382,9 @@ def create_app(
 
     @app.get(f"{API_PREFIX}/dashboard/{{user_id}}", response_model=DashboardResponse,
              responses={404: {"description": "Unknown user"}, 422: {"description": "Not a UUID"}})
-    async def dashboard(user_id: Annotated[str, PathParam(description="The user's id (UUID)", max_length=64)]
-                        ) -> dict[str, Any]:
+    async def dashboard(request: Request,
+                        user_id: Annotated[str, PathParam(description="The user's id (UUID)", max_length=64)]
+                        ) -> Response | dict[str, Any]:
         """A user's recommendations: Redis `recs:{id}` first, else the `recommendations` table."""
         try:
             view = await store.dashboard(user_id)
@@ -266,7 +392,11 @@ def create_app(
             raise HTTPException(422, str(exc)) from None
         except UnknownUser as exc:
             raise HTTPException(404, str(exc)) from None
-        return {"data": view.to_json()}
+        data = view.to_json()
+        body = dashboard_body(data)
+        if body is None:  # a value not of its declared type: pydantic coerces or refuses it, as it always did
+            return {"data": data}
+        return json_response(body, request.headers.get("accept-encoding", ""))
 
     @app.get(f"{API_PREFIX}/job-runs", response_model=JobRunsResponse)
     async def job_runs(

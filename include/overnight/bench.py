@@ -37,7 +37,7 @@ import psutil
 import psycopg
 import redis
 
-from overnight import devenv, migrate, pipeline, seed, sessions
+from overnight import devenv, loadgen, migrate, pipeline, seed, sessions
 from overnight.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
 from overnight.markets import load_markets
 
@@ -89,8 +89,10 @@ def _percentile(values: list[float], pct: float) -> float:
 class Bench:
     """One benchmark run: its databases, Airflow home, processes and figures."""
 
-    def __init__(self, users: int, executor: str, batch_size: int, seed_value: int, session: date | None) -> None:
+    def __init__(self, users: int, executor: str, batch_size: int, seed_value: int, session: date | None,
+                 api_workers: int = 1) -> None:
         self.users, self.executor, self.batch_size, self.seed_value = users, executor, batch_size, seed_value
+        self.api_workers = api_workers
         self.id = uuid.uuid4().hex[:8]
         self.home = ROOT / ".local" / f"bench-{self.id}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -137,7 +139,7 @@ class Bench:
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{self.port}/execution/",
             "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{self.port}",
             "AIRFLOW__API__PORT": str(self.port),
-            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__WORKERS": str(self.api_workers),
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "600",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
@@ -359,7 +361,12 @@ class Bench:
     # ------------------------------------------------------------------ dashboard
 
     def run_api(self, seconds: float = 20.0, clients: int = 8) -> None:
-        """p50/p99 of cache hits, misses and a no-op route, `clients` concurrent for `seconds` each."""
+        """p50/p99 of cache hits, misses and a no-op route, `clients` concurrent for `seconds` each.
+
+        The clients are `overnight.loadgen` (asyncio, keep-alive) in a process of their own, so the
+        figures are the api-server's, not the Python HTTP client's; they send httpx's default headers
+        (gzip accepted, as a browser does) with the token.
+        """
         with psycopg.connect(self.dsn) as conn:
             ids = [str(r[0]) for r in conn.execute("SELECT user_id FROM recommendations ORDER BY user_id LIMIT 400")]
         if len(ids) < 20:
@@ -372,34 +379,9 @@ class Bench:
         cases = {"hit": [f"{base}/dashboard/{u}" for u in hit], "miss": [f"{base}/dashboard/{u}" for u in miss],
                  "noop": [f"{base}/ping"]}
         for name, urls in cases.items():
-            times: list[float] = []
-            errors = [0]
-            lock = threading.Lock()
-            end = time.perf_counter() + seconds
-
-            def worker(offset: int, urls: list[str] = urls, times: list[float] = times,
-                       errors: list[int] = errors, lock: threading.Lock = lock, end: float = end) -> None:
-                with httpx.Client(headers=headers, timeout=10) as c:
-                    i = offset
-                    while time.perf_counter() < end:
-                        t0 = time.perf_counter()
-                        r = c.get(urls[i % len(urls)])
-                        dt = (time.perf_counter() - t0) * 1000
-                        with lock:
-                            times.append(dt)
-                            if r.status_code != 200:
-                                errors[0] += 1
-                        i += 1
-
-            threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            self.figures[f"api_{name}_p50_ms"] = round(_percentile(times, 50), 2)
-            self.figures[f"api_{name}_p99_ms"] = round(_percentile(times, 99), 2)
-            self.figures[f"api_{name}_rps"] = round(len(times) / seconds, 1)
-            self.figures[f"api_{name}_errors"] = errors[0]
+            result = loadgen.run_in_subprocess(urls, headers, clients=clients, seconds=seconds)
+            for figure in ("p50_ms", "p99_ms", "rps", "errors"):
+                self.figures[f"api_{name}_{figure}"] = result[figure]
         if self.figures.get("api_noop_rps"):
             self.figures["api_hit_vs_noop_throughput"] = round(
                 self.figures["api_hit_rps"] / self.figures["api_noop_rps"], 2)
@@ -436,10 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=5_000, help="users per mapped task (default 5000)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--api-seconds", type=float, default=20.0)
+    parser.add_argument("--api-workers", type=int, default=1,
+                        help="api-server worker processes (default 1; see docs/benchmarks.md)")
     parser.add_argument("--keep", action="store_true", help="keep the databases and Airflow home afterwards")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped benchmark still stops its Airflow
-    bench = Bench(args.users, args.executor, args.batch_size, args.seed, None)
+    bench = Bench(args.users, args.executor, args.batch_size, args.seed, None, api_workers=args.api_workers)
     try:
         bench.prepare()
         bench.seed()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,27 @@ if str(INCLUDE_DIR) not in sys.path:
 
 PLUGIN_DIR = Path(__file__).resolve().parent
 URL_PREFIX = "/overnight"
+GC_FREEZE_ENV = "OVERNIGHT_API_GC_FREEZE"
+
+log = logging.getLogger(__name__)
+
+
+def freeze_startup_heap() -> int:
+    """Moves the api-server's start-up heap out of the cyclic GC's reach (`gc.freeze`); returns the objects frozen.
+
+    Airflow's api-server holds ~600k long-lived objects. Under load, each young collection promotes the
+    objects of the requests in flight, so a full collection ran every ~2 s and stopped the event loop
+    for 0.2-0.5 s: the dashboard's p99, and its Redis calls timing out. Frozen objects are skipped by
+    the collector (a full collection then takes a few ms) and never freed if they become cyclic garbage,
+    which bounds the cost by the heap at start-up. `OVERNIGHT_API_GC_FREEZE=0` leaves the GC alone.
+    """
+    if os.environ.get(GC_FREEZE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return 0
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    log.info("overnight dashboard: %d objects of the api-server's heap frozen out of the cyclic GC (%s=0: off)",
+             frozen, GC_FREEZE_ENV)
+    return frozen
 
 
 class DashboardApp:
@@ -34,6 +58,7 @@ class DashboardApp:
             from overnight.api import create_app
 
             self._app = create_app(static_dir=PLUGIN_DIR / "static", template_dir=PLUGIN_DIR / "templates")
+            freeze_startup_heap()
         return self._app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

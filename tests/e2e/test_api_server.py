@@ -156,6 +156,7 @@ def stack(airflow_db: None, pg_dsn: str, seeded: dict[str, int]) -> Iterator[dic
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp / "passwords.json"),
         "AIRFLOW__API_AUTH__JWT_SECRET": JWT_SECRET,
+        "AIRFLOW__API_AUTH__JWT_LEEWAY": "0",  # expiry exactly at `exp` (the auth-cache test relies on it)
         "AIRFLOW__CORE__LAZY_LOAD_PLUGINS": "False",
         "PYTHONPATH": os.pathsep.join([str(ROOT / "include"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         "NO_PROXY": "*",
@@ -220,6 +221,38 @@ def test_token_signed_with_another_secret_is_refused(stack: dict[str, Any]) -> N
     assert resp.status_code == 403 and resp.json() == {"detail": "Invalid JWT token"}
     cookie = httpx.get(stack["main"].url + _dash(stack["user_id"]), cookies={"_token": forged}, trust_env=False)
     assert cookie.status_code in (401, 403)
+
+
+def test_revoked_token_is_refused_within_the_auth_cache_ttl(stack: dict[str, Any]) -> None:
+    """The plugin remembers Airflow's "may read DAGs" per token for a few seconds; a logout ends it within that."""
+    from overnight.api_auth import AUTH_CACHE_TTL_S
+
+    login = httpx.post(f"{stack['main'].url}/auth/token", json={"username": "viewer", "password": "viewer"},
+                       trust_env=False)
+    headers = {"Authorization": f"Bearer {login.json()['access_token']}"}
+    assert _get(stack, _dash(stack["user_id"]), who=None, headers=headers).status_code == 200  # now remembered
+    logout = httpx.get(stack["main"].url + "/api/v2/auth/logout", headers=headers, trust_env=False)
+    assert logout.status_code in (302, 303, 307), logout.text
+    revoked = time.monotonic()
+    while (resp := _get(stack, _dash(stack["user_id"]), who=None, headers=headers)).status_code == 200:
+        assert time.monotonic() - revoked < AUTH_CACHE_TTL_S + 1, "a revoked token is still served after the TTL"
+        time.sleep(0.2)
+    assert resp.status_code == 403 and resp.json() == {"detail": "Invalid JWT token"}
+    assert _get(stack, "/overnight/api/v1/ping", who=None, headers=headers).status_code == 403
+
+
+def test_expired_token_is_refused_at_exp_even_when_remembered(stack: dict[str, Any]) -> None:
+    import jwt
+
+    claims = jwt.decode(stack["tokens"]["viewer"], options={"verify_signature": False})
+    now = int(time.time())
+    short = jwt.encode({**claims, "jti": uuid.uuid4().hex, "iat": now, "nbf": now, "exp": now + 2}, JWT_SECRET,
+                       algorithm="HS512")
+    headers = {"Authorization": f"Bearer {short}"}
+    assert _get(stack, _dash(stack["user_id"]), who=None, headers=headers).status_code == 200  # remembered until exp
+    time.sleep(max(0.0, now + 2 - time.time()) + 0.2)
+    resp = _get(stack, _dash(stack["user_id"]), who=None, headers=headers)
+    assert resp.status_code == 401 and resp.json() == {"detail": "Token Expired"}
 
 
 def test_browser_without_session_is_sent_to_login(stack: dict[str, Any]) -> None:

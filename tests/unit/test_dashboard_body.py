@@ -1,0 +1,185 @@
+"""Tests for overnight.api.dashboard_body: the pre-encoded dashboard JSON is byte for byte what the response model
+would produce, and anything pydantic would coerce or refuse is left to pydantic."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pydantic
+import pytest
+
+from overnight import api
+from overnight.dashboard import DashboardView, view_from_document
+
+UID = "00a41595-d052-5458-a63d-f21b399f9df9"
+DOC: dict[str, Any] = {
+    "userId": UID,
+    "generatedAt": "2026-11-22T08:26:56.196272+00:00",
+    "recommendations": [
+        {"assetId": "1758", "symbol": "RWT", "score": "15", "amount": "894.12", "currency": "USD",
+         "allocationGap": "18.16", "breakdown": {"criteriaCount": 4, "topContributor": "payout_ratio"}},
+        {"assetId": "2055", "symbol": "VPOM", "score": "20", "amount": "605.88", "currency": "USD",
+         "allocationGap": "19.76", "breakdown": {"criteriaCount": 2, "topContributor": "debt_to_equity"}},
+    ],
+    "portfolioSummary": {"totalValue": "2025386.79", "baseCurrency": "USD",
+                         "allocations": {"Stocks": "61.38", "Real estate": "13.94"}},
+    "dataFreshness": {"pricesAsOf": "2026-11-22T02:26:22+00:00", "ratesAsOf": "2026-11-22T07:26:22+00:00",
+                      "criteriaVersion": f"user-{UID}@v1"},
+    "totalInvestable": "4500.00",
+    "ratesStale": False,
+    "correlationId": "a817c98d-329a-4e9c-acff-56274b3ac73c",
+    "market": "XNYS",
+    "sessionDate": "2026-11-23",
+}
+RESPONSE = pydantic.TypeAdapter(api.DashboardResponse)
+
+
+def _variant(change: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    doc = copy.deepcopy(DOC)
+    change(doc)
+    return doc
+
+
+def _data(doc: dict[str, Any]) -> dict[str, Any]:
+    return view_from_document(UID, doc, from_cache=True).to_json()
+
+
+def _pydantic(data: dict[str, Any]) -> bytes:
+    """What FastAPI makes of `{"data": data}` with `response_model=DashboardResponse`."""
+    return RESPONSE.dump_json(RESPONSE.validate_python({"data": data}))
+
+
+SAME = [
+    pytest.param(DOC, id="as-written"),
+    pytest.param(_variant(lambda d: d["recommendations"][0].pop("breakdown")), id="no-breakdown"),
+    pytest.param(_variant(lambda d: d["recommendations"][0].update(breakdown=None)), id="null-breakdown"),
+    pytest.param(_variant(lambda d: d["recommendations"][0]["breakdown"].pop("topContributor")), id="partial-breakdown"),
+    pytest.param(_variant(lambda d: d["recommendations"][1]["breakdown"].update(extra=[1, {"a": None}])),
+                 id="breakdown-extra"),
+    pytest.param(_variant(lambda d: d["recommendations"][0].update(note="x", rank=3, tags=["a"], ok=True, n=None)),
+                 id="recommendation-extras"),
+    pytest.param(_variant(lambda d: d["recommendations"][0].update({"symbol": "ÄÖÜ-€-日本 \n\t\x01\x7f\u2028</script>"})),
+                 id="unicode-and-control-characters"),
+    pytest.param(_variant(lambda d: d.update(recommendations=[])), id="no-recommendations"),
+    pytest.param(_variant(lambda d: d.update(dataFreshness={"ratesAsOf": None, "source": "ecb"})), id="freshness-extra"),
+    pytest.param(_variant(lambda d: d.pop("dataFreshness")), id="no-freshness"),
+    pytest.param(_variant(lambda d: d.update(portfolioSummary=None, totalInvestable=None, correlationId=None)),
+                 id="nulls"),
+    pytest.param(_variant(lambda d: d["portfolioSummary"].update(count=2**62, flags=[True, False], empty={})),
+                 id="summary-values"),
+    pytest.param(_variant(lambda d: d.update(generatedAt="2020-01-01T00:00:00", ratesStale=True)), id="stale"),
+]
+
+
+@pytest.mark.parametrize("doc", SAME)
+def test_same_bytes_as_the_response_model(doc: dict[str, Any]) -> None:
+    data = _data(doc)
+    assert api.dashboard_body(data) == _pydantic(data)
+
+
+def test_same_bytes_for_a_view_built_by_hand() -> None:
+    data = DashboardView(UID, [], None, "EUR", None, from_cache=False, stale=True).to_json()
+    assert api.dashboard_body(data) == _pydantic(data)
+
+
+LEFT_TO_PYDANTIC = [
+    pytest.param(lambda d: d["recommendations"][0].update(score=15), id="number-for-a-string"),
+    pytest.param(lambda d: d["recommendations"][0].pop("symbol"), id="missing-required"),
+    pytest.param(lambda d: d["recommendations"][0]["breakdown"].update(criteriaCount="4"), id="string-for-an-int"),
+    pytest.param(lambda d: d["recommendations"][0]["breakdown"].update(criteriaCount=True), id="bool-for-an-int"),
+    pytest.param(lambda d: d["recommendations"][0]["breakdown"].update(criteriaCount=4.0), id="float-for-an-int"),
+    pytest.param(lambda d: d["recommendations"][0].update(breakdown="none"), id="breakdown-not-an-object"),
+    pytest.param(lambda d: d["recommendations"][0].update(weight=0.1), id="float-extra"),
+    pytest.param(lambda d: d["recommendations"][0].update(big=2**70), id="huge-int-extra"),
+    pytest.param(lambda d: d["recommendations"].append("RWT"), id="recommendation-not-an-object"),
+    pytest.param(lambda d: d["dataFreshness"].update(pricesAsOf=20261122), id="freshness-number"),
+    pytest.param(lambda d: d["portfolioSummary"].update(totalValue=2025386.79), id="summary-float"),
+    pytest.param(lambda d: d.update(totalInvestable=4500), id="total-number"),
+]
+
+
+@pytest.mark.parametrize("change", LEFT_TO_PYDANTIC)
+def test_values_pydantic_would_coerce_or_refuse_are_left_to_it(change: Callable[[dict[str, Any]], Any]) -> None:
+    data = _data(_variant(change))
+    assert api.dashboard_body(data) is None
+
+
+class FakeStore:
+    """The store's `dashboard`, serving one document."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+
+    async def dashboard(self, user_id: str) -> DashboardView:
+        return view_from_document(user_id, self.doc, from_cache=True)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _get(doc: dict[str, Any]) -> httpx.Response:
+    app = api.create_app(store=FakeStore(doc), dependencies=[])  # type: ignore[arg-type]
+
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.get(f"/api/v1/dashboard/{UID}")
+
+    return asyncio.run(go())
+
+
+def test_the_route_serves_the_pre_encoded_body() -> None:
+    resp = _get(DOC)
+    assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
+    assert resp.content == _pydantic(_data(DOC))
+
+
+def test_the_route_falls_back_to_the_response_model() -> None:
+    coerced = _get(_variant(lambda d: d["recommendations"][0]["breakdown"].update(criteriaCount="4")))
+    assert coerced.status_code == 200
+    assert json.loads(coerced.content)["data"]["recommendations"][0]["breakdown"]["criteriaCount"] == 4
+    with pytest.raises(Exception, match="validation error"):  # as before: a malformed document is a server error
+        _get(_variant(lambda d: d["recommendations"][0].update(score=15)))
+
+
+@pytest.mark.parametrize(
+    ("accept", "size", "gzipped"),
+    [
+        pytest.param("gzip, deflate", 1609, True, id="gzip"),
+        pytest.param("br;q=1, gzip;q=0.5", 40_000, True, id="gzip-large"),
+        pytest.param("", 1609, False, id="no-accept-encoding"),
+        pytest.param("deflate, br", 1609, False, id="no-gzip"),
+        pytest.param("gzip", 1023, False, id="below-the-middlewares-minimum"),
+    ],
+)
+def test_json_response_gzips_as_the_api_servers_middleware_would(accept: str, size: int, gzipped: bool) -> None:
+    import zlib
+
+    body = json.dumps({"data": "x" * (size - 12)}).encode()
+    assert len(body) == size
+    resp = api.json_response(body, accept)
+    assert resp.media_type == "application/json"
+    if gzipped:
+        assert resp.headers["content-encoding"] == "gzip" and resp.headers["vary"] == "Accept-Encoding"
+        assert zlib.decompress(resp.body, 16 + zlib.MAX_WBITS) == body
+        assert int(resp.headers["content-length"]) == len(resp.body) < size
+    else:
+        assert "content-encoding" not in resp.headers and resp.body == body
+
+
+def test_the_route_gzips_for_a_client_that_takes_it() -> None:
+    doc = _variant(lambda d: d["recommendations"].extend(copy.deepcopy(d["recommendations"]) * 2))
+    assert len(api.dashboard_body(_data(doc)) or b"") > 1024
+    app = api.create_app(store=FakeStore(doc), dependencies=[])  # type: ignore[arg-type]
+
+    async def go() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.get(f"/api/v1/dashboard/{UID}", headers={"Accept-Encoding": "gzip"})
+
+    resp = asyncio.run(go())
+    assert resp.headers["content-encoding"] == "gzip"
+    assert resp.content == _pydantic(_data(doc))  # httpx decodes it
