@@ -245,6 +245,8 @@ class Bench:
         """Peak RSS of any one task process, and CPU seconds per kind of process (where the time goes)."""
         last: dict[int, float] = {}
         cpu: dict[str, float] = {}
+        api = self.procs.get("api-server")
+        api_pid = api.pid if api is not None else -1
         while not stop.is_set():
             for p in psutil.process_iter(["cmdline", "memory_info", "cpu_times", "name"]):
                 with suppress(psutil.Error, TypeError):
@@ -257,6 +259,8 @@ class Bench:
                             "api-server" if "api_server" in cmd or "api-server" in cmd else
                             "postgres" if p.info["name"] == "postgres" else
                             "redis" if "redis-server" in cmd else "bench" if "overnight.bench" in cmd else None)
+                    if kind is None and "multiprocessing" in cmd and api_pid in {q.pid for q in p.parents()}:
+                        kind = "api-server"  # its workers (AIRFLOW__API__WORKERS > 1) are spawned children
                     if kind:
                         t = p.info["cpu_times"].user + p.info["cpu_times"].system
                         cpu[kind] = cpu.get(kind, 0.0) + t - last.get(p.pid, t)
