@@ -90,16 +90,18 @@ class Bench:
     """One benchmark run: its databases, Airflow home, processes and figures."""
 
     def __init__(self, users: int, executor: str, batch_size: int, seed_value: int, session: date | None,
-                 api_workers: int = 1) -> None:
+                 api_workers: int = 1, parallelism: int = 2) -> None:
         self.users, self.executor, self.batch_size, self.seed_value = users, executor, batch_size, seed_value
-        self.api_workers = api_workers
+        self.api_workers, self.parallelism = api_workers, parallelism
         self.id = uuid.uuid4().hex[:8]
         self.home = ROOT / ".local" / f"bench-{self.id}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.port = _free_port()
         self.codes = load_markets().codes
         self.session = session or self._common_session()
-        self.figures: dict[str, Any] = {"users": users, "executor": executor, "session": self.session.isoformat()}
+        self.figures: dict[str, Any] = {"users": users, "executor": executor, "session": self.session.isoformat(),
+                                        "batch_size": batch_size, "parallelism": parallelism,
+                                        "api_workers": api_workers}
 
     def _common_session(self) -> date:
         """The next date on which every market trades (so every user is served once)."""
@@ -134,7 +136,7 @@ class Bench:
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": meta.replace("postgresql://", "postgresql+psycopg2://", 1),
             "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor" if self.executor == "celery" else "LocalExecutor",
-            "AIRFLOW__CORE__PARALLELISM": "2",
+            "AIRFLOW__CORE__PARALLELISM": str(self.parallelism),
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{self.port}/execution/",
             "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{self.port}",
@@ -424,10 +426,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-seconds", type=float, default=20.0)
     parser.add_argument("--api-workers", type=int, default=1,
                         help="api-server worker processes (default 1; see docs/benchmarks.md)")
+    parser.add_argument("--parallelism", type=int, default=2,
+                        help="Airflow task slots (AIRFLOW__CORE__PARALLELISM; default 2, one per core)")
     parser.add_argument("--keep", action="store_true", help="keep the databases and Airflow home afterwards")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped benchmark still stops its Airflow
-    bench = Bench(args.users, args.executor, args.batch_size, args.seed, None, api_workers=args.api_workers)
+    bench = Bench(args.users, args.executor, args.batch_size, args.seed, None, api_workers=args.api_workers,
+                  parallelism=args.parallelism)
     try:
         bench.prepare()
         bench.seed()

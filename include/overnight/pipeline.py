@@ -550,7 +550,11 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
         if prices_as_of is None or quote.as_of < prices_as_of:
             prices_as_of = quote.as_of
         text = texts[j]
-        if text is None:  # a value the vectorised pass cannot compare exactly, or a missing one
+        if text is None and (reason := found.reasons.get(j)) is not None:  # a missing fundamental
+            scores[symbol] = None
+            unscored[symbol] = reason
+            continue
+        if text is None:  # a value the vectorised pass cannot compare exactly
             score = slow[j] = score_asset(compiled.rules, asset.fundamentals, True)
             if score.score is None:
                 scores[symbol] = None

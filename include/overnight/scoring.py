@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
@@ -139,14 +139,16 @@ def _exact_float(x: Any) -> float:
 class FundamentalsTable:
     """The fundamentals of a batch's assets as a float matrix: a row per asset, a column per metric.
 
-    NaN marks a value that is missing or not exactly comparable as a float; column 0 is all NaN and
-    stands for metrics no asset has."""
+    NaN marks a value that is missing or not exactly comparable as a float, and `absent` the missing
+    ones (None or no such key); column 0 is all NaN and absent, and stands for metrics no asset has."""
 
     def __init__(self) -> None:
         self.rows: dict[int, int] = {}
         self.columns: dict[str, int] = {"": 0}
         self._data: list[list[float]] = []
+        self._absent: list[list[bool]] = []
         self._matrix: np.ndarray | None = None
+        self._absent_matrix: np.ndarray | None = None
 
     def add(self, assets: dict[int, dict[str, Any]]) -> None:
         """Adds the assets (id -> fundamentals) not in the table yet."""
@@ -159,14 +161,19 @@ class FundamentalsTable:
                 self.columns[name] = len(self.columns)
             for row in self._data:
                 row.extend([math.nan] * len(names))
+            for flags in self._absent:
+                flags.extend([True] * len(names))
         width, columns = len(self.columns), self.columns
         for aid, fundamentals in new:
             self.rows[aid] = len(self._data)
             row = [math.nan] * width
+            absent = [True] * width
             for name, value in fundamentals.items():
                 row[columns[name]] = _exact_float(value)
+                absent[columns[name]] = value is None
             self._data.append(row)
-        self._matrix = None
+            self._absent.append(absent)
+        self._matrix = self._absent_matrix = None
 
     @property
     def matrix(self) -> np.ndarray:
@@ -176,6 +183,15 @@ class FundamentalsTable:
         if self._matrix is None:
             self._matrix = np.array(self._data, dtype=np.float64).reshape(len(self._data), len(self.columns))
         return self._matrix
+
+    @property
+    def absent(self) -> np.ndarray:
+        """The (assets x metrics) matrix of missing values (None or no such key)."""
+        import numpy as np
+
+        if self._absent_matrix is None:
+            self._absent_matrix = np.array(self._absent, dtype=bool).reshape(len(self._absent), len(self.columns))
+        return self._absent_matrix
 
 
 @dataclass(slots=True)
@@ -229,6 +245,7 @@ class RowScores:
     values: list[Any]
     counts: list[int]
     tops: list[str]
+    reasons: dict[int, str] = field(default_factory=dict)  # unscored positions whose reason is known
 
     def score(self, j: int) -> Score:
         """The `Score` at position j (a vectorised one)."""
@@ -295,7 +312,22 @@ def score_many(requests: list[tuple[CompiledRules, list[int]]], table: Fundament
     lo, hi = rule_lo[pair_rule], rule_hi[pair_rule]
     matched = (np.where(rule_lo_closed[pair_rule], x >= lo, x > lo)
                & np.where(rule_hi_closed[pair_rule], x <= hi, x < hi))
-    unsure = np.logical_or.reduceat(np.isnan(x), group).tolist()
+    nan = np.isnan(x)
+    unsure_mask = np.logical_or.reduceat(nan, group)
+    unsure = unsure_mask.tolist()
+    reasons: dict[int, str] = {}  # entry -> reason, where the first rule (in order) without a value has none
+    if unsure_mask.any():
+        uncertain = np.flatnonzero(unsure_mask)
+        local = np.arange(pairs) - np.repeat(group, n_rules)
+        first_nan = np.minimum.reduceat(np.where(nan, local, pairs), group)[uncertain]
+        first_pair = group[uncertain] + first_nan
+        rows_arr = np.array(rows_all, dtype=np.intp)
+        absent = table.absent[rows_arr[uncertain], rule_col[pair_rule[first_pair]]]
+        entry_request = np.repeat(np.arange(len(todo)), n_entries)[uncertain]
+        for entry, q, rule, gone in zip(uncertain.tolist(), entry_request.tolist(), first_nan.tolist(),
+                                        absent.tolist(), strict=True):
+            if gone:  # what score_asset answers: it stops at the first rule whose value is missing
+                reasons[entry] = f"missing fundamental '{requests[todo[q]][0].metrics[rule]}'"
     totals = np.add.reduceat(np.where(matched, rule_points[pair_rule], 0), group).tolist()
     counts = np.add.reduceat(matched.astype(np.int64), group).tolist()
     key = np.where(matched, rule_magnitude[pair_rule], -1)
@@ -319,9 +351,12 @@ def score_many(requests: list[tuple[CompiledRules, list[int]]], table: Fundament
             texts = [str(v) for v in values]
         cnt = counts[k:end]
         tops = [metrics[t] if n else "" for t, n in zip(top_local[k:end], cnt, strict=True)]
+        mine: dict[int, str] = {}
         for j, flag in enumerate(unsure[k:end]):
             if flag:
                 texts[j] = None
-        out[q] = RowScores(texts, values, cnt, tops)
+                if (reason := reasons.get(k + j)) is not None:
+                    mine[j] = reason
+        out[q] = RowScores(texts, values, cnt, tops, mine)
         k = end
     return out

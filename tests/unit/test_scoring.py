@@ -143,7 +143,7 @@ def test_score_many_scores_each_user_by_their_own_rules():
     from overnight.scoring import FundamentalsTable, compile_rules, score_many
 
     rng = random.Random(13)
-    checked = 0
+    checked = reasoned = 0
     for _ in range(60):
         cases = [_random_case(rng) for _ in range(rng.randint(1, 12))]
         table = FundamentalsTable()
@@ -160,9 +160,12 @@ def test_score_many_scores_each_user_by_their_own_rules():
             assert len(got.texts) == len(want)
             for j, w in enumerate(want):
                 if got.texts[j] is None:
+                    if j in got.reasons:
+                        assert w.score is None and got.reasons[j] == w.reason
+                        reasoned += 1
                     continue
                 assert (got.texts[j], got.counts[j], got.tops[j]) == (str(w.score), w.criteria_count,
                                                                       w.top_contributor)
                 assert got.score(j).score == w.score
                 checked += 1
-    assert checked > 1000
+    assert checked > 1000 and reasoned > 50
