@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from overnight import cache, db, pipeline, sessions, telemetry
+from overnight import db, pipeline, sessions, telemetry
 from overnight.connections import ConnectionNotConfigured, get_connection
 from overnight.markets import Market
 from overnight.providers.base import PriceProvider, RatesProvider, RatesSnapshot
@@ -165,6 +165,7 @@ def price_provider(conn: Any) -> PriceProvider:
     http = _http_conn(PRICES_CONN_ID)
     if http is None:
         return DbPriceProvider(conn)
+    from overnight import cache
     from overnight.providers.http import HttpPriceProvider
     from overnight.providers.ratelimit import RedisRateLimiter
 
@@ -218,6 +219,8 @@ def score_batch(batch: dict[str, Any], job_x: dict[str, Any], rates_x: dict[str,
     run = RunParams.from_xcom(run_x)
     rates = RatesSnapshot.from_xcom(rates_x)
     aud = pipeline.Audience.from_xcom(batch["audience"])
+    from overnight import cache  # redis is imported by the tasks that use it, not by every task's DAG parse
+
     redis_client = None
     try:
         redis_client = cache.connect()
