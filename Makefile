@@ -41,7 +41,7 @@ run: migrate airflow-setup  ## run MARKET's DAG once in-process for DATE (defaul
 	@$(WITH_ENV) $(PY) -m overnight.cli run --market "$(MARKET)" $(if $(DATE),--date "$(DATE)")
 
 EXECUTOR ?= local
-BATCH ?= 5000
+BATCH ?= 10000
 bench: migrate  ## the benchmark on fresh databases: USERS=N [EXECUTOR=celery] [BATCH=users per task]
 	@$(WITH_ENV) $(PY) -m overnight.bench --users $(USERS) --executor $(EXECUTOR) --batch-size $(BATCH)
 

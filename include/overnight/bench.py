@@ -100,7 +100,7 @@ class Bench:
     """One benchmark run: its databases, Airflow home, processes and figures."""
 
     def __init__(self, users: int, executor: str, batch_size: int, seed_value: int, session: date | None,
-                 api_workers: int = 1, parallelism: int = 2) -> None:
+                 api_workers: int = 2, parallelism: int = 4) -> None:
         self.users, self.executor, self.batch_size, self.seed_value = users, executor, batch_size, seed_value
         self.api_workers, self.parallelism = api_workers, parallelism
         self.id = uuid.uuid4().hex[:8]
@@ -432,13 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m overnight.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument("--executor", choices=["local", "celery"], default="local")
-    parser.add_argument("--batch-size", type=int, default=5_000, help="users per mapped task (default 5000)")
+    parser.add_argument("--batch-size", type=int, default=10_000, help="users per mapped task (default 10000)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--api-seconds", type=float, default=20.0)
-    parser.add_argument("--api-workers", type=int, default=1,
+    parser.add_argument("--api-workers", type=int, default=2,
                         help="api-server worker processes (default 1; see docs/benchmarks.md)")
-    parser.add_argument("--parallelism", type=int, default=2,
-                        help="Airflow task slots (AIRFLOW__CORE__PARALLELISM; default 2, one per core)")
+    parser.add_argument("--parallelism", type=int, default=4,
+                        help="Airflow task slots (AIRFLOW__CORE__PARALLELISM; default 4: two per core, since a slot "
+                             "also waits on task start-up and Postgres)")
     parser.add_argument("--keep", action="store_true", help="keep the databases and Airflow home afterwards")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped benchmark still stops its Airflow
