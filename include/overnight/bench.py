@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--api-seconds", type=float, default=20.0)
     parser.add_argument("--api-workers", type=int, default=2,
-                        help="api-server worker processes (default 1; see docs/benchmarks.md)")
+                        help="api-server worker processes (default 2, one per core; see docs/benchmarks.md)")
     parser.add_argument("--parallelism", type=int, default=4,
                         help="Airflow task slots (AIRFLOW__CORE__PARALLELISM; default 4: two per core, since a slot "
                              "also waits on task start-up and Postgres)")
