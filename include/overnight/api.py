@@ -215,12 +215,17 @@ def _as_model(obj: Any, fields: Mapping[str, type]) -> dict[str, Any] | None:
         if value is not None and type(value) is not kind:
             return None
         out[name] = value
+    return out if _add_extras(obj, out, out) else None
+
+
+def _add_extras(obj: dict[str, Any], declared: Any, out: dict[str, Any]) -> bool:
+    """Copies `obj`'s keys not in `declared` into `out`; False when one is not plain JSON."""
     for key, value in obj.items():
-        if key not in out:
+        if key not in declared:
             if not _plain(value):
-                return None
+                return False
             out[key] = value
-    return out
+    return True
 
 
 def _recommendation(rec: Any) -> dict[str, Any] | None:
@@ -235,12 +240,7 @@ def _recommendation(rec: Any) -> dict[str, Any] | None:
     if breakdown is not None and (breakdown := _as_model(breakdown, _BREAKDOWN_FIELDS)) is None:
         return None
     out["breakdown"] = breakdown
-    for key, value in rec.items():
-        if key not in _REC_FIELDS:
-            if not _plain(value):
-                return None
-            out[key] = value
-    return out
+    return out if _add_extras(rec, _REC_FIELDS, out) else None
 
 
 def dashboard_body(data: dict[str, Any]) -> bytes | None:

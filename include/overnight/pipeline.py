@@ -38,7 +38,6 @@ from overnight.scoring import (
     parse_rules,
     score_asset,
     score_many,
-    score_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -649,12 +648,6 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     ]
     return UserResult(user.id, events, document, portfolio, criteria_version, completed, len(scored_symbols),
                       len(recs))
-
-
-def calculate_user(user: UserRow, batch: Batch) -> UserResult:
-    """Scores one user's universe and builds their events and documents; raises UserFailure."""
-    p = prepare_user(user, batch)
-    return finish_user(p, score_rows(p.compiled, batch.table, p.priced_rows), batch)
 
 
 _UNEXPECTED = (ArithmeticError, InvalidOperation, ValueError, KeyError, TypeError)
