@@ -161,11 +161,20 @@ def openapi_security() -> tuple[dict[str, Any], list[dict[str, list[str]]]]:
     return schemes, [{name: []} for name in schemes]
 
 
-def airflow_auth(ttl_s: float | None = None) -> list[Any]:
-    """Airflow's authentication and "may read DAGs" check as the app's dependencies (remembered `ttl_s` s)."""
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, read as FastAPI's `HTTPBearer` reads it; else None."""
+    if not authorization:
+        return None
+    scheme, _, credentials = authorization.partition(" ")
+    credentials = credentials.strip()
+    return credentials if scheme.lower() == "bearer" and credentials else None
+
+
+def airflow_auth(cache: AuthCache | None = None) -> list[Any]:
+    """Airflow's authentication and "may read DAGs" check as the app's dependencies, remembered in `cache`
+    (none, or a TTL of 0: asked every time)."""
     from airflow.api_fastapi.core_api.security import get_user, requires_access_dag
 
-    ttl = ttl_from_env() if ttl_s is None else ttl_s
-    if ttl <= 0:
+    if cache is None or cache.ttl_s <= 0:
         return [Depends(get_user), Depends(requires_access_dag("GET"))]
-    return [Depends(cached_auth(get_user, requires_access_dag("GET"), AuthCache(ttl)))]
+    return [Depends(cached_auth(get_user, requires_access_dag("GET"), cache))]

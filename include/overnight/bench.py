@@ -89,13 +89,6 @@ def _wait_quiet(below_pct: float = 20.0, max_s: float = 90.0) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
-def _percentile(values: list[float], pct: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
-
-
 class Bench:
     """One benchmark run: its databases, Airflow home, processes and figures."""
 
@@ -323,8 +316,8 @@ class Bench:
                 if ti.get("task_id") == "score_batch" and ti.get("duration") is not None:
                     durations.append(float(ti["duration"]))
         self.figures["batches"] = len(durations)
-        self.figures["batch_p50_s"] = round(_percentile(durations, 50), 2)
-        self.figures["batch_p95_s"] = round(_percentile(durations, 95), 2)
+        self.figures["batch_p50_s"] = round(loadgen.percentile(durations, 50), 2)
+        self.figures["batch_p95_s"] = round(loadgen.percentile(durations, 95), 2)
         with psycopg.connect(self.dsn) as conn:
             processed = conn.execute(
                 "SELECT coalesce(sum(users_processed), 0), coalesce(sum(users_failed), 0) FROM overnight_job_runs"
@@ -376,12 +369,16 @@ class Bench:
 
     # ------------------------------------------------------------------ dashboard
 
-    def run_api(self, seconds: float = 20.0, clients: int = 8) -> None:
+    def run_api(self, seconds: float = 20.0, clients: int = 8, rounds: int = 4) -> None:
         """p50/p99 of cache hits, misses and a no-op route, `clients` concurrent for `seconds` each.
 
         The clients are `overnight.loadgen` (asyncio, keep-alive) in a process of their own, so the
         figures are the api-server's, not the Python HTTP client's; they send httpx's default headers
-        (gzip accepted, as a browser does) with the token.
+        (gzip accepted, as a browser does) with the token. The cases take turns in `rounds` slices of
+        `seconds / rounds` (hit, miss, no-op, hit, ...), each on new connections, and each case's
+        percentiles are over all its slices: a drift of the machine's speed during the measurement
+        then weighs on every case alike, and so does the kernel's split of the connections between
+        api-server workers.
         """
         with psycopg.connect(self.dsn) as conn:
             ids = [str(r[0]) for r in conn.execute("SELECT user_id FROM recommendations ORDER BY user_id LIMIT 400")]
@@ -394,11 +391,23 @@ class Bench:
         base = f"http://127.0.0.1:{self.port}/overnight/api/v1"
         cases = {"hit": [f"{base}/dashboard/{u}" for u in hit], "miss": [f"{base}/dashboard/{u}" for u in miss],
                  "noop": [f"{base}/ping"]}
-        for name, urls in cases.items():
-            self.figures[f"api_{name}_quiet_wait_s"] = _wait_quiet()
-            result = loadgen.run_in_subprocess(urls, headers, clients=clients, seconds=seconds)
-            for figure in ("p50_ms", "p99_ms", "rps", "errors"):
-                self.figures[f"api_{name}_{figure}"] = result[figure]
+        self.figures["api_quiet_wait_s"] = _wait_quiet()
+        self.figures["api_rounds"] = rounds
+        latencies: dict[str, list[float]] = {name: [] for name in cases}
+        elapsed = dict.fromkeys(cases, 0.0)
+        errors = dict.fromkeys(cases, 0)
+        for _ in range(rounds):
+            for name, urls in cases.items():
+                result = loadgen.run_in_subprocess(urls, headers, clients=clients, seconds=seconds / rounds,
+                                                   latencies=True)
+                latencies[name] += result["latencies_ms"]
+                elapsed[name] += result["elapsed_s"]
+                errors[name] += result["errors"]
+        for name in cases:
+            self.figures[f"api_{name}_p50_ms"] = round(loadgen.percentile(latencies[name], 50), 2)
+            self.figures[f"api_{name}_p99_ms"] = round(loadgen.percentile(latencies[name], 99), 2)
+            self.figures[f"api_{name}_rps"] = round(len(latencies[name]) / elapsed[name], 1) if elapsed[name] else 0.0
+            self.figures[f"api_{name}_errors"] = errors[name]
         if self.figures.get("api_noop_rps"):
             self.figures["api_hit_vs_noop_throughput"] = round(
                 self.figures["api_hit_rps"] / self.figures["api_noop_rps"], 2)

@@ -154,7 +154,7 @@ async def _client(offset: int, targets: list[tuple[tuple[str, int], bytes]], dea
 
 
 async def _run(targets: list[tuple[tuple[str, int], bytes]], clients: int, seconds: float, max_requests: int,
-               timeout_s: float) -> dict[str, Any]:
+               timeout_s: float, latencies: bool = False) -> dict[str, Any]:
     times: list[float] = []
     errors = [0]
     t0 = time.perf_counter()
@@ -162,17 +162,22 @@ async def _run(targets: list[tuple[tuple[str, int], bytes]], clients: int, secon
     budget = [max_requests]
     await asyncio.gather(*(_client(k, targets, deadline, budget, timeout_s, times, errors) for k in range(clients)))
     elapsed = time.perf_counter() - t0
-    return {"p50_ms": round(percentile(times, 50), 2), "p99_ms": round(percentile(times, 99), 2),
-            "rps": round(len(times) / elapsed, 1) if elapsed > 0 else 0.0, "errors": errors[0], "n": len(times)}
+    result: dict[str, Any] = {"p50_ms": round(percentile(times, 50), 2), "p99_ms": round(percentile(times, 99), 2),
+              "rps": round(len(times) / elapsed, 1) if elapsed > 0 else 0.0, "errors": errors[0], "n": len(times),
+              "elapsed_s": round(elapsed, 3)}
+    if latencies:
+        result["latencies_ms"] = [round(t, 3) for t in times]
+    return result
 
 
 def run(urls: Sequence[str], headers: dict[str, str] | None = None, clients: int = 8, seconds: float = 20.0,
-        *, max_requests: int = MAX_REQUESTS, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
-    """Returns {p50_ms, p99_ms, rps, errors, n} of `clients` keep-alive clients GETting `urls` for `seconds`."""
+        *, max_requests: int = MAX_REQUESTS, timeout_s: float = TIMEOUT_S, latencies: bool = False) -> dict[str, Any]:
+    """Returns {p50_ms, p99_ms, rps, errors, n, elapsed_s} of `clients` keep-alive clients GETting `urls` for
+    `seconds`; with `latencies`, every request's latency too (`latencies_ms`, to merge runs)."""
     if not urls or clients < 1 or seconds <= 0:
         raise ValueError("loadgen: need at least one URL, one client and a positive duration")
     targets = [_target(u, headers or {}) for u in urls]
-    coro = _run(targets, clients, seconds, max_requests, timeout_s)
+    coro = _run(targets, clients, seconds, max_requests, timeout_s, latencies)
     try:
         import uvloop
     except ImportError:
@@ -182,10 +187,10 @@ def run(urls: Sequence[str], headers: dict[str, str] | None = None, clients: int
 
 def run_in_subprocess(urls: Sequence[str], headers: dict[str, str] | None = None, clients: int = 8,
                       seconds: float = 20.0, *, max_requests: int = MAX_REQUESTS,
-                      timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
+                      timeout_s: float = TIMEOUT_S, latencies: bool = False) -> dict[str, Any]:
     """`run` in a fresh Python process (its CPU outside the caller's GIL); the headers go over stdin."""
     job = {"urls": list(urls), "headers": headers or {}, "clients": clients, "seconds": seconds,
-           "max_requests": max_requests, "timeout_s": timeout_s}
+           "max_requests": max_requests, "timeout_s": timeout_s, "latencies": latencies}
     include = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (include, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run([sys.executable, "-m", "overnight.loadgen"], input=json.dumps(job), env=env,
@@ -201,7 +206,8 @@ def main() -> int:
     with contextlib.suppress(BrokenPipeError):
         print(json.dumps(run(job["urls"], job.get("headers"), int(job.get("clients", 8)),
                              float(job.get("seconds", 20)), max_requests=int(job.get("max_requests", MAX_REQUESTS)),
-                             timeout_s=float(job.get("timeout_s", TIMEOUT_S)))), flush=True)
+                             timeout_s=float(job.get("timeout_s", TIMEOUT_S)),
+                             latencies=bool(job.get("latencies", False)))), flush=True)
     return 0
 
 

@@ -53,11 +53,12 @@ class DashboardApp:
 
     @property
     def app(self) -> Any:
-        """The dashboard's FastAPI app (every route behind Airflow's auth)."""
+        """The dashboard's FastAPI app (every route behind Airflow's auth) behind its `FastPaths` front."""
         if self._app is None:
-            from overnight.api import create_app
+            from overnight.api import FastPaths, create_app
 
-            self._app = create_app(static_dir=PLUGIN_DIR / "static", template_dir=PLUGIN_DIR / "templates")
+            self._app = FastPaths.of(create_app(static_dir=PLUGIN_DIR / "static",
+                                                template_dir=PLUGIN_DIR / "templates"))
             freeze_startup_heap()
         return self._app
 

@@ -175,7 +175,7 @@ def test_keep_alive_clients_read_every_framing_without_errors(server: Server) ->
     assert result["errors"] == 0 and result["n"] > 50
     assert result["n"] == server.requests
     assert server.connections == 4  # one kept-alive connection per client
-    assert set(result) == {"p50_ms", "p99_ms", "rps", "errors", "n"}
+    assert set(result) == {"p50_ms", "p99_ms", "rps", "errors", "n", "elapsed_s"}
 
 
 def test_non_200_and_broken_answers_count_as_errors(server: Server) -> None:
@@ -206,6 +206,12 @@ def test_latencies_are_per_request_and_in_milliseconds(server: Server) -> None:
     assert result["n"] == 20 and result["errors"] == 0
     assert result["p50_ms"] < 30
     assert 60 <= result["p99_ms"] < 500
+    assert "latencies_ms" not in result
+    kept = loadgen.run_in_subprocess([f"{server.url}/ok", f"{server.url}/ok?ms=60"], {}, clients=1, seconds=10,
+                                     max_requests=10, latencies=True)
+    slow = sorted(kept["latencies_ms"])[5:]
+    assert len(kept["latencies_ms"]) == kept["n"] == 10 and all(60 <= t < 500 for t in slow)
+    assert 0.3 <= kept["elapsed_s"] < 5
 
 
 def test_closed_loop_is_bounded_in_time(server: Server) -> None:
