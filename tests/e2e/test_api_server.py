@@ -294,6 +294,26 @@ def test_dashboard_from_cache_then_from_postgres_with_the_same_recommendations(s
     assert isinstance(h["stale"], bool)
 
 
+def test_the_fast_path_answers_as_the_app_does(stack: dict[str, Any]) -> None:
+    """A remembered token's dashboard and ping come from `FastPaths`; a query string always reaches FastAPI:
+    through the real api-server and its middleware, both answers are the same."""
+    uid = stack["user_id"]
+    stack["redis"].set(cache.recs_key(uid), json.dumps(stack["doc"]), ex=cache.TTL_SECONDS)
+    for path in (_dash(uid), "/overnight/api/v1/ping"):
+        for encoding in ("gzip", "identity"):
+            answers = [_get(stack, path + query, headers={"Accept-Encoding": encoding}) for query in ("", "", "?via=app")]
+            assert {a.status_code for a in answers} == {200}
+            assert answers[1].content == answers[2].content, path  # httpx has undone any gzip
+            keep = ("content-type", "content-encoding", "vary")
+            assert {k: answers[1].headers.get(k) for k in keep} == {k: answers[2].headers.get(k) for k in keep}
+            if path.endswith("ping"):
+                assert answers[1].json() == {"status": "ok"}
+            else:
+                assert answers[1].json()["data"]["fromCache"] is True
+                gzipped = encoding == "gzip" and len(answers[1].content) >= 1024  # Airflow's GZipMiddleware's minimum
+                assert answers[1].headers.get("content-encoding") == ("gzip" if gzipped else None)
+
+
 def test_hung_redis_still_serves_from_postgres(stack: dict[str, Any]) -> None:
     for _ in range(3):
         t0 = time.perf_counter()
