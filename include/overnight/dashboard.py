@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -55,8 +56,13 @@ class StoreUnavailable(RuntimeError):
 # --------------------------------------------------------------------------- pure helpers
 
 
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def parse_user_id(raw: str) -> str:
     """Returns the canonical UUID string of `raw`; raises InvalidUserId when it is not a UUID."""
+    if type(raw) is str and _CANONICAL_UUID.fullmatch(raw):  # already canonical: as uuid.UUID would write it
+        return raw
     try:
         return str(uuid.UUID(str(raw)))
     except (ValueError, AttributeError, TypeError):
@@ -280,19 +286,24 @@ class DashboardStore:
 
     # ---------------------------------------------------------------- recommendations
 
-    async def _cached(self, user_id: str) -> dict[str, Any] | None:
-        """Returns the cached document, or None on a miss, a Redis error, a timeout or an unusable value."""
+    async def cached_raw(self, user_id: str) -> bytes | None:
+        """Returns the cached document's bytes, or None on a miss, a Redis error or a timeout."""
+        await self._ensure()
         if self._redis is None or time.monotonic() < self._redis_skip_until:
             return None
         try:
             async with asyncio.timeout(self.redis_timeout_s * 2):
-                raw = await self._redis.get(cache.recs_key(user_id))
+                return await self._redis.get(cache.recs_key(user_id))  # type: ignore[no-any-return]
         except Exception as exc:  # noqa: BLE001 - the cache is optional: any failure means "ask Postgres"
             self._redis.abort()  # a hung connection is not kept: the next try opens a new one
             self._redis_skip_until = time.monotonic() + REDIS_RETRY_AFTER_S
             log.warning("dashboard: Redis unavailable (%s: %s); using Postgres for %.0f s",
                         type(exc).__name__, exc, REDIS_RETRY_AFTER_S)
             return None
+
+    async def _cached(self, user_id: str) -> dict[str, Any] | None:
+        """Returns the cached document, or None on a miss, a Redis error, a timeout or an unusable value."""
+        raw = await self.cached_raw(user_id)
         if raw is None:
             return None
         try:
@@ -302,15 +313,16 @@ class DashboardStore:
             return None
         return doc if isinstance(doc, dict) and isinstance(doc.get("recommendations"), list) else None
 
-    async def dashboard(self, user_id: str, now: datetime | None = None) -> DashboardView:
-        """Returns a user's recommendations: Redis `recs:{id}` first, else the `recommendations` row.
+    async def dashboard(self, user_id: str, now: datetime | None = None, *, ask_cache: bool = True) -> DashboardView:
+        """Returns a user's recommendations: Redis `recs:{id}` first (unless not `ask_cache`: the caller just
+        did), else the `recommendations` row.
 
         A user known to the users table but not calculated yet gets an empty, stale view; an id that
         neither table knows raises UnknownUser; a malformed id raises InvalidUserId.
         """
         uid = parse_user_id(user_id)
         await self._ensure()
-        doc = await self._cached(uid)
+        doc = await self._cached(uid) if ask_cache else None
         if doc is not None:
             return view_from_document(uid, doc, from_cache=True, now=now)
         rows = await (await self._pool()).fetch(

@@ -197,17 +197,18 @@ def run_in_subprocess(urls: Sequence[str], headers: dict[str, str] | None = None
                           capture_output=True, text=True, timeout=seconds + timeout_s + 60)
     if proc.returncode != 0:
         raise RuntimeError(f"loadgen process failed (exit {proc.returncode}): {proc.stderr[-1000:]}")
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return dict(json.loads(proc.stdout.strip().rsplit("\n", 1)[-1]))
 
 
 def main() -> int:
     """Command line: a JSON job on stdin, the result as one JSON line on stdout."""
     job = json.load(sys.stdin)
+    result = run(job["urls"], job.get("headers"), int(job.get("clients", 8)), float(job.get("seconds", 20)),
+                 max_requests=int(job.get("max_requests", MAX_REQUESTS)),
+                 timeout_s=float(job.get("timeout_s", TIMEOUT_S)), latencies=bool(job.get("latencies", False)))
+    os.set_blocking(sys.stdout.fileno(), True)  # a pipe left non-blocking would cut a long line short
     with contextlib.suppress(BrokenPipeError):
-        print(json.dumps(run(job["urls"], job.get("headers"), int(job.get("clients", 8)),
-                             float(job.get("seconds", 20)), max_requests=int(job.get("max_requests", MAX_REQUESTS)),
-                             timeout_s=float(job.get("timeout_s", TIMEOUT_S)),
-                             latencies=bool(job.get("latencies", False)))), flush=True)
+        print(json.dumps(result), flush=True)
     return 0
 
 

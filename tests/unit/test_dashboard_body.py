@@ -7,6 +7,7 @@ import asyncio
 import copy
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -183,3 +184,54 @@ def test_the_route_gzips_for_a_client_that_takes_it() -> None:
     resp = asyncio.run(go())
     assert resp.headers["content-encoding"] == "gzip"
     assert resp.content == _pydantic(_data(doc))  # httpx decodes it
+
+
+# --------------------------------------------------------------------------- straight from the cached JSON
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def _general(doc: Any) -> bytes:
+    """The general path's answer for a cached document: view, then the response model."""
+    data = view_from_document(UID, doc, from_cache=True, now=NOW).to_json()
+    return _pydantic(data)
+
+
+@pytest.mark.parametrize("doc", SAME)
+def test_cached_body_is_the_general_paths_bytes(doc: dict[str, Any]) -> None:
+    fast = api.cached_dashboard_body(UID, json.dumps(doc).encode(), now=NOW)
+    assert fast is None or fast == _general(doc)
+
+
+TYPED = ["as-written", "no-breakdown", "null-breakdown", "partial-breakdown", "unicode-and-control-characters",
+         "no-recommendations", "freshness-extra", "no-freshness", "nulls", "summary-values", "stale"]
+
+
+@pytest.mark.parametrize("doc", [p for p in SAME if p.id in TYPED])
+def test_documents_as_the_run_writes_them_take_the_typed_path(doc: dict[str, Any]) -> None:
+    assert api.cached_dashboard_body(UID, json.dumps(doc).encode(), now=NOW) == _general(doc)
+
+
+@pytest.mark.parametrize("change", [*LEFT_TO_PYDANTIC,
+                                    pytest.param(lambda d: d.update(ratesStale="no"), id="stale-flag-a-string"),
+                                    pytest.param(lambda d: d.update(generatedAt=20261122), id="time-a-number"),
+                                    pytest.param(lambda d: d["portfolioSummary"].update(baseCurrency=7),
+                                                 id="base-currency-a-number")])
+def test_anything_else_is_left_to_the_general_path(change: Callable[[dict[str, Any]], Any]) -> None:
+    assert api.cached_dashboard_body(UID, json.dumps(_variant(change)).encode(), now=NOW) is None
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[]", b'{"recommendations": {}}', b"", b'{"recommendations":[]}x'])
+def test_invalid_json_is_left_to_the_general_path(raw: bytes) -> None:
+    assert api.cached_dashboard_body(UID, raw) is None
+
+
+def test_base_currency_and_freshness_follow_the_view() -> None:
+    doc = _variant(lambda d: d["portfolioSummary"].update(baseCurrency=""))
+    doc["recommendations"][0]["currency"] = " EUR "
+    doc["generatedAt"] = "2026-11-22T09:26:56.196272+01:00"  # another offset: shown in UTC
+    fast = api.cached_dashboard_body(UID, json.dumps(doc).encode(), now=NOW)
+    assert fast == _general(doc)
+    data = json.loads(fast or b"{}")["data"]
+    assert data["baseCurrency"] == "EUR" and data["dataFreshness"]["generatedAt"] == "2026-11-22T08:26:56.196272+00:00"
+    assert data["stale"] is False and data["fromCache"] is True
