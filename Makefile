@@ -42,7 +42,7 @@ run: migrate airflow-setup  ## run MARKET's DAG once in-process for DATE (defaul
 
 EXECUTOR ?= local
 BATCH ?= 10000
-bench: migrate  ## the benchmark on fresh databases: USERS=N [EXECUTOR=celery] [BATCH=users per task]
+bench: env  ## the benchmark on fresh databases: USERS=N [EXECUTOR=celery] [BATCH=users per task]
 	@$(WITH_ENV) $(PY) -m overnight.bench --users $(USERS) --executor $(EXECUTOR) --batch-size $(BATCH)
 
 test: env  ## the whole test suite, on fresh databases of its own

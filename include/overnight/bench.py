@@ -89,6 +89,21 @@ def _wait_quiet(below_pct: float = 20.0, max_s: float = 90.0) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
+def calibration_s(rounds: int = 3) -> float:
+    """CPU seconds of a fixed pure-Python workload (hashing, dicts, strings; the best of `rounds`): this
+    machine's speed at the moment, so runs on a shared machine can be compared (lower is faster)."""
+    best = math.inf
+    for _ in range(rounds):
+        t0 = time.process_time()
+        table: dict[str, int] = {}
+        for i in range(300_000):
+            key = f"user-{i:08d}"
+            table[key] = hash((key, i)) & 0xFFFF
+        sum(sorted(table.values())[::7])
+        best = min(best, time.process_time() - t0)
+    return round(best, 3)
+
+
 class Bench:
     """One benchmark run: its databases, Airflow home, processes and figures."""
 
@@ -459,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.seed()
         print(f"bench {bench.id}: seeded {args.users:,} users in {bench.figures['seed_s']} s; session "
               f"{bench.session}; executor {args.executor}", flush=True)
+        bench.figures["calibration_s"] = calibration_s()
         bench.start_airflow()
         bench.run_noop()
         print(f"orchestration floor: {bench.figures['floor_orch_s']} s", flush=True)

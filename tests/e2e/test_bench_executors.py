@@ -43,5 +43,5 @@ def test_bench_runs_every_user_once(executor):
     assert f["redis_keys"] == 2 * USERS
     assert f["batches"] >= 4  # mapped over several batches per market
     for key in ("wall_s", "floor_io_s", "floor_orch_s", "users_per_s", "api_hit_p99_ms", "api_miss_p99_ms",
-                "api_noop_p99_ms"):
+                "api_noop_p99_ms", "calibration_s"):
         assert f[key] > 0, key
