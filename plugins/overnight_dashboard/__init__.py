@@ -41,11 +41,12 @@ def freeze_startup_heap() -> int:
 
 
 class DashboardApp:
-    """The ASGI entry of the dashboard: builds `overnight.api.create_app()` on its first request.
+    """The ASGI entry of the dashboard: builds `overnight.api.create_app()` when first asked.
 
     Every Airflow process imports the plugins folder (the scheduler, the dag-processor, each task's
     runner); importing FastAPI and Airflow's API security there costs ~2 s per process for nothing,
-    so only the api-server pays it, once, when the first request reaches `/overnight`.
+    so only the api-server pays it, once per worker: at start-up (`build_dashboard_at_startup`), or
+    else when the first request reaches `/overnight`.
     """
 
     def __init__(self) -> None:
@@ -69,11 +70,24 @@ class DashboardApp:
 app = DashboardApp()
 
 
+def build_dashboard_at_startup(inner: Any) -> Any:
+    """A root "middleware" that adds nothing: it builds the dashboard app when the api-server builds its
+    middleware stack, once per worker at start-up, so no user's first request waits for it (0.4-1.1 s).
+    It returns the next app itself, so it costs nothing per request."""
+    try:
+        _ = app.app
+    except Exception:  # noqa: BLE001 - the api-server must start; the first request raises it again
+        log.exception("overnight dashboard: not built at start-up; it will be built on its first request")
+    return inner
+
+
 class OvernightDashboardPlugin(AirflowPlugin):
     """Mounts the dashboard app at /overnight and adds its page to the Airflow UI's navigation."""
 
     name = "overnight_dashboard"
     fastapi_apps: list[dict[str, Any]] = [{"app": app, "url_prefix": URL_PREFIX, "name": "Overnight dashboard"}]
+    fastapi_root_middlewares: list[dict[str, Any]] = [
+        {"middleware": build_dashboard_at_startup, "name": "Overnight dashboard, built at start-up"}]
     # With `url_route` the UI shows the page inside its own frame at /plugin/overnight; `href` is
     # relative to the UI's base URL (no leading slash) so a base_url with a path prefix still works.
     external_views: list[dict[str, Any]] = [

@@ -269,6 +269,16 @@ def test_plugin_is_registered_with_its_external_view(stack: dict[str, Any]) -> N
     assert mine["fastapi_apps"][0]["url_prefix"] == "/overnight"
     view = mine["external_views"][0]
     assert (view["href"], view["url_route"], view["destination"]) == ("overnight/", "overnight", "nav")
+    assert [m["name"] for m in mine["fastapi_root_middlewares"]] == ["Overnight dashboard, built at start-up"]
+
+
+def test_the_dashboard_is_built_at_start_up_not_by_a_users_first_request(stack: dict[str, Any]) -> None:
+    log = stack["main"].log_path.read_text(errors="replace")
+    built = log.find("frozen out of the cyclic GC")  # logged when the dashboard app is built
+    started = log.find("Application startup complete")  # uvicorn, before it takes any request
+    assert started != -1, "no start-up line in the api-server log"
+    assert built != -1 and built < started, (
+        f"the dashboard was not built during the api-server's start-up:\n{log[max(0, started - 600):started + 100]}")
 
 
 # --------------------------------------------------------------------------- data
