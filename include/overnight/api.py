@@ -267,27 +267,23 @@ def dashboard_body(data: dict[str, Any]) -> bytes | None:
     }})
 
 
-class _CachedBreakdown(msgspec.Struct, forbid_unknown_fields=True):
-    criteriaCount: int | None = None
-    topContributor: str | None = None
+def _typed(model: type[BaseModel], name: str, nested: Mapping[str, Any] | None = None) -> Any:
+    """A msgspec struct with `model`'s declared fields in its order (types as declared, or `nested`'s), which
+    refuses extra fields: it decodes exactly the objects the response model serialises as they are."""
+    fields = [(field, (nested or {}).get(field, info.annotation)) if info.is_required()
+              else (field, (nested or {}).get(field, info.annotation), info.default)
+              for field, info in model.model_fields.items()]
+    return msgspec.defstruct(name, fields, forbid_unknown_fields=True)
 
 
-class _CachedRecommendation(msgspec.Struct, forbid_unknown_fields=True):
-    """A recommendation as the overnight run writes it: `Recommendation`'s fields in its order, no extras."""
-
-    assetId: str
-    symbol: str
-    score: str
-    amount: str
-    currency: str
-    allocationGap: str
-    breakdown: _CachedBreakdown | None = None
+_CachedBreakdown = _typed(Breakdown, "CachedBreakdown")
+_CachedRecommendation = _typed(Recommendation, "CachedRecommendation", {"breakdown": _CachedBreakdown | None})
 
 
 class _CachedDocument(msgspec.Struct):
     """The fields of a cached `CachedRecommendations` document that the dashboard shows, typed."""
 
-    recommendations: list[_CachedRecommendation]
+    recommendations: list[_CachedRecommendation]  # type: ignore[valid-type]  # built from the response model
     generatedAt: str | None = None
     dataFreshness: dict[str, Any] | None = None
     portfolioSummary: dict[str, Any] | None = None
@@ -316,7 +312,7 @@ def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None)
     if summary is not None and not _plain(summary):
         return None
     recs = doc.recommendations
-    base = (summary or {}).get("baseCurrency") or (recs[0].currency if recs else None)
+    base = (summary or {}).get("baseCurrency") or (recs[0].currency if recs else None)  # type: ignore[attr-defined]
     if base is not None and type(base) is not str:
         return None
     return _JSON.encode({"data": {
