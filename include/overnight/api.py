@@ -345,6 +345,12 @@ def json_response(body: bytes, accept_encoding: str) -> Response:
 # --------------------------------------------------------------------------- auth
 
 
+def store_unavailable(exc: StoreUnavailable) -> JSONResponse:
+    """The 503 answer when Postgres cannot serve; the store's reason goes to the log, not to the caller."""
+    log.error("overnight dashboard: %s", exc)
+    return JSONResponse({"detail": "the overnight database is unavailable; try again shortly"}, status_code=503)
+
+
 def _airflow_auth(cache: AuthCache | None) -> list[Any]:
     """Airflow's authentication plus the auth manager's "may read DAGs" check, for every route.
 
@@ -446,8 +452,7 @@ def create_app(
 
     @app.exception_handler(StoreUnavailable)
     async def _store_down(_: Request, exc: StoreUnavailable) -> JSONResponse:
-        log.error("overnight dashboard: %s", exc)
-        return JSONResponse({"detail": "the overnight database is unavailable; try again shortly"}, status_code=503)
+        return store_unavailable(exc)
 
     # ------------------------------------------------------------------ API
 
@@ -580,7 +585,8 @@ class FastPaths:
     app's own auth dependency wrote, so exactly the tokens the app would let through without asking
     Airflow). Everything else goes to the FastAPI app, which stays the one place that defines the
     routes, their errors and their OpenAPI schema: a token's first call, session cookies, query
-    strings, an invalid or unknown user (422/404), Postgres down (503), a document pydantic must coerce.
+    strings, an invalid or unknown user (422/404), a document pydantic must coerce. Postgres down gets the
+    app's 503 from here, so a hung database is not asked twice.
     FastAPI's routing, dependency solving and response objects cost about a quarter of a dashboard hit.
     """
 
@@ -595,7 +601,11 @@ class FastPaths:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if (scope["type"] == "http" and scope["method"] == "GET" and not scope["query_string"]
                 and self.cache is not None and self.cache.ttl_s > 0):
-            answer = await self._answer(scope)
+            try:
+                answer = await self._answer(scope)
+            except StoreUnavailable as exc:  # the app's answer, without asking Postgres a second time
+                await store_unavailable(exc)(scope, receive, send)
+                return
             if answer is not None:
                 body, headers = answer
                 headers.append((b"content-length", str(len(body)).encode()))
@@ -630,6 +640,8 @@ class FastPaths:
             body = cached_dashboard_body(uid, raw) if raw is not None else None
             if body is None:  # a miss (Postgres), or a document only the general path takes
                 body = dashboard_body((await self.store.dashboard(uid, ask_cache=raw is not None)).to_json())
-        except Exception:  # noqa: BLE001 - 404, 422, 503 and the rest: the app gives its own answer
+        except StoreUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - 404, 422 and the rest: the app gives its own answer
             return None
         return None if body is None else _encoded(body, accept_encoding or "")

@@ -14,7 +14,7 @@ from fastapi import Depends, HTTPException, Request
 
 from overnight import api
 from overnight.api_auth import AuthCache, cached_auth
-from overnight.dashboard import DashboardView, UnknownUser, parse_user_id, view_from_document
+from overnight.dashboard import DashboardView, StoreUnavailable, UnknownUser, parse_user_id, view_from_document
 
 SECRET = "k" * 64
 T0 = 1_800_000_000.0
@@ -53,15 +53,19 @@ class Airflow:
 
 
 class Store:
-    """The store's reads: one user whose document is cached; any other valid id is unknown."""
+    """The store's reads: one user whose document is cached; any other valid id is unknown. With `down`,
+    the cache misses and Postgres fails (counted)."""
 
     def __init__(self) -> None:
-        self.doc = DOC
+        self.doc, self.down, self.postgres_calls = DOC, False, 0
 
     async def cached_raw(self, user_id: str) -> bytes | None:
-        return json.dumps(self.doc).encode() if user_id == UID else None
+        return json.dumps(self.doc).encode() if user_id == UID and not self.down else None
 
     async def dashboard(self, user_id: str, ask_cache: bool = True) -> DashboardView:
+        if self.down:
+            self.postgres_calls += 1
+            raise StoreUnavailable("cannot reach the overnight database at 127.0.0.1:1 (connection refused)")
         if parse_user_id(user_id) != UID:
             raise UnknownUser(f"user {user_id} is not in the users table")
         return view_from_document(UID, self.doc, from_cache=True)
@@ -184,3 +188,18 @@ def test_route_path_below_the_mount_point() -> None:
     assert api._route_path({"path": "/overnight/api/v1/ping", "root_path": "/overnight"}) == "/api/v1/ping"
     assert api._route_path({"path": "/api/v1/ping", "root_path": ""}) == "/api/v1/ping"
     assert api._route_path({"path": "/overnightx/api", "root_path": "/overnight"}) == "/overnightx/api"
+
+
+def test_postgres_down_is_the_apps_503_and_postgres_is_asked_once(stack: tuple[FastPathsUnderTest, Airflow]) -> None:
+    under, _ = stack
+    path = f"/api/v1/dashboard/{UID}"
+    under.get(path, BEARER)  # the token is remembered
+    store = under.front.store
+    store.down = True  # type: ignore[attr-defined]
+    by_app = under.get(path, BEARER, query=b"x=1")
+    assert store.postgres_calls == 1  # type: ignore[attr-defined]
+    calls = under.inner.calls
+    fast = under.get(path, BEARER)
+    assert under.inner.calls == calls and store.postgres_calls == 2, "the app asked Postgres a second time"  # type: ignore[attr-defined]
+    assert fast == by_app and fast[0] == 503
+    assert json.loads(fast[2]) == {"detail": "the overnight database is unavailable; try again shortly"}
