@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from overnight.api_auth import AuthCache, bearer_token, ttl_from_env
+from overnight.api_auth import AuthCache, airflow_auth, bearer_token, ttl_from_env
 from overnight.dashboard import (
     HISTORY_PER_MARKET,
     MAX_LIMIT,
@@ -323,6 +323,19 @@ def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None)
     }})
 
 
+async def dashboard_answer(store: DashboardStore, user_id: str) -> bytes | dict[str, Any]:
+    """A user's dashboard as `DashboardResponse` writes it (pre-encoded bytes), or, for a value pydantic must
+    coerce or refuse, the `data` object to hand to it. The cached document is decoded typed when it is as the
+    overnight run writes it; a miss asks Postgres without asking Redis again. Raises InvalidUserId,
+    UnknownUser, StoreUnavailable."""
+    uid = parse_user_id(user_id)
+    raw = await store.cached_raw(uid)
+    if raw is not None and (body := cached_dashboard_body(uid, raw)) is not None:
+        return body
+    data = (await store.dashboard(uid, ask_cache=raw is not None)).to_json()
+    return dashboard_body(data) or data
+
+
 def _encoded(body: bytes, accept_encoding: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """`body` gzipped when the client takes gzip and the api-server's GZipMiddleware would, with the headers
     that say so. The middleware builds a compressor with a 32 KB window for every response (~110 us); one
@@ -349,17 +362,6 @@ def store_unavailable(exc: StoreUnavailable) -> JSONResponse:
     """The 503 answer when Postgres cannot serve; the store's reason goes to the log, not to the caller."""
     log.error("overnight dashboard: %s", exc)
     return JSONResponse({"detail": "the overnight database is unavailable; try again shortly"}, status_code=503)
-
-
-def _airflow_auth(cache: AuthCache | None) -> list[Any]:
-    """Airflow's authentication plus the auth manager's "may read DAGs" check, for every route.
-
-    Airflow's answer is remembered per token for a few seconds in `cache` (`overnight.api_auth`): its
-    revocation check is a metadata-database query per request, which cost more than the dashboard itself.
-    """
-    from overnight.api_auth import airflow_auth
-
-    return airflow_auth(cache)
 
 
 def _declare_security(app: FastAPI) -> None:
@@ -427,7 +429,9 @@ def create_app(
         version="1",
         description="Pre-computed recommendations, job runs and the audit trail of the overnight package. "
         "Authenticate with a bearer token from `POST /auth/token` (or the Airflow UI's session).",
-        dependencies=_airflow_auth(auth_cache) if dependencies is None else dependencies,
+        # Airflow's answer is remembered per token for a few seconds (`overnight.api_auth`): its revocation
+        # check is a metadata-database query per request, which cost more than the dashboard itself.
+        dependencies=airflow_auth(auth_cache) if dependencies is None else dependencies,
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
@@ -463,16 +467,14 @@ def create_app(
                         ) -> Response | dict[str, Any]:
         """A user's recommendations: Redis `recs:{id}` first, else the `recommendations` table."""
         try:
-            view = await store.dashboard(user_id)
+            answer = await dashboard_answer(store, user_id)
         except InvalidUserId as exc:
             raise HTTPException(422, str(exc)) from None
         except UnknownUser as exc:
             raise HTTPException(404, str(exc)) from None
-        data = view.to_json()
-        body = dashboard_body(data)
-        if body is None:  # a value not of its declared type: pydantic coerces or refuses it, as it always did
-            return {"data": data}
-        return json_response(body, request.headers.get("accept-encoding", ""))
+        if isinstance(answer, dict):  # a value not of its declared type: pydantic coerces or refuses it
+            return {"data": answer}
+        return json_response(answer, request.headers.get("accept-encoding", ""))
 
     @app.get(f"{API_PREFIX}/job-runs", response_model=JobRunsResponse)
     async def job_runs(
@@ -635,13 +637,9 @@ class FastPaths:
         if ping:
             return _PING_BODY, []
         try:
-            uid = parse_user_id(user_id)
-            raw = await self.store.cached_raw(uid)
-            body = cached_dashboard_body(uid, raw) if raw is not None else None
-            if body is None:  # a miss (Postgres), or a document only the general path takes
-                body = dashboard_body((await self.store.dashboard(uid, ask_cache=raw is not None)).to_json())
+            answer = await dashboard_answer(self.store, user_id)
         except StoreUnavailable:
             raise
         except Exception:  # noqa: BLE001 - 404, 422 and the rest: the app gives its own answer
             return None
-        return None if body is None else _encoded(body, accept_encoding or "")
+        return None if isinstance(answer, dict) else _encoded(answer, accept_encoding or "")

@@ -1,8 +1,8 @@
 """The dashboard's data access: recommendations (Redis first, Postgres fallback), job runs, the audit trail.
 
 Async and free of FastAPI so it can be tested on its own: `DashboardStore` owns a lazily created,
-bounded pool of `psycopg.AsyncConnection`s and a pipelined Redis GET client (`overnight.redis_get`) whose calls are bounded at
-~200 ms (~100 ms to connect). Redis is optional: any Redis error or timeout falls back to the
+bounded pool of `psycopg.AsyncConnection`s and a pipelined Redis GET client (`overnight.redis_get`)
+whose calls are bounded at ~200 ms (~100 ms to connect). Redis is optional: any Redis error or timeout falls back to the
 `recommendations` table, and after a failure Redis is skipped for a few seconds so an outage costs
 one timeout, not one per request. All SQL is parameterised; nothing a caller passes is ever
 formatted into a statement.

@@ -111,12 +111,15 @@ def test_values_pydantic_would_coerce_or_refuse_are_left_to_it(change: Callable[
 
 
 class FakeStore:
-    """The store's `dashboard`, serving one document."""
+    """The store's reads, serving one document through the general path (no raw cache entry)."""
 
     def __init__(self, doc: dict[str, Any]) -> None:
         self.doc = doc
 
-    async def dashboard(self, user_id: str) -> DashboardView:
+    async def cached_raw(self, user_id: str) -> bytes | None:
+        return None
+
+    async def dashboard(self, user_id: str, ask_cache: bool = True) -> DashboardView:
         return view_from_document(user_id, self.doc, from_cache=True)
 
     async def aclose(self) -> None:
