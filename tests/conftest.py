@@ -47,6 +47,7 @@ def _prepare_environment() -> dict[str, str]:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+        "OVERNIGHT_CACHE_DIR": str(home / "cache"),  # the session table (overnight.sessions) of this run only
         "OVERNIGHT_TEST_REDIS_URL": redis_test_url,
         "OVERNIGHT_TEST_RUN_ID": RUN_ID,
     }

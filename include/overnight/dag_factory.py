@@ -64,8 +64,7 @@ def _doc(market: Market, *, with_schedule: bool = True) -> str:
     try:
         for _ in range(5 if with_schedule else 0):
             session, run_at = sessions.next_run(market.code, market.lead, moment, inclusive=False)
-            local = sessions.session_open_utc(market.code, session).astimezone(
-                sessions.get_calendar(market.code).tz)
+            local = sessions.session_open_utc(market.code, session).astimezone(sessions.timezone(market.code))
             rows.append(f"| {session} | {run_at:%Y-%m-%d %H:%M} UTC | {local:%H:%M %Z} |")
             moment = run_at
     except ValueError as exc:  # calendar data ends: say so rather than fail the parse

@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from overnight import sessions
+
 DEFAULT_MARKETS_PATH = Path(__file__).resolve().parents[1] / "markets.yaml"
 DEFAULT_LEAD = timedelta(hours=2)
 MAX_LEAD = timedelta(hours=24)
@@ -141,10 +143,8 @@ def parse_lead(value: object) -> timedelta:
 
 
 def _calendar_codes() -> list[str]:
-    """Canonical exchange_calendars names (no aliases)."""
-    import exchange_calendars
-
-    return exchange_calendars.get_calendar_names(include_aliases=False)
+    """Canonical exchange_calendars names (no aliases; from the session table, see `sessions`)."""
+    return sessions.calendar_names()
 
 
 def _check_code_syntax(code: object) -> str:
@@ -156,8 +156,6 @@ def _check_code_syntax(code: object) -> str:
 
 def _check_code(code: object) -> str:
     """Returns the code if it is a known exchange_calendars MIC code; raises ValueError with a hint otherwise."""
-    import exchange_calendars
-
     if not isinstance(code, str) or not code.strip():
         raise ValueError(f"code must be a calendar code string like 'XNYS', got {code!r}")
     known = _calendar_codes()
@@ -165,6 +163,8 @@ def _check_code(code: object) -> str:
         return code
     if code.upper() in known and MIC_PATTERN.match(code.upper()):
         raise ValueError(f"calendar codes are upper case; write '{code.upper()}'")
+    import exchange_calendars
+
     try:
         canonical = exchange_calendars.resolve_alias(code)
     except Exception:  # noqa: BLE001 - exchange_calendars raises its own InvalidCalendarName

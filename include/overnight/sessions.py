@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
+import importlib.metadata
+import json
+import logging
+import os
 import re
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 if TYPE_CHECKING:
     from exchange_calendars import ExchangeCalendar
@@ -26,6 +34,7 @@ class _LazyCalendars:
 
 
 exchange_calendars: Any = _LazyCalendars()
+log = logging.getLogger(__name__)
 
 PAST_WINDOW = timedelta(days=366)
 FUTURE_WINDOW = timedelta(days=2 * 366)
@@ -36,25 +45,153 @@ DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 EXAMPLE_CODES = ("XNYS", "XLON", "BVMF", "XTKS")
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Schedule:
-    """An exchange_calendars calendar built for [start, end] plus its sessions and UTC opens as lists."""
+    """The sessions and UTC opens of one calendar for [start, end], as lists; its time zone and data bounds.
+
+    `calendar` is the exchange_calendars object for the same range, built on first use when the
+    schedule came from the session table on disk (see `_SessionTable`)."""
 
     code: str
     start: date
     end: date
-    calendar: ExchangeCalendar
     sessions: list[date]
     opens: list[datetime]
-    positions: dict[date, int]
+    tz: str
+    bounds: tuple[date | None, date | None]
+    positions: dict[date, int] = field(default_factory=dict)
+    _calendar: ExchangeCalendar | None = None
+
+    def __post_init__(self) -> None:
+        if not self.positions:
+            self.positions = {d: i for i, d in enumerate(self.sessions)}
 
     def covers(self, start: date, end: date) -> bool:
         """Whether this schedule was built for a range containing [start, end]."""
         return self.start <= start and end <= self.end
 
+    @property
+    def calendar(self) -> ExchangeCalendar:
+        with _LOCK:
+            if self._calendar is None:
+                self._calendar = _build_calendar(self.code, self.start, self.end)
+            return self._calendar
+
+    def to_json(self) -> dict[str, Any]:
+        low, high = self.bounds
+        return {
+            "start": self.start.isoformat(), "end": self.end.isoformat(), "tz": self.tz,
+            "low": low.isoformat() if low else None, "high": high.isoformat() if high else None,
+            "sessions": [d.isoformat() for d in self.sessions],
+            "opens": [int(o.timestamp()) for o in self.opens],
+        }
+
+    @classmethod
+    def from_json(cls, code: str, data: dict[str, Any]) -> _Schedule:
+        low, high = data["low"], data["high"]
+        sessions = [date.fromisoformat(d) for d in data["sessions"]]
+        opens = [datetime.fromtimestamp(t, UTC) for t in data["opens"]]
+        if len(sessions) != len(opens) or sessions != sorted(sessions) or opens != sorted(opens):
+            raise ValueError(f"{code}: sessions and opens do not pair up")
+        return cls(code=code, start=date.fromisoformat(data["start"]), end=date.fromisoformat(data["end"]),
+                   sessions=sessions, opens=opens, tz=str(data["tz"]),
+                   bounds=(date.fromisoformat(low) if low else None, date.fromisoformat(high) if high else None))
+
+
+class _SessionTable:
+    """The schedules and calendar names already computed on this machine, in one JSON file per installed
+    exchange-calendars version (`$OVERNIGHT_CACHE_DIR`, default `<tmp>/overnight-cache-<uid>`).
+
+    Building the calendars costs the dag-processor about 1.2 s of CPU at every parse of the market DAGs
+    (importing pandas and exchange_calendars, then four calendars); reading this file costs a few ms.
+    The holidays of a calendar are code of the package, so its version is the whole key. A missing,
+    unreadable or foreign file is rebuilt from exchange_calendars; writes are atomic (a temporary file
+    renamed over the old one), so concurrent parses never read half a file."""
+
+    FORMAT = 1
+
+    def __init__(self) -> None:
+        self._data: dict[str, Any] | None = None
+
+    @staticmethod
+    def path() -> Path | None:
+        try:
+            version = importlib.metadata.version("exchange-calendars")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        folder = os.environ.get("OVERNIGHT_CACHE_DIR") or os.path.join(
+            tempfile.gettempdir(), f"overnight-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
+        return Path(folder) / f"sessions-exchange-calendars-{version}.json"
+
+    def _load(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = {"format": self.FORMAT, "names": None, "codes": {}}
+            path = self.path()
+            try:
+                data = json.loads(path.read_bytes()) if path is not None else None
+            except FileNotFoundError:
+                data = None
+            except (OSError, ValueError) as exc:
+                log.warning("session table %s unreadable (%s); rebuilding it from exchange_calendars", path, exc)
+                data = None
+            if isinstance(data, dict) and data.get("format") == self.FORMAT and isinstance(data.get("codes"), dict):
+                self._data = data
+        return self._data
+
+    def names(self) -> list[str] | None:
+        names = self._load().get("names")
+        return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+    def schedule(self, code: str) -> _Schedule | None:
+        raw = self._load()["codes"].get(code)
+        if raw is None:
+            return None
+        try:
+            return _Schedule.from_json(code, raw)
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            log.warning("session table: %s's entry is malformed (%s); rebuilding it", code, exc)
+            return None
+
+    def save(self, *, names: list[str] | None = None, schedule: _Schedule | None = None) -> None:
+        data = self._load()
+        if names is not None:
+            data["names"] = names
+        if schedule is not None:
+            data["codes"][schedule.code] = schedule.to_json()
+        path = self.path()
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp",
+                                             delete=False) as tmp:
+                json.dump(data, tmp, separators=(",", ":"))
+            os.replace(tmp.name, path)
+        except OSError as exc:  # a read-only or full disk costs speed, never a parse
+            log.warning("session table %s not saved (%s); the calendars will be rebuilt next time", path, exc)
+            with contextlib.suppress(OSError, UnboundLocalError):
+                os.unlink(tmp.name)
+
 
 _CACHE: dict[str, _Schedule] = {}
 _LOCK = threading.RLock()
+_TABLE = _SessionTable()
+
+
+def calendar_names() -> list[str]:
+    """The canonical exchange_calendars calendar names (no aliases), from the session table when it has them."""
+    with _LOCK:
+        names = _TABLE.names()
+        if names is None:
+            names = list(exchange_calendars.get_calendar_names(include_aliases=False))
+            _TABLE.save(names=names)
+        return names
+
+
+def timezone(code: str) -> ZoneInfo:
+    """The time zone of `code`'s exchange (e.g. America/New_York for XNYS)."""
+    today = _today()
+    return ZoneInfo(_schedule(code, today, today).tz)
 
 
 def _today() -> date:
@@ -87,9 +224,26 @@ def _unknown_code(code: str) -> ValueError:
     )
 
 
-@functools.cache
 def _bounds(code: str) -> tuple[date | None, date | None]:
     """The first and last dates the calendar class can be built for (None where unbounded)."""
+    known = _known(code)
+    return known.bounds if known is not None else _class_bounds(code)
+
+
+def _known(code: str) -> _Schedule | None:
+    """The schedule of `code` this process holds, else the session table's (then held), else None."""
+    cached = _CACHE.get(code)
+    if cached is None:
+        with _LOCK:
+            cached = _CACHE.get(code)
+            if cached is None and (stored := _TABLE.schedule(code)) is not None:
+                cached = _CACHE[code] = stored
+    return cached
+
+
+@functools.cache
+def _class_bounds(code: str) -> tuple[date | None, date | None]:
+    """`_bounds` from the calendar class itself (imports exchange_calendars)."""
     try:
         name = exchange_calendars.resolve_alias(code)
     except Exception as exc:  # noqa: BLE001 - InvalidCalendarName is a KeyError subclass
@@ -111,7 +265,7 @@ def _schedule(code: str, start: date, end: date) -> _Schedule:
     want_start = max(start, low) if low else start
     want_end = min(end, high) if high else end
     with _LOCK:
-        cached = _CACHE.get(code)
+        cached = _known(code)
         if cached is not None and cached.covers(want_start, want_end):
             return cached
         today = _today()
@@ -125,24 +279,22 @@ def _schedule(code: str, start: date, end: date) -> _Schedule:
             new_end = min(new_end, high)
         if new_start > new_end:
             new_start = max(new_end - PAST_WINDOW, low) if low else new_end - PAST_WINDOW
-        with warnings.catch_warnings():
-            # exchange_calendars 4.13 reads Series.values, which pandas 3.1 flags as deprecated (harmless)
-            warnings.filterwarnings("ignore", message="Series.values returning an ndarray")
-            calendar = exchange_calendars.get_calendar(code, start=new_start.isoformat(), end=new_end.isoformat())
+        calendar = _build_calendar(code, new_start, new_end)
         table = calendar.schedule
         sessions = [ts.date() for ts in table.index]
         opens = [ts.to_pydatetime().astimezone(UTC).replace(tzinfo=UTC) for ts in table["open"].dt.tz_convert("UTC")]
-        built = _Schedule(
-            code=code,
-            start=new_start,
-            end=new_end,
-            calendar=calendar,
-            sessions=sessions,
-            opens=opens,
-            positions={d: i for i, d in enumerate(sessions)},
-        )
+        built = _Schedule(code=code, start=new_start, end=new_end, sessions=sessions, opens=opens,
+                          tz=str(calendar.tz), bounds=(low, high), _calendar=calendar)
         _CACHE[code] = built
+        _TABLE.save(schedule=built)
         return built
+
+
+def _build_calendar(code: str, start: date, end: date) -> ExchangeCalendar:
+    with warnings.catch_warnings():
+        # exchange_calendars 4.13 reads Series.values, which pandas 3.1 flags as deprecated (harmless)
+        warnings.filterwarnings("ignore", message="Series.values returning an ndarray")
+        return exchange_calendars.get_calendar(code, start=start.isoformat(), end=end.isoformat())
 
 
 def _outside_data(code: str, d: date) -> ValueError | None:

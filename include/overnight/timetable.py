@@ -69,7 +69,7 @@ class MarketSessionTimetable(Timetable):
         if os.environ.get("_AIRFLOW_PARSING_CONTEXT_DAG_ID"):
             return  # a task run re-parses a DAG the dag-processor already validated: skip the calendar (~3 s)
         try:
-            sessions.get_calendar(self.market_code)
+            sessions.timezone(self.market_code)  # any schedule lookup: raises for an unknown code
         except ValueError as exc:
             raise AirflowTimetableInvalid(f"{type(self).__name__}: {exc}") from exc
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
 from datetime import UTC, date, datetime, timedelta, timezone
+from pathlib import Path
 
 import exchange_calendars
 import pytest
@@ -268,8 +273,16 @@ def test_dag_rule_and_serving_market_agree_for_every_day_and_market_set() -> Non
     assert served_by_nobody > 0  # weekends and holidays exist, so "nobody" must occur
 
 
-def test_calendar_cache_extends_in_a_long_lived_process(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def new_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The state of a process that has computed nothing yet, with an empty session table in `tmp_path`."""
+    monkeypatch.setenv("OVERNIGHT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(sessions, "_CACHE", {})
+    monkeypatch.setattr(sessions, "_TABLE", sessions._SessionTable())
+    return tmp_path
+
+
+def test_calendar_cache_extends_in_a_long_lived_process(new_process: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sessions, "_today", lambda: date(2026, 11, 22))
     first = get_calendar("XNYS")
     assert first is get_calendar("XNYS")  # cached
@@ -286,8 +299,7 @@ def test_calendar_cache_extends_in_a_long_lived_process(monkeypatch: pytest.Monk
     assert second.first_session.date() == first.first_session.date()  # still covers what it covered
 
 
-def test_calendar_rebuild_keeps_what_was_covered(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sessions, "_CACHE", {})
+def test_calendar_rebuild_keeps_what_was_covered(new_process: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sessions, "_today", lambda: date(2026, 11, 22))
     assert session_open_utc("XNYS", date(2020, 3, 9)) == utc(2020, 3, 9, 13, 30)
     wide = get_calendar("XNYS")
@@ -299,8 +311,7 @@ def test_calendar_rebuild_keeps_what_was_covered(monkeypatch: pytest.MonkeyPatch
     assert get_calendar("XNYS") is wider
 
 
-def test_calendar_before_cached_start_is_rebuilt(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sessions, "_CACHE", {})
+def test_calendar_before_cached_start_is_rebuilt(new_process: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sessions, "_today", lambda: date(2030, 6, 1))
     assert get_calendar("XLON").first_session.date() > date(2026, 1, 1)
     assert session_open_utc("XLON", date(2026, 3, 30)) == utc(2026, 3, 30, 7, 0)
@@ -326,3 +337,83 @@ def test_horizon_warning_near_the_end_of_fixed_calendar_data() -> None:
 def test_rule_based_default_markets_never_warn(code: str) -> None:
     assert horizon_warnings([code], today=date(2040, 1, 1)) == []
     assert calendar_horizon(code) > date.today() + timedelta(days=365)
+
+
+# ------------------------------------------------------------------ the session table on disk
+
+
+def _table_file(folder: Path) -> Path:
+    files = list(folder.glob("sessions-exchange-calendars-*.json"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_session_table_serves_a_new_process_without_exchange_calendars(new_process: Path) -> None:
+    day = date(2026, 3, 9)  # the first NYSE session after the US DST change
+    expected = {code: session_open_utc(code, day) for code in ("XNYS", "XLON", "BVMF", "XTKS")}
+    sessions.calendar_names()
+    assert _table_file(new_process).stat().st_size > 0
+    probe = f"""
+import json, sys
+from datetime import date
+from overnight import markets, sessions
+opens = {{c: sessions.session_open_utc(c, date(2026, 3, 9)).isoformat() for c in {sorted(expected)!r}}}
+tz = str(sessions.timezone("XTKS"))
+markets._check_code("XNYS")
+print(json.dumps({{"opens": opens, "tz": tz, "imported": "exchange_calendars" in sys.modules or "pandas" in sys.modules}}))
+"""
+    env = {**os.environ, "OVERNIGHT_CACHE_DIR": str(new_process), "PYTHONPATH": str(Path(sessions.__file__).parents[1])}
+    out = json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                    check=True).stdout)
+    assert out["imported"] is False, "a process with the session table still imported exchange_calendars"
+    assert out["opens"] == {c: v.isoformat() for c, v in expected.items()}
+    assert out["tz"] == "Asia/Tokyo"
+
+
+def test_session_table_answers_match_exchange_calendars(new_process: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    session_open_utc("XLON", date(2026, 11, 23))  # builds and saves
+    monkeypatch.setattr(sessions, "_CACHE", {})
+    monkeypatch.setattr(sessions, "_TABLE", sessions._SessionTable())  # a new process: reads the file
+    start, end = date(2026, 1, 1), date(2027, 6, 30)
+    got = sessions_between("XLON", start, end)
+    assert sessions._CACHE["XLON"]._calendar is None, "the schedule was rebuilt, not read from the table"
+    want = independent_opens("XLON", start, end)
+    assert got == sorted(want)
+    assert {d: session_open_utc("XLON", d) for d in got} == want
+    assert get_calendar("XLON").tz.key == "Europe/London"  # the calendar object is still there when asked for
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"format": 99, "codes": {}}', b"[]"])
+def test_unreadable_or_foreign_session_table_is_rebuilt(new_process: Path, content: bytes,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    session_open_utc("XNYS", date(2026, 11, 23))
+    path = _table_file(new_process)
+    path.write_bytes(content)
+    sessions._CACHE.clear()
+    sessions._TABLE = sessions._SessionTable()
+    assert session_open_utc("XNYS", date(2026, 3, 9)) == utc(2026, 3, 9, 13, 30)
+    assert sessions._CACHE["XNYS"]._calendar is not None  # rebuilt from exchange_calendars
+    assert json.loads(path.read_bytes())["codes"]["XNYS"]["tz"] == "America/New_York"  # and saved again
+    if content.startswith(b"{not"):
+        assert "unreadable" in caplog.text and str(path) in caplog.text
+
+
+def test_malformed_session_table_entry_is_rebuilt(new_process: Path, caplog: pytest.LogCaptureFixture) -> None:
+    session_open_utc("XNYS", date(2026, 11, 23))
+    path = _table_file(new_process)
+    data = json.loads(path.read_bytes())
+    data["codes"]["XNYS"]["opens"].pop()  # one open fewer than sessions
+    path.write_text(json.dumps(data))
+    sessions._CACHE.clear()
+    sessions._TABLE = sessions._SessionTable()
+    assert session_open_utc("XNYS", date(2026, 3, 9)) == utc(2026, 3, 9, 13, 30)
+    assert "XNYS's entry is malformed" in caplog.text
+
+
+def test_unwritable_session_table_costs_speed_not_answers(new_process: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    blocker = new_process / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("OVERNIGHT_CACHE_DIR", str(blocker / "sub"))  # a folder under a file: cannot exist
+    assert session_open_utc("BVMF", date(2026, 11, 23)) == utc(2026, 11, 23, 13, 0)
+    assert "not saved" in caplog.text
