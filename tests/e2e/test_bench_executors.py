@@ -45,3 +45,7 @@ def test_bench_runs_every_user_once(executor):
     for key in ("wall_s", "floor_io_s", "floor_orch_s", "users_per_s", "api_hit_p99_ms", "api_miss_p99_ms",
                 "api_noop_p99_ms", "calibration_s"):
         assert f[key] > 0, key
+    slices = f["api_rps_by_slice"]  # one rate per round and case; together they make the case's rate
+    assert set(slices) == {"hit", "miss", "noop"} and all(len(v) == f["api_rounds"] for v in slices.values())
+    assert all(rate > 0 for v in slices.values() for rate in v)
+    assert min(slices["hit"]) <= f["api_hit_rps"] <= max(slices["hit"])

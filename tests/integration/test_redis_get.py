@@ -40,6 +40,32 @@ def test_get_returns_each_callers_own_value_with_many_in_flight(keys: dict[str, 
     assert got == ([*keys.values(), None]) * 3
 
 
+def test_the_commands_of_one_turn_of_the_event_loop_go_out_in_one_write(keys: dict[str, bytes]) -> None:
+    async def main() -> tuple[list[bytes | None], list[bytes]]:
+        client = RedisGet(URL)
+        try:
+            await client.get(f"{PREFIX}0")  # connected
+            assert client._conn is not None and client._conn.transport is not None
+            transport = client._conn.transport
+            writes: list[bytes] = []
+            real_write = transport.write
+
+            def counting_write(data: bytes) -> None:
+                writes.append(bytes(data))
+                real_write(data)
+
+            transport.write = counting_write  # type: ignore[method-assign]
+            got = await asyncio.gather(*(client.get(f"{PREFIX}{i}") for i in range(20)))
+            got.append(await client.get(f"{PREFIX}20"))  # a later turn: a write of its own
+            return got, writes
+        finally:
+            await client.aclose()
+
+    got, writes = asyncio.run(main())
+    assert got == [keys[f"{PREFIX}{i}"] for i in range(21)]
+    assert [w.count(b"GET") for w in writes] == [20, 1]
+
+
 def test_a_caller_that_gives_up_never_gets_or_shifts_a_reply(keys: dict[str, bytes]) -> None:
     pauser = redis.Redis.from_url(URL)
 
