@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import time
 from typing import Any
 
 import hiredis
@@ -46,6 +47,8 @@ class _Pipelined(asyncio.Protocol):
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.outgoing: list[bytes] = []
+        self.heard_at = time.monotonic()  # the last reply, or the start of the current wait for one
+        self.dropped = False  # by `RedisGet.abort`, not by the server
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -54,6 +57,8 @@ class _Pipelined(asyncio.Protocol):
         assert self.transport is not None
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
+        if not self.waiting:
+            self.heard_at = time.monotonic()
         self.waiting.append(waiter)
         if not self.outgoing:  # the first command of this turn of the event loop: written at its end
             loop.call_soon(self._flush)
@@ -68,6 +73,7 @@ class _Pipelined(asyncio.Protocol):
             self.transport.write(b"".join(commands))
 
     def data_received(self, data: bytes) -> None:
+        self.heard_at = time.monotonic()
         self.reader.feed(data)
         try:
             while (reply := self.reader.gets()) is not False:
@@ -85,7 +91,8 @@ class _Pipelined(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self._fail(RedisGetError(f"the Redis connection was closed ({exc or 'by the server'})"))
+        how = "dropped by this client after Redis fell silent" if self.dropped else exc or "by the server"
+        self._fail(RedisGetError(f"the Redis connection was closed ({how})"))
 
     def _fail(self, error: Exception) -> None:
         while self.waiting:
@@ -167,10 +174,20 @@ class RedisGet:
     def _where(self) -> str:
         return self._path or f"{self._host}:{self._port}"
 
+    def silent_for(self) -> float:
+        """Seconds since the connection last heard from Redis while calls wait for replies (0 when none wait).
+
+        A reply that is merely late (this process or machine stalled) comes soon; a hung server stays silent."""
+        conn = self._conn
+        if conn is None or conn.transport is None or not conn.waiting:
+            return 0.0
+        return time.monotonic() - conn.heard_at
+
     def abort(self) -> None:
         """Drops the connection (every waiting call fails); the next call opens a new one."""
         conn, self._conn = self._conn, None
         if conn is not None and conn.transport is not None:
+            conn.dropped = True
             conn.transport.abort()
 
     async def aclose(self) -> None:
