@@ -262,8 +262,9 @@ class Bench:
             raise SystemExit(f"runs not finished within {timeout_s} s: {set(runs) - set(states)}")
         return time.perf_counter() - t0, states
 
-    def _sample_rss(self, stop: threading.Event, peak: dict[str, int]) -> None:
-        """Peak RSS of any one task process, and CPU seconds per kind of process (where the time goes)."""
+    def _sample_rss(self, stop: threading.Event, peak: dict[str, int], figure: str = "cpu_s_by_process") -> None:
+        """Peak RSS of any one task process, and CPU seconds per kind of process (where the time goes) as
+        the figure `figure`."""
         last: dict[int, float] = {}
         cpu: dict[str, float] = {}
         api = self.procs.get("api-server")
@@ -279,7 +280,8 @@ class Bench:
                             "scheduler" if "scheduler" in cmd else "dag-processor" if "dag-processor" in cmd else
                             "api-server" if "api_server" in cmd or "api-server" in cmd else
                             "postgres" if p.info["name"] == "postgres" else
-                            "redis" if "redis-server" in cmd else "bench" if "overnight.bench" in cmd else None)
+                            "redis" if "redis-server" in cmd else "bench" if "overnight.bench" in cmd else
+                            "loadgen" if "overnight.loadgen" in cmd else None)
                     if kind is None and "multiprocessing" in cmd and api_pid in {q.pid for q in p.parents()}:
                         kind = "api-server"  # its workers (AIRFLOW__API__WORKERS > 1) are spawned children
                     if kind:
@@ -287,7 +289,7 @@ class Bench:
                         cpu[kind] = cpu.get(kind, 0.0) + t - last.get(p.pid, t)
                         last[p.pid] = t
             stop.wait(0.5)
-        self.figures["cpu_s_by_process"] = {k: round(v, 1) for k, v in sorted(cpu.items())}
+        self.figures[figure] = {k: round(v, 1) for k, v in sorted(cpu.items())}
 
     def _batches_per_market(self) -> dict[str, int]:
         out = {}
@@ -409,6 +411,7 @@ class Bench:
         base = f"http://127.0.0.1:{self.port}/overnight/api/v1"
         cases = {"hit": [f"{base}/dashboard/{u}" for u in hit], "miss": [f"{base}/dashboard/{u}" for u in miss],
                  "noop": [f"{base}/ping"]}
+        self._vacuum()
         self.figures["api_quiet_wait_s"] = _wait_quiet()
         api_log = self.home / "logs-components" / "api-server.log"
         log_start = api_log.stat().st_size if api_log.exists() else 0
@@ -417,6 +420,9 @@ class Bench:
         elapsed = dict.fromkeys(cases, 0.0)
         errors = dict.fromkeys(cases, 0)
         slices: dict[str, list[float]] = {name: [] for name in cases}
+        stop = threading.Event()
+        sampler = threading.Thread(target=self._sample_rss, args=(stop, {"rss": 0}, "api_cpu_s_by_process"))
+        sampler.start()
         for _ in range(rounds):
             for name, urls in cases.items():
                 result = loadgen.run_in_subprocess(urls, headers, clients=clients, seconds=seconds / rounds,
@@ -426,6 +432,8 @@ class Bench:
                 errors[name] += result["errors"]
                 slices[name].append(round(len(result["latencies_ms"]) / result["elapsed_s"], 1)
                                     if result["elapsed_s"] else 0.0)
+        stop.set()
+        sampler.join()
         self.figures["api_rps_by_slice"] = slices  # the spread between slices: how far one figure can be trusted
         if api_log.exists():  # answers from Postgres because a Redis reply was late, or Redis failed (5 s)
             with api_log.open("rb") as f:
@@ -441,6 +449,16 @@ class Bench:
         if self.figures.get("api_noop_rps"):
             self.figures["api_hit_vs_noop_throughput"] = round(
                 self.figures["api_hit_rps"] / self.figures["api_noop_rps"], 2)
+
+    def _vacuum(self) -> None:
+        """VACUUM ANALYZE of the run's two databases: what autovacuum does in the hours between the night's
+        run and the day's logins, done before the dashboard is measured rather than during it."""
+        t0 = time.perf_counter()
+        meta = self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("postgresql+psycopg2://", "postgresql://", 1)
+        for dsn in (self.dsn, meta):
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("VACUUM ANALYZE")
+        self.figures["api_vacuum_s"] = round(time.perf_counter() - t0, 1)
 
     # ------------------------------------------------------------------ tear-down
 
