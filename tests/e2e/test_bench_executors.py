@@ -50,5 +50,7 @@ def test_bench_runs_every_user_once(executor):
     assert all(rate > 0 for v in slices.values() for rate in v)
     assert min(slices["hit"]) <= f["api_hit_rps"] <= max(slices["hit"])
     during_api = f["api_cpu_s_by_process"]  # where the CPU went while the dashboard was measured
-    assert during_api["api-server"] > 0 and during_api["loadgen"] > 0 and during_api.get("tasks", 0) == 0
+    assert during_api["api-server"] > 0 and during_api["loadgen"] > 0
+    if executor == "local":  # no task runs then (Celery's idle workers count as "tasks")
+        assert during_api.get("tasks", 0) == 0
     assert f["api_vacuum_s"] >= 0 and f["api_redis_fallbacks"] >= 0 and f["api_redis_late"] >= 0

@@ -20,7 +20,7 @@ from overnight import pipeline, runtime, sessions
 from overnight.markets import get_market, load_markets
 from overnight.providers.base import ProviderError
 from overnight.providers.db import DbPriceProvider, DbRatesProvider
-from overnight.providers.http import HttpPriceProvider, HttpRatesProvider
+from overnight.providers.http import ECB_PUBLICATION_TIME, ECB_TZ, HttpPriceProvider, HttpRatesProvider
 from tests.support import reliability as R
 from tests.support.fake_provider import QUOTE_PATH, RATES_PATH, FakeProviderServer
 
@@ -51,8 +51,11 @@ def tables(conn: psycopg.Connection, seeded) -> dict[str, Any]:
 
 @pytest.fixture
 def server(tables: dict[str, Any]) -> Iterator[FakeProviderServer]:
-    yesterday = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
-    srv = FakeProviderServer(rates=tables["rates"], prices=tables["prices"], rates_date=yesterday,
+    # the newest ECB publication at this moment (~16:00 CET daily): fresh (under 24 h) at any time of day;
+    # "yesterday" was 24 h 55 min old at 15:55 UTC, and the pipeline rightly flagged it stale
+    now = datetime.now(ECB_TZ)
+    published = now.date() if now.time() >= ECB_PUBLICATION_TIME else now.date() - timedelta(days=1)
+    srv = FakeProviderServer(rates=tables["rates"], prices=tables["prices"], rates_date=published.isoformat(),
                              market_time=int(datetime.now(UTC).timestamp()) - 3600).start()
     try:
         yield srv
