@@ -242,7 +242,7 @@ class Bench:
         stop = threading.Event()
         peak = {"rss": 0}
         if sample:
-            threading.Thread(target=self._sample_rss, args=(stop, peak), daemon=True).start()
+            threading.Thread(target=self._sample_processes, args=(stop, peak), daemon=True).start()
         try:
             while time.perf_counter() - t0 < timeout_s:
                 for dag_id, run_id in runs.items():
@@ -262,7 +262,7 @@ class Bench:
             raise SystemExit(f"runs not finished within {timeout_s} s: {set(runs) - set(states)}")
         return time.perf_counter() - t0, states
 
-    def _sample_rss(self, stop: threading.Event, peak: dict[str, int], figure: str = "cpu_s_by_process") -> None:
+    def _sample_processes(self, stop: threading.Event, peak: dict[str, int], figure: str = "cpu_s_by_process") -> None:
         """Peak RSS of any one task process, and CPU seconds per kind of process (where the time goes) as
         the figure `figure`."""
         last: dict[int, float] = {}
@@ -421,7 +421,7 @@ class Bench:
         errors = dict.fromkeys(cases, 0)
         slices: dict[str, list[float]] = {name: [] for name in cases}
         stop = threading.Event()
-        sampler = threading.Thread(target=self._sample_rss, args=(stop, {"rss": 0}, "api_cpu_s_by_process"))
+        sampler = threading.Thread(target=self._sample_processes, args=(stop, {"rss": 0}, "api_cpu_s_by_process"))
         sampler.start()
         for _ in range(rounds):
             for name, urls in cases.items():

@@ -2,9 +2,10 @@
 
 Async and free of FastAPI so it can be tested on its own: `DashboardStore` owns a lazily created,
 bounded pool of `psycopg.AsyncConnection`s and a pipelined Redis GET client (`overnight.redis_get`)
-whose calls are bounded at ~200 ms (~100 ms to connect). Redis is optional: any Redis error or timeout falls back to the
-`recommendations` table, and after a failure Redis is skipped for a few seconds so an outage costs
-one timeout, not one per request. All SQL is parameterised; nothing a caller passes is ever
+whose calls are bounded at ~200 ms (~100 ms to connect). Redis is optional: any Redis error or
+timeout falls back to the `recommendations` table. A late reply costs only its request; when Redis
+refuses, breaks or stays silent for 1 s it is skipped for a few seconds, so an outage costs about a
+second of timeouts, not one per request. All SQL is parameterised; nothing a caller passes is ever
 formatted into a statement.
 """
 
@@ -310,8 +311,7 @@ class DashboardStore:
 
     def _redis_failed(self, exc: BaseException) -> None:
         """Redis refused, broke or fell silent: drop the connection and use Postgres alone for a while."""
-        if self._redis is not None:
-            self._redis.abort()  # a hung connection is not kept: the next try opens a new one
+        self._redis.abort()  # a hung connection is not kept: the next try opens a new one
         self._redis_skip_until = time.monotonic() + REDIS_RETRY_AFTER_S
         log.warning("dashboard: Redis unavailable (%s: %s); using Postgres for %.0f s",
                     type(exc).__name__, exc, REDIS_RETRY_AFTER_S)

@@ -91,7 +91,7 @@ class _Pipelined(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        how = "dropped by this client after Redis fell silent" if self.dropped else exc or "by the server"
+        how = "dropped by this client" if self.dropped else exc or "by the server"
         self._fail(RedisGetError(f"the Redis connection was closed ({how})"))
 
     def _fail(self, error: Exception) -> None:
