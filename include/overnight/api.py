@@ -71,6 +71,15 @@ class Recommendation(_Model):
     currency: str
     allocationGap: str
     breakdown: Breakdown | None = None
+    allocationGapAfter: str | None = None
+
+
+class Unallocated(_Model):
+    """The part of the contribution the allocation policy did not place (docs/allocation.md)."""
+
+    amount: str
+    reason: str | None = None
+    message: str | None = None
 
 
 class DataFreshness(_Model):
@@ -95,6 +104,8 @@ class Dashboard(BaseModel):
     stale: bool
     correlationId: str | None = None
     portfolioSummary: dict[str, Any] | None = None
+    unallocated: Unallocated | None = None
+    unpricedHoldings: list[dict[str, Any]] | None = None
 
 
 class DashboardResponse(BaseModel):
@@ -188,6 +199,7 @@ class AssetEventsResponse(BaseModel):
 _JSON = msgspec.json.Encoder()
 _REC_STR_FIELDS = ("assetId", "symbol", "score", "amount", "currency", "allocationGap")
 _REC_FIELDS = frozenset(Recommendation.model_fields)
+_UNALLOCATED_FIELDS = {"amount": str, "reason": str, "message": str}
 _BREAKDOWN_FIELDS = {"criteriaCount": int, "topContributor": str}
 _FRESHNESS_FIELDS = dict.fromkeys(DataFreshness.model_fields, str)
 _INT64 = 2**63
@@ -244,6 +256,10 @@ def _recommendation(rec: Any) -> dict[str, Any] | None:
     if breakdown is not None and (breakdown := _as_model(breakdown, _BREAKDOWN_FIELDS)) is None:
         return None
     out["breakdown"] = breakdown
+    after = rec.get("allocationGapAfter")
+    if after is not None and type(after) is not str:
+        return None
+    out["allocationGapAfter"] = after
     return out if _add_extras(rec, _REC_FIELDS, out) else None
 
 
@@ -255,6 +271,13 @@ def dashboard_body(data: dict[str, Any]) -> bytes | None:
     if freshness is not None and (freshness := _as_model(freshness, _FRESHNESS_FIELDS)) is None:
         return None
     summary = data["portfolioSummary"]
+    unallocated, unpriced = data.get("unallocated"), data.get("unpricedHoldings")
+    if unallocated is not None and ((unallocated := _as_model(unallocated, _UNALLOCATED_FIELDS)) is None
+                                    or unallocated["amount"] is None):
+        return None
+    if unpriced is not None and not (type(unpriced) is list and _plain(unpriced)
+                                     and all(type(u) is dict for u in unpriced)):
+        return None
     if (None in recs or type(data["userId"]) is not str or type(data["fromCache"]) is not bool
             or type(data["stale"]) is not bool or (summary is not None and not (type(summary) is dict and _plain(summary)))
             or any(data[k] is not None and type(data[k]) is not str
@@ -264,6 +287,7 @@ def dashboard_body(data: dict[str, Any]) -> bytes | None:
         "userId": data["userId"], "recommendations": recs, "totalInvestable": data["totalInvestable"],
         "baseCurrency": data["baseCurrency"], "dataFreshness": freshness, "fromCache": data["fromCache"],
         "stale": data["stale"], "correlationId": data["correlationId"], "portfolioSummary": summary,
+        "unallocated": unallocated, "unpricedHoldings": unpriced,
     }})
 
 
@@ -278,6 +302,7 @@ def _typed(model: type[BaseModel], name: str, nested: Mapping[str, Any] | None =
 
 _CachedBreakdown = _typed(Breakdown, "CachedBreakdown")
 _CachedRecommendation = _typed(Recommendation, "CachedRecommendation", {"breakdown": _CachedBreakdown | None})
+_CachedUnallocated = _typed(Unallocated, "CachedUnallocated")
 
 
 class _CachedDocument(msgspec.Struct):
@@ -290,6 +315,8 @@ class _CachedDocument(msgspec.Struct):
     totalInvestable: str | None = None
     ratesStale: bool | None = None
     correlationId: str | None = None
+    unallocated: _CachedUnallocated | None = None  # type: ignore[valid-type]  # built from the response model
+    unpricedHoldings: list[dict[str, Any]] | None = None
 
 
 _decode_cached = msgspec.json.Decoder(_CachedDocument).decode
@@ -311,6 +338,9 @@ def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None)
     summary = doc.portfolioSummary or None
     if summary is not None and not _plain(summary):
         return None
+    unpriced = doc.unpricedHoldings
+    if unpriced is not None and not (_plain(unpriced) and all(type(u) is dict for u in unpriced)):
+        return None
     recs = doc.recommendations
     base = (summary or {}).get("baseCurrency") or (recs[0].currency if recs else None)  # type: ignore[attr-defined]
     if base is not None and type(base) is not str:
@@ -319,7 +349,7 @@ def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None)
         "userId": user_id, "recommendations": recs, "totalInvestable": doc.totalInvestable,
         "baseCurrency": base.strip() if base is not None else None, "dataFreshness": freshness, "fromCache": True,
         "stale": is_stale(generated, bool(doc.ratesStale), now), "correlationId": doc.correlationId,
-        "portfolioSummary": summary,
+        "portfolioSummary": summary, "unallocated": doc.unallocated, "unpricedHoldings": unpriced,
     }})
 
 

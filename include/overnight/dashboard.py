@@ -105,6 +105,8 @@ class DashboardView:
     stale: bool
     correlation_id: str | None = None
     portfolio_summary: dict[str, Any] | None = None
+    unallocated: dict[str, Any] | None = None
+    unpriced_holdings: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Returns the API's camelCase `data` object."""
@@ -118,6 +120,8 @@ class DashboardView:
             "stale": self.stale,
             "correlationId": self.correlation_id,
             "portfolioSummary": self.portfolio_summary,
+            "unallocated": self.unallocated,
+            "unpricedHoldings": self.unpriced_holdings,
         }
 
 
@@ -150,6 +154,8 @@ def view_from_document(
         stale=is_stale(generated, bool(doc.get("ratesStale")), now),
         correlation_id=doc.get("correlationId"),
         portfolio_summary=summary,
+        unallocated=doc.get("unallocated"),
+        unpriced_holdings=doc.get("unpricedHoldings"),
     )
 
 
