@@ -514,6 +514,19 @@ def test_page_in_chromium(stack: dict[str, Any]) -> None:
         assert "from cache" in cdp.js("document.getElementById('lookup-summary').innerText")
         symbols = cdp.js("[...document.querySelectorAll('#recs tbody tr td:first-child')].map(td => td.innerText)")
         assert symbols == [r["symbol"] for r in stack["doc"]["recommendations"]]
+        # Money the policy could not place is shown with its reason; none left over, no line.
+        for amount in ("0.00", "123.45"):
+            left = {**stack["doc"], "unallocated": {"amount": amount, "reason": "targets_full",
+                                                    "message": "Stocks reached the maximum of their target range"}}
+            stack["redis"].set(cache.recs_key(uid), json.dumps(left), ex=cache.TTL_SECONDS)
+            cdp.js("document.getElementById('lookup-result').textContent = ''")
+            cdp.js("document.querySelector('#lookup button').click()")
+            cdp.wait("!!document.querySelector('#recs tbody tr')")
+            shown = cdp.js("(document.getElementById('lookup-unallocated') || {}).innerText || null")
+            assert (shown is None) == (amount == "0.00"), shown
+        assert cdp.js("document.getElementById('lookup-unallocated').innerText") == (
+            f"Unallocated: 123.45 {stack['doc']['portfolioSummary']['baseCurrency']}"
+            " (Stocks reached the maximum of their target range)")
         ARTIFACTS.mkdir(exist_ok=True)
         shot = cdp.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
         (ARTIFACTS / "overnight-page.png").write_bytes(base64.b64decode(shot["data"]))
