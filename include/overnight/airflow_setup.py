@@ -62,7 +62,7 @@ def write_passwords(*, announce: bool = True) -> dict[str, str]:
     made: list[str] = []
     for login in dev_logins():
         value = current.get(login)
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not value or value == login:  # none yet, or the old `admin`/`admin`
             value = secrets.token_urlsafe(12)
             made.append(login)
         passwords[login] = value

@@ -336,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     path = write_env_file(env)
+    home = Path(env["AIRFLOW_HOME"])
+    for secret_file in (home / "airflow.cfg", Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])):
+        make_private(secret_file)  # written by an older checkout or by Airflow itself: the owner's only
     pg = parse_connection(POSTGRES_CONN_ID, env["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
     rd = parse_connection(REDIS_CONN_ID, env["AIRFLOW_CONN_OVERNIGHT_REDIS"])
     print(f"postgres: {pg.redacted()}  redis: {rd.redacted()}  env: {path.relative_to(ROOT)}")
