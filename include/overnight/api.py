@@ -507,7 +507,8 @@ def create_app(
              responses={403: {"description": "No 'Overnight recommendations' permission"},
                         404: {"description": "Unknown user"}, 422: {"description": "Not a UUID"}})
     async def dashboard(request: Request,
-                        user_id: Annotated[str, PathParam(description="The user's id (UUID)", max_length=64)]
+                        user_id: Annotated[str, PathParam(description="The user's id (UUID)", max_length=64,
+                                                           json_schema_extra={"format": "uuid"})]
                         ) -> Response | dict[str, Any]:
         """A user's recommendations: Redis `recs:{id}` first, else the `recommendations` table."""
         try:
