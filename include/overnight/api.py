@@ -554,7 +554,7 @@ def create_app(
         before: Annotated[datetime | None, Query(description="Only events created before this ISO time")] = None,
         before_id: Annotated[UUID | None, Query(description="With `before`: the last event id of the previous "
                                                             "page (ties on the same time)")] = None,
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | JSONResponse:
         """Every calculation event that scored `symbol` (newest first), with its correlation id and job run;
         user ids only for holders of "Overnight recommendations", a pseudonym (`userRef`) for everyone."""
         try:  # at most AUDIT_CONCURRENCY at once: long audit pages must not take the dashboard's connections

@@ -208,6 +208,7 @@ def cached_auth(authenticate: Authenticate, grants: Grants, cache: AuthCache) ->
     async def authorized(request: Request) -> Access:
         bearer = await _bearer_scheme(request)
         source, token = credential(request, bearer)
+        access: Access | None
         if not token or cache.ttl_s <= 0:
             access = (await check(request, bearer, token))[0]
         else:
