@@ -1,9 +1,10 @@
 """The Overnight plugin on a real `airflow api-server`: auth, data, fallbacks, hostile input, and the page in Chromium.
 
 Two api-servers start side by side on this run's fresh databases: the normal one, and one whose
-`overnight_redis` connection points at a TCP listener that never answers (a hung Redis). Tokens
-come from the simple auth manager's `POST /auth/token`; a user configured with no role
-(`norole:`) is authenticated but may not read DAGs, which is how a 403 is produced for real.
+`overnight_redis` connection points at a TCP listener that never answers (a hung Redis). Both run the
+auth manager `make airflow` runs (`OvernightSimpleAuthManager`); tokens come from its `POST /auth/token`
+for admin, viewer (operations only: 403 on dashboards), the service login overnight_app (dashboards) and
+`norole:` (authenticated, no permission at all). The hostile access tests are in test_access.py.
 """
 
 from __future__ import annotations
