@@ -212,6 +212,32 @@ class AssetEventsResponse(BaseModel):
     next: Cursor | None
 
 
+class ReplayResult(BaseModel):
+    """A calculation recomputed from its audit events and its job run's snapshots alone (docs/audit.md).
+    `status`: `identical` (every event field and the document's sha256 match), `different` (`differences` names
+    each field: `path: stored X, replayed Y`) or `other_version` (recorded by another `calcVersion`: the
+    differences may be the rules', and the answer does not pretend otherwise)."""
+
+    userId: str
+    correlationId: str
+    jobRunId: str
+    market: str
+    sessionDate: str
+    status: Literal["identical", "different", "other_version"]
+    storedCalcVersion: str | None
+    replayCalcVersion: str
+    storedDocumentSha256: str | None
+    replayedDocumentSha256: str | None
+    differences: list[str]
+    note: str | None
+
+
+class ReplayResponse(BaseModel):
+    """`GET /api/v1/audit/calculations/{correlation_id}/{user_id}/replay`."""
+
+    data: ReplayResult
+
+
 # --------------------------------------------------------------------------- the dashboard's JSON, pre-encoded
 
 _JSON = msgspec.json.Encoder()
@@ -605,6 +631,40 @@ def create_app(
             if not show_ids:
                 event["userId"] = None
         return {"data": events, "next": cursor}
+
+    @app.get(f"{API_PREFIX}/audit/calculations/{{correlation_id}}/{{user_id}}/replay", response_model=ReplayResponse,
+             dependencies=[Depends(requires_personal_data)],
+             responses={403: {"description": "No 'Overnight recommendations' permission"},
+                        404: {"description": "Unknown job run, or no calculation of that user in it"},
+                        409: {"description": "The calculation's events or snapshots are incomplete"},
+                        422: {"description": "Not a UUID"},
+                        503: {"description": "Postgres unavailable, or too many audit queries: retry shortly"}})
+    async def replay_calculation(
+        correlation_id: Annotated[UUID, PathParam(description="The job run's correlation id")],
+        user_id: Annotated[str, PathParam(description="The user's id (UUID)", max_length=64,
+                                          json_schema_extra={"format": "uuid"})],
+    ) -> dict[str, Any] | JSONResponse:
+        """Recomputes a user's calculation from the audit trail alone and compares it with what was stored:
+        `identical`, or each differing field. Personal data (the user's amounts): "Overnight recommendations"."""
+        from overnight.replay import IncompleteCalculation, UnknownCalculation
+
+        try:
+            async with asyncio.timeout(AUDIT_WAIT_S):
+                await audit_slots.acquire()
+        except TimeoutError:
+            return JSONResponse({"detail": f"too many audit queries at once (at most {AUDIT_CONCURRENCY} per "
+                                           "worker); try again shortly"}, status_code=503,
+                                headers={"Retry-After": "1"})
+        try:
+            return {"data": await store.replay(str(correlation_id), user_id)}
+        except InvalidUserId as exc:
+            raise HTTPException(422, str(exc)) from None
+        except UnknownCalculation as exc:
+            raise HTTPException(404, str(exc)) from None
+        except IncompleteCalculation as exc:
+            raise HTTPException(409, str(exc)) from None
+        finally:
+            audit_slots.release()
 
     # ------------------------------------------------------------------ page, assets, docs
 

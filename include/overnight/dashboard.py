@@ -432,6 +432,28 @@ class DashboardStore:
 
     # ---------------------------------------------------------------- audit
 
+    async def replay(self, correlation_id: str, user_id: str) -> dict[str, Any]:
+        """Replays a user's calculation (`overnight.replay`) on a read-only connection of its own, off the event
+        loop; returns the result's JSON. Raises replay.UnknownCalculation, replay.IncompleteCalculation,
+        StoreUnavailable."""
+        uid = parse_user_id(user_id)
+        await self._ensure()
+        dsn = self.pg_dsn
+        assert dsn is not None
+
+        def run() -> dict[str, Any]:
+            from overnight import replay
+
+            with psycopg.connect(dsn, connect_timeout=PG_CONNECT_TIMEOUT_S, application_name="overnight-replay",
+                                 options=f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}") as conn:
+                conn.read_only = True
+                return replay.replay_user(conn, correlation_id, uid).to_json()
+
+        try:
+            return await asyncio.to_thread(run)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"Postgres (overnight_postgres) is unavailable: {exc}".strip()) from exc
+
     async def asset_events(
         self, symbol: str, *, limit: int = 50, before: datetime | None = None, before_id: str | None = None,
     ) -> tuple[list[dict[str, Any]], dict[str, str] | None]:

@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import psycopg
 
-from overnight import money
+from overnight import __version__, money
 from overnight.providers.base import PriceProvider, PriceQuote, ProviderError, RatesProvider, RatesSnapshot
 from overnight.providers.db import latest_stored_rates, store_rates
 from overnight.recommendations import (
@@ -39,6 +39,7 @@ from overnight.recommendations import (
     validate_targets,
 )
 from overnight.scoring import (
+    SCORING_VERSION,
     CompiledRules,
     CriteriaError,
     FundamentalsTable,
@@ -63,6 +64,10 @@ MAX_ERROR_DETAILS = 1000
 _JSON = msgspec.json.Encoder()
 CHUNK_SIZE = 1000  # users loaded, calculated and written together inside a batch (bounds a task's memory)
 CENT = Decimal("0.01")
+# What a calculation's result depends on besides its inputs: the package and the scoring and allocation rules.
+# A replay by another calcVersion says so instead of comparing (docs/audit.md).
+CALC_VERSION = f"{__version__}+scoring.{SCORING_VERSION}.allocation.{ALLOCATION_POLICY}"
+HISTORY_TABLE = "recommendation_history"
 
 
 # --------------------------------------------------------------------------- job run
@@ -299,11 +304,8 @@ class UserResult:
     assets_scored: int
     recommendations: int
     warned: bool = False  # calculated with a warning (a holding could not be valued)
-
-    @functools.cached_property
-    def document_json(self) -> str:
-        """The recommendations document as stored in Postgres and Redis (encoded once)."""
-        return _encode(self.document)
+    document_json: str = ""  # the document as stored in Redis and `recommendation_history`; CALC_COMPLETED has its sha256
+    latest: bool = True  # the writer set the user's `recommendations` row (no newer session's document is there)
 
     @functools.cached_property
     def portfolio_json(self) -> str:
@@ -369,15 +371,37 @@ def _load_chunk(
     }
     missing = sorted(asset_ids.difference(assets))
     if missing:
-        assets.update({
-            r[0]: AssetRow(r[0], r[1], r[2], r[3], r[4].strip(), _decimals(r[5] or {}))
-            for r in conn.execute(
-                "SELECT a.id, a.symbol, a.market, c.name, a.currency, a.fundamentals FROM assets a"
-                " JOIN asset_classes c ON c.id = a.class_id WHERE a.id = ANY(%s)",
-                (missing,),
-            )
-        })
+        assets.update(job_assets(conn, job, missing))
     return list(users.values()), assets, criteria, read
+
+
+SNAPSHOT_SELECT = ("SELECT asset_id, symbol, market, class_name, currency, fundamentals FROM overnight_job_assets"
+                    " WHERE job_run_id = %s")
+
+
+def snapshot_asset(row: tuple[Any, ...]) -> AssetRow:
+    """An `overnight_job_assets` row (as `SNAPSHOT_SELECT` reads it) as the calculation uses it."""
+    return AssetRow(row[0], row[1], row[2], row[3], row[4].strip(), _decimals(row[5] or {}))
+
+
+def job_assets(conn: psycopg.Connection, job: JobRun, asset_ids: list[int]) -> dict[int, AssetRow]:
+    """The job run's snapshot of each asset (symbol, market, class, currency, fundamentals); unknown ids left out.
+
+    The first batch that needs an asset copies it from `assets` into `overnight_job_assets`; every other batch,
+    retry and resumed run of the job run reads that copy, so all its users are scored on the same fundamentals
+    and a replay needs no live table (docs/audit.md). One statement copies the missing ones, one reads them."""
+    conn.commit()  # the copy commits on its own at once: other batches wait on it for a moment, not a chunk
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO overnight_job_assets (job_run_id, asset_id, symbol, market, class_name, currency, fundamentals)"
+            " SELECT %s, a.id, a.symbol, a.market, c.name, a.currency, a.fundamentals FROM assets a"
+            " JOIN asset_classes c ON c.id = a.class_id WHERE a.id = ANY(%s)"
+            " ORDER BY a.id ON CONFLICT (job_run_id, asset_id) DO NOTHING",
+            (job.id, asset_ids),
+        )
+    # Another batch may have stored some of these first: its copies are the job run's.
+    return {r[0]: snapshot_asset(r) for r in conn.execute(SNAPSHOT_SELECT + " AND asset_id = ANY(%s)",
+                                                          (job.id, asset_ids)).fetchall()}
 
 
 def _decimals(fundamentals: dict[str, Any]) -> dict[str, Any]:
@@ -455,6 +479,7 @@ class Batch:
     price_text: dict[str, str] = field(default_factory=dict)
     table: FundamentalsTable = field(default_factory=FundamentalsTable)
     score_floor: Decimal = DEFAULT_SCORE_FLOOR
+    completed_at: dict[str, datetime] | None = None  # a replay's: each user's recorded CALC_COMPLETED time
 
     def __post_init__(self) -> None:
         self.table.add({aid: a.fundamentals for aid, a in self.assets.items()})
@@ -542,16 +567,16 @@ def prepare_user(user: UserRow, batch: Batch) -> Prepared:
     oldest: datetime | None = None
     total = Decimal(0)
     held = 0
-    for aid, raw_qty in user.holdings:
+    for aid, raw_qty in sorted(user.holdings):  # by asset id: sums in one order, whatever order the rows came in
         asset = assets.get(aid)
         if asset is None:
             raise UserFailure("load", f"holding of asset id {aid}: no such asset")
         qty = _quantity(raw_qty, asset.symbol)
+        symbol = asset.symbol
+        holdings_used[symbol] = _num(qty)  # quantity 0 too: the asset is in the user's universe (the replay needs it)
         if not qty:  # a holding of quantity zero is not a holding (docs/allocation.md)
             continue
         held += 1
-        symbol = asset.symbol
-        holdings_used[symbol] = _num(qty)
         quote = prices.get(symbol)
         if quote is None:
             unpriced.append({"symbol": symbol, "quantity": holdings_used[symbol], "reason": NO_PRICE})
@@ -652,7 +677,7 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     except AllocationError as exc:
         raise UserFailure("recommend", str(exc)) from None
     recs = plan.recommendations
-    completed = _stamp(stamps)
+    completed = _stamp(stamps) if batch.completed_at is None else batch.completed_at[user.id]
     criteria_version = f"{user.criteria_key}@v{p.version}"
     allocations = {  # every held or targeted class, by name
         name: _fmt(values.get(name, Decimal(0)) * 100 / total if total else Decimal(0))
@@ -713,9 +738,13 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
         "targets": [[t.class_name, str(t.min_pct), str(t.max_pct)] for t in user.targets],
         "contribution": contribution_text, "baseCurrency": base, "unpricedHoldings": p.unpriced,
         "allocationPolicy": ALLOCATION_POLICY, "scoreFloor": money.text(batch.score_floor),
+        "markets": user.markets, "calcVersion": CALC_VERSION,
     }
     if batch.contribution is not None:
         inputs["contributionGiven"] = batch.contribution.to_json()
+    document_json = _encode(document)
+    stored = {"sha256": hashlib.sha256(document_json.encode()).hexdigest(), "table": HISTORY_TABLE,
+              "jobRunId": job.id, "generatedAt": document["generatedAt"]}
     events = [
         ("CALC_STARTED", started, {"market": job.market, "sessionDate": job.session_date, "jobRunId": job.id,
                                    "criteriaKey": user.criteria_key}, None),
@@ -723,11 +752,11 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
         ("SCORES_COMPUTED", scores_at, {"scores": scores, "unscored": unscored}, scored_symbols),
         ("CALC_COMPLETED", completed, {"durationMs": duration_ms, "assetsScored": len(scored_symbols),
                                        "recommendations": len(recs), "totalInvestable": contribution_text,
-                                       "unallocated": unallocated["amount"]},
+                                       "unallocated": unallocated["amount"], "document": stored},
          None),
     ]
     return UserResult(user.id, events, document, portfolio, criteria_version, completed, len(scored_symbols),
-                      len(recs), bool(p.unpriced))
+                      len(recs), bool(p.unpriced), document_json)
 
 
 _UNEXPECTED = (ArithmeticError, InvalidOperation, ValueError, KeyError, TypeError)
@@ -856,23 +885,36 @@ def _write_results(
                                  f"{_copy_json(_encode(payload))}\t{_copy_array(symbols)}\t{at.isoformat()}")
             cp.write("\n".join(lines) + "\n")
         conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS _recs (LIKE recommendations INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            "CREATE TEMP TABLE IF NOT EXISTS _recs_in (user_id uuid, job_run_id uuid, correlation_id uuid,"
+            " session_date date, generated_at timestamptz, criteria_version text, rates_stale boolean,"
+            " document text, portfolio text) ON COMMIT DELETE ROWS"
         )
         with conn.cursor().copy(
-            "COPY _recs (user_id, job_run_id, correlation_id, generated_at, criteria_version, rates_stale,"
-            " document, portfolio) FROM STDIN"
+            "COPY _recs_in (user_id, job_run_id, correlation_id, session_date, generated_at, criteria_version,"
+            " rates_stale, document, portfolio) FROM STDIN"
         ) as cp:
             cp.write("\n".join("\t".join(_copy_value(v) for v in (
-                r.user_id, job.id, job.correlation_id, r.generated_at.isoformat(), r.criteria_version,
-                "t" if r.document["ratesStale"] else "f",
+                r.user_id, job.id, job.correlation_id, job.session_date, r.generated_at.isoformat(),
+                r.criteria_version, "t" if r.document["ratesStale"] else "f",
                 r.document_json, r.portfolio_json))
                 for r in new) + "\n")
-        conn.execute(
-            "INSERT INTO recommendations SELECT * FROM _recs ON CONFLICT (user_id) DO UPDATE SET"
+        # Every document goes to the history as its exact text (CALC_COMPLETED has its sha256); the latest
+        # row of a user is replaced only by a document of the same or a newer session (docs/audit.md).
+        latest = {str(row[0]) for row in conn.execute(
+            "WITH history AS (INSERT INTO recommendation_history (user_id, generated_at, job_run_id, session_date,"
+            " document) SELECT user_id, generated_at, job_run_id, session_date, document FROM _recs_in)"
+            " INSERT INTO recommendations (user_id, job_run_id, correlation_id, generated_at, criteria_version,"
+            " rates_stale, document, portfolio, session_date) SELECT user_id, job_run_id, correlation_id,"
+            " generated_at, criteria_version, rates_stale, document::jsonb, portfolio::jsonb, session_date"
+            " FROM _recs_in ON CONFLICT (user_id) DO UPDATE SET"
             " job_run_id = EXCLUDED.job_run_id, correlation_id = EXCLUDED.correlation_id,"
             " generated_at = EXCLUDED.generated_at, criteria_version = EXCLUDED.criteria_version,"
-            " rates_stale = EXCLUDED.rates_stale, document = EXCLUDED.document, portfolio = EXCLUDED.portfolio"
-        )
+            " rates_stale = EXCLUDED.rates_stale, document = EXCLUDED.document, portfolio = EXCLUDED.portfolio,"
+            " session_date = EXCLUDED.session_date WHERE recommendations.session_date <= EXCLUDED.session_date"
+            " RETURNING user_id"
+        )}
+        for r in new:
+            r.latest = r.user_id in latest
     return new
 
 
@@ -966,9 +1008,10 @@ def score_batch(
             new = _write_results(conn, job, results, failures)
             timings["write"] += time.perf_counter() - t
             t = time.perf_counter()
-            if warm_cache is not None and new:
+            if warm_cache is not None and any(r.latest for r in new):
                 try:
-                    warm_cache([(r.user_id, r.document_json, r.portfolio_json) for r in new])
+                    # only documents that are the users' latest: an older session's re-run leaves newer ones
+                    warm_cache([(r.user_id, r.document_json, r.portfolio_json) for r in new if r.latest])
                     cache_states.add("warmed")
                 except Exception as exc:  # noqa: BLE001 - the cache is optional: Postgres holds the results
                     cache_states.add("failed")

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 OPS = (">=", "<=", ">", "<", "==", "between")
+SCORING_VERSION = 1  # bump whenever how a score is computed changes (the audit trail records it: calcVersion)
 
 
 class CriteriaError(ValueError):

@@ -45,9 +45,13 @@ def test_events_are_partitioned_monthly(empty_db):
             " WHERE i.inhparent = 'calculation_events'::regclass")]
         created = c.execute("SELECT ensure_event_partitions('2030-01-15', 2)").fetchone()[0]
         again = c.execute("SELECT ensure_event_partitions('2030-01-01', 2)").fetchone()[0]
+        history = {r[0] for r in c.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'recommendation_history'::regclass")}
     assert "calculation_events_default" in parts
     assert len([p for p in parts if p != "calculation_events_default"]) >= 3
-    assert (created, again) == (2, 0)
+    assert (created, again) == (4, 0)  # two months of both audit tables: the events and the documents
+    assert {"recommendation_history_default", "recommendation_history_2030_01", "recommendation_history_2030_02"} <= history
 
 
 def test_edited_migration_is_refused(empty_db, monkeypatch, tmp_path):

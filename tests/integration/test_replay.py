@@ -1,0 +1,322 @@
+"""Replay and history on a 1,000-user night (its own database, real Postgres and Redis): every calculation replays
+identical from the trail alone, whatever changes after; a changed rule shows as a named field; an older session's
+re-run never replaces a newer document (Postgres and Redis); the audit query by asset still works."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import redis
+
+from overnight import cache, dashboard, devenv, migrate, pipeline, replay, seed, sessions
+from overnight.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.markets import load_markets
+from overnight.providers.db import DbPriceProvider, DbRatesProvider
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_ID = os.environ["OVERNIGHT_TEST_RUN_ID"]
+SESSION = date(2026, 12, 1)  # every market trades
+OLDER, NEWER = date(2026, 11, 30), date(2026, 12, 2)
+CODES = load_markets().codes
+LIVE_TABLES = ("assets", "prices", "criteria_sets", "allocation_targets", "holdings", "users", "asset_classes",
+               "watchlist", "exchange_rates")
+
+
+def _run(dsn: str, market: str, session: date, redis_client: Any) -> tuple[pipeline.JobRun, list[dict[str, Any]]]:
+    with psycopg.connect(dsn) as conn:
+        job = pipeline.start_job(conn, market, session, "test-replay")
+        rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
+        aud = pipeline.Audience(market, tuple(sessions.earlier_markets(market, session, CODES)))
+        batches = pipeline.plan_batches(conn, aud, 150)
+        results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn),
+                                        warm_cache=lambda docs: cache.warm(redis_client, docs)) for b in batches]
+        pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+    return job, results
+
+
+@pytest.fixture(scope="module")
+def night() -> Iterator[dict[str, Any]]:
+    """A database of its own with 1,000 seeded users (seed 42), every market run once for SESSION (the test run's
+    Redis database: the seed's user ids are not those of the other tests' seed)."""
+    redis_client = redis.Redis.from_url(os.environ["OVERNIGHT_TEST_REDIS_URL"])
+    base = parse_connection(POSTGRES_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
+    name = f"ovt_{RUN_ID}_replay"
+    devenv.create_database(base, name)
+    dsn = postgres_dsn(ConnInfo(**{**base.__dict__, "schema": name}))
+    try:
+        migrate.migrate(dsn)
+        with psycopg.connect(dsn) as conn:
+            seed.seed(conn, 1000, 42, dsn=dsn)
+        jobs = {m: _run(dsn, m, SESSION, redis_client)[0] for m in CODES}
+        yield {"dsn": dsn, "jobs": jobs, "redis": redis_client}
+    finally:
+        redis_client.close()
+        admin = ConnInfo(**{**base.__dict__, "schema": "postgres"})
+        with psycopg.connect(postgres_dsn(admin), autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _a_user(conn: psycopg.Connection, job: pipeline.JobRun) -> tuple[str, dict[str, Any]]:
+    """A user of the job run with at least two recommendations and a held asset, and their stored document."""
+    uid, text = conn.execute(
+        "SELECT h.user_id::text, h.document FROM recommendation_history h WHERE h.job_run_id = %s"
+        " AND jsonb_array_length(h.document::jsonb -> 'recommendations') > 1"
+        " AND h.document::jsonb -> 'portfolioSummary' -> 'allocations' <> '{}'::jsonb"
+        " ORDER BY h.user_id LIMIT 1", (job.id,)).fetchone()
+    return uid, json.loads(text)
+
+
+def test_every_user_of_a_1000_user_night_replays_identical(night: dict[str, Any]) -> None:
+    with psycopg.connect(night["dsn"]) as conn:
+        t0 = time.perf_counter()
+        results = [r for job in night["jobs"].values() for r in replay.replay(conn, job.correlation_id)]
+        elapsed = time.perf_counter() - t0
+        calculated = conn.execute("SELECT count(*) FROM overnight_job_users WHERE status = 'completed'").fetchone()[0]
+        served = conn.execute("SELECT count(*) FROM users WHERE active").fetchone()[0]
+    assert served == 1000 and calculated == len(results) >= 990  # every market trades: (nearly) all are served
+    assert len({r.user_id for r in results}) == len(results)
+    different = [r.text() for r in results if r.status != replay.IDENTICAL]
+    assert different == [], "\n".join(different[:5])
+    assert all(r.stored_sha256 == r.replayed_sha256 and r.stored_sha256 for r in results)
+    assert elapsed < 60, f"replaying 1,000 users took {elapsed:.1f} s"
+
+
+def test_inputs_changed_after_the_night_still_replay_identical_and_no_live_table_is_read(night: dict[str, Any]) -> None:
+    job = night["jobs"]["XNYS"]
+    with psycopg.connect(night["dsn"]) as conn:
+        uid, doc = _a_user(conn, job)
+        inputs = conn.execute("SELECT payload FROM calculation_events WHERE correlation_id = %s AND user_id = %s"
+                              " AND event_type = 'INPUTS_CAPTURED'", (job.correlation_id, uid)).fetchone()[0]
+        bought = doc["recommendations"][0]["symbol"]
+        held = next(iter(inputs["holdings"]))
+        key = conn.execute("SELECT criteria_key FROM users WHERE id = %s", (uid,)).fetchone()[0]
+        changed = [
+            conn.execute("UPDATE assets SET fundamentals = fundamentals || '{\"pe_ratio\": 999, \"roe\": -99}'"
+                         " WHERE symbol = %s", (bought,)).rowcount,
+            conn.execute("UPDATE prices SET price = price * 3 WHERE asset_id = (SELECT id FROM assets WHERE symbol = %s)",
+                         (held,)).rowcount,
+            conn.execute("UPDATE criteria_sets SET rules = jsonb_set(rules, '{0,points}', '50')"
+                         " WHERE criteria_key = %s", (key,)).rowcount,
+            conn.execute("UPDATE allocation_targets SET min_pct = 0, max_pct = 100 WHERE user_id = %s", (uid,)).rowcount,
+        ]
+        assert all(n >= 1 for n in changed), changed
+        # A role that may read the trail and the snapshots, and nothing else: a live read would raise.
+        probe = f"ovt_{RUN_ID}_probe"
+        conn.execute(f'CREATE ROLE "{probe}"')
+        conn.execute(f'GRANT SELECT ON calculation_events, recommendation_history, overnight_job_runs, overnight_job_users,'
+                     f' overnight_job_prices, overnight_job_assets TO "{probe}"')
+        conn.execute(f'SET LOCAL ROLE "{probe}"')
+        for table in LIVE_TABLES:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+                conn.execute(f"SELECT 1 FROM {table} LIMIT 1")
+        result = replay.replay_user(conn, job.correlation_id, uid)
+        conn.rollback()  # the changes and the role go
+    assert result.status == replay.IDENTICAL, result.text()
+    assert result.differences == [] and result.stored_sha256 == result.replayed_sha256
+
+
+def _plus_one_point(real: Any) -> Any:
+    def parse(raw: Any) -> Any:
+        return tuple(dataclasses.replace(r, points=r.points + 1) for r in real(raw))
+    return parse
+
+
+def test_a_changed_scoring_rule_gives_a_diff_naming_the_field(night: dict[str, Any], monkeypatch) -> None:
+    job = night["jobs"]["XNYS"]
+    with psycopg.connect(night["dsn"]) as conn:
+        uid, doc = _a_user(conn, job)
+        monkeypatch.setattr(pipeline, "parse_rules", _plus_one_point(pipeline.parse_rules))
+        result = replay.replay_user(conn, job.correlation_id, uid)
+    rec = next(r for r in doc["recommendations"] if r["breakdown"]["criteriaCount"] > 0)
+    stored, count = Decimal(rec["score"]), rec["breakdown"]["criteriaCount"]
+    assert result.status == replay.DIFFERENT
+    assert (f'SCORES_COMPUTED.scores.{rec["symbol"]}: stored "{rec["score"]}", replayed "{stored + count}"'
+            in result.differences), result.text()
+    assert any(d.startswith("recommendations[") and ".score: stored" in d for d in result.differences), result.text()
+    assert result.stored_sha256 != result.replayed_sha256
+
+
+def test_a_calculation_of_another_calc_version_says_so(night: dict[str, Any]) -> None:
+    job = night["jobs"]["XLON"]
+    with psycopg.connect(night["dsn"]) as conn:
+        uid, _ = _a_user(conn, job)
+        conn.execute("UPDATE calculation_events SET payload = payload || '{\"calcVersion\": \"0.0.9+scoring.0.allocation.1\"}'"
+                     " WHERE correlation_id = %s AND user_id = %s AND event_type = 'INPUTS_CAPTURED'",
+                     (job.correlation_id, uid))
+        result = replay.replay_user(conn, job.correlation_id, uid)
+        conn.execute("UPDATE calculation_events SET payload = payload - 'calcVersion'"
+                     " WHERE correlation_id = %s AND user_id = %s AND event_type = 'INPUTS_CAPTURED'",
+                     (job.correlation_id, uid))
+        before = replay.replay_user(conn, job.correlation_id, uid)
+        conn.rollback()
+    assert result.status == replay.OTHER_VERSION
+    assert result.stored_calc_version == "0.0.9+scoring.0.allocation.1"
+    assert result.replay_calc_version == pipeline.CALC_VERSION
+    assert result.differences == ["INPUTS_CAPTURED.calcVersion: stored \"0.0.9+scoring.0.allocation.1\", replayed "
+                                  f"\"{pipeline.CALC_VERSION}\""]
+    assert "other_version" in result.text() and pipeline.CALC_VERSION in result.text()
+    assert before.status == replay.OTHER_VERSION and before.stored_calc_version is None
+    assert "cannot be replayed" in (before.note or "")
+
+
+def test_the_trail_points_at_the_exact_stored_document(night: dict[str, Any]) -> None:
+    redis_client = night["redis"]
+    job = night["jobs"]["BVMF"]
+    with psycopg.connect(night["dsn"]) as conn:
+        rows = conn.execute(
+            "SELECT e.payload -> 'document', h.document, encode(sha256(convert_to(h.document, 'UTF8')), 'hex')"
+            " FROM calculation_events e JOIN recommendation_history h ON h.user_id = e.user_id"
+            " AND h.job_run_id = (e.payload -> 'document' ->> 'jobRunId')::uuid"
+            " AND h.generated_at = (e.payload -> 'document' ->> 'generatedAt')::timestamptz"
+            " WHERE e.correlation_id = %s AND e.event_type = 'CALC_COMPLETED'", (job.correlation_id,)).fetchall()
+        served = conn.execute("SELECT count(*) FROM overnight_job_users WHERE job_run_id = %s AND status = 'completed'",
+                              (job.id,)).fetchone()[0]
+        uid, _ = _a_user(conn, job)
+        zero = conn.execute(
+            "SELECT h.user_id::text, a.symbol FROM holdings h JOIN assets a ON a.id = h.asset_id"
+            " WHERE h.quantity = 0 AND h.user_id IN (SELECT user_id FROM overnight_job_users WHERE job_run_id = %s)"
+            " LIMIT 1", (job.id,)).fetchone()
+        zero_inputs = None if zero is None else conn.execute(
+            "SELECT payload -> 'holdings' FROM calculation_events WHERE correlation_id = %s AND user_id = %s"
+            " AND event_type = 'INPUTS_CAPTURED'", (job.correlation_id, zero[0])).fetchone()[0]
+    assert len(rows) == served > 0
+    for pointer, text, sha in rows:
+        assert pointer["table"] == "recommendation_history" and pointer["jobRunId"] == job.id
+        assert pointer["sha256"] == sha == hashlib.sha256(text.encode()).hexdigest()
+    assert redis_client.get(cache.recs_key(uid)).decode() == next(
+        t for p, t, _ in rows if json.loads(t)["userId"] == uid)  # the bytes Redis serves are the stored copy
+    if zero is not None:  # the seed has holdings of quantity 0: they are kept in the inputs
+        assert zero_inputs[zero[1]] == "0"
+
+
+def test_an_older_sessions_rerun_never_replaces_the_newer_document(night: dict[str, Any]) -> None:
+    redis_client = night["redis"]
+    dsn, current = night["dsn"], night["jobs"]["XNYS"]
+    old_job, old_results = _run(dsn, "XNYS", OLDER, redis_client)
+    with psycopg.connect(dsn) as conn:
+        old_users = [str(r[0]) for r in conn.execute(
+            "SELECT user_id FROM overnight_job_users WHERE job_run_id = %s AND status = 'completed' ORDER BY user_id",
+            (old_job.id,))]
+        latest = dict(conn.execute("SELECT user_id::text, session_date FROM recommendations WHERE user_id = ANY(%s::uuid[])",
+                                   (old_users,)).fetchall())
+        kept = conn.execute("SELECT count(*) FROM recommendation_history WHERE job_run_id = %s", (old_job.id,)).fetchone()[0]
+        replayed = replay.replay(conn, old_job.correlation_id)
+    assert sum(r["completed"] for r in old_results) == len(old_users) > 100
+    assert {r["cache_status"] for r in old_results} == {"skipped"}  # nothing warmed: no document was the latest
+    assert set(latest.values()) == {SESSION}  # every one still has the 2026-12-01 document
+    assert kept == len(old_users)  # ... and the older one is in the history
+    assert {r.status for r in replayed} == {replay.IDENTICAL}
+    for uid in old_users[:50]:
+        assert json.loads(redis_client.get(cache.recs_key(uid)))["sessionDate"] == SESSION.isoformat()
+    with psycopg.connect(dsn) as conn:
+        assert replay.find_calculation(conn, old_users[0]) == current.correlation_id  # the newest session's, not the last run
+        assert replay.find_calculation(conn, old_users[0], session=OLDER, market="xnys") == old_job.correlation_id
+    new_job, new_results = _run(dsn, "XNYS", NEWER, redis_client)
+    with psycopg.connect(dsn) as conn:
+        newest = dict(conn.execute("SELECT user_id::text, correlation_id::text FROM recommendations"
+                                   " WHERE user_id = ANY(%s::uuid[])", (old_users,)).fetchall())
+    served_new = sum(r["completed"] for r in new_results)
+    assert list(newest.values()).count(new_job.correlation_id) == served_new > 100
+    warmed = [u for u, c in newest.items() if c == new_job.correlation_id]
+    assert all(json.loads(redis_client.get(cache.recs_key(u)))["sessionDate"] == NEWER.isoformat() for u in warmed[:50])
+
+
+def test_the_audit_query_for_an_asset_still_finds_every_calculation(night: dict[str, Any]) -> None:
+    job = night["jobs"]["XNYS"]
+    with psycopg.connect(night["dsn"]) as conn:
+        symbol, count = conn.execute(
+            "SELECT s, count(*) FROM calculation_events, unnest(symbols) s WHERE correlation_id = %s"
+            " GROUP BY s ORDER BY count(*) DESC, s LIMIT 1", (job.correlation_id,)).fetchone()
+        total = conn.execute("SELECT count(*) FROM calculation_events WHERE symbols @> ARRAY[%s]", (symbol,)).fetchone()[0]
+
+    async def all_events() -> list[dict[str, Any]]:
+        store = dashboard.DashboardStore(pg_dsn=night["dsn"], redis_url="")
+        try:
+            t0 = time.perf_counter()
+            events, cursor = await store.asset_events(symbol, limit=500)
+            assert time.perf_counter() - t0 < 2
+            while cursor:
+                more, cursor = await store.asset_events(symbol, limit=500, before=cursor["before"],
+                                                        before_id=cursor["beforeId"])
+                events += more
+            return events
+        finally:
+            await store.aclose()
+
+    events = asyncio.run(all_events())
+    assert len(events) == total >= count > 1
+    assert {e["eventType"] for e in events} == {"SCORES_COMPUTED"} and all(e["score"] is not None for e in events)
+    assert sum(e["correlationId"] == job.correlation_id for e in events) == count
+
+
+def test_replay_errors_say_what_and_where(night: dict[str, Any]) -> None:
+    job = night["jobs"]["XTKS"]
+    with psycopg.connect(night["dsn"]) as conn:
+        uid, _ = _a_user(conn, job)
+        other = conn.execute("SELECT id::text FROM users WHERE id NOT IN (SELECT user_id FROM overnight_job_users"
+                             " WHERE job_run_id = %s) LIMIT 1", (job.id,)).fetchone()[0]
+        with pytest.raises(replay.UnknownCalculation, match="no job run has correlation id 00000000-"):
+            replay.replay_user(conn, "00000000-0000-0000-0000-000000000000", uid)
+        with pytest.raises(replay.UnknownCalculation, match="is not a UUID"):
+            replay.replay_user(conn, "nope", uid)
+        with pytest.raises(replay.UnknownCalculation, match=f"user {other} has no calculation events in job run {job.id}"):
+            replay.replay_user(conn, job.correlation_id, other)
+        with pytest.raises(replay.UnknownCalculation, match="has no calculation in recommendation_history"):
+            replay.find_calculation(conn, "00000000-0000-0000-0000-000000000001")
+        with pytest.raises(replay.UnknownCalculation, match="give both a session date and a market"):
+            replay.find_calculation(conn, uid, session=SESSION)
+        conn.execute("DELETE FROM calculation_events WHERE correlation_id = %s AND user_id = %s"
+                     " AND event_type = 'CALC_COMPLETED'", (job.correlation_id, uid))
+        with pytest.raises(replay.IncompleteCalculation, match="events missing from calculation_events: CALC_COMPLETED"):
+            replay.replay_user(conn, job.correlation_id, uid)
+        conn.rollback()
+
+
+def test_the_command_line_prints_identical(night: dict[str, Any]) -> None:
+    job = night["jobs"]["XLON"]
+    with psycopg.connect(night["dsn"]) as conn:
+        uid, _ = _a_user(conn, job)
+    env = {**os.environ, "AIRFLOW_CONN_OVERNIGHT_POSTGRES": night["dsn"],
+           "PYTHONPATH": str(ROOT / "include")}
+    out = subprocess.run([sys.executable, "-m", "overnight.replay", "--user", uid, "--job", job.id],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"identical: user {uid}, job run {job.id} (XLON {SESSION.isoformat()}")
+    bad = subprocess.run([sys.executable, "-m", "overnight.replay", "--user", uid, "--session", "2026-12-01"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "give both a session date and a market" in bad.stderr
+
+
+def test_storage_per_user_per_night(night: dict[str, Any]) -> None:
+    """Events, history row and the user's share of the snapshots, as stored (pg_column_size: after compression)."""
+    with psycopg.connect(night["dsn"]) as conn:
+        ids = [j.id for j in night["jobs"].values()]
+        corrs = [j.correlation_id for j in night["jobs"].values()]
+        users = conn.execute("SELECT count(*) FROM overnight_job_users WHERE job_run_id = ANY(%s::uuid[])"
+                             " AND status = 'completed'", (ids,)).fetchone()[0]
+        events = conn.execute("SELECT sum(pg_column_size(e.*)) FROM calculation_events e"
+                              " WHERE correlation_id = ANY(%s::uuid[])", (corrs,)).fetchone()[0]
+        history = conn.execute("SELECT sum(pg_column_size(h.*)) FROM recommendation_history h"
+                               " WHERE job_run_id = ANY(%s::uuid[])", (ids,)).fetchone()[0]
+        snapshot = conn.execute("SELECT (SELECT sum(pg_column_size(a.*)) FROM overnight_job_assets a WHERE job_run_id = ANY(%(j)s::uuid[]))"
+                                " + (SELECT sum(pg_column_size(p.*)) FROM overnight_job_prices p WHERE job_run_id = ANY(%(j)s::uuid[]))",
+                                {"j": ids}).fetchone()[0]
+    per_user = (events + history) / users
+    print(f"\nbytes per user per night ({users} users, {len(ids)} job runs): events {events / users:.0f}, history"
+          f" {history / users:.0f}, together {per_user:.0f}; snapshots (assets and quotes) {snapshot:,} a night"
+          f" ({snapshot / users:.0f} per user at this size); row data, before indexes")
+    assert per_user < 6500 and snapshot < 4_000_000  # the snapshots grow with assets, not users
