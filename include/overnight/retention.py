@@ -1,4 +1,7 @@
-"""Audit retention: drops whole monthly event partitions past the cutoff, trims the rest, purges old job runs.
+"""Audit retention: drops whole monthly partitions past the cutoff, trims the rest, purges old job runs.
+
+Both audit tables are monthly partitioned alike: `calculation_events` (on created_at) and
+`recommendation_history` (every document a user was given, on generated_at); they are retained alike.
 
 The cutoff is `now - OVERNIGHT_RETENTION_DAYS` (default 730 days, two years). A row strictly older than
 the cutoff goes; a row at or after it stays. Monthly partitions whose upper bound is at or before the cutoff
@@ -24,6 +27,8 @@ log = logging.getLogger(__name__)
 DEFAULT_RETENTION_DAYS = 730
 RETENTION_ENV = "OVERNIGHT_RETENTION_DAYS"
 PARENT_TABLE = "calculation_events"
+HISTORY_TABLE = "recommendation_history"
+AUDIT_TABLES = {PARENT_TABLE: "created_at", HISTORY_TABLE: "generated_at"}  # partitioned table: its partition key
 UPCOMING_MONTHS = 3
 JOB_RUN_BATCH = 200
 LOCK_TIMEOUT = "10s"  # DROP/DELETE wait at most this long for a running scoring insert; the task retries
@@ -94,12 +99,12 @@ def plan(partitions: list[Partition], cutoff: datetime) -> tuple[list[Partition]
     return drop, trim
 
 
-def list_partitions(conn: psycopg.Connection) -> list[Partition]:
-    """Returns the partitions of calculation_events as they are in the database."""
+def list_partitions(conn: psycopg.Connection, parent: str = PARENT_TABLE) -> list[Partition]:
+    """Returns the partitions of `parent` (calculation_events by default) as they are in the database."""
     rows = conn.execute(
         "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
         " JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = %s::regclass ORDER BY c.relname",
-        (PARENT_TABLE,),
+        (parent,),
     ).fetchall()
     return [parse_partition(name, expr) for name, expr in rows]
 
@@ -141,39 +146,46 @@ def run(conn: psycopg.Connection, *, now: datetime | None = None, days: int | No
     conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
     conn.commit()
     created = ensure_upcoming(conn, now.astimezone(UTC).date())
-    drop, trim = plan(list_partitions(conn), cutoff)
-    conn.commit()  # end the read's implicit transaction: each block below then commits on its own
     dropped: list[str] = []
-    rows_in_dropped = 0
-    for p in drop:
-        with conn.transaction():
-            ident = sql.Identifier(p.name)
-            count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
-            rows_in_dropped += int(count[0]) if count else 0
-            conn.execute(sql.SQL("DROP TABLE {}").format(ident))
-        dropped.append(p.name)
-        log.info("retention: dropped partition %s (upper bound %s <= cutoff %s)", p.name, p.high, cutoff)
-    trimmed: dict[str, int] = {}
-    for p in trim:
-        with conn.transaction():
-            n = conn.execute(
-                sql.SQL("DELETE FROM {} WHERE created_at < %s").format(sql.Identifier(p.name)), (cutoff,)
-            ).rowcount
-        if n:
-            trimmed[p.name] = n
+    rows_in_dropped: dict[str, int] = {}
+    trimmed: dict[str, dict[str, int]] = {}
+    for parent, column in AUDIT_TABLES.items():
+        drop, trim = plan(list_partitions(conn, parent), cutoff)
+        conn.commit()  # end the read's implicit transaction: each block below then commits on its own
+        rows_in_dropped[parent] = 0
+        for p in drop:
+            with conn.transaction():
+                ident = sql.Identifier(p.name)
+                count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
+                rows_in_dropped[parent] += int(count[0]) if count else 0
+                conn.execute(sql.SQL("DROP TABLE {}").format(ident))
+            dropped.append(p.name)
+            log.info("retention: dropped partition %s (upper bound %s <= cutoff %s)", p.name, p.high, cutoff)
+        trimmed[parent] = {}
+        for p in trim:
+            with conn.transaction():
+                n = conn.execute(
+                    sql.SQL("DELETE FROM {} WHERE {} < %s").format(sql.Identifier(p.name), sql.Identifier(column)),
+                    (cutoff,),
+                ).rowcount
+            if n:
+                trimmed[parent][p.name] = n
     runs, users = _purge_job_runs(conn, cutoff)
     result = {
         "cutoff": cutoff.isoformat(),
         "retention_days": days,
         "partitions_created": created,
         "partitions_dropped": dropped,
-        "event_rows_in_dropped_partitions": rows_in_dropped,
-        "event_rows_deleted": sum(trimmed.values()),
-        "event_rows_deleted_by_partition": trimmed,
+        "event_rows_in_dropped_partitions": rows_in_dropped[PARENT_TABLE],
+        "event_rows_deleted": sum(trimmed[PARENT_TABLE].values()),
+        "event_rows_deleted_by_partition": trimmed[PARENT_TABLE],
+        "history_rows_in_dropped_partitions": rows_in_dropped[HISTORY_TABLE],
+        "history_rows_deleted": sum(trimmed[HISTORY_TABLE].values()),
         "job_runs_deleted": runs,
         "job_users_deleted": users,
     }
     log.info("retention: cutoff %s, %d partitions dropped (%d rows), %d event rows deleted, %d job runs and %d "
-             "job-user rows deleted, %d partitions created", cutoff.isoformat(), len(dropped), rows_in_dropped,
+             "job-user rows deleted, %d partitions created", cutoff.isoformat(), len(dropped),
+             sum(rows_in_dropped.values()),
              result["event_rows_deleted"], runs, users, created)
     return result

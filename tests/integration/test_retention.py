@@ -55,7 +55,17 @@ def _job_run(conn: psycopg.Connection, started: datetime, users: int) -> uuid.UU
                      (job_id, uuid.uuid4()))
     conn.execute("INSERT INTO overnight_job_prices (job_run_id, symbol, price, currency, as_of, source)"
                  " VALUES (%s, 'AAPL', 187.5, 'USD', %s, 'test')", (job_id, started))
+    conn.execute("INSERT INTO overnight_job_assets (job_run_id, asset_id, symbol, market, class_name, currency,"
+                 " fundamentals) VALUES (%s, 1, 'AAPL', 'XNYS', 'Stocks', 'USD', '{}')", (job_id,))
     return job_id
+
+
+def _document(conn: psycopg.Connection, job_id: uuid.UUID, at: datetime) -> uuid.UUID:
+    """A recommendation_history row generated at `at`; returns its user id."""
+    user_id = uuid.uuid4()
+    conn.execute("INSERT INTO recommendation_history (user_id, generated_at, job_run_id, session_date, document)"
+                 " VALUES (%s, %s, %s, %s, '{}')", (user_id, at, job_id, at.date()))
+    return user_id
 
 
 @pytest.mark.parametrize(
@@ -136,6 +146,13 @@ def test_removes_exactly_what_is_older_than_the_cutoff(pg_dsn: str) -> None:
         old_run = _job_run(conn, cutoff - timedelta(days=10), users=3)
         edge_run = _job_run(conn, cutoff + timedelta(minutes=1), users=2)
         young_run = _job_run(conn, now - timedelta(days=1), users=2)
+        documents = {  # the history is partitioned and retained as the events are
+            "two months before": (_document(conn, old_run, cutoff - timedelta(days=45)), False),
+            "a second before": (_document(conn, old_run, cutoff - timedelta(seconds=1)), False),
+            "at the cutoff": (_document(conn, edge_run, cutoff), True),
+            "old in default": (_document(conn, old_run, old_default_at), False),
+            "now": (_document(conn, young_run, now), True),
+        }
         conn.commit()
 
         result = retention.run(conn, now=now, days=DAYS)
@@ -157,6 +174,14 @@ def test_removes_exactly_what_is_older_than_the_cutoff(pg_dsn: str) -> None:
         priced = {r[0] for r in conn.execute("SELECT job_run_id FROM overnight_job_prices WHERE job_run_id = ANY(%s)",
                                              ([old_run, edge_run, young_run],))}
         assert priced == {edge_run, young_run}  # a job run's price snapshot goes with it
+        snapped = {r[0] for r in conn.execute("SELECT job_run_id FROM overnight_job_assets WHERE job_run_id = ANY(%s)",
+                                              ([old_run, edge_run, young_run],))}
+        assert snapped == {edge_run, young_run}  # ... and its asset snapshot
+        kept_docs = {r[0] for r in conn.execute("SELECT user_id FROM recommendation_history WHERE user_id = ANY(%s)",
+                                                ([u for u, _ in documents.values()],))}
+        for label, (user_id, kept) in documents.items():
+            assert (user_id in kept_docs) is kept, label
+        assert not _exists(conn, _part(first).replace("calculation_events", "recommendation_history"))
 
     assert result["cutoff"] == cutoff.isoformat()
     assert set(result["partitions_dropped"]) >= {_part(first), _part(_month(cutoff, -1))}
@@ -164,6 +189,7 @@ def test_removes_exactly_what_is_older_than_the_cutoff(pg_dsn: str) -> None:
     assert result["event_rows_deleted_by_partition"].get("calculation_events_default", 0) >= 1
     assert result["event_rows_deleted_by_partition"].get(_part(_month(cutoff, 0)), 0) >= 2
     assert result["job_runs_deleted"] >= 1 and result["job_users_deleted"] >= 3
+    assert result["history_rows_in_dropped_partitions"] >= 1 and result["history_rows_deleted"] >= 2
 
     with psycopg.connect(pg_dsn) as conn:
         again = retention.run(conn, now=now, days=DAYS)
