@@ -7,10 +7,12 @@ USERS ?= 1000
 SEED ?= 42
 MARKET ?=
 DATE ?=
+JOB ?=
+SESSION ?=
 PYTEST_ARGS ?=
 WITH_ENV := set -a && . .local/env.sh && set +a &&
 
-.PHONY: install env migrate airflow-setup seed demo test run airflow stop lint bench
+.PHONY: install env migrate airflow-setup seed demo test run replay airflow stop lint bench
 
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +41,11 @@ demo: seed airflow-setup  ## the main job from nothing: seed 1,000 users, run ev
 run: migrate airflow-setup  ## run MARKET's DAG once in-process for DATE (default: its next session)
 	@test -n "$(MARKET)" || { echo "usage: make run MARKET=XNYS [DATE=YYYY-MM-DD]"; exit 2; }
 	@$(WITH_ENV) $(PY) -m overnight.cli run --market "$(MARKET)" $(if $(DATE),--date "$(DATE)")
+
+# USER is also the login's name in the environment: only one given on the command line is a user id.
+replay: migrate  ## recompute USER's calculation from the audit trail alone: identical, or each differing field
+	@test "$(origin USER)" = "command line" || { echo "usage: make replay USER=<user id> [JOB=<job run id> | SESSION=YYYY-MM-DD MARKET=XNYS]  (default: the user's latest calculation)"; exit 2; }
+	@$(WITH_ENV) $(PY) -m overnight.replay --user "$(USER)" $(if $(JOB),--job "$(JOB)") $(if $(SESSION),--session "$(SESSION)") $(if $(MARKET),--market "$(MARKET)")
 
 EXECUTOR ?= local
 BATCH ?= 10000

@@ -80,6 +80,7 @@ def _where_next() -> str:
         "  - the Airflow UI:  make airflow, then http://127.0.0.1:8080 (passwords: .local/airflow/passwords.json),\n"
         "                     DAGs overnight_scoring_*, and the Overnight page\n"
         "  - one market:      make run MARKET=XNYS [DATE=YYYY-MM-DD]\n"
+        "  - replay a user:   make replay USER=<user id>  (recomputed from the audit trail: identical or a diff)\n"
     )
 
 

@@ -80,7 +80,7 @@ def test_redis_unreachable_still_completes_in_postgres(pg_dsn, seeded, airflow_d
     with psycopg.connect(pg_dsn) as conn:
         job = _job(conn, "BVMF", session)
         expected = _served(conn, "BVMF", session)
-        in_pg = conn.execute("SELECT count(*) FROM recommendations WHERE correlation_id = %s", (job[4],)).fetchone()[0]
+        in_pg = conn.execute("SELECT count(*) FROM recommendation_history WHERE job_run_id = %s", (job[0],)).fetchone()[0]
     assert job[1] == "completed" and job[2] == len(expected) == in_pg > 0
     assert job[6]["cache_status"] == "not warmed"
 

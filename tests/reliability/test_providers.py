@@ -204,7 +204,7 @@ def test_partial_and_nan_price_bodies_leave_only_those_holdings_unvalued(conn, s
     assert not out.failed and out.completed == served
     assert summary["users_with_warnings"] == len(affected)
     unpriced = {str(u): {i["symbol"]: i["reason"] for i in d["unpricedHoldings"]} for u, d in conn.execute(
-        "SELECT user_id, document FROM recommendations WHERE job_run_id = %s", (job.id,))}
+        "SELECT user_id, document::jsonb FROM recommendation_history WHERE job_run_id = %s", (job.id,))}
     assert {u for u, items in unpriced.items() if items} == affected
     for u in affected:
         assert set(unpriced[u]) == held[u] & no_price

@@ -97,7 +97,7 @@ def check_invariants(conn: psycopg.Connection, market: str, session: date, *, ro
     - `rows` job-run rows for the market and session (1 unless `force` was used);
     - exactly the four event types, once each, per completed user of that correlation id, and no
       event for anyone else (no half-written user);
-    - every completed user's document in `recommendations` under that correlation id;
+    - every completed user's document in `recommendation_history` under that job run;
     - the row's counts match `overnight_job_users`;
     - when `finished`, the row is not left `started`.
     """
@@ -121,7 +121,7 @@ def check_invariants(conn: psycopg.Connection, market: str, session: date, *, ro
         f"events without completed row: {sorted(with_events - completed)[:5]}, "
         f"completed without events: {sorted(completed - with_events)[:5]}")
     docs = {r[0] for r in conn.execute(
-        "SELECT user_id::text FROM recommendations WHERE correlation_id = %s", (corr,))}
+        "SELECT user_id::text FROM recommendation_history WHERE job_run_id = %s", (job_id,))}
     assert completed <= docs, f"completed users without a document: {sorted(completed - docs)[:5]}"
     assert docs <= completed, f"documents of users not completed: {sorted(docs - completed)[:5]}"
     if finished:
