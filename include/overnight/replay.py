@@ -318,10 +318,10 @@ def _batches(job: JobRun, rebuilt: list[_Rebuilt], assets: dict[str, AssetRow], 
             bins.append((rb, {key: criteria}, [rb]))
     by_id = {a.id: a for a in assets.values()}
     out = []
-    for first, criteria, members in bins:
+    for first, by_key, members in bins:
         ids = {aid for rb in members for aid, _ in rb.user.holdings} | {aid for rb in members for aid in rb.user.watchlist}
         prices = {s: q for s, q in quotes.items() if s not in first.no_price}
-        batch = Batch(job, first.rates, {aid: by_id[aid] for aid in sorted(ids)}, criteria, prices, first.contribution,
+        batch = Batch(job, first.rates, {aid: by_id[aid] for aid in sorted(ids)}, by_key, prices, first.contribution,
                       score_floor=first.score_floor, completed_at={rb.user.id: rb.completed_at for rb in members})
         out.append((batch, [rb.user for rb in members]))
     return out
