@@ -1,0 +1,36 @@
+"""calcVersion: the package's version (as pyproject.toml says) plus the scoring and allocation rule versions."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from overnight import __version__, pipeline, replay
+from overnight.recommendations import ALLOCATION_POLICY
+from overnight.scoring import SCORING_VERSION
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_calc_version_names_the_package_and_both_rule_versions() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert __version__ == project["version"]
+    assert pipeline.CALC_VERSION == f"{project['version']}+scoring.{SCORING_VERSION}.allocation.{ALLOCATION_POLICY}"
+
+
+@pytest.mark.parametrize(
+    ("stored", "replayed", "expected"),
+    [
+        pytest.param({"a": "1"}, {"a": "1"}, [], id="same"),
+        pytest.param({"a": "1"}, {"a": "2"}, ['a: stored "1", replayed "2"'], id="value"),
+        pytest.param({"r": [{"amount": "100.00"}, {"amount": "5"}]}, {"r": [{"amount": "99.99"}, {"amount": "5"}]},
+                     ['r[0].amount: stored "100.00", replayed "99.99"'], id="list-item-field"),
+        pytest.param({"a": 1}, {"a": 1, "b": None}, ["b: stored (absent), replayed null"], id="added"),
+        pytest.param({"a": [1, 2]}, {"a": [1]}, ["a[1]: stored 2, replayed (absent)"], id="shorter-list"),
+        pytest.param({"a": 1}, {"a": 1.0}, ["a: stored 1, replayed 1.0"], id="int-vs-float"),
+    ],
+)
+def test_diff_names_each_field(stored: object, replayed: object, expected: list[str]) -> None:
+    assert replay.diff(stored, replayed) == expected
