@@ -14,13 +14,18 @@ class ProviderError(RuntimeError):
 
 @dataclass(frozen=True)
 class RatesSnapshot:
-    """Exchange rates: 1 unit of `base` = rates[quote] units of quote, as of `as_of` (aware UTC)."""
+    """Exchange rates: 1 unit of `base` = rates[quote] units of quote, as of `as_of` (aware UTC).
+
+    `unavailable`: currencies asked for but not delivered, with the reason (a currency the provider does
+    not publish, or whose rate is too old to use); `dated`: each rate's own as-of where they differ."""
 
     base: str
     rates: dict[str, Decimal]
     as_of: datetime
     source: str = "unknown"
     stale: bool = False
+    unavailable: dict[str, str] = field(default_factory=dict)
+    dated: dict[str, datetime] = field(default_factory=dict)
 
     def to_xcom(self) -> dict[str, object]:
         """Returns a small JSON-able dict (decimals as strings)."""
@@ -30,6 +35,7 @@ class RatesSnapshot:
             "as_of": self.as_of.isoformat(),
             "source": self.source,
             "stale": self.stale,
+            "unavailable": dict(sorted(self.unavailable.items())),
         }
 
     @classmethod
@@ -43,6 +49,7 @@ class RatesSnapshot:
             as_of=datetime.fromisoformat(str(data["as_of"])),
             source=str(data.get("source", "unknown")),
             stale=bool(data.get("stale", False)),
+            unavailable={str(k): str(v) for k, v in dict(data.get("unavailable") or {}).items()},  # type: ignore[call-overload]
         )
 
 

@@ -383,7 +383,8 @@ class HttpRatesProvider(_HttpJsonSource):
     source = "frankfurter"
 
     def fetch_rates(self, base: str, symbols: list[str]) -> RatesSnapshot:
-        """Returns 1 `base` in each requested currency; any missing or invalid rate is a ProviderError."""
+        """Returns 1 `base` in each requested currency the provider publishes; missing or invalid ones are left
+        out and listed in `unavailable` (a ProviderError only when none is usable)."""
         base_code = _currency_code(base, "base")
         wanted = _dedupe(_currency_code(s, "symbol") for s in symbols)
         remote = [s for s in wanted if s != base_code]
@@ -423,26 +424,28 @@ class HttpRatesProvider(_HttpJsonSource):
         raw_rates = body.get("rates")
         if not isinstance(raw_rates, dict):
             raise self._shape_error(shown, "'rates' is missing or not an object", body)
-        missing = [s for s in remote if s not in raw_rates]
-        if missing:
-            raise ProviderError(
-                f"{self.source}: GET {shown} returned no rate for {', '.join(missing)} (base {base_code}, "
-                f"date {day.isoformat()}); the provider may not publish these currencies: check the symbols "
-                "or use a provider that covers them"
-            )
-        invalid = {
-            s: raw_rates[s] for s in remote if _positive_finite(raw_rates[s]) is None
-        }
-        if invalid:
-            shown_invalid = ", ".join(f"{s}={v!r}" for s, v in invalid.items())
-            raise ProviderError(
-                f"{self.source}: GET {shown} returned invalid rates (must be positive finite numbers): "
-                f"{shown_invalid}; the provider's data is broken, retry later or use another provider"
-            )
+        # One currency the provider does not publish (or sends broken) never blocks the others: it is
+        # left out and reported, so only the users who need it are affected (docs/freshness.md).
+        unavailable: dict[str, str] = {}
         for s in remote:
+            if s not in raw_rates:
+                unavailable[s] = (f"{self.source}: GET {shown} returned no rate for {s} (base {base_code}, date "
+                                  f"{day.isoformat()}); the provider does not publish it: use a provider that covers it")
+                continue
             rate = _positive_finite(raw_rates[s])
-            assert rate is not None
+            if rate is None:
+                unavailable[s] = (f"{self.source}: GET {shown} returned an invalid rate for {s}: {raw_rates[s]!r} "
+                                  "(must be a positive finite number); the provider's data is broken")
+                continue
             rates[s] = rate
+        if unavailable:
+            logger.warning("rates not delivered provider=%s currencies=%s", self.source, ",".join(unavailable),
+                           extra={"provider": self.source, "unavailable": sorted(unavailable)})
+        if not any(s in rates for s in remote):
+            raise ProviderError(
+                f"{self.source}: GET {shown} delivered no usable rate for any of {', '.join(remote)} (base "
+                f"{base_code}): {'; '.join(unavailable.values())}"
+            )
         as_of = datetime.combine(day, ECB_PUBLICATION_TIME, tzinfo=ECB_TZ).astimezone(
             UTC
         )
@@ -460,7 +463,7 @@ class HttpRatesProvider(_HttpJsonSource):
             },
         )
         return RatesSnapshot(
-            base=base_code, rates=rates, as_of=as_of, source=self.source
+            base=base_code, rates=rates, as_of=as_of, source=self.source, unavailable=unavailable
         )
 
 
