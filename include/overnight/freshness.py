@@ -33,6 +33,7 @@ RUN_UNFINISHED = "run_unfinished"
 USER_NOT_UPDATED = "user_not_updated"
 UNKNOWN_AGE = "unknown_age"
 NOT_CALCULATED = "not_calculated"
+NEXT_RUN_DUE = "next_run_due"  # a job run whose market's next run + grace has passed
 EXPIRED = "expired"  # a document without market/sessionDate, past 24 h
 
 
