@@ -101,17 +101,23 @@ def _lead(code: str) -> timedelta | None:
         return None
 
 
-def fresh_until(market: Any, session_date: Any, generated_at: datetime | None) -> datetime | None:
-    """Until when a document is fresh (docs/freshness.md): its market's next session's run + the grace period;
-    24 h after `generated_at` for a document without a known market and session."""
+def _deadline(market: Any, session_date: Any, generated_at: datetime | None) -> tuple[datetime | None, bool]:
+    """(`fresh_until`, whether it comes from the market's calendar)."""
     if type(market) is str and type(session_date) is str:
         lead = _lead(market)
         if lead is not None:
             try:
-                return freshness.document_deadline(market, lead, date.fromisoformat(session_date), freshness.grace())
+                return freshness.document_deadline(market, lead, date.fromisoformat(session_date),
+                                                   freshness.grace()), True
             except ValueError as exc:  # not a session, outside the calendar's data: the 24 h rule
                 log.warning("dashboard: %s session %s: %s; judging its documents by age", market, session_date, exc)
-    return generated_at + STALE_AFTER if generated_at is not None else None
+    return (generated_at + STALE_AFTER if generated_at is not None else None), False
+
+
+def fresh_until(market: Any, session_date: Any, generated_at: datetime | None) -> datetime | None:
+    """Until when a document is fresh (docs/freshness.md): its market's next session's run + the grace period;
+    24 h after `generated_at` for a document without a known market and session."""
+    return _deadline(market, session_date, generated_at)[0]
 
 
 def staleness(generated_at: datetime | None, rates_stale: bool, market: Any = None, session_date: Any = None,
@@ -122,11 +128,10 @@ def staleness(generated_at: datetime | None, rates_stale: bool, market: Any = No
         return freshness.UNKNOWN_AGE
     if rates_stale:
         return freshness.RATES_STALE
-    until = fresh_until(market, session_date, generated_at)
+    until, from_calendar = _deadline(market, session_date, generated_at)
     if until is None or (now or datetime.now(UTC)) <= until:
         return None
-    known = type(market) is str and type(session_date) is str and _lead(market) is not None
-    return OVERDUE if known else freshness.EXPIRED
+    return OVERDUE if from_calendar else freshness.EXPIRED
 
 
 def is_stale(generated_at: datetime | None, rates_stale: bool, now: datetime | None = None,
