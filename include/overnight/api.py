@@ -72,6 +72,15 @@ class Recommendation(_Model):
     currency: str
     allocationGap: str
     breakdown: Breakdown | None = None
+    allocationGapAfter: str | None = None
+
+
+class Unallocated(_Model):
+    """The part of the contribution the allocation policy did not place (docs/allocation.md)."""
+
+    amount: str
+    reason: str | None = None
+    message: str | None = None
 
 
 class DataFreshness(_Model):
@@ -98,6 +107,8 @@ class Dashboard(BaseModel):
     stale: bool
     correlationId: str | None = None
     portfolioSummary: dict[str, Any] | None = None
+    unallocated: Unallocated | None = None
+    unpricedHoldings: list[dict[str, Any]] | None = None
     staleReason: str | None = None
 
 
@@ -196,6 +207,7 @@ class AssetEventsResponse(BaseModel):
 _JSON = msgspec.json.Encoder()
 _REC_STR_FIELDS = ("assetId", "symbol", "score", "amount", "currency", "allocationGap")
 _REC_FIELDS = frozenset(Recommendation.model_fields)
+_UNALLOCATED_FIELDS = {"amount": str, "reason": str, "message": str}
 _BREAKDOWN_FIELDS = {"criteriaCount": int, "topContributor": str}
 _FRESHNESS_FIELDS = dict.fromkeys(DataFreshness.model_fields, str)
 _INT64 = 2**63
@@ -252,6 +264,10 @@ def _recommendation(rec: Any) -> dict[str, Any] | None:
     if breakdown is not None and (breakdown := _as_model(breakdown, _BREAKDOWN_FIELDS)) is None:
         return None
     out["breakdown"] = breakdown
+    after = rec.get("allocationGapAfter")
+    if after is not None and type(after) is not str:
+        return None
+    out["allocationGapAfter"] = after
     return out if _add_extras(rec, _REC_FIELDS, out) else None
 
 
@@ -263,8 +279,15 @@ def dashboard_body(data: dict[str, Any]) -> bytes | None:
     if freshness is not None and (freshness := _as_model(freshness, _FRESHNESS_FIELDS)) is None:
         return None
     summary = data["portfolioSummary"]
+    unallocated, unpriced = data.get("unallocated"), data.get("unpricedHoldings")
+    if unallocated is not None and ((unallocated := _as_model(unallocated, _UNALLOCATED_FIELDS)) is None
+                                    or unallocated["amount"] is None):
+        return None
+    if unpriced is not None and not (type(unpriced) is list and _plain(unpriced)
+                                     and all(type(u) is dict for u in unpriced)):
+        return None
     if (None in recs or type(data["userId"]) is not str or type(data["fromCache"]) is not bool
-            or type(data["stale"]) is not bool or (data["staleReason"] is not None and type(data["staleReason"]) is not str)
+            or type(data["stale"]) is not bool or (data.get("staleReason") is not None and type(data.get("staleReason")) is not str)
             or (summary is not None and not (type(summary) is dict and _plain(summary)))
             or any(data[k] is not None and type(data[k]) is not str
                    for k in ("totalInvestable", "baseCurrency", "correlationId"))):
@@ -273,7 +296,8 @@ def dashboard_body(data: dict[str, Any]) -> bytes | None:
         "userId": data["userId"], "recommendations": recs, "totalInvestable": data["totalInvestable"],
         "baseCurrency": data["baseCurrency"], "dataFreshness": freshness, "fromCache": data["fromCache"],
         "stale": data["stale"], "correlationId": data["correlationId"], "portfolioSummary": summary,
-        "staleReason": data["staleReason"],
+        "unallocated": unallocated, "unpricedHoldings": unpriced,
+        "staleReason": data.get("staleReason"),
     }})
 
 
@@ -288,6 +312,7 @@ def _typed(model: type[BaseModel], name: str, nested: Mapping[str, Any] | None =
 
 _CachedBreakdown = _typed(Breakdown, "CachedBreakdown")
 _CachedRecommendation = _typed(Recommendation, "CachedRecommendation", {"breakdown": _CachedBreakdown | None})
+_CachedUnallocated = _typed(Unallocated, "CachedUnallocated")
 
 
 class _CachedDocument(msgspec.Struct):
@@ -302,6 +327,8 @@ class _CachedDocument(msgspec.Struct):
     correlationId: str | None = None
     market: str | None = None
     sessionDate: str | None = None
+    unallocated: _CachedUnallocated | None = None  # type: ignore[valid-type]  # built from the response model
+    unpricedHoldings: list[dict[str, Any]] | None = None
 
 
 _decode_cached = msgspec.json.Decoder(_CachedDocument).decode
@@ -323,6 +350,9 @@ def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None)
     summary = doc.portfolioSummary or None
     if summary is not None and not _plain(summary):
         return None
+    unpriced = doc.unpricedHoldings
+    if unpriced is not None and not (_plain(unpriced) and all(type(u) is dict for u in unpriced)):
+        return None
     recs = doc.recommendations
     base = (summary or {}).get("baseCurrency") or (recs[0].currency if recs else None)  # type: ignore[attr-defined]
     if base is not None and type(base) is not str:
@@ -334,7 +364,8 @@ def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None)
         "userId": user_id, "recommendations": recs, "totalInvestable": doc.totalInvestable,
         "baseCurrency": base.strip() if base is not None else None, "dataFreshness": freshness, "fromCache": True,
         "stale": reason is not None, "correlationId": doc.correlationId,
-        "portfolioSummary": summary, "staleReason": reason,
+        "portfolioSummary": summary, "unallocated": doc.unallocated, "unpricedHoldings": unpriced,
+        "staleReason": reason,
     }})
 
 

@@ -153,6 +153,8 @@ class DashboardView:
     stale: bool
     correlation_id: str | None = None
     portfolio_summary: dict[str, Any] | None = None
+    unallocated: dict[str, Any] | None = None
+    unpriced_holdings: list[dict[str, Any]] | None = None
     stale_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -167,6 +169,8 @@ class DashboardView:
             "stale": self.stale,
             "correlationId": self.correlation_id,
             "portfolioSummary": self.portfolio_summary,
+            "unallocated": self.unallocated,
+            "unpricedHoldings": self.unpriced_holdings,
             "staleReason": self.stale_reason,
         }
 
@@ -201,6 +205,8 @@ def view_from_document(
         stale=reason is not None,
         correlation_id=doc.get("correlationId"),
         portfolio_summary=summary,
+        unallocated=doc.get("unallocated"),
+        unpriced_holdings=doc.get("unpricedHoldings"),
         stale_reason=reason,
     )
 

@@ -19,16 +19,25 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from typing import Any
 
 import msgspec
 import psycopg
 
-from overnight import freshness
+from overnight import freshness, money
 from overnight.providers.base import PriceProvider, PriceQuote, ProviderError, RatesProvider, RatesSnapshot
 from overnight.providers.db import latest_stored_rates, store_rates
-from overnight.recommendations import AllocationError, Candidate, Target, recommend, shortlist, validate_targets
+from overnight.recommendations import (
+    ALLOCATION_POLICY,
+    DEFAULT_SCORE_FLOOR,
+    AllocationError,
+    Candidate,
+    Target,
+    recommend,
+    shortlist,
+    validate_targets,
+)
 from overnight.scoring import (
     CompiledRules,
     CriteriaError,
@@ -131,7 +140,7 @@ def needed_currencies(conn: psycopg.Connection) -> list[str]:
     rows = conn.execute(
         "SELECT currency FROM assets UNION SELECT base_currency FROM users WHERE active"
     ).fetchall()
-    return sorted({r[0].strip() for r in rows} | {RATES_BASE})
+    return sorted({money.normalize_quote(Decimal(1), r[0].strip())[1] for r in rows} | {RATES_BASE})
 
 
 def fetch_rates(
@@ -313,6 +322,7 @@ class UserResult:
     generated_at: datetime
     assets_scored: int
     recommendations: int
+    warned: bool = False  # calculated with a warning (a holding could not be valued)
 
     @functools.cached_property
     def document_json(self) -> str:
@@ -438,7 +448,19 @@ def _encode(value: Any) -> str:
 
 
 def _fmt(d: Decimal, places: Decimal = CENT) -> str:
-    return str(d.quantize(places))
+    return format(d.quantize(places), "f")
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """A run's contribution for every user: an amount in a currency, converted to each user's base currency."""
+
+    amount: Decimal
+    currency: str
+
+    def to_json(self) -> dict[str, str]:
+        """Returns {"amount", "currency"} as the run parameter gives it."""
+        return {"amount": money.text(self.amount), "currency": self.currency}
 
 
 @dataclass
@@ -452,11 +474,13 @@ class Batch:
     assets: dict[int, AssetRow]
     criteria: dict[str, tuple[str, int, Any]]
     prices: dict[str, PriceQuote]
-    contribution: Decimal | None = None
+    contribution: Contribution | None = None
     compiled: dict[str, CompiledRules | CriteriaError] = field(default_factory=dict)
     price_text: dict[str, str] = field(default_factory=dict)
     table: FundamentalsTable = field(default_factory=FundamentalsTable)
+    score_floor: Decimal = DEFAULT_SCORE_FLOOR
     stale_prices: frozenset[str] = frozenset()  # quotes older than their market's previous close
+    unusable_prices: frozenset[str] = frozenset()  # quotes older than the maximum age: their holders fail
 
     def __post_init__(self) -> None:
         self.table.add({aid: a.fundamentals for aid, a in self.assets.items()})
@@ -491,6 +515,11 @@ class Prepared:
     in_scope: list[AssetRow]
     priced_rows: list[int]
     spent_s: float
+    unit: Decimal
+    unpriced: list[dict[str, str]]
+    holding_prices: dict[str, str]
+    holdings_as_of: datetime | None
+    held_count: int
 
 
 def _stamp(stamps: list[datetime]) -> datetime:
@@ -524,24 +553,49 @@ def prepare_user(user: UserRow, batch: Batch) -> Prepared:
         validate_targets(user.targets)
     except AllocationError as exc:
         raise UserFailure("targets", str(exc)) from None
-    if user.base_currency not in rates.rates:
+    try:
+        unit = money.minor_unit(user.base_currency)
+    except money.CurrencyError as exc:
+        raise UserFailure("currency", f"base currency: {exc}") from None
+    rate_table = rates.rates
+    if user.base_currency not in rate_table:
         raise UserFailure("convert", f"base currency {user.base_currency!r} has no exchange rate")
 
     values: dict[str, Decimal] = {}
     holdings_used: dict[str, str] = {}
+    holding_prices: dict[str, str] = {}
+    unpriced: list[dict[str, str]] = []
+    oldest: datetime | None = None
     total = Decimal(0)
+    held = 0
     for aid, raw_qty in user.holdings:
         asset = assets.get(aid)
         if asset is None:
             raise UserFailure("load", f"holding of asset id {aid}: no such asset")
         qty = _quantity(raw_qty, asset.symbol)
-        quote = prices.get(asset.symbol)
+        if not qty:  # a holding of quantity zero is not a holding (docs/allocation.md)
+            continue
+        held += 1
+        symbol = asset.symbol
+        holdings_used[symbol] = _num(qty)
+        quote = prices.get(symbol)
+        if quote is None and symbol in batch.unusable_prices:  # docs/freshness.md: too old to value with
+            raise UserFailure("prices", f"holding {symbol}: its quote is older than OVERNIGHT_MAX_PRICE_AGE_HOURS; "
+                                        "refresh the price (or raise the setting) and clear the batch")
         if quote is None:
-            raise UserFailure("prices", f"holding {asset.symbol}: no usable price; the portfolio cannot be valued")
-        value = _convert(qty * quote.price, quote.currency, user.base_currency, rates.rates)
+            unpriced.append({"symbol": symbol, "quantity": holdings_used[symbol], "reason": NO_PRICE})
+            continue
+        if quote.currency not in rate_table:
+            unpriced.append({"symbol": symbol, "quantity": holdings_used[symbol],
+                             "reason": f"no exchange rate for {quote.currency}"})
+            continue
+        value = _convert(qty * quote.price, quote.currency, user.base_currency, rate_table)
         values[asset.class_name] = values.get(asset.class_name, Decimal(0)) + value
         total += value
-        holdings_used[asset.symbol] = str(qty)
+        holding_prices[symbol] = batch.price_text[symbol]
+        if oldest is None or quote.as_of < oldest:
+            oldest = quote.as_of
+    unpriced.sort(key=operator.itemgetter("symbol"))
     universe = {aid for aid, _ in user.holdings}
     universe.update(user.watchlist)
     user_markets = user.markets
@@ -549,21 +603,36 @@ def prepare_user(user: UserRow, batch: Batch) -> Prepared:
     rows = batch.table.rows
     priced_rows = [rows[a.id] for a in in_scope if a.symbol in prices]
     return Prepared(user, stamps, criteria_id, version, raw_rules, compiled, values, total, holdings_used, in_scope,
-                    priced_rows, time.perf_counter() - t0)
+                    priced_rows, time.perf_counter() - t0, unit, unpriced, holding_prices, oldest, held)
+
+
+def user_contribution(user: UserRow, batch: Batch, unit: Decimal) -> Decimal:
+    """The user's contribution in their base currency, rounded down to its minor unit: the run's (converted at
+    the job's rates) or the user's default; raises UserFailure when the run's currency has no rate."""
+    given = batch.contribution
+    if given is None:
+        return (user.default_contribution or Decimal(0)).quantize(unit, rounding=ROUND_DOWN)
+    if given.currency not in batch.rates.rates:
+        raise UserFailure("contribution", f"the run's contribution is in {given.currency}, which has no exchange "
+                          "rate; give it in a currency the rates provider publishes")
+    converted = _convert(given.amount, given.currency, user.base_currency, batch.rates.rates)
+    return converted.quantize(unit, rounding=ROUND_DOWN)
 
 
 def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0.0) -> UserResult:
     """Second half: the scores `found` for the user's priced assets, recommendations, events, documents.
 
-    `shared_s` is the user's share of the time spent scoring the chunk together."""
+    `shared_s` is the user's share of the time spent scoring the chunk together. An asset is either in
+    `scores` (with its score) or in `unscored` (with the reason), never both."""
     t0 = time.perf_counter()
-    user, stamps, compiled, values, total = p.user, p.stamps, p.compiled, p.values, p.total
+    user, stamps, compiled, values, total, unit = p.user, p.stamps, p.compiled, p.values, p.total, p.unit
     job, rates, prices, price_text = batch.job, batch.rates, batch.prices, batch.price_text
+    base = user.base_currency
     texts, exact_values = found.texts, found.values
-    scores: dict[str, str | None] = {}
+    scores: dict[str, str] = {}
     unscored: dict[str, str] = {}
-    prices_used: dict[str, str] = {}
-    prices_as_of: datetime | None = None
+    prices_used = dict(p.holding_prices)
+    prices_as_of = p.holdings_as_of
     slow: dict[int, Score] = {}  # positions `score_asset` scored
     buyable: list[tuple[Any, str, int, AssetRow]] = []  # (-score, symbol, position, asset)
     rate_table = rates.rates
@@ -572,33 +641,30 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
         symbol = asset.symbol
         quote = prices.get(symbol)
         if quote is None:
-            scores[symbol] = None
             unscored[symbol] = NO_PRICE
             continue
         j += 1
+        if quote.currency not in rate_table:  # cannot be valued in the base currency: not scored, not bought
+            unscored[symbol] = f"no exchange rate for {quote.currency}"
+            continue
         prices_used[symbol] = price_text[symbol]
         if prices_as_of is None or quote.as_of < prices_as_of:
             prices_as_of = quote.as_of
         text = texts[j]
         if text is None and (reason := found.reasons.get(j)) is not None:  # a missing fundamental
-            scores[symbol] = None
             unscored[symbol] = reason
             continue
         if text is None:  # a value the vectorised pass cannot compare exactly
             score = slow[j] = score_asset(compiled.rules, asset.fundamentals, True)
             if score.score is None:
-                scores[symbol] = None
                 unscored[symbol] = score.reason
                 continue
             value: Any = score.score
-            text = str(value)
+            text = money.text(value)
         else:
             value = exact_values[j]
         scores[symbol] = text
-        if asset.currency in rate_table:
-            buyable.append((-value, symbol, j, asset))
-        else:
-            unscored[symbol] = f"no exchange rate for {asset.currency}"
+        buyable.append((-value, symbol, j, asset))
     buyable.sort(key=_BEST_FIRST)
     candidates = []
     for _, symbol, j, asset in shortlist(buyable, _asset_class):
@@ -608,20 +674,25 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     started = stamps[0]
     inputs_at = _stamp(stamps)
     scores_at = _stamp(stamps)
-    contribution = batch.contribution if batch.contribution is not None else (
-        user.default_contribution or Decimal(0))
+    contribution = user_contribution(user, batch, unit)
     try:
-        recs = recommend(Decimal(contribution), values, user.targets, candidates, check_targets=False)
+        plan = recommend(contribution, values, user.targets, candidates, unit=unit, score_floor=batch.score_floor,
+                         check_targets=False)
     except AllocationError as exc:
         raise UserFailure("recommend", str(exc)) from None
+    recs = plan.recommendations
     completed = _stamp(stamps)
     criteria_version = f"{user.criteria_key}@v{p.version}"
+    hundred = Decimal(100)
+    held_classes = {name for name, v in values.items()}
     allocations = {
-        t.class_name: _fmt(values.get(t.class_name, Decimal(0)) * 100 / total if total else Decimal(0))
-        for t in user.targets
+        name: _fmt(values.get(name, Decimal(0)) * hundred / total if total else Decimal(0))
+        for name in sorted(held_classes | {t.class_name for t in user.targets})
     }
-    for name, v in values.items():
-        allocations.setdefault(name, _fmt(v * 100 / total if total else Decimal(0)))
+    contribution_text = money.text(contribution)
+    unallocated = {"amount": money.text(plan.unallocated.amount.quantize(unit)), "reason": plan.unallocated.reason,
+                   "message": plan.unallocated.message}
+    total_text = money.amount_text(total, base)
     document = {
         "userId": user.id,
         "generatedAt": completed.isoformat(),
@@ -629,58 +700,66 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
             {
                 "assetId": str(r.candidate.asset_id),
                 "symbol": r.candidate.symbol,
-                "score": str(r.candidate.score),
-                "amount": _fmt(r.amount),
-                "currency": user.base_currency,
+                "score": money.text(r.candidate.score),
+                "amount": money.text(r.amount),
+                "currency": base,
                 "allocationGap": _fmt(r.allocation_gap),
                 "breakdown": {"criteriaCount": r.candidate.criteria_count,
                               "topContributor": r.candidate.top_contributor},
+                "allocationGapAfter": _fmt(r.allocation_gap_after),
             }
             for r in recs
         ],
-        "portfolioSummary": {"totalValue": _fmt(total), "baseCurrency": user.base_currency,
-                             "allocations": allocations},
+        "portfolioSummary": {"totalValue": total_text, "baseCurrency": base, "allocations": allocations},
         "dataFreshness": {"pricesAsOf": prices_as_of.isoformat() if prices_as_of else batch.rates_as_of,
                           "ratesAsOf": batch.rates_as_of,
                           "criteriaVersion": criteria_version},
-        "totalInvestable": _fmt(Decimal(contribution)),
+        "totalInvestable": contribution_text,
+        "unallocated": unallocated,
+        "unpricedHoldings": p.unpriced,
         "ratesStale": rates.stale,
-        "stalePrices": sorted(batch.stale_prices.intersection(prices_used).union(
-            s for s in p.holdings_used if s in batch.stale_prices)),
+        "stalePrices": sorted(batch.stale_prices.intersection(prices_used)),
         "correlationId": job.correlation_id,
         "market": job.market,
         "sessionDate": job.session_date,
     }
+    targets = {t.class_name: t for t in user.targets}
     portfolio = {
-        "totalValue": _fmt(total),
-        "assetCount": len(user.holdings),
+        "totalValue": total_text,
+        "assetCount": p.held_count,
         "allocations": [
-            {"className": t.class_name, "currentPercent": allocations.get(t.class_name, "0.00"),
-             "targetMin": str(t.min_pct), "targetMax": str(t.max_pct)}
-            for t in sorted(user.targets, key=lambda t: t.class_name)
+            {"className": name, "currentPercent": percent,
+             "targetMin": _fmt(targets[name].min_pct) if name in targets else None,
+             "targetMax": _fmt(targets[name].max_pct) if name in targets else None}
+            for name, percent in allocations.items()
         ],
     }
-    scored_symbols = sorted(s for s, v in scores.items() if v is not None)
+    scored_symbols = sorted(scores)
     duration_ms = round((p.spent_s + shared_s + time.perf_counter() - t0) * 1000, 3)
     assets = batch.assets
+    inputs = {
+        "jobRunId": job.id, "criteriaVersion": criteria_version, "criteria": p.raw_rules, "prices": prices_used,
+        "pricesAsOf": prices_as_of.isoformat() if prices_as_of else None, "rates": batch.rates_payload,
+        "ratesBase": rates.base, "ratesAsOf": batch.rates_as_of, "ratesStale": rates.stale,
+        "holdings": p.holdings_used, "watchlist": sorted(assets[a].symbol for a in user.watchlist if a in assets),
+        "targets": [[t.class_name, str(t.min_pct), str(t.max_pct)] for t in user.targets],
+        "contribution": contribution_text, "baseCurrency": base, "unpricedHoldings": p.unpriced,
+        "allocationPolicy": ALLOCATION_POLICY, "scoreFloor": money.text(batch.score_floor),
+    }
+    if batch.contribution is not None:
+        inputs["contributionGiven"] = batch.contribution.to_json()
     events = [
         ("CALC_STARTED", started, {"market": job.market, "sessionDate": job.session_date, "jobRunId": job.id,
                                    "criteriaKey": user.criteria_key}, None),
-        ("INPUTS_CAPTURED", inputs_at, {
-            "jobRunId": job.id, "criteriaVersion": criteria_version, "criteria": p.raw_rules, "prices": prices_used,
-            "pricesAsOf": prices_as_of.isoformat() if prices_as_of else None, "rates": batch.rates_payload,
-            "ratesBase": rates.base, "ratesAsOf": batch.rates_as_of, "ratesStale": rates.stale,
-            "holdings": p.holdings_used, "watchlist": sorted(assets[a].symbol for a in user.watchlist if a in assets),
-            "targets": [[t.class_name, str(t.min_pct), str(t.max_pct)] for t in user.targets],
-            "contribution": str(contribution), "baseCurrency": user.base_currency,
-        }, None),
+        ("INPUTS_CAPTURED", inputs_at, inputs, None),
         ("SCORES_COMPUTED", scores_at, {"scores": scores, "unscored": unscored}, scored_symbols),
         ("CALC_COMPLETED", completed, {"durationMs": duration_ms, "assetsScored": len(scored_symbols),
-                                       "recommendations": len(recs), "totalInvestable": _fmt(Decimal(contribution))},
+                                       "recommendations": len(recs), "totalInvestable": contribution_text,
+                                       "unallocated": unallocated["amount"]},
          None),
     ]
     return UserResult(user.id, events, document, portfolio, criteria_version, completed, len(scored_symbols),
-                      len(recs))
+                      len(recs), bool(p.unpriced))
 
 
 _UNEXPECTED = (ArithmeticError, InvalidOperation, ValueError, KeyError, TypeError)
@@ -870,7 +949,8 @@ def score_batch(
     price_provider: PriceProvider,
     *,
     warm_cache: Callable[[list[tuple[str, str, str]]], int] | None,
-    contribution: Decimal | None = None,
+    contribution: Contribution | None = None,
+    score_floor: Decimal = DEFAULT_SCORE_FLOOR,
     chunk_size: int = CHUNK_SIZE,
     judge_prices: Callable[[dict[str, tuple[datetime, str]]], tuple[set[str], set[str]]] | None = None,
 ) -> dict[str, Any]:
@@ -884,7 +964,7 @@ def score_batch(
     """
     t0, wall0 = time.perf_counter(), time.time()
     timings = {"load": 0.0, "calc": 0.0, "write": 0.0, "cache_warm": 0.0}
-    counts = {"users": 0, "completed": 0, "skipped": 0, "failed": 0, "assets_scored": 0,
+    counts = {"users": 0, "completed": 0, "skipped": 0, "failed": 0, "warned": 0, "assets_scored": 0,
               "recommendations_generated": 0}
     quotes: dict[str, PriceQuote | None] = {}  # the job run's quotes, looked up once per batch
     assets: dict[int, AssetRow] = {}  # loaded once per batch, whatever the chunks
@@ -923,7 +1003,7 @@ def score_batch(
             timings["load"] += time.perf_counter() - t
             t = time.perf_counter()
             shared = Batch(job, rates, assets, criteria, prices, contribution, compiled, price_text, table,
-                           frozenset(stale_prices))
+                           score_floor, frozenset(stale_prices), frozenset(unusable_prices))
             results, failures = calculate_chunk(users, shared)
             timings["calc"] += time.perf_counter() - t
             t = time.perf_counter()
@@ -943,6 +1023,7 @@ def score_batch(
             counts["completed"] += len(new)
             counts["skipped"] += len(results) - len(new)
             counts["failed"] += len(failures)
+            counts["warned"] += sum(r.warned for r in new)
             counts["assets_scored"] += sum(r.assets_scored for r in new)
             counts["recommendations_generated"] += sum(r.recommendations for r in new)
             log.info("%s: %d of %d users done", batch.get("label"), counts["users"],
@@ -1043,6 +1124,7 @@ def finalize(
         "batches_failed": len(failed_batches),
         "assets_scored": sum(r["assets_scored"] for r in done),
         "recommendations_generated": sum(r["recommendations_generated"] for r in done),
+        "users_with_warnings": sum(r.get("warned", 0) for r in done),
         "users_skipped_already_done": sum(r["skipped"] for r in done),
         "cache_status": cache,
         "cache_errors": sorted({r["cache_error"] for r in done if r.get("cache_error")})[:5],

@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import psycopg
 
+from overnight.money import normalize_quote
 from overnight.providers.base import PriceQuote, ProviderError, RatesSnapshot
 
 
@@ -60,7 +61,8 @@ class DbPriceProvider:
         for symbol, price, currency, as_of in rows:
             if price is None or not math.isfinite(price) or price <= 0:
                 continue
-            out[symbol] = PriceQuote(symbol, Decimal(price), currency.strip(), as_of)
+            value, code = normalize_quote(Decimal(price), currency.strip())  # GBp (pence) -> GBP
+            out[symbol] = PriceQuote(symbol, value, code, as_of)
         return out
 
 

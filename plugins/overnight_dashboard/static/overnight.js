@@ -75,11 +75,20 @@
       " Investable: " + (d.totalInvestable || "-") + " " + (d.baseCurrency || "") +
       " | generated " + (f.generatedAt || "never") + (f.criteriaVersion ? " | criteria " + f.criteriaVersion : "")));
     out.appendChild(head);
+    var left = d.unallocated;
+    if (left && left.amount && Number(left.amount) !== 0) {
+      out.appendChild(el("p", { "class": "unallocated", id: "lookup-unallocated" },
+        "Unallocated: " + left.amount + " " + (d.baseCurrency || "") + (left.message ? " (" + left.message + ")" : "")));
+    }
+    if (d.unpricedHoldings && d.unpricedHoldings.length) {
+      out.appendChild(el("p", { "class": "muted", id: "lookup-unpriced" }, "Not valued: " +
+        d.unpricedHoldings.map(function (u) { return u.symbol + " (" + u.reason + ")"; }).join(", ")));
+    }
     if (!d.recommendations.length) { out.appendChild(el("p", { "class": "muted" }, "No recommendations.")); return; }
     var table = el("table", { "class": "grid", id: "recs" });
     var hr = el("tr");
-    ["Symbol", "Score", "Amount", "Currency", "Allocation gap", "Top contributor"].forEach(function (h, i) {
-      hr.appendChild(el("th", i > 0 && i < 3 || i === 4 ? { "class": "num" } : {}, h));
+    ["Symbol", "Score", "Amount", "Currency", "Allocation gap", "Gap after", "Top contributor"].forEach(function (h, i) {
+      hr.appendChild(el("th", i > 0 && i < 3 || i === 4 || i === 5 ? { "class": "num" } : {}, h));
     });
     table.appendChild(el("thead")).appendChild(hr);
     var body = el("tbody");
@@ -90,6 +99,7 @@
       tr.appendChild(el("td", { "class": "num" }, r.amount));
       tr.appendChild(el("td", {}, r.currency));
       tr.appendChild(el("td", { "class": "num" }, r.allocationGap));
+      tr.appendChild(el("td", { "class": "num" }, r.allocationGapAfter || "-"));
       tr.appendChild(el("td", {}, (r.breakdown && r.breakdown.topContributor) || "-"));
       body.appendChild(tr);
     });
