@@ -13,11 +13,11 @@ from overnight import freshness, pipeline, sessions
 from overnight.markets import load_markets
 from overnight.providers.db import DbPriceProvider, DbRatesProvider
 
-SESSION = date(2026, 11, 24)  # a Tuesday; XNYS opens 09:30 EST = 14:30 UTC, its run 12:30 UTC
-MOMENT = datetime(2026, 11, 24, 12, 30, tzinfo=UTC)
-MONDAY_CLOSE = datetime(2026, 11, 23, 21, 0, tzinfo=UTC)  # NYSE closes 16:00 EST
-BEFORE_CLOSE = datetime(2026, 11, 23, 20, 59, tzinfo=UTC)
-TWO_WEEKS_OLD = datetime(2026, 11, 10, 21, 0, tzinfo=UTC)  # 13.6 days: beyond the 240 h default
+SESSION = date(2026, 12, 15)  # a Tuesday no other test runs; XNYS opens 09:30 EST = 14:30 UTC, runs 12:30 UTC
+MOMENT = datetime(2026, 12, 15, 12, 30, tzinfo=UTC)
+MONDAY_CLOSE = datetime(2026, 12, 14, 21, 0, tzinfo=UTC)  # NYSE closes 16:00 EST
+BEFORE_CLOSE = datetime(2026, 12, 14, 20, 59, tzinfo=UTC)
+TWO_WEEKS_OLD = datetime(2026, 12, 1, 21, 0, tzinfo=UTC)  # 13.6 days: beyond the 240 h default
 CODES = load_markets().codes
 
 

@@ -134,11 +134,10 @@ def test_rates_failure_falls_back_to_stored_rates_flagged_stale(conn, server, ta
 
 
 def _needing(conn, users: set[str], currencies: set[str]) -> set[str]:
-    """The oracle: users whose base currency, or a holding's currency, is one of `currencies`."""
+    """The oracle: users who count in one of `currencies` (a holding in one is listed unpriced instead)."""
     return {str(r[0]) for r in conn.execute(
-        "SELECT u.id FROM users u WHERE u.id = ANY(%(u)s::uuid[]) AND (u.base_currency = ANY(%(c)s) OR EXISTS ("
-        " SELECT 1 FROM holdings h JOIN assets a ON a.id = h.asset_id WHERE h.user_id = u.id"
-        " AND a.currency = ANY(%(c)s)))", {"u": sorted(users), "c": sorted(currencies)})}
+        "SELECT u.id FROM users u WHERE u.id = ANY(%(u)s::uuid[]) AND u.base_currency = ANY(%(c)s)",
+        {"u": sorted(users), "c": sorted(currencies)})}
 
 
 def _run_with_rates(conn, rates_x: dict[str, Any], job_x: dict[str, Any]) -> R.Outcome:
@@ -213,10 +212,15 @@ def test_a_currency_the_ecb_does_not_publish_affects_only_its_users(conn, server
         conn.execute("DELETE FROM prices WHERE asset_id = 999001")
         conn.execute("DELETE FROM assets WHERE id = 999001")
         conn.commit()
-    assert set(out.failed) == set(holders)
-    assert out.completed == set(served) - set(holders)
-    assert all(stage == "convert" and "'ARS'" in msg for stage, msg in out.failed.values())
-    assert out.status == "partial" and out.metrics["rates_missing"] == ["ARS"] and not out.metrics["rates_stale"]
+    # Everyone is calculated; only the ARS holders' documents show the holding unpriced, for want of a rate
+    # (docs/allocation.md: degrade, don't drop).
+    assert out.failed == {} and out.completed == set(served) and out.status == "completed"
+    unpriced = dict(conn.execute("SELECT user_id::text, document->'unpricedHoldings' FROM recommendations"
+                                 " WHERE correlation_id = %s", (out.correlation_id,)).fetchall())
+    assert {u for u, h in unpriced.items() if h} == set(holders)
+    assert all(unpriced[u] == [{"symbol": "GGAL.BA", "quantity": "10", "reason": "no exchange rate for ARS"}]
+               for u in holders)
+    assert out.metrics["rates_missing"] == ["ARS"] and not out.metrics["rates_stale"]
     assert "does not publish" in out.error_details["rates"]["ARS"]
 
 
@@ -242,7 +246,8 @@ def _holders(conn, symbols: set[str], users: set[str]) -> set[str]:
         (sorted(symbols),)) if str(r[0]) in users}
 
 
-def test_partial_and_nan_price_bodies_fail_only_the_affected_holders(conn, server, tables) -> None:
+def test_partial_and_nan_price_bodies_degrade_only_the_affected_holders(conn, server, tables) -> None:
+    # docs/allocation.md (issue 13): a holding without a usable price is listed unpriced, the user is calculated
     served = R.served(conn, MARKET, SESSION)
     counts = conn.execute(
         "SELECT a.symbol, count(DISTINCT h.user_id) FROM holdings h JOIN assets a ON a.id = h.asset_id"
@@ -257,13 +262,14 @@ def test_partial_and_nan_price_bodies_fail_only_the_affected_holders(conn, serve
     out = R.check_invariants(conn, MARKET, SESSION, rows=conn.execute(
         "SELECT count(*) FROM overnight_job_runs WHERE market = %s AND session_date = %s",
         (MARKET, SESSION)).fetchone()[0])
-    assert out.correlation_id == job.correlation_id and out.status == "partial"
-    assert set(out.failed) == affected and out.completed == served - affected
-    assert {stage for stage, _ in out.failed.values()} == {"prices"}
-    named = {u["userId"]: u for u in out.error_details["users"]}
-    assert set(named) == affected and all(u["stage"] == "prices" and "no usable price" in u["message"]
-                                          for u in named.values())
-    # The documents of those who completed used only real prices: no NaN anywhere.
+    assert out.correlation_id == job.correlation_id and out.status == "completed"
+    assert out.failed == {} and out.completed == served
+    unpriced = dict(conn.execute("SELECT user_id::text, document->'unpricedHoldings' FROM recommendations"
+                                 " WHERE correlation_id = %s", (job.correlation_id,)).fetchall())
+    assert {u for u, h in unpriced.items() if h} == affected
+    assert {(h["symbol"], h["reason"]) for u in affected for h in unpriced[u]} <= {
+        (gone, "no usable price"), (nan, "no usable price")}
+    # The documents used only real prices: no NaN anywhere.
     assert conn.execute("SELECT count(*) FROM calculation_events WHERE correlation_id = %s"
                         " AND payload::text ILIKE '%%nan%%'", (job.correlation_id,)).fetchone()[0] == 0
 
