@@ -728,3 +728,30 @@ def test_http_provider_uses_shared_redis_limiter(
     )  # 1 retry + 2 chunks, each took a token
     tokens = float(redis_client.hget(limiter.key, "tokens") or 0)
     assert tokens < 3
+
+
+@pytest.mark.parametrize("status", [404, 422])
+def test_an_api_refusing_an_unknown_symbol_is_asked_one_by_one(
+    fake_provider: FakeProviderServer, sleeps: Recorder, status: int
+) -> None:
+    # Some Frankfurter versions refuse the whole request when one symbol is unknown (404 "not found" or 422):
+    # the others are then asked one at a time, and only the unknown one is left out (docs/freshness.md).
+    def ok(code: str, rate: str) -> dict[str, object]:
+        return {"amount": 1, "base": "USD", "date": "2026-11-20", "rates": {code: Decimal(rate)}}
+
+    fake_provider.respond(RATES_PATH, status, {"message": "not found"})
+    fake_provider.respond(RATES_PATH, 200, ok("BRL", "5.1234"))
+    fake_provider.respond(RATES_PATH, status, {"message": "not found"})
+    fake_provider.respond(RATES_PATH, 200, ok("GBP", "0.7890"))
+    snap = rates(fake_provider, sleeps).fetch_rates("USD", ["BRL", "ARS", "GBP"])
+    assert snap.rates == {"BRL": Decimal("5.1234"), "GBP": Decimal("0.7890")}
+    assert list(snap.unavailable) == ["ARS"] and f"HTTP {status}" in snap.unavailable["ARS"]
+    assert [r.param("symbols") for r in fake_provider.requests_for(RATES_PATH)] == ["BRL,ARS,GBP", "BRL", "ARS", "GBP"]
+    assert snap.as_of == datetime(2026, 11, 20, 15, tzinfo=UTC)  # 16:00 CET
+    assert sleeps.delays == []
+
+
+def test_a_refused_request_for_one_symbol_is_an_error(fake_provider: FakeProviderServer, sleeps: Recorder) -> None:
+    fake_provider.respond(RATES_PATH, 404, {"message": "not found"})
+    with pytest.raises(ProviderError, match=r"HTTP 404"):
+        rates(fake_provider, sleeps).fetch_rates("USD", ["ARS"])

@@ -12,6 +12,14 @@ class ProviderError(RuntimeError):
     """A provider could not deliver usable data (after its retries); the message says why."""
 
 
+class ProviderClientError(ProviderError):
+    """The provider refused the request itself (an HTTP 4xx other than 429): not retried; `status` says which."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass(frozen=True)
 class RatesSnapshot:
     """Exchange rates: 1 unit of `base` = rates[quote] units of quote, as of `as_of` (aware UTC).

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from overnight.providers.base import PriceQuote, ProviderError, RatesSnapshot
+from overnight.providers.base import PriceQuote, ProviderClientError, ProviderError, RatesSnapshot
 from overnight.providers.ratelimit import RateLimiter
 
 logger = logging.getLogger(__name__)
@@ -297,9 +297,10 @@ class _HttpJsonSource:
                     f" (body: {body!r})" if body else ""
                 )
                 if status != 429 and status < 500:
-                    raise ProviderError(
+                    raise ProviderClientError(
                         f"{self.source}: GET {shown} failed with {cause}; not retried: "
-                        f"{self._client_error_hint(status)}"
+                        f"{self._client_error_hint(status)}",
+                        status,
                     )
                 if status == 429:
                     hint = (
@@ -395,9 +396,16 @@ class HttpRatesProvider(_HttpJsonSource):
             return RatesSnapshot(
                 base=base_code, rates=rates, as_of=datetime.now(UTC), source=self.source
             )
-        body, shown = self._get_json(
-            "/latest", {"base": base_code, "symbols": ",".join(remote)}
-        )
+        try:
+            body, shown = self._get_json(
+                "/latest", {"base": base_code, "symbols": ",".join(remote)}
+            )
+        except ProviderClientError as exc:
+            if exc.status not in (404, 422) or len(remote) < 2:
+                raise
+            # The API refuses the whole request for one symbol it does not know: ask one by one, so one
+            # unpublished currency never blocks the others.
+            return self._one_by_one(base_code, remote, rates, exc)
         if not isinstance(body, dict):
             raise self._shape_error(
                 shown, f"expected a JSON object, got {type(body).__name__}", body
@@ -465,6 +473,28 @@ class HttpRatesProvider(_HttpJsonSource):
         return RatesSnapshot(
             base=base_code, rates=rates, as_of=as_of, source=self.source, unavailable=unavailable
         )
+
+
+    def _one_by_one(self, base: str, remote: list[str], rates: dict[str, Decimal],
+                    refused: ProviderClientError) -> RatesSnapshot:
+        """The rates of `remote` asked one currency at a time; refused ones are listed in `unavailable`."""
+        unavailable: dict[str, str] = {}
+        dated: dict[str, datetime] = {}
+        for s in remote:
+            try:
+                one = self.fetch_rates(base, [s])
+            except ProviderError as exc:
+                unavailable[s] = str(exc)
+                continue
+            rates.update(one.rates)
+            dated.update(dict.fromkeys(one.rates, one.as_of))
+            unavailable.update(one.unavailable)
+        if not dated:
+            raise ProviderError(f"{refused}; asked one by one, no currency was delivered either")
+        logger.warning("rates asked one by one after %s provider=%s unavailable=%s", refused.status, self.source,
+                       ",".join(unavailable))
+        return RatesSnapshot(base=base, rates=rates, as_of=min(dated.values()), source=self.source,
+                             unavailable=unavailable, dated=dated)
 
 
 @dataclass(frozen=True)
