@@ -101,6 +101,15 @@ def _lead(code: str) -> timedelta | None:
         return None
 
 
+def _grace() -> timedelta:
+    """The grace period setting; a bad value is logged and the default used (a request never fails on it)."""
+    try:
+        return freshness.grace()
+    except freshness.FreshnessConfigError as exc:
+        log.warning("dashboard: %s; using %s", exc, freshness.DEFAULT_GRACE)
+        return freshness.DEFAULT_GRACE
+
+
 def _deadline(market: Any, session_date: Any, generated_at: datetime | None) -> tuple[datetime | None, bool]:
     """(`fresh_until`, whether it comes from the market's calendar)."""
     if type(market) is str and type(session_date) is str:
@@ -108,7 +117,7 @@ def _deadline(market: Any, session_date: Any, generated_at: datetime | None) -> 
         if lead is not None:
             try:
                 return freshness.document_deadline(market, lead, date.fromisoformat(session_date),
-                                                   freshness.grace()), True
+                                                   _grace()), True
             except ValueError as exc:  # not a session, outside the calendar's data: the 24 h rule
                 log.warning("dashboard: %s session %s: %s; judging its documents by age", market, session_date, exc)
     return (generated_at + STALE_AFTER if generated_at is not None else None), False

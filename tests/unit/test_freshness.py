@@ -164,3 +164,16 @@ def test_cache_ttl_setting() -> None:
     assert freshness.cache_ttl_seconds("next-run", now + timedelta(minutes=5), now) == 3600  # at least 1 h
     with pytest.raises(freshness.FreshnessConfigError, match="OVERNIGHT_CACHE_TTL='soon': expected a positive"):
         freshness.cache_ttl_seconds("soon", None, now)
+
+
+def test_settings_and_their_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OVERNIGHT_MAX_PRICE_AGE_HOURS", "48")
+    monkeypatch.setenv("OVERNIGHT_RATES_MARGIN_MINUTES", "30")
+    assert (freshness.max_price_age(), freshness.rates_margin()) == (timedelta(hours=48), timedelta(minutes=30))
+    monkeypatch.setenv("OVERNIGHT_FRESHNESS_GRACE_MINUTES", "two hours")
+    with pytest.raises(freshness.FreshnessConfigError,
+                       match=r"OVERNIGHT_FRESHNESS_GRACE_MINUTES='two hours': expected a number of minutes >= 0"):
+        freshness.grace()
+    monkeypatch.setenv("OVERNIGHT_MAX_RATES_AGE_HOURS", "-1")
+    with pytest.raises(freshness.FreshnessConfigError, match="OVERNIGHT_MAX_RATES_AGE_HOURS='-1'"):
+        freshness.max_rates_lag()
