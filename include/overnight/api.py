@@ -1,16 +1,21 @@
 """The dashboard's FastAPI app, mounted by the `overnight_dashboard` plugin at `/overnight` on the api-server.
 
 Every route, the page, its static assets and the OpenAPI docs included, runs behind Airflow's own
-authentication (`get_user`: bearer token or the UI's `_token` cookie) and the auth manager's
-"may read DAGs" check, declared once on the app so no route can ship open. Anonymous API calls
-get 401 JSON; a browser opening the page without a session is sent to Airflow's login page.
-Data access lives in `overnight.dashboard`.
+authentication (`get_user`: bearer token or the UI's `_token` cookie) and the auth manager's answers,
+declared once on the app so no route can ship open (`overnight.api_auth`, docs/access.md): operations
+routes need "may read DAGs", personal data (a user's dashboard, user ids) the "Overnight
+recommendations" permission. Anonymous API calls get 401 JSON; a browser opening the page without a
+session is sent to Airflow's login page. Data access lives in `overnight.dashboard`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
 import json
 import logging
+import os
 import zlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -21,7 +26,7 @@ from uuid import UUID
 
 import msgspec
 import swagger_ui_bundle
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -29,7 +34,15 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from overnight.api_auth import AuthCache, airflow_auth, bearer_token, ttl_from_env
+from overnight.api_auth import (
+    AuthCache,
+    airflow_auth,
+    bearer_token,
+    may_read_personal_data,
+    requires_operations,
+    requires_personal_data,
+    ttl_from_env,
+)
 from overnight.dashboard import (
     HISTORY_PER_MARKET,
     MAX_LIMIT,
@@ -46,6 +59,8 @@ from overnight.dashboard import (
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
+AUDIT_CONCURRENCY = 2  # /audit queries at once per worker, of the Postgres pool's 8: the dashboard keeps the rest
+AUDIT_WAIT_S = 2.0  # an /audit call waiting longer than this for its turn gets 503
 _SYMBOL_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # any printable text; control characters (NUL) are refused
 
 # --------------------------------------------------------------------------- response models
@@ -176,11 +191,14 @@ class JobRunRef(BaseModel):
 
 
 class AssetEvent(BaseModel):
-    """A calculation event that scored the asset; `score` is the asset's score in it (null: unscored)."""
+    """A calculation event that scored the asset; `score` is the asset's score in it (null: unscored).
+    `userId` is shown only to holders of the "Overnight recommendations" permission (else null);
+    `userRef` is the user's pseudonym for everyone: stable, not reversible (docs/access.md)."""
 
     eventId: str
     eventType: str
-    userId: str
+    userId: str | None
+    userRef: str
     correlationId: str
     createdAt: str
     symbol: str
@@ -410,6 +428,27 @@ def store_unavailable(exc: StoreUnavailable) -> JSONResponse:
     return JSONResponse({"detail": "the overnight database is unavailable; try again shortly"}, status_code=503)
 
 
+def _pseudonym_key() -> bytes:
+    """The key of the audit's user pseudonyms: derived from Airflow's JWT secret (the same in every api-server
+    worker, never shown), else random per process."""
+    secret = os.environ.get("AIRFLOW__API_AUTH__JWT_SECRET", "")
+    if not secret:
+        try:
+            from airflow.configuration import conf
+
+            secret = conf.get("api_auth", "jwt_secret", fallback="") or ""
+        except Exception:  # noqa: BLE001 - no Airflow config: a key of this process
+            secret = ""
+    if not secret:
+        return os.urandom(32)
+    return hmac.new(secret.encode(), b"overnight audit user pseudonym v1", hashlib.sha256).digest()
+
+
+def pseudonym(key: bytes, user_id: str) -> str:
+    """A user's pseudonym in the audit: `u_` and 16 hex digits of HMAC-SHA256(key, user id)."""
+    return "u_" + hmac.new(key, user_id.encode(), hashlib.sha256).hexdigest()[:16]
+
+
 def _declare_security(app: FastAPI) -> None:
     """Adds Airflow's security schemes to every operation of the app's OpenAPI schema (the docs' login form)."""
     from overnight.api_auth import openapi_security
@@ -487,6 +526,9 @@ def create_app(
         _declare_security(app)
     app.state.store = store
     app.state.auth_cache = auth_cache
+    pseudonym_key = _pseudonym_key()
+    audit_slots = asyncio.Semaphore(AUDIT_CONCURRENCY)
+    operations = [Depends(requires_operations)]
     static_files = {p.name: p for p in static_dir.iterdir() if p.is_file()} if static_dir else {}
     templates = None
     if template_dir is not None:
@@ -507,9 +549,12 @@ def create_app(
     # ------------------------------------------------------------------ API
 
     @app.get(f"{API_PREFIX}/dashboard/{{user_id}}", response_model=DashboardResponse,
-             responses={404: {"description": "Unknown user"}, 422: {"description": "Not a UUID"}})
+             dependencies=[Depends(requires_personal_data)],
+             responses={403: {"description": "No 'Overnight recommendations' permission"},
+                        404: {"description": "Unknown user"}, 422: {"description": "Not a UUID"}})
     async def dashboard(request: Request,
-                        user_id: Annotated[str, PathParam(description="The user's id (UUID)", max_length=64)]
+                        user_id: Annotated[str, PathParam(description="The user's id (UUID)", max_length=64,
+                                                           json_schema_extra={"format": "uuid"})]
                         ) -> Response | dict[str, Any]:
         """A user's recommendations: Redis `recs:{id}` first, else the `recommendations` table."""
         try:
@@ -522,7 +567,7 @@ def create_app(
             return {"data": answer}
         return json_response(answer, request.headers.get("accept-encoding", ""))
 
-    @app.get(f"{API_PREFIX}/job-runs", response_model=JobRunsResponse)
+    @app.get(f"{API_PREFIX}/job-runs", response_model=JobRunsResponse, dependencies=operations)
     async def job_runs(
         market: Annotated[str | None, Query(min_length=1, max_length=32, pattern=_SYMBOL_PATTERN,
                                             description="Only this market (e.g. XNYS)")] = None,
@@ -538,7 +583,7 @@ def create_app(
         """Authenticated no-op: the baseline the benchmark compares the dashboard with."""
         return {"status": "ok"}
 
-    @app.get(f"{API_PREFIX}/markets", response_model=MarketsResponse)
+    @app.get(f"{API_PREFIX}/markets", response_model=MarketsResponse, dependencies=operations)
     async def markets(
         runs: Annotated[int, Query(ge=1, le=100, description="Runs per market")] = HISTORY_PER_MARKET,
     ) -> dict[str, Any]:
@@ -546,22 +591,40 @@ def create_app(
         history = await store.market_history(runs)
         return {"data": [{"market": m, "latest": h[-1], "history": h} for m, h in sorted(history.items())]}
 
-    @app.get(f"{API_PREFIX}/audit/assets/{{symbol}}", response_model=AssetEventsResponse)
+    @app.get(f"{API_PREFIX}/audit/assets/{{symbol}}", response_model=AssetEventsResponse, dependencies=operations,
+             responses={503: {"description": "Postgres unavailable, or too many audit queries: retry shortly"}})
     async def asset_events(
+        request: Request,
         symbol: Annotated[str, PathParam(min_length=1, max_length=64, pattern=_SYMBOL_PATTERN)],
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
         before: Annotated[datetime | None, Query(description="Only events created before this ISO time")] = None,
         before_id: Annotated[UUID | None, Query(description="With `before`: the last event id of the previous "
                                                             "page (ties on the same time)")] = None,
-    ) -> dict[str, Any]:
-        """Every calculation event that scored `symbol` (newest first), with its correlation id and job run."""
-        events, cursor = await store.asset_events(
-            symbol, limit=limit, before=before, before_id=str(before_id) if before_id and before else None)
+    ) -> dict[str, Any] | JSONResponse:
+        """Every calculation event that scored `symbol` (newest first), with its correlation id and job run;
+        user ids only for holders of "Overnight recommendations", a pseudonym (`userRef`) for everyone."""
+        try:  # at most AUDIT_CONCURRENCY at once: long audit pages must not take the dashboard's connections
+            async with asyncio.timeout(AUDIT_WAIT_S):
+                await audit_slots.acquire()
+        except TimeoutError:
+            return JSONResponse({"detail": f"too many audit queries at once (at most {AUDIT_CONCURRENCY} per "
+                                           "worker); try again shortly"}, status_code=503,
+                                headers={"Retry-After": "1"})
+        try:
+            events, cursor = await store.asset_events(
+                symbol, limit=limit, before=before, before_id=str(before_id) if before_id and before else None)
+        finally:
+            audit_slots.release()
+        show_ids = may_read_personal_data(request)
+        for event in events:
+            event["userRef"] = pseudonym(pseudonym_key, event["userId"])
+            if not show_ids:
+                event["userId"] = None
         return {"data": events, "next": cursor}
 
     # ------------------------------------------------------------------ page, assets, docs
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=operations)
     async def page() -> HTMLResponse:
         """The Overnight page: job runs per market, a chart, a user lookup."""
         if templates is None:
@@ -630,8 +693,8 @@ class FastPaths:
 
     It answers them itself, with the same status, headers and bytes as the app, when the request has no
     query string and a bearer token that Airflow accepted within the auth cache's TTL (the entry the
-    app's own auth dependency wrote, so exactly the tokens the app would let through without asking
-    Airflow). Everything else goes to the FastAPI app, which stays the one place that defines the
+    app's own auth dependency wrote, with the token's permissions: exactly the tokens the app would let
+    through without asking Airflow; a dashboard also needs that entry's personal-data permission). Everything else goes to the FastAPI app, which stays the one place that defines the
     routes, their errors and their OpenAPI schema: a token's first call, session cookies, query
     strings, an invalid or unknown user (422/404), a document pydantic must coerce. Postgres down gets the
     app's 503 from here, so a hung database is not asked twice.
@@ -678,10 +741,13 @@ class FastPaths:
                 accept_encoding = value.decode("latin-1")
         token = bearer_token(authorization)
         assert self.cache is not None
-        if token is None or self.cache.get(AuthCache.key(token)) is None:
+        access = None if token is None else self.cache.get(AuthCache.key(token, "bearer"))
+        if access is None:
             return None
         if ping:
             return _PING_BODY, []
+        if not access.personal_data:  # the app answers its 403
+            return None
         try:
             answer = await dashboard_answer(self.store, user_id)
         except StoreUnavailable:

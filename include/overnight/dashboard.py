@@ -38,6 +38,7 @@ REDIS_TIMEOUT_S = 0.1
 REDIS_RETRY_AFTER_S = 5.0
 REDIS_SILENT_S = 1.0  # a call times out and Redis has said nothing for this long: it is down, not late
 PG_POOL_SIZE = 8
+PG_ACQUIRE_TIMEOUT_S = 2.0  # waiting longer than this for a pooled connection: 503 at once, not a pile-up
 PG_CONNECT_TIMEOUT_S = 5
 PG_STATEMENT_TIMEOUT_MS = 10_000
 JOB_STATUSES = ("started", "completed", "partial", "failed")
@@ -237,9 +238,11 @@ class AsyncPgPool:
     (psycopg_pool is not among the pinned requirements; this is the part of it the dashboard needs.)
     """
 
-    def __init__(self, dsn: str, max_size: int = PG_POOL_SIZE) -> None:
+    def __init__(self, dsn: str, max_size: int = PG_POOL_SIZE, acquire_timeout_s: float = PG_ACQUIRE_TIMEOUT_S
+                 ) -> None:
         self._dsn = dsn
         self._sem = asyncio.Semaphore(max_size)
+        self.max_size, self.acquire_timeout_s = max_size, acquire_timeout_s
         self._idle: list[psycopg.AsyncConnection[Any]] = []
         self._closed = False
 
@@ -254,7 +257,13 @@ class AsyncPgPool:
         """Lends a connection; returns it to the pool when it is still healthy and idle."""
         if self._closed:
             raise StoreUnavailable("the dashboard's Postgres pool is closed")
-        async with self._sem:
+        try:
+            async with asyncio.timeout(self.acquire_timeout_s):
+                await self._sem.acquire()
+        except TimeoutError:
+            raise StoreUnavailable(f"all {self.max_size} connections of the dashboard's Postgres pool stayed busy "
+                                   f"for {self.acquire_timeout_s:g} s") from None
+        try:
             conn = None
             while self._idle and not fresh:
                 candidate = self._idle.pop()
@@ -273,14 +282,19 @@ class AsyncPgPool:
                     self._idle.append(conn)
                 else:
                     await conn.close()
+        finally:
+            self._sem.release()
 
     async def fetch(self, sql: str, params: dict[str, Any] | tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        """Runs one parameterised query; retries once on a fresh connection if a pooled one went away."""
+        """Runs one parameterised query; retries once on a fresh connection if a pooled one went away. A query
+        Postgres cancelled (statement timeout, an operator's cancel) is not run again."""
         for attempt in (1, 2):
             try:
                 async with self.connection(fresh=attempt == 2) as conn:
                     cur = await conn.execute(sql, params)  # type: ignore[arg-type]
                     return await cur.fetchall()
+            except psycopg.errors.QueryCanceled as exc:
+                raise StoreUnavailable(f"Postgres (overnight_postgres) cancelled the query: {exc}".strip()) from exc
             except psycopg.OperationalError as exc:
                 if attempt == 2:
                     raise StoreUnavailable(f"Postgres (overnight_postgres) is unavailable: {exc}".strip()) from exc
@@ -299,18 +313,36 @@ class AsyncPgPool:
 # --------------------------------------------------------------------------- the store
 
 
+def _redacted(url: str | None, conn_type: str) -> str:
+    """A DSN or URL for a repr: password masked; 'unresolved' before first use."""
+    if url is None:
+        return "unresolved"
+    if not url:
+        return "none"
+    from overnight.connections import ConnectionNotConfigured, parse_connection
+
+    try:
+        return parse_connection(f"overnight_{conn_type}", url).redacted()
+    except (ConnectionNotConfigured, ValueError):
+        return "<unparsable, hidden>"
+
+
 @dataclass
 class DashboardStore:
     """The dashboard's reads. Connections are resolved and pools created on first use, not per request."""
 
-    pg_dsn: str | None = None
-    redis_url: str | None = None
+    pg_dsn: str | None = field(default=None, repr=False)  # may hold a password: see __repr__
+    redis_url: str | None = field(default=None, repr=False)
     redis_timeout_s: float = REDIS_TIMEOUT_S
     pg_pool_size: int = PG_POOL_SIZE
     _pg: AsyncPgPool | None = field(default=None, init=False, repr=False)
     _redis: Any = field(default=None, init=False, repr=False)
     _redis_skip_until: float = field(default=0.0, init=False, repr=False)
     _lock: asyncio.Lock | None = field(default=None, init=False, repr=False)
+
+    def __repr__(self) -> str:
+        return (f"DashboardStore(pg={_redacted(self.pg_dsn, 'postgres')}, redis={_redacted(self.redis_url, 'redis')}, "
+                f"redis_timeout_s={self.redis_timeout_s}, pg_pool_size={self.pg_pool_size})")
 
     async def _ensure(self) -> None:
         if self._pg is not None:

@@ -683,11 +683,9 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     recs = plan.recommendations
     completed = _stamp(stamps)
     criteria_version = f"{user.criteria_key}@v{p.version}"
-    hundred = Decimal(100)
-    held_classes = {name for name, v in values.items()}
-    allocations = {
-        name: _fmt(values.get(name, Decimal(0)) * hundred / total if total else Decimal(0))
-        for name in sorted(held_classes | {t.class_name for t in user.targets})
+    allocations = {  # every held or targeted class, by name
+        name: _fmt(values.get(name, Decimal(0)) * 100 / total if total else Decimal(0))
+        for name in sorted(values.keys() | {t.class_name for t in user.targets})
     }
     contribution_text = money.text(contribution)
     unallocated = {"amount": money.text(plan.unallocated.amount.quantize(unit)), "reason": plan.unallocated.reason,

@@ -131,7 +131,8 @@ def test_no_secret_leaks_and_hostile_symbols_are_harmless(airflow_db, secret_rol
             scored = conn.execute(
                 "SELECT symbols, payload FROM calculation_events WHERE correlation_id = %s AND user_id = %s"
                 " AND event_type = 'SCORES_COMPUTED'", (out.correlation_id, hostile_user)).fetchone()
-            assert set(HOSTILE_SYMBOLS) <= set(scored[1]["scores"])
+            listed = set(scored[1]["scores"]) | set(scored[1]["unscored"])
+            assert set(HOSTILE_SYMBOLS) <= listed and not set(scored[1]["scores"]) & set(scored[1]["unscored"])
             assert conn.execute("SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM assets)"
                                 ).fetchone() == counts_before
             stored_text = "\n".join(str(r) for r in conn.execute(

@@ -121,7 +121,7 @@
         var status = res[0], body = res[1];
         if (status === 200) { showDashboard(out, body.data); return; }
         var msg = status === 401 ? "Your session has expired: reload the page to log in again."
-          : status === 403 ? "You are not allowed to read this."
+          : status === 403 ? "Investors' data needs the 'Overnight recommendations' permission; ask an admin (docs/access.md)."
           : status === 404 ? "Unknown user."
           : status === 422 ? "That is not a user id (a UUID)."
           : "Error " + status + ".";
