@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
+from overnight.money import QUOTED_IN_MINOR_UNITS, normalize_quote
 from overnight.providers.base import PriceQuote, ProviderClientError, ProviderError, RatesSnapshot
 from overnight.providers.ratelimit import RateLimiter
 
@@ -34,14 +35,6 @@ REDACTED = "***"
 ECB_PUBLICATION_TIME = dtime(16, 0)
 ECB_TZ = ZoneInfo("Europe/Berlin")
 
-# Yahoo quotes some exchanges in minor units (pence, cents, agorot): currency code -> (ISO code, divisor).
-MINOR_UNIT_CURRENCIES: dict[str, tuple[str, int]] = {
-    "GBp": ("GBP", 100),
-    "GBX": ("GBP", 100),
-    "ZAc": ("ZAR", 100),
-    "ZAC": ("ZAR", 100),
-    "ILA": ("ILS", 100),
-}
 
 _SENSITIVE_QUERY = re.compile(
     r"(?i)([?&;](?:api[_-]?key|apikey|access[_-]?key|key|token|access[_-]?token|secret|password|sig|signature)=)"
@@ -662,10 +655,9 @@ class HttpPriceProvider(_HttpJsonSource):
         if not isinstance(currency, str):
             return f"currency {currency!r} is missing"
         extra = {"source": self.source}
-        if currency in MINOR_UNIT_CURRENCIES:
-            iso, divisor = MINOR_UNIT_CURRENCIES[currency]
+        if currency in QUOTED_IN_MINOR_UNITS:  # Yahoo quotes some exchanges in pence, cents, agorot
             extra.update(quoted_currency=currency, quoted_price=str(price))
-            currency, price = iso, price / divisor
+            price, currency = normalize_quote(price, currency)
         currency = currency.upper()
         if not _CURRENCY.match(currency):
             return f"currency {entry.get('currency')!r} is not a 3-letter code"
