@@ -46,13 +46,14 @@ from overnight.api_auth import (
 from overnight.dashboard import (
     HISTORY_PER_MARKET,
     MAX_LIMIT,
+    OVERDUE,
     DashboardStore,
     InvalidUserId,
     StoreUnavailable,
     UnknownUser,
-    is_stale,
     parse_time,
     parse_user_id,
+    staleness,
 )
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,10 @@ class DataFreshness(_Model):
 
 
 class Dashboard(BaseModel):
-    """A user's recommendations. `fromCache`: served from Redis (else Postgres); `stale`: older than 24 h
-    or built on stale exchange rates. A known user not calculated yet has no recommendations and is stale."""
+    """A user's recommendations. `fromCache`: served from Redis (else Postgres); `stale`: built on stale
+    exchange rates, or its market's next run + grace has passed without replacing it (docs/freshness.md);
+    `staleReason` says why (rates_stale, run_failed, run_missing, run_unfinished, user_not_updated, ...).
+    A known user not calculated yet has no recommendations and is stale (not_calculated)."""
 
     userId: str
     recommendations: list[Recommendation]
@@ -121,6 +124,7 @@ class Dashboard(BaseModel):
     portfolioSummary: dict[str, Any] | None = None
     unallocated: Unallocated | None = None
     unpricedHoldings: list[dict[str, Any]] | None = None
+    staleReason: str | None = None
 
 
 class DashboardResponse(BaseModel):
@@ -131,7 +135,8 @@ class DashboardResponse(BaseModel):
 
 class JobRun(BaseModel):
     """One `overnight_job_runs` row with its duration and freshness (`ageSeconds` since completion;
-    `stale` when it completed more than 24 h ago, has not completed, or used stale rates)."""
+    `stale` with `staleReason` when it used stale rates, failed, has not completed, or its market's next
+    run + grace has passed; docs/freshness.md)."""
 
     id: str
     jobType: str
@@ -151,6 +156,9 @@ class JobRun(BaseModel):
     cacheStatus: str | None
     ageSeconds: float | None
     stale: bool
+    staleReason: str | None = None
+    ratesMissing: list[str] = []
+    stalePrices: int = 0
 
 
 class JobRunsResponse(BaseModel):
@@ -323,7 +331,8 @@ def dashboard_body(data: dict[str, Any]) -> bytes | None:
                                      and all(type(u) is dict for u in unpriced)):
         return None
     if (None in recs or type(data["userId"]) is not str or type(data["fromCache"]) is not bool
-            or type(data["stale"]) is not bool or (summary is not None and not (type(summary) is dict and _plain(summary)))
+            or type(data["stale"]) is not bool or (data.get("staleReason") is not None and type(data.get("staleReason")) is not str)
+            or (summary is not None and not (type(summary) is dict and _plain(summary)))
             or any(data[k] is not None and type(data[k]) is not str
                    for k in ("totalInvestable", "baseCurrency", "correlationId"))):
         return None
@@ -332,6 +341,7 @@ def dashboard_body(data: dict[str, Any]) -> bytes | None:
         "baseCurrency": data["baseCurrency"], "dataFreshness": freshness, "fromCache": data["fromCache"],
         "stale": data["stale"], "correlationId": data["correlationId"], "portfolioSummary": summary,
         "unallocated": unallocated, "unpricedHoldings": unpriced,
+        "staleReason": data.get("staleReason"),
     }})
 
 
@@ -359,6 +369,8 @@ class _CachedDocument(msgspec.Struct):
     totalInvestable: str | None = None
     ratesStale: bool | None = None
     correlationId: str | None = None
+    market: str | None = None
+    sessionDate: str | None = None
     unallocated: _CachedUnallocated | None = None  # type: ignore[valid-type]  # built from the response model
     unpricedHoldings: list[dict[str, Any]] | None = None
 
@@ -389,11 +401,15 @@ def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None)
     base = (summary or {}).get("baseCurrency") or (recs[0].currency if recs else None)  # type: ignore[attr-defined]
     if base is not None and type(base) is not str:
         return None
+    reason = staleness(generated, bool(doc.ratesStale), doc.market, doc.sessionDate, now)
+    if reason == OVERDUE:  # why needs a query: the general path asks Postgres
+        return None
     return _JSON.encode({"data": {
         "userId": user_id, "recommendations": recs, "totalInvestable": doc.totalInvestable,
         "baseCurrency": base.strip() if base is not None else None, "dataFreshness": freshness, "fromCache": True,
-        "stale": is_stale(generated, bool(doc.ratesStale), now), "correlationId": doc.correlationId,
+        "stale": reason is not None, "correlationId": doc.correlationId,
         "portfolioSummary": summary, "unallocated": doc.unallocated, "unpricedHoldings": unpriced,
+        "staleReason": reason,
     }})
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import re
 import time
@@ -26,7 +28,7 @@ import msgspec
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from overnight import cache
+from overnight import cache, freshness
 
 log = logging.getLogger(__name__)
 _decode_json = msgspec.json.Decoder().decode  # as json.loads, ~3x faster
@@ -86,11 +88,66 @@ def parse_time(value: Any) -> datetime | None:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
-def is_stale(generated_at: datetime | None, rates_stale: bool, now: datetime | None = None) -> bool:
-    """Returns True when the recommendations are older than 24 h, built on stale rates, or of unknown age."""
-    if generated_at is None or rates_stale:
-        return True
-    return (now or datetime.now(UTC)) - generated_at > STALE_AFTER
+OVERDUE = "overdue"  # past its deadline; the store says why (run failed, missing, unfinished, user not updated)
+
+
+@functools.lru_cache(maxsize=64)
+def _lead(code: str) -> timedelta | None:
+    """The lead of a market in markets.yaml, None when it is not listed (its documents use the 24 h rule)."""
+    from overnight.markets import get_market
+
+    try:
+        return get_market(code).lead
+    except (LookupError, ValueError):
+        return None
+
+
+def _grace() -> timedelta:
+    """The grace period setting; a bad value is logged and the default used (a request never fails on it)."""
+    try:
+        return freshness.grace()
+    except freshness.FreshnessConfigError as exc:
+        log.warning("dashboard: %s; using %s", exc, freshness.DEFAULT_GRACE)
+        return freshness.DEFAULT_GRACE
+
+
+def _deadline(market: Any, session_date: Any, generated_at: datetime | None) -> tuple[datetime | None, bool]:
+    """(`fresh_until`, whether it comes from the market's calendar)."""
+    if type(market) is str and type(session_date) is str:
+        lead = _lead(market)
+        if lead is not None:
+            try:
+                return freshness.document_deadline(market, lead, date.fromisoformat(session_date),
+                                                   _grace()), True
+            except ValueError as exc:  # not a session, outside the calendar's data: the 24 h rule
+                log.warning("dashboard: %s session %s: %s; judging its documents by age", market, session_date, exc)
+    return (generated_at + STALE_AFTER if generated_at is not None else None), False
+
+
+def fresh_until(market: Any, session_date: Any, generated_at: datetime | None) -> datetime | None:
+    """Until when a document is fresh (docs/freshness.md): its market's next session's run + the grace period;
+    24 h after `generated_at` for a document without a known market and session."""
+    return _deadline(market, session_date, generated_at)[0]
+
+
+def staleness(generated_at: datetime | None, rates_stale: bool, market: Any = None, session_date: Any = None,
+              now: datetime | None = None) -> str | None:
+    """Why a document is stale, None when fresh: `rates_stale`, `unknown_age`, `expired` (no market, over 24 h)
+    or OVERDUE (its market's next run + grace has passed; `DashboardStore.overdue_reason` says why)."""
+    if generated_at is None:
+        return freshness.UNKNOWN_AGE
+    if rates_stale:
+        return freshness.RATES_STALE
+    until, from_calendar = _deadline(market, session_date, generated_at)
+    if until is None or (now or datetime.now(UTC)) <= until:
+        return None
+    return OVERDUE if from_calendar else freshness.EXPIRED
+
+
+def is_stale(generated_at: datetime | None, rates_stale: bool, now: datetime | None = None,
+             market: Any = None, session_date: Any = None) -> bool:
+    """Returns True when a document is stale by `staleness`."""
+    return staleness(generated_at, rates_stale, market, session_date, now) is not None
 
 
 @dataclass(frozen=True)
@@ -108,6 +165,7 @@ class DashboardView:
     portfolio_summary: dict[str, Any] | None = None
     unallocated: dict[str, Any] | None = None
     unpriced_holdings: list[dict[str, Any]] | None = None
+    stale_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Returns the API's camelCase `data` object."""
@@ -123,6 +181,7 @@ class DashboardView:
             "portfolioSummary": self.portfolio_summary,
             "unallocated": self.unallocated,
             "unpricedHoldings": self.unpriced_holdings,
+            "staleReason": self.stale_reason,
         }
 
 
@@ -145,6 +204,7 @@ def view_from_document(
     base = (summary or {}).get("baseCurrency") or base_currency
     if base is None and recs:
         base = recs[0].get("currency")
+    reason = staleness(generated, bool(doc.get("ratesStale")), doc.get("market"), doc.get("sessionDate"), now)
     return DashboardView(
         user_id=user_id,
         recommendations=recs,
@@ -152,11 +212,12 @@ def view_from_document(
         base_currency=base.strip() if isinstance(base, str) else base,
         data_freshness=freshness,
         from_cache=from_cache,
-        stale=is_stale(generated, bool(doc.get("ratesStale")), now),
+        stale=reason is not None,
         correlation_id=doc.get("correlationId"),
         portfolio_summary=summary,
         unallocated=doc.get("unallocated"),
         unpriced_holdings=doc.get("unpricedHoldings"),
+        stale_reason=reason,
     )
 
 
@@ -377,7 +438,7 @@ class DashboardStore:
         await self._ensure()
         doc = await self._cached(uid) if ask_cache else None
         if doc is not None:
-            return view_from_document(uid, doc, from_cache=True, now=now)
+            return await self._explained(view_from_document(uid, doc, from_cache=True, now=now), doc)
         rows = await (await self._pool()).fetch(
             "SELECT r.document, u.base_currency, u.id IS NOT NULL FROM (SELECT %(id)s::uuid AS id) q"
             " LEFT JOIN recommendations r ON r.user_id = q.id LEFT JOIN users u ON u.id = q.id",
@@ -385,11 +446,36 @@ class DashboardStore:
         )
         document, base_currency, known = rows[0]
         if document is not None:
-            return view_from_document(uid, document, from_cache=False, base_currency=base_currency, now=now)
+            return await self._explained(
+                view_from_document(uid, document, from_cache=False, base_currency=base_currency, now=now), document)
         if not known:
             raise UnknownUser(f"user {uid} is not in the users table and has no recommendations")
         return DashboardView(uid, [], None, base_currency.strip() if base_currency else None, None,
-                             from_cache=False, stale=True)
+                             from_cache=False, stale=True, stale_reason=freshness.NOT_CALCULATED)
+
+    async def _explained(self, view: DashboardView, doc: dict[str, Any]) -> DashboardView:
+        """The view with an overdue document's reason found: what happened to its market's next run."""
+        if view.stale_reason != OVERDUE:
+            return view
+        reason = await self.overdue_reason(doc["market"], doc["sessionDate"])
+        return dataclasses.replace(view, stale_reason=reason)
+
+    async def overdue_reason(self, market: str, session_date: str) -> str:
+        """Why a document of `market`'s `session_date` session was not replaced in time: the next session's
+        job run failed, is missing, has not finished, or finished without this user's document."""
+        lead = _lead(market) or timedelta(0)
+        nxt = freshness.next_session(market, lead, date.fromisoformat(session_date))
+        rows = await (await self._pool()).fetch(
+            "SELECT status FROM overnight_job_runs WHERE market = %(m)s AND session_date = %(d)s"
+            " ORDER BY started_at DESC LIMIT 1", {"m": market, "d": nxt})
+        if not rows:
+            return freshness.RUN_MISSING
+        status = rows[0][0]
+        if status == "failed":
+            return freshness.RUN_FAILED
+        if status == "started":
+            return freshness.RUN_UNFINISHED
+        return freshness.USER_NOT_UPDATED
 
     # ---------------------------------------------------------------- job runs
 
@@ -497,16 +583,23 @@ class DashboardStore:
 _JOB_RUN_SELECT = (
     "SELECT id, job_type, market, session_date, status, started_at, completed_at, users_processed,"
     " users_failed, correlation_id, dag_run_id, metrics ->> 'rates_stale', metrics ->> 'rates_as_of',"
-    " metrics ->> 'cache_status', metrics ->> 'users_total' FROM overnight_job_runs"
+    " metrics ->> 'cache_status', metrics ->> 'users_total', metrics -> 'rates_missing',"
+    " metrics ->> 'stale_prices' FROM overnight_job_runs"
 )
 
 
 def _job_run(r: tuple[Any, ...], now: datetime | None) -> dict[str, Any]:
-    """Shapes one `_JOB_RUN_SELECT` row: counts, duration and freshness (age, stale)."""
+    """Shapes one `_JOB_RUN_SELECT` row: counts, duration and freshness: stale (with `staleReason`) when built
+    on stale rates, failed, unfinished, or its market's next run + grace has passed (docs/freshness.md)."""
     now = now or datetime.now(UTC)
     started, completed = r[5], r[6]
     rates_stale = (r[11] or "").lower() == "true"
     age = (now - completed).total_seconds() if completed else None
+    until = fresh_until(r[2], _iso(r[3]), completed)
+    reason = (freshness.RATES_STALE if rates_stale
+              else freshness.RUN_FAILED if r[4] == "failed"
+              else freshness.RUN_UNFINISHED if completed is None
+              else freshness.NEXT_RUN_DUE if until is not None and now > until else None)
     return {
         "id": str(r[0]),
         "jobType": r[1],
@@ -525,5 +618,8 @@ def _job_run(r: tuple[Any, ...], now: datetime | None) -> dict[str, Any]:
         "ratesAsOf": r[12],
         "cacheStatus": r[13],
         "ageSeconds": round(age, 1) if age is not None else None,
-        "stale": rates_stale or age is None or age > STALE_AFTER.total_seconds(),
+        "stale": reason is not None,
+        "staleReason": reason,
+        "ratesMissing": list(r[15] or []),
+        "stalePrices": int(r[16]) if r[16] is not None else 0,
     }

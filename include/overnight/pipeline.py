@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import psycopg
 
-from overnight import __version__, money
+from overnight import __version__, freshness, money
 from overnight.providers.base import PriceProvider, PriceQuote, ProviderError, RatesProvider, RatesSnapshot
 from overnight.providers.db import latest_stored_rates, store_rates
 from overnight.recommendations import (
@@ -57,8 +57,7 @@ JOB_TYPE = "scoring"
 RATES_BASE = "USD"
 MAX_MAPPED_TASKS = 256
 DEFAULT_BATCH_SIZE = 500
-DEFAULT_MAX_RATES_AGE = timedelta(hours=72)
-FRESH_RATES_AGE = timedelta(hours=24)
+DEFAULT_MAX_RATES_AGE = freshness.DEFAULT_MAX_RATES_LAG  # behind the expected ECB publication, not from now
 EVENT_TYPES = ("CALC_STARTED", "INPUTS_CAPTURED", "SCORES_COMPUTED", "CALC_COMPLETED")
 MAX_ERROR_DETAILS = 1000
 _JSON = msgspec.json.Encoder()
@@ -156,37 +155,62 @@ def fetch_rates(
     *,
     max_age: timedelta = DEFAULT_MAX_RATES_AGE,
     now: datetime | None = None,
+    margin: timedelta = freshness.DEFAULT_RATES_MARGIN,
 ) -> RatesSnapshot:
-    """Fetches rates once (kept in `exchange_rates`); falls back to stored ones younger than max_age."""
+    """Fetches rates once (kept in `exchange_rates`), judged against the ECB's calendar at `now` (the run's
+    reference moment; docs/freshness.md). Never raises for rates: stored rates stand in for a failed provider
+    (flagged stale) and for currencies it did not deliver; a currency with no usable rate (none at all, or
+    more than `max_age` behind the expected publication) is left out and listed in `unavailable`, so only
+    the users who need it fail."""
     now = now or datetime.now(UTC)
     try:
         snap = provider.fetch_rates(RATES_BASE, currencies)
         if snap.source != "database":
             store_rates(conn, snap)
             conn.commit()
+        fallback = False
     except ProviderError as exc:
         stored = latest_stored_rates(conn, RATES_BASE, currencies)
-        if stored is None or now - stored.as_of > max_age:
-            age = "none stored" if stored is None else f"newest stored as of {stored.as_of.isoformat()}"
-            raise ProviderError(
-                f"rates provider failed ({exc}) and no stored rates younger than {max_age} can stand in "
-                f"({age}); fix the provider or its connection and clear the fetch_rates task"
-            ) from exc
+        reason = f"rates provider failed ({exc}) and no rate is stored"
+        if stored is None:
+            log.error("rates provider failed and no rates are stored: only %s users can be calculated: %s",
+                      RATES_BASE, exc)
+            return RatesSnapshot(RATES_BASE, {RATES_BASE: Decimal(1)}, now, "none (provider failed)", True,
+                                 {c: reason for c in currencies if c != RATES_BASE})
         log.warning("rates provider failed, using stored rates as of %s: %s", stored.as_of, exc)
-        return RatesSnapshot(stored.base, stored.rates, stored.as_of, f"{stored.source} (fallback)", True)
-    missing = sorted(set(currencies) - set(snap.rates))
-    if missing:
-        log.warning("no exchange rate for %s: users and assets that need them fail or stay unscored",
-                    ", ".join(missing))
-    age = now - snap.as_of
-    if age > max_age:
-        raise ProviderError(
-            f"rates as of {snap.as_of.isoformat()} are older than {max_age}; refresh exchange_rates "
-            "or configure the HTTP rates provider"
-        )
-    if age > FRESH_RATES_AGE:
-        return RatesSnapshot(snap.base, snap.rates, snap.as_of, snap.source, True)
-    return snap
+        snap = RatesSnapshot(stored.base, stored.rates, stored.as_of, f"{stored.source} (fallback)", True,
+                             {c: f"{reason}: {why}" for c, why in stored.unavailable.items()}, stored.dated)
+        fallback = True
+    got = dict(snap.rates)
+    dated = {c: snap.dated.get(c, snap.as_of) for c in got}
+    unavailable = dict(snap.unavailable)
+    filled = [c for c in currencies if c not in got and c != RATES_BASE]
+    if filled and not fallback:  # the provider left some out: stored rates of those may stand in
+        stored = latest_stored_rates(conn, RATES_BASE, filled)
+        for c in filled:
+            if stored is not None and c in stored.rates and c != stored.base:
+                got[c] = stored.rates[c]
+                dated[c] = stored.dated.get(c, stored.as_of)
+                unavailable.pop(c, None)
+            else:
+                unavailable.setdefault(c, f"{snap.source}: no rate for {c} and none stored")
+    rates: dict[str, Decimal] = {}
+    stale = fallback
+    for c, rate in got.items():
+        if c == RATES_BASE:
+            rates[c] = rate
+            continue
+        verdict = freshness.judge_rates(dated[c], now, margin=margin, max_lag=max_age)
+        if not verdict.usable:
+            unavailable[c] = f"{c}: {verdict.reason}"
+            continue
+        rates[c] = rate
+        stale = stale or verdict.stale
+    if unavailable:
+        log.warning("no usable exchange rate for %s: users who need them fail, the others are calculated",
+                    ", ".join(sorted(unavailable)), extra={"unavailable": sorted(unavailable)})
+    as_of = min((dated[c] for c in rates if c != RATES_BASE), default=snap.as_of)
+    return RatesSnapshot(snap.base, rates, as_of, snap.source, stale, unavailable)
 
 
 # --------------------------------------------------------------------------- plan
@@ -479,6 +503,8 @@ class Batch:
     price_text: dict[str, str] = field(default_factory=dict)
     table: FundamentalsTable = field(default_factory=FundamentalsTable)
     score_floor: Decimal = DEFAULT_SCORE_FLOOR
+    stale_prices: frozenset[str] = frozenset()  # quotes older than their market's previous close
+    unusable_prices: frozenset[str] = frozenset()  # quotes older than the maximum age: their holders fail
     completed_at: dict[str, datetime] | None = None  # a replay's: each user's recorded CALC_COMPLETED time
 
     def __post_init__(self) -> None:
@@ -578,6 +604,9 @@ def prepare_user(user: UserRow, batch: Batch) -> Prepared:
             continue
         held += 1
         quote = prices.get(symbol)
+        if quote is None and symbol in batch.unusable_prices:  # docs/freshness.md: too old to value with
+            raise UserFailure("prices", f"holding {symbol}: its quote is older than OVERNIGHT_MAX_PRICE_AGE_HOURS; "
+                                        "refresh the price (or raise the setting) and clear the batch")
         if quote is None:
             unpriced.append({"symbol": symbol, "quantity": holdings_used[symbol], "reason": NO_PRICE})
             continue
@@ -687,6 +716,7 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     unallocated = {"amount": money.text(plan.unallocated.amount.quantize(unit)), "reason": plan.unallocated.reason,
                    "message": plan.unallocated.message}
     total_text = money.amount_text(total, base)
+    stale_used = sorted(batch.stale_prices.intersection(prices_used))
     document = {
         "userId": user.id,
         "generatedAt": completed.isoformat(),
@@ -712,6 +742,7 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
         "unallocated": unallocated,
         "unpricedHoldings": p.unpriced,
         "ratesStale": rates.stale,
+        "stalePrices": stale_used,
         "correlationId": job.correlation_id,
         "market": job.market,
         "sessionDate": job.session_date,
@@ -742,6 +773,8 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     }
     if batch.contribution is not None:
         inputs["contributionGiven"] = batch.contribution.to_json()
+    if stale_used:  # quotes judged stale (docs/freshness.md): the judgement is the night's, kept for the replay
+        inputs["stalePrices"] = stale_used
     document_json = _encode(document)
     stored = {"sha256": hashlib.sha256(document_json.encode()).hexdigest(), "table": HISTORY_TABLE,
               "jobRunId": job.id, "generatedAt": document["generatedAt"]}
@@ -962,12 +995,15 @@ def score_batch(
     contribution: Contribution | None = None,
     score_floor: Decimal = DEFAULT_SCORE_FLOOR,
     chunk_size: int = CHUNK_SIZE,
+    judge_prices: Callable[[dict[str, tuple[datetime, str]]], tuple[set[str], set[str]]] | None = None,
 ) -> dict[str, Any]:
     """Calculates the batch's pending users; one user's failure never stops the others.
 
     The batch streams through in chunks of `chunk_size` users (load, calculate, write, warm), so a task's
     memory does not grow with the batch. A systemic failure (database gone) raises and the task is
     retried; users written before are complete (events, row and document committed together) and skipped.
+    `judge_prices` ({symbol: (as_of, market)} -> (stale, unusable)) flags stale quotes in the documents and
+    drops unusable ones (docs/freshness.md).
     """
     t0, wall0 = time.perf_counter(), time.time()
     timings = {"load": 0.0, "calc": 0.0, "write": 0.0, "cache_warm": 0.0}
@@ -980,6 +1016,8 @@ def score_batch(
     table = FundamentalsTable()
     cache_states: set[str] = set()
     cache_error = None
+    stale_prices: set[str] = set()
+    unusable_prices: set[str] = set()
     after: str | None = None
     while True:
         with _gc_paused():  # a chunk makes ~100k short-lived objects: no collection scans the heap meanwhile
@@ -997,11 +1035,18 @@ def score_batch(
             if missing:
                 quotes.update(dict.fromkeys(missing))
                 quotes.update(job_quotes(conn, job, price_provider, missing))
+                if judge_prices is not None:
+                    market_of = {a.symbol: a.market for a in assets.values()}
+                    stale, unusable = judge_prices(
+                        {s: (q.as_of, market_of[s]) for s in missing if (q := quotes[s]) is not None})
+                    stale_prices |= stale
+                    unusable_prices |= unusable
+                    quotes.update(dict.fromkeys(unusable))  # too old to value anything with: unpriced
             prices = {s: q for s, q in quotes.items() if q is not None}
             timings["load"] += time.perf_counter() - t
             t = time.perf_counter()
             shared = Batch(job, rates, assets, criteria, prices, contribution, compiled, price_text, table,
-                           score_floor)
+                           score_floor, frozenset(stale_prices), frozenset(unusable_prices))
             results, failures = calculate_chunk(users, shared)
             timings["calc"] += time.perf_counter() - t
             t = time.perf_counter()
@@ -1038,6 +1083,8 @@ def score_batch(
         **counts,
         "cache_status": cache_status,
         "cache_error": cache_error,
+        "stale_prices": sorted(stale_prices),
+        "unusable_prices": sorted(unusable_prices),
         **{f"{k}_ms": round(v * 1000, 1) for k, v in timings.items()},
         "duration_ms": round((time.perf_counter() - t0) * 1000, 1),
         "started_at": wall0,
@@ -1086,6 +1133,16 @@ def finalize(
         details["users"] = failures
     if failed_batches:
         details["batches"] = failed_batches
+    stale_prices = sorted(set().union(*(r.get("stale_prices", ()) for r in done)))
+    unusable_prices = sorted(set().union(*(r.get("unusable_prices", ()) for r in done)))
+    rates_missing = dict(sorted(((rates or {}).get("unavailable") or {}).items()))
+    details.pop("rates", None)
+    details.pop("prices", None)
+    if rates_missing:
+        details["rates"] = rates_missing
+    if unusable_prices:
+        details["prices"] = {"unusable": unusable_prices[:MAX_ERROR_DETAILS],
+                             "reason": "quotes older than OVERNIGHT_MAX_PRICE_AGE_HOURS; their holders failed"}
     if planned is None or rates is None:
         status = "failed"
         details.setdefault("run", {"stage": "before fan-out", "message": "a step before the fan-out failed"})
@@ -1117,6 +1174,10 @@ def finalize(
         "cache_errors": sorted({r["cache_error"] for r in done if r.get("cache_error")})[:5],
         "rates_stale": bool(rates and rates.get("stale")),
         "rates_as_of": rates.get("as_of") if rates else None,
+        "rates_missing": sorted(rates_missing),
+        "stale_prices": len(stale_prices),
+        "stale_price_symbols": stale_prices[:20],
+        "unusable_prices": len(unusable_prices),
     }
     users_failed = failed_rows + missing
     conn.execute(

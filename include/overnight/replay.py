@@ -219,6 +219,7 @@ class _Rebuilt:
     contribution: Contribution | None
     score_floor: Decimal
     no_price: frozenset[str]
+    stale: frozenset[str]
     completed_at: datetime
 
 
@@ -248,10 +249,11 @@ def _rebuild(uid: str, stored: _Stored, assets: dict[str, AssetRow]) -> _Rebuilt
                          + [u["symbol"] for u in inputs["unpricedHoldings"] if u.get("reason") == NO_PRICE])
     generated = (completed_payload.get("document") or {}).get("generatedAt")
     completed_at = datetime.fromisoformat(generated) if generated else completed_time.astimezone(UTC)
+    stale = frozenset(inputs.get("stalePrices") or ())  # the night's judgement of its quotes (docs/freshness.md)
     group = _show([inputs["rates"], inputs["ratesBase"], inputs["ratesAsOf"], inputs["ratesStale"], given,
-                   inputs["scoreFloor"], sorted(no_price)])
+                   inputs["scoreFloor"], sorted(no_price), sorted(stale)])
     return _Rebuilt(user, (key, (f"{key}@v{version}", version, inputs["criteria"])), group, rates, contribution,
-                    Decimal(inputs["scoreFloor"]), no_price, completed_at)
+                    Decimal(inputs["scoreFloor"]), no_price, stale, completed_at)
 
 
 # --------------------------------------------------------------------------- replaying
@@ -322,7 +324,7 @@ def _batches(job: JobRun, rebuilt: list[_Rebuilt], assets: dict[str, AssetRow], 
         ids = {aid for rb in members for aid, _ in rb.user.holdings} | {aid for rb in members for aid in rb.user.watchlist}
         prices = {s: q for s, q in quotes.items() if s not in first.no_price}
         batch = Batch(job, first.rates, {aid: by_id[aid] for aid in sorted(ids)}, by_key, prices, first.contribution,
-                      score_floor=first.score_floor, completed_at={rb.user.id: rb.completed_at for rb in members})
+                      score_floor=first.score_floor, stale_prices=first.stale, completed_at={rb.user.id: rb.completed_at for rb in members})
         out.append((batch, [rb.user for rb in members]))
     return out
 

@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from overnight import db, money, pipeline, sessions, telemetry
+from overnight import db, freshness, money, pipeline, sessions, telemetry
 from overnight.connections import ConnectionNotConfigured, get_connection
 from overnight.markets import Market
 from overnight.providers.base import PriceProvider, RatesProvider, RatesSnapshot
@@ -215,14 +215,38 @@ def price_provider(conn: Any) -> PriceProvider:
     return HttpPriceProvider(http[0], api_key=http[1], rate_limiter=limiter)
 
 
+def _lead(code: str) -> timedelta:
+    """The market's configured lead (markets.yaml), or the default for a market no longer listed."""
+    from overnight.markets import DEFAULT_LEAD, UnknownMarketError, get_market
+
+    try:
+        return get_market(code).lead
+    except UnknownMarketError:
+        return DEFAULT_LEAD
+
+
+def reference_moment(job: pipeline.JobRun, now: datetime | None = None) -> datetime:
+    """The moment the job run is judged at (docs/freshness.md): its session's scheduled run, or now if earlier."""
+    scheduled = freshness.scheduled_run(job.market, _lead(job.market), date.fromisoformat(job.session_date))
+    return freshness.reference_moment(scheduled, now or datetime.now(UTC))
+
+
+def document_deadline(job: pipeline.JobRun) -> datetime:
+    """Until when the job run's documents are fresh: the market's next session's run + the grace period."""
+    return freshness.document_deadline(job.market, _lead(job.market), date.fromisoformat(job.session_date),
+                                       freshness.grace())
+
+
 def fetch_rates(job_x: dict[str, Any]) -> dict[str, Any]:
-    """Fetches exchange rates once for the run; records a clear error on the job run if it cannot."""
+    """Fetches exchange rates once for the run, judged at the run's reference moment; records a clear error on
+    the job run if it cannot."""
     job = pipeline.JobRun.from_xcom(job_x)
     t0 = time.perf_counter()
-    max_age = timedelta(hours=float(os.environ.get("OVERNIGHT_MAX_RATES_AGE_HOURS", "72")))
     with db.connect() as conn:
         try:
-            snap = pipeline.fetch_rates(conn, rates_provider(conn), pipeline.needed_currencies(conn), max_age=max_age)
+            snap = pipeline.fetch_rates(conn, rates_provider(conn), pipeline.needed_currencies(conn),
+                                        max_age=freshness.max_rates_lag(), now=reference_moment(job),
+                                        margin=freshness.rates_margin())
         except Exception as exc:
             conn.rollback()
             pipeline.record_job_error(conn, job, "fetch_rates", str(exc))
@@ -268,14 +292,22 @@ def score_batch(batch: dict[str, Any], job_x: dict[str, Any], rates_x: dict[str,
     except Exception as exc:  # noqa: BLE001 - a bad Redis URL must not lose the night
         log.warning("redis client not created: %s", exc)
 
+    setting = freshness.cache_ttl_setting()
+
     def warm(docs: list[tuple[str, str, str]]) -> int:
         if redis_client is None:
             raise ConnectionError("no Redis client")
-        return cache.warm(redis_client, docs)
+        deadline = document_deadline(job) if setting else None
+        return cache.warm(redis_client, docs, ttl_s=freshness.cache_ttl_seconds(setting, deadline, datetime.now(UTC)))
+
+    judged_at, max_price_age = reference_moment(job), freshness.max_price_age()
+
+    def judge_prices(quotes: dict[str, tuple[datetime, str]]) -> tuple[set[str], set[str]]:
+        return freshness.judge_quotes(quotes, judged_at, max_price_age)
 
     with db.connect() as conn:
         out = pipeline.score_batch(conn, job, aud, rates, batch, price_provider(conn), warm_cache=warm,
-                                   contribution=run.contribution, score_floor=score_floor())
+                                   contribution=run.contribution, score_floor=score_floor(), judge_prices=judge_prices)
     telemetry.batch_span(job.correlation_id, {**out, "market": job.market, "correlation_id": job.correlation_id})
     return out
 

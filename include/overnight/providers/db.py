@@ -36,7 +36,10 @@ class DbRatesProvider:
         rates = {q: r for q, (r, _) in found.items()}
         rates[base] = Decimal(1)
         as_of = min((a for _, a in found.values()), default=datetime.now(UTC))
-        return RatesSnapshot(base=base, rates=rates, as_of=as_of, source="database")
+        unavailable = {s: f"exchange_rates: no stored {base} rate for {s}" for s in symbols
+                       if s not in rates}
+        return RatesSnapshot(base=base, rates=rates, as_of=as_of, source="database", unavailable=unavailable,
+                             dated={q: a.astimezone(UTC) for q, (_, a) in found.items()})
 
 
 class DbPriceProvider:

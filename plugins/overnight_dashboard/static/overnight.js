@@ -68,7 +68,8 @@
     out.textContent = "";
     var head = el("p", { "class": "summary", id: "lookup-summary" });
     head.appendChild(badge(d.fromCache ? "cache-hit" : "cache-miss", d.fromCache ? "from cache (Redis)" : "from Postgres"));
-    head.appendChild(badge(d.stale ? "stale" : "fresh", d.stale ? "stale" : "fresh"));
+    head.appendChild(badge(d.stale ? "stale" : "fresh",
+      d.stale ? "stale" + (d.staleReason ? ": " + d.staleReason.replace(/_/g, " ") : "") : "fresh"));
     var f = d.dataFreshness || {};
     head.appendChild(document.createTextNode(
       " Investable: " + (d.totalInvestable || "-") + " " + (d.baseCurrency || "") +
