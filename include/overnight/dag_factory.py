@@ -9,7 +9,7 @@ from typing import Any
 from airflow.sdk import DAG, Param, TriggerRule, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from overnight import alerts, runtime, sessions
+from overnight import alerts, runtime
 from overnight.markets import Market, format_lead
 from overnight.timetable import MarketSessionTimetable
 
@@ -56,20 +56,22 @@ def _params(market: Market) -> dict[str, Param]:
     }
 
 
-def _doc(market: Market, *, with_schedule: bool = True) -> str:
+def _doc(market: Market) -> str:
+    """The DAG's Markdown docs: a pure function of the market entry (no clock, no calendar lookups).
+
+    The serialized DAG must not change from one day to the next, or Airflow 3 keeps a new DAG version per
+    trading day: the upcoming runs are shown by Airflow itself (the DAG header's "Next run",
+    `airflow dags next-execution`), not listed here.
+    """
     lead = format_lead(market.lead)
-    now = datetime.now(UTC)
-    rows = []
-    moment = now
-    try:
-        for _ in range(5 if with_schedule else 0):
-            session, run_at = sessions.next_run(market.code, market.lead, moment, inclusive=False)
-            local = sessions.session_open_utc(market.code, session).astimezone(sessions.timezone(market.code))
-            rows.append(f"| {session} | {run_at:%Y-%m-%d %H:%M} UTC | {local:%H:%M %Z} |")
-            moment = run_at
-    except ValueError as exc:  # calendar data ends: say so rather than fail the parse
-        rows.append(f"| - | {exc} | |")
-    table = "\n".join(rows)
+    deadline = market.lead - alerts.DEADLINE_BEFORE_OPEN
+    deadline_text = (
+        f"**Deadline**: a run not finished {format_lead(alerts.DEADLINE_BEFORE_OPEN)} before the open is "
+        f"recorded as a `deadline_missed` alert on its job run (Airflow `DeadlineAlert`, {format_lead(deadline)} "
+        "after the run's logical date)."
+        if deadline > timedelta(0)
+        else f"**Deadline**: none (the lead of {lead} leaves no time before the 15-minute deadline)."
+    )
     return f"""# Overnight scoring: {market.code}
 
 Pre-computes every served user's recommendations **{lead} before each {market.code} session opens**
@@ -85,12 +87,13 @@ audit events, Postgres, Redis `recs:{{userId}}`) → `finalize` (completed / par
 **Re-running is safe**: the job run is identified by market and session date; a retry, a clear or a new
 trigger for the same session continues it (completed users are skipped). Set `force` for a fresh one.
 
+{deadline_text}
+
+**Next runs**: the DAG header's *Next run*, or
+`airflow dags next-execution {market.dag_id} -n 5 --field run_after` (UTC).
+
 **Trigger**: `airflow dags trigger {market.dag_id} --conf '{{"session_date": "YYYY-MM-DD"}}'`
 or `make run MARKET={market.code} DATE=YYYY-MM-DD`.
-
-| next session | run (UTC) | open (local) |
-|---|---|---|
-{table}
 """
 
 
@@ -101,8 +104,8 @@ def _context_session(ctx: dict[str, Any]) -> tuple[datetime | None, datetime | N
     return end, run_after
 
 
-def build_market_dag(market: Market, all_codes: list[str], *, for_task: bool = False) -> DAG:
-    """Returns the scoring DAG of one market (`for_task`: a task run's parse, which skips the docs' calendar)."""
+def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
+    """Returns the scoring DAG of one market; everything it serializes depends only on `market` and `all_codes`."""
 
     @dag(
         dag_id=market.dag_id,
@@ -113,7 +116,7 @@ def build_market_dag(market: Market, all_codes: list[str], *, for_task: bool = F
         default_args=DEFAULT_ARGS,
         tags=["overnight", "scoring"],
         params=_params(market),
-        doc_md=_doc(market, with_schedule=not for_task),
+        doc_md=_doc(market),
         description=f"Overnight recommendations, {format_lead(market.lead)} before the {market.code} open",
         dagrun_timeout=timedelta(hours=6),
         on_failure_callback=alerts.on_dag_failure,
