@@ -9,7 +9,7 @@ from typing import Any
 from airflow.sdk import DAG, Param, TriggerRule, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from overnight import alerts, runtime
+from overnight import alerts, assets, runtime
 from overnight.markets import Market, format_lead
 from overnight.timetable import MarketSessionTimetable
 
@@ -82,7 +82,13 @@ this DAG serves the users for whom that is {market.code}.
 
 **Tasks**: `start` (job-run row `started`, correlation id) → `fetch_rates` (once, shared through XCom)
 → `plan_batches` (users this market serves) → `score_batch` (mapped: scores, recommendations, four
-audit events, Postgres, Redis `recs:{{userId}}`) → `finalize` (completed / partial / failed).
+audit events, Postgres, Redis `recs:{{userId}}`) → `finalize` (completed / partial / failed, and the asset event).
+
+**Asset**: `finalize` updates `{assets.recommendations_uri(market.code)}` when the run ends completed or
+partial (a failed run emits nothing). The event's extra: `market`, `session_date`, `status`,
+`users_processed`, `users_failed`, `users_total`, `recommendations_generated`, `cache_status`,
+`correlation_id`, `job_run_id`, `dag_run_id`. Schedule your DAG on it with
+`schedule=[Asset("{assets.recommendations_uri(market.code)}")]`.
 
 **Re-running is safe**: the job run is identified by market and session date; a retry, a clear or a new
 trigger for the same session continues it (completed users are skipped). Set `force` for a fresh one.
@@ -106,6 +112,8 @@ def _context_session(ctx: dict[str, Any]) -> tuple[datetime | None, datetime | N
 
 def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
     """Returns the scoring DAG of one market; everything it serializes depends only on `market` and `all_codes`."""
+
+    recommendations = assets.recommendations_asset(market.code)
 
     @dag(
         dag_id=market.dag_id,
@@ -155,10 +163,11 @@ def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
             get_current_context()["batch_label"] = batch["label"]  # type: ignore[literal-required]
             return runtime.score_batch(batch, started["job"], rates, started["run"])
 
-        @task(trigger_rule=TriggerRule.ALL_DONE, retries=3)
+        @task(trigger_rule=TriggerRule.ALL_DONE, retries=3, outlets=[recommendations])
         def finalize() -> dict[str, Any]:
-            """Writes the job-run row: completed, partial or failed, with counts and timings."""
-            ti = get_current_context()["ti"]
+            """Writes the job-run row (completed, partial or failed); a run with recommendations emits the asset event."""
+            ctx = get_current_context()
+            ti = ctx["ti"]
             started = ti.xcom_pull(task_ids="start")
             planned = ti.xcom_pull(task_ids="plan_batches")
             rates = ti.xcom_pull(task_ids="fetch_rates")
@@ -166,6 +175,8 @@ def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
             summary = runtime.finalize(started["job"] if started else None, planned, results, rates)
             if summary is None or summary["status"] == "failed":
                 raise AirflowFailException(f"overnight run failed: {summary or 'no job run was started'}")
+            ctx["outlet_events"][recommendations].extra = assets.event_extra(
+                market.code, started["job"], summary, ctx["dag_run"].run_id)
             return summary
 
         started = start()
