@@ -69,7 +69,7 @@ def _schedule(setting: str) -> AssetAny | None:
     },
 )
 def overnight_cache_warmer() -> None:
-    @task(execution_timeout=timedelta(hours=1))
+    @task(multiple_outputs=False, execution_timeout=timedelta(hours=1))
     def warm_cache() -> dict[str, Any]:
         """Writes recs:{id} and portfolio:{id} from the recommendations table; returns the counts."""
         from overnight import cache_warmer

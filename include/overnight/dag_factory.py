@@ -131,7 +131,7 @@ def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
         deadline=alerts.market_deadline(market),
     )
     def overnight_scoring() -> None:
-        @task
+        @task(multiple_outputs=False)  # one XCom row per task, not one more per key
         def start() -> dict[str, Any]:
             """Validates the parameters, then records the job run (status started)."""
             ctx = get_current_context()
@@ -146,7 +146,7 @@ def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
                      run.session_date, job["correlation_id"], job["resumed"])
             return {"job": job, "run": run.to_xcom()}
 
-        @task
+        @task(multiple_outputs=False)
         def fetch_rates(started: dict[str, Any]) -> dict[str, Any]:
             """Fetches exchange rates once; every batch uses the same ones."""
             return runtime.fetch_rates(started["job"])
@@ -156,14 +156,14 @@ def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
             """Plans the batches of users this market serves on the session."""
             return runtime.plan(market, runtime.RunParams.from_xcom(started["run"]), all_codes)
 
-        @task(map_index_template="{{ batch_label }}", pool=market.pool or "default_pool",
+        @task(map_index_template="{{ batch_label }}", pool=market.pool or "default_pool", multiple_outputs=False,
               execution_timeout=timedelta(hours=1))
         def score_batch(batch: dict[str, Any], started: dict[str, Any], rates: dict[str, Any]) -> dict[str, Any]:
             """Scores one batch of users (one user's failure never stops the others)."""
             get_current_context()["batch_label"] = batch["label"]  # type: ignore[literal-required]
             return runtime.score_batch(batch, started["job"], rates, started["run"])
 
-        @task(trigger_rule=TriggerRule.ALL_DONE, retries=3, outlets=[recommendations])
+        @task(trigger_rule=TriggerRule.ALL_DONE, retries=3, outlets=[recommendations], multiple_outputs=False)
         def finalize() -> dict[str, Any]:
             """Writes the job-run row (completed, partial or failed); a run with recommendations emits the asset event."""
             ctx = get_current_context()
