@@ -240,6 +240,8 @@ def environment() -> dict[str, str]:
         {
             "AIRFLOW_CONN_OVERNIGHT_POSTGRES": pg_value,
             "AIRFLOW_CONN_OVERNIGHT_REDIS": redis_value,
+            # overnight_metadata_cleanup's `airflow db clean` (tasks cannot use Airflow's own setting)
+            "AIRFLOW_CONN_OVERNIGHT_AIRFLOW_METADATA": postgres_dsn(meta),
             "AIRFLOW_HOME": airflow_home,
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
