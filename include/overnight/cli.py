@@ -78,7 +78,8 @@ def served_total(code: str, session: date) -> int:
     aud = pipeline.Audience(code, tuple(sessions.earlier_markets(code, session, load_markets().codes)))
     where, params = aud.where()
     with db.connect() as conn:
-        return int(conn.execute(f"SELECT count(*) FROM users u WHERE {where}", params).fetchone()[0])
+        row = conn.execute(f"SELECT count(*) FROM users u WHERE {where}", params).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _done(conn: Any, code: str, session: date) -> int:
