@@ -41,6 +41,7 @@ def _prepare_environment() -> dict[str, str]:
         "AIRFLOW_CONN_OVERNIGHT_POSTGRES": postgres_dsn(app),
         "AIRFLOW_CONN_OVERNIGHT_REDIS": redis_test_url,
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres_dsn(meta).replace("postgresql://", "postgresql+psycopg2://", 1),
+        "AIRFLOW_CONN_OVERNIGHT_AIRFLOW_METADATA": postgres_dsn(meta),  # overnight_metadata_cleanup's database
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),

@@ -82,3 +82,6 @@ def test_deadline_alert_fires_for_a_late_run_and_not_for_one_in_time(airflow_db,
             served_in_time = len(R.served(c, MARKET.code, IN_TIME_SESSION))
         assert _job(dsn, IN_TIME_SESSION) == ("completed", served_in_time, 0)
         assert _alerts(dsn, IN_TIME_SESSION) == []
+        # The dag-processor re-parsed the DAG every 5 s across both runs: still one DAG version.
+        with psycopg.connect(af.af_dsn) as c:
+            assert c.execute("SELECT count(*) FROM dag_version WHERE dag_id = %s", (DAG_ID,)).fetchone()[0] == 1

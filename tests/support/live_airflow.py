@@ -103,6 +103,7 @@ def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live") -> Iterator
         AIRFLOW_CONN_OVERNIGHT_POSTGRES=app_dsn,
         AIRFLOW_HOME=str(home),
         AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=postgres_dsn(meta).replace("postgresql://", "postgresql+psycopg2://", 1),
+        AIRFLOW_CONN_OVERNIGHT_AIRFLOW_METADATA=postgres_dsn(meta),
         AIRFLOW__CORE__EXECUTOR="LocalExecutor",
         AIRFLOW__CORE__PARALLELISM="4",
         AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
