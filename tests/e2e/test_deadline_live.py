@@ -1,12 +1,15 @@
-"""The market DAGs' DeadlineAlert under a live scheduler and triggerer, not hand-built contexts.
+"""The market DAGs under a live scheduler and triggerer: the DeadlineAlert, the asset events, one DAG version.
 
 A run whose deadline (logical date + lead - 15 min) passes while its batches are held back by a lock
 gets exactly one `deadline_missed` alert on its job run, recorded by the callback the triggerer runs;
-once the lock goes, the run completes. A run that finishes before its deadline records none.
+once the lock goes, the run completes. A run that finishes before its deadline records none. Each run
+updates `overnight://recommendations/XLON`, and the cache warmer, scheduled on it
+(`OVERNIGHT_CACHE_WARMER_AFTER=XLON`), runs on those events and finds the cache already warm.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime, timedelta
 
 import psycopg
@@ -23,6 +26,7 @@ DAG_ID = MARKET.dag_id
 LATE_SESSION = date(2026, 11, 16)  # past sessions: their own deadlines (open - 15 min) have passed
 IN_TIME_SESSION = date(2026, 11, 17)
 MARGIN = timedelta(seconds=30)
+WARMER = "overnight_cache_warmer"
 
 
 def _alerts(dsn: str, session: date) -> list[dict] | None:
@@ -40,8 +44,12 @@ def _job(dsn: str, session: date) -> tuple:
 
 def test_deadline_alert_fires_for_a_late_run_and_not_for_one_in_time(airflow_db, tmp_path):
     interval = MARKET.lead - alerts.DEADLINE_BEFORE_OPEN
-    with R.scratch_database("deadline", users=400) as dsn, live_airflow(tmp_path, dsn, tag="deadline") as af:
-        R.wait_until(lambda: af.dag_parsed(DAG_ID), 180, 1, "the dag-processor to parse the market DAGs")
+    with R.scratch_database("deadline", users=400) as dsn, \
+            live_airflow(tmp_path, dsn, tag="deadline", OVERNIGHT_CACHE_WARMER_AFTER="XLON") as af:
+        R.wait_until(lambda: af.dag_parsed(DAG_ID) and af.dag_parsed(WARMER), 180, 1,
+                     "the dag-processor to parse the DAGs")
+        unpause = af.airflow("dags", "unpause", WARMER)
+        assert unpause.returncode == 0, unpause.stdout + unpause.stderr
         with psycopg.connect(dsn, autocommit=True) as c:
             served = len(R.served(c, MARKET.code, LATE_SESSION))
         assert served > 0
@@ -85,3 +93,27 @@ def test_deadline_alert_fires_for_a_late_run_and_not_for_one_in_time(airflow_db,
         # The dag-processor re-parsed the DAG every 5 s across both runs: still one DAG version.
         with psycopg.connect(af.af_dsn) as c:
             assert c.execute("SELECT count(*) FROM dag_version WHERE dag_id = %s", (DAG_ID,)).fetchone()[0] == 1
+            events = c.execute(
+                "SELECT e.source_run_id, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id"
+                " WHERE a.uri = 'overnight://recommendations/XLON' ORDER BY e.id").fetchall()
+        assert [(run_id, extra["session_date"], extra["status"], extra["cache_status"]) for run_id, extra in events] == [
+            ("deadline_late", LATE_SESSION.isoformat(), "completed", "warmed"),
+            ("deadline_in_time", IN_TIME_SESSION.isoformat(), "completed", "warmed")]
+
+        def warmer_results() -> list[dict] | None:
+            with psycopg.connect(af.af_dsn) as c:
+                busy = c.execute("SELECT count(*) FROM dag_run WHERE dag_id = %s AND state NOT IN ('success', 'failed')",
+                                 (WARMER,)).fetchone()[0]
+                rows = c.execute("SELECT r.run_type, r.state, x.value FROM dag_run r LEFT JOIN xcom x ON"
+                                 " x.dag_run_id = r.id AND x.task_id = 'warm_cache' AND x.key = 'return_value'"
+                                 " WHERE r.dag_id = %s ORDER BY r.id", (WARMER,)).fetchall()
+            results = [json.loads(v) if isinstance(v, str) else v for _, _, v in rows]
+            if busy or sum((r or {}).get("events", 0) for r in results) < len(events):
+                return None
+            assert {(t, st) for t, st, _ in rows} == {("asset_triggered", "success")}, rows
+            return results
+
+        results = R.wait_until(warmer_results, 180, 1, "the cache warmer's asset-triggered runs")
+        reason = "the triggering market runs warmed the cache themselves"
+        assert all(r == {"skipped": True, "reason": reason, "events": r["events"]} for r in results), results
+        assert sum(r["events"] for r in results) == 2

@@ -90,7 +90,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live") -> Iterator[LiveAirflow]:
+def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live", **extra_env: str) -> Iterator[LiveAirflow]:
     """Starts the four components against `app_dsn` (the `overnight_postgres` connection) and a new metadata DB."""
     base = R.base_info()
     meta_name = f"{base.schema}_{tag}_af"
@@ -116,6 +116,7 @@ def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live") -> Iterator
         AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(home / "passwords.json"),
         AIRFLOW__LOGGING__BASE_LOG_FOLDER=str(home / "logs"),
         OVERNIGHT_CLI_LOG="-",
+        **extra_env,
     )
     stack = LiveAirflow(env=env, af_dsn=postgres_dsn(meta), logs=tmp_path)
     try:
