@@ -10,3 +10,6 @@ ENV PYTHONPATH=/opt/airflow/include
 # Connections come from the deployment (secrets backend or environment), never from the image:
 #   AIRFLOW_CONN_OVERNIGHT_POSTGRES=postgresql://user:pass@host:5432/overnight
 #   AIRFLOW_CONN_OVERNIGHT_REDIS=redis://host:6379/0
+# Auth: investors' data needs the "Overnight recommendations" permission (docs/access.md). Use a real auth
+# manager (FAB, Keycloak) and grant it to the roles that may read it; Airflow's stock SimpleAuthManager would
+# give it to every viewer.

@@ -48,7 +48,7 @@ bench: env  ## the benchmark on fresh databases: USERS=N [EXECUTOR=celery] [BATC
 test: env  ## the whole test suite, on fresh databases of its own
 	@$(WITH_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
-airflow: airflow-setup  ## api-server on :8080, scheduler, dag-processor, triggerer (stop: make stop)
+airflow: airflow-setup  ## api-server on 127.0.0.1:8080 (OVERNIGHT_API_HOST/PORT), scheduler, dag-processor, triggerer; restarted when settings change (stop: make stop)
 	@$(WITH_ENV) $(PY) -m overnight.services start
 
 stop:  ## stop what the make targets started (Airflow, embedded servers)

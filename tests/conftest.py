@@ -116,6 +116,7 @@ def airflow_db() -> None:
 
     airflow_setup.migrate_metadata()
     airflow_setup.write_passwords()
+    airflow_setup.protect_airflow_files()
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,21 @@
 """The dashboard's FastAPI app, mounted by the `overnight_dashboard` plugin at `/overnight` on the api-server.
 
 Every route, the page, its static assets and the OpenAPI docs included, runs behind Airflow's own
-authentication (`get_user`: bearer token or the UI's `_token` cookie) and the auth manager's
-"may read DAGs" check, declared once on the app so no route can ship open. Anonymous API calls
-get 401 JSON; a browser opening the page without a session is sent to Airflow's login page.
-Data access lives in `overnight.dashboard`.
+authentication (`get_user`: bearer token or the UI's `_token` cookie) and the auth manager's answers,
+declared once on the app so no route can ship open (`overnight.api_auth`, docs/access.md): operations
+routes need "may read DAGs", personal data (a user's dashboard, user ids) the "Overnight
+recommendations" permission. Anonymous API calls get 401 JSON; a browser opening the page without a
+session is sent to Airflow's login page. Data access lives in `overnight.dashboard`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
 import json
 import logging
+import os
 import zlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -21,7 +26,7 @@ from uuid import UUID
 
 import msgspec
 import swagger_ui_bundle
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -29,22 +34,33 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from overnight.api_auth import AuthCache, airflow_auth, bearer_token, ttl_from_env
+from overnight.api_auth import (
+    AuthCache,
+    airflow_auth,
+    bearer_token,
+    may_read_personal_data,
+    requires_operations,
+    requires_personal_data,
+    ttl_from_env,
+)
 from overnight.dashboard import (
     HISTORY_PER_MARKET,
     MAX_LIMIT,
+    OVERDUE,
     DashboardStore,
     InvalidUserId,
     StoreUnavailable,
     UnknownUser,
-    is_stale,
     parse_time,
     parse_user_id,
+    staleness,
 )
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
+AUDIT_CONCURRENCY = 2  # /audit queries at once per worker, of the Postgres pool's 8: the dashboard keeps the rest
+AUDIT_WAIT_S = 2.0  # an /audit call waiting longer than this for its turn gets 503
 _SYMBOL_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # any printable text; control characters (NUL) are refused
 
 # --------------------------------------------------------------------------- response models
@@ -71,6 +87,15 @@ class Recommendation(_Model):
     currency: str
     allocationGap: str
     breakdown: Breakdown | None = None
+    allocationGapAfter: str | None = None
+
+
+class Unallocated(_Model):
+    """The part of the contribution the allocation policy did not place (docs/allocation.md)."""
+
+    amount: str
+    reason: str | None = None
+    message: str | None = None
 
 
 class DataFreshness(_Model):
@@ -83,8 +108,10 @@ class DataFreshness(_Model):
 
 
 class Dashboard(BaseModel):
-    """A user's recommendations. `fromCache`: served from Redis (else Postgres); `stale`: older than 24 h
-    or built on stale exchange rates. A known user not calculated yet has no recommendations and is stale."""
+    """A user's recommendations. `fromCache`: served from Redis (else Postgres); `stale`: built on stale
+    exchange rates, or its market's next run + grace has passed without replacing it (docs/freshness.md);
+    `staleReason` says why (rates_stale, run_failed, run_missing, run_unfinished, user_not_updated, ...).
+    A known user not calculated yet has no recommendations and is stale (not_calculated)."""
 
     userId: str
     recommendations: list[Recommendation]
@@ -95,6 +122,9 @@ class Dashboard(BaseModel):
     stale: bool
     correlationId: str | None = None
     portfolioSummary: dict[str, Any] | None = None
+    unallocated: Unallocated | None = None
+    unpricedHoldings: list[dict[str, Any]] | None = None
+    staleReason: str | None = None
 
 
 class DashboardResponse(BaseModel):
@@ -105,7 +135,8 @@ class DashboardResponse(BaseModel):
 
 class JobRun(BaseModel):
     """One `overnight_job_runs` row with its duration and freshness (`ageSeconds` since completion;
-    `stale` when it completed more than 24 h ago, has not completed, or used stale rates)."""
+    `stale` with `staleReason` when it used stale rates, failed, has not completed, or its market's next
+    run + grace has passed; docs/freshness.md)."""
 
     id: str
     jobType: str
@@ -125,6 +156,9 @@ class JobRun(BaseModel):
     cacheStatus: str | None
     ageSeconds: float | None
     stale: bool
+    staleReason: str | None = None
+    ratesMissing: list[str] = []
+    stalePrices: int = 0
 
 
 class JobRunsResponse(BaseModel):
@@ -157,11 +191,14 @@ class JobRunRef(BaseModel):
 
 
 class AssetEvent(BaseModel):
-    """A calculation event that scored the asset; `score` is the asset's score in it (null: unscored)."""
+    """A calculation event that scored the asset; `score` is the asset's score in it (null: unscored).
+    `userId` is shown only to holders of the "Overnight recommendations" permission (else null);
+    `userRef` is the user's pseudonym for everyone: stable, not reversible (docs/access.md)."""
 
     eventId: str
     eventType: str
-    userId: str
+    userId: str | None
+    userRef: str
     correlationId: str
     createdAt: str
     symbol: str
@@ -188,6 +225,7 @@ class AssetEventsResponse(BaseModel):
 _JSON = msgspec.json.Encoder()
 _REC_STR_FIELDS = ("assetId", "symbol", "score", "amount", "currency", "allocationGap")
 _REC_FIELDS = frozenset(Recommendation.model_fields)
+_UNALLOCATED_FIELDS = {"amount": str, "reason": str, "message": str}
 _BREAKDOWN_FIELDS = {"criteriaCount": int, "topContributor": str}
 _FRESHNESS_FIELDS = dict.fromkeys(DataFreshness.model_fields, str)
 _INT64 = 2**63
@@ -244,6 +282,10 @@ def _recommendation(rec: Any) -> dict[str, Any] | None:
     if breakdown is not None and (breakdown := _as_model(breakdown, _BREAKDOWN_FIELDS)) is None:
         return None
     out["breakdown"] = breakdown
+    after = rec.get("allocationGapAfter")
+    if after is not None and type(after) is not str:
+        return None
+    out["allocationGapAfter"] = after
     return out if _add_extras(rec, _REC_FIELDS, out) else None
 
 
@@ -255,8 +297,16 @@ def dashboard_body(data: dict[str, Any]) -> bytes | None:
     if freshness is not None and (freshness := _as_model(freshness, _FRESHNESS_FIELDS)) is None:
         return None
     summary = data["portfolioSummary"]
+    unallocated, unpriced = data.get("unallocated"), data.get("unpricedHoldings")
+    if unallocated is not None and ((unallocated := _as_model(unallocated, _UNALLOCATED_FIELDS)) is None
+                                    or unallocated["amount"] is None):
+        return None
+    if unpriced is not None and not (type(unpriced) is list and _plain(unpriced)
+                                     and all(type(u) is dict for u in unpriced)):
+        return None
     if (None in recs or type(data["userId"]) is not str or type(data["fromCache"]) is not bool
-            or type(data["stale"]) is not bool or (summary is not None and not (type(summary) is dict and _plain(summary)))
+            or type(data["stale"]) is not bool or (data.get("staleReason") is not None and type(data.get("staleReason")) is not str)
+            or (summary is not None and not (type(summary) is dict and _plain(summary)))
             or any(data[k] is not None and type(data[k]) is not str
                    for k in ("totalInvestable", "baseCurrency", "correlationId"))):
         return None
@@ -264,6 +314,8 @@ def dashboard_body(data: dict[str, Any]) -> bytes | None:
         "userId": data["userId"], "recommendations": recs, "totalInvestable": data["totalInvestable"],
         "baseCurrency": data["baseCurrency"], "dataFreshness": freshness, "fromCache": data["fromCache"],
         "stale": data["stale"], "correlationId": data["correlationId"], "portfolioSummary": summary,
+        "unallocated": unallocated, "unpricedHoldings": unpriced,
+        "staleReason": data.get("staleReason"),
     }})
 
 
@@ -278,6 +330,7 @@ def _typed(model: type[BaseModel], name: str, nested: Mapping[str, Any] | None =
 
 _CachedBreakdown = _typed(Breakdown, "CachedBreakdown")
 _CachedRecommendation = _typed(Recommendation, "CachedRecommendation", {"breakdown": _CachedBreakdown | None})
+_CachedUnallocated = _typed(Unallocated, "CachedUnallocated")
 
 
 class _CachedDocument(msgspec.Struct):
@@ -290,6 +343,10 @@ class _CachedDocument(msgspec.Struct):
     totalInvestable: str | None = None
     ratesStale: bool | None = None
     correlationId: str | None = None
+    market: str | None = None
+    sessionDate: str | None = None
+    unallocated: _CachedUnallocated | None = None  # type: ignore[valid-type]  # built from the response model
+    unpricedHoldings: list[dict[str, Any]] | None = None
 
 
 _decode_cached = msgspec.json.Decoder(_CachedDocument).decode
@@ -311,15 +368,22 @@ def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None)
     summary = doc.portfolioSummary or None
     if summary is not None and not _plain(summary):
         return None
+    unpriced = doc.unpricedHoldings
+    if unpriced is not None and not (_plain(unpriced) and all(type(u) is dict for u in unpriced)):
+        return None
     recs = doc.recommendations
     base = (summary or {}).get("baseCurrency") or (recs[0].currency if recs else None)  # type: ignore[attr-defined]
     if base is not None and type(base) is not str:
         return None
+    reason = staleness(generated, bool(doc.ratesStale), doc.market, doc.sessionDate, now)
+    if reason == OVERDUE:  # why needs a query: the general path asks Postgres
+        return None
     return _JSON.encode({"data": {
         "userId": user_id, "recommendations": recs, "totalInvestable": doc.totalInvestable,
         "baseCurrency": base.strip() if base is not None else None, "dataFreshness": freshness, "fromCache": True,
-        "stale": is_stale(generated, bool(doc.ratesStale), now), "correlationId": doc.correlationId,
-        "portfolioSummary": summary,
+        "stale": reason is not None, "correlationId": doc.correlationId,
+        "portfolioSummary": summary, "unallocated": doc.unallocated, "unpricedHoldings": unpriced,
+        "staleReason": reason,
     }})
 
 
@@ -362,6 +426,27 @@ def store_unavailable(exc: StoreUnavailable) -> JSONResponse:
     """The 503 answer when Postgres cannot serve; the store's reason goes to the log, not to the caller."""
     log.error("overnight dashboard: %s", exc)
     return JSONResponse({"detail": "the overnight database is unavailable; try again shortly"}, status_code=503)
+
+
+def _pseudonym_key() -> bytes:
+    """The key of the audit's user pseudonyms: derived from Airflow's JWT secret (the same in every api-server
+    worker, never shown), else random per process."""
+    secret = os.environ.get("AIRFLOW__API_AUTH__JWT_SECRET", "")
+    if not secret:
+        try:
+            from airflow.configuration import conf
+
+            secret = conf.get("api_auth", "jwt_secret", fallback="") or ""
+        except Exception:  # noqa: BLE001 - no Airflow config: a key of this process
+            secret = ""
+    if not secret:
+        return os.urandom(32)
+    return hmac.new(secret.encode(), b"overnight audit user pseudonym v1", hashlib.sha256).digest()
+
+
+def pseudonym(key: bytes, user_id: str) -> str:
+    """A user's pseudonym in the audit: `u_` and 16 hex digits of HMAC-SHA256(key, user id)."""
+    return "u_" + hmac.new(key, user_id.encode(), hashlib.sha256).hexdigest()[:16]
 
 
 def _declare_security(app: FastAPI) -> None:
@@ -441,6 +526,9 @@ def create_app(
         _declare_security(app)
     app.state.store = store
     app.state.auth_cache = auth_cache
+    pseudonym_key = _pseudonym_key()
+    audit_slots = asyncio.Semaphore(AUDIT_CONCURRENCY)
+    operations = [Depends(requires_operations)]
     static_files = {p.name: p for p in static_dir.iterdir() if p.is_file()} if static_dir else {}
     templates = None
     if template_dir is not None:
@@ -461,9 +549,12 @@ def create_app(
     # ------------------------------------------------------------------ API
 
     @app.get(f"{API_PREFIX}/dashboard/{{user_id}}", response_model=DashboardResponse,
-             responses={404: {"description": "Unknown user"}, 422: {"description": "Not a UUID"}})
+             dependencies=[Depends(requires_personal_data)],
+             responses={403: {"description": "No 'Overnight recommendations' permission"},
+                        404: {"description": "Unknown user"}, 422: {"description": "Not a UUID"}})
     async def dashboard(request: Request,
-                        user_id: Annotated[str, PathParam(description="The user's id (UUID)", max_length=64)]
+                        user_id: Annotated[str, PathParam(description="The user's id (UUID)", max_length=64,
+                                                           json_schema_extra={"format": "uuid"})]
                         ) -> Response | dict[str, Any]:
         """A user's recommendations: Redis `recs:{id}` first, else the `recommendations` table."""
         try:
@@ -476,7 +567,7 @@ def create_app(
             return {"data": answer}
         return json_response(answer, request.headers.get("accept-encoding", ""))
 
-    @app.get(f"{API_PREFIX}/job-runs", response_model=JobRunsResponse)
+    @app.get(f"{API_PREFIX}/job-runs", response_model=JobRunsResponse, dependencies=operations)
     async def job_runs(
         market: Annotated[str | None, Query(min_length=1, max_length=32, pattern=_SYMBOL_PATTERN,
                                             description="Only this market (e.g. XNYS)")] = None,
@@ -492,7 +583,7 @@ def create_app(
         """Authenticated no-op: the baseline the benchmark compares the dashboard with."""
         return {"status": "ok"}
 
-    @app.get(f"{API_PREFIX}/markets", response_model=MarketsResponse)
+    @app.get(f"{API_PREFIX}/markets", response_model=MarketsResponse, dependencies=operations)
     async def markets(
         runs: Annotated[int, Query(ge=1, le=100, description="Runs per market")] = HISTORY_PER_MARKET,
     ) -> dict[str, Any]:
@@ -500,22 +591,40 @@ def create_app(
         history = await store.market_history(runs)
         return {"data": [{"market": m, "latest": h[-1], "history": h} for m, h in sorted(history.items())]}
 
-    @app.get(f"{API_PREFIX}/audit/assets/{{symbol}}", response_model=AssetEventsResponse)
+    @app.get(f"{API_PREFIX}/audit/assets/{{symbol}}", response_model=AssetEventsResponse, dependencies=operations,
+             responses={503: {"description": "Postgres unavailable, or too many audit queries: retry shortly"}})
     async def asset_events(
+        request: Request,
         symbol: Annotated[str, PathParam(min_length=1, max_length=64, pattern=_SYMBOL_PATTERN)],
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
         before: Annotated[datetime | None, Query(description="Only events created before this ISO time")] = None,
         before_id: Annotated[UUID | None, Query(description="With `before`: the last event id of the previous "
                                                             "page (ties on the same time)")] = None,
-    ) -> dict[str, Any]:
-        """Every calculation event that scored `symbol` (newest first), with its correlation id and job run."""
-        events, cursor = await store.asset_events(
-            symbol, limit=limit, before=before, before_id=str(before_id) if before_id and before else None)
+    ) -> dict[str, Any] | JSONResponse:
+        """Every calculation event that scored `symbol` (newest first), with its correlation id and job run;
+        user ids only for holders of "Overnight recommendations", a pseudonym (`userRef`) for everyone."""
+        try:  # at most AUDIT_CONCURRENCY at once: long audit pages must not take the dashboard's connections
+            async with asyncio.timeout(AUDIT_WAIT_S):
+                await audit_slots.acquire()
+        except TimeoutError:
+            return JSONResponse({"detail": f"too many audit queries at once (at most {AUDIT_CONCURRENCY} per "
+                                           "worker); try again shortly"}, status_code=503,
+                                headers={"Retry-After": "1"})
+        try:
+            events, cursor = await store.asset_events(
+                symbol, limit=limit, before=before, before_id=str(before_id) if before_id and before else None)
+        finally:
+            audit_slots.release()
+        show_ids = may_read_personal_data(request)
+        for event in events:
+            event["userRef"] = pseudonym(pseudonym_key, event["userId"])
+            if not show_ids:
+                event["userId"] = None
         return {"data": events, "next": cursor}
 
     # ------------------------------------------------------------------ page, assets, docs
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False, dependencies=operations)
     async def page() -> HTMLResponse:
         """The Overnight page: job runs per market, a chart, a user lookup."""
         if templates is None:
@@ -584,8 +693,8 @@ class FastPaths:
 
     It answers them itself, with the same status, headers and bytes as the app, when the request has no
     query string and a bearer token that Airflow accepted within the auth cache's TTL (the entry the
-    app's own auth dependency wrote, so exactly the tokens the app would let through without asking
-    Airflow). Everything else goes to the FastAPI app, which stays the one place that defines the
+    app's own auth dependency wrote, with the token's permissions: exactly the tokens the app would let
+    through without asking Airflow; a dashboard also needs that entry's personal-data permission). Everything else goes to the FastAPI app, which stays the one place that defines the
     routes, their errors and their OpenAPI schema: a token's first call, session cookies, query
     strings, an invalid or unknown user (422/404), a document pydantic must coerce. Postgres down gets the
     app's 503 from here, so a hung database is not asked twice.
@@ -632,10 +741,13 @@ class FastPaths:
                 accept_encoding = value.decode("latin-1")
         token = bearer_token(authorization)
         assert self.cache is not None
-        if token is None or self.cache.get(AuthCache.key(token)) is None:
+        access = None if token is None else self.cache.get(AuthCache.key(token, "bearer"))
+        if access is None:
             return None
         if ping:
             return _PING_BODY, []
+        if not access.personal_data:  # the app answers its 403
+            return None
         try:
             answer = await dashboard_answer(self.store, user_id)
         except StoreUnavailable:

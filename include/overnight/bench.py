@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -39,6 +40,7 @@ import redis
 
 from overnight import devenv, loadgen, migrate, pipeline, seed, sessions
 from overnight.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.devenv import api_host, write_private
 from overnight.markets import load_markets
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,6 +117,7 @@ class Bench:
         self.home = ROOT / ".local" / f"bench-{self.id}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.port = _free_port()
+        self.password = os.environ.get("OVERNIGHT_ADMIN_PASSWORD") or secrets.token_urlsafe(18)  # never printed
         self.codes = load_markets().codes
         self.session = session or self._common_session()
         self.figures: dict[str, Any] = {"users": users, "executor": executor, "session": self.session.isoformat(),
@@ -164,7 +167,8 @@ class Bench:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "600",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
-            "OVERNIGHT_ADMIN_PASSWORD": "admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",  # the one login it uses
+            "OVERNIGHT_ADMIN_PASSWORD": self.password,
         }
         if self.executor == "celery":
             broker = self.redis_url  # its own Redis database, like the cache
@@ -175,7 +179,8 @@ class Bench:
             })
         migrate.migrate(self.dsn)
         self._airflow(["db", "migrate"], timeout=300)
-        (self.home / "passwords.json").write_text(json.dumps({"admin": "admin"}))
+        devenv.make_private(self.home / "airflow.cfg")  # Airflow's generated secret keys
+        write_private(self.home / "passwords.json", json.dumps({"admin": self.password}))
 
     def _airflow(self, args: list[str], timeout: int = 120) -> None:
         airflow = str(Path(sys.executable).with_name("airflow"))
@@ -195,7 +200,7 @@ class Bench:
         """Starts api-server, scheduler, dag-processor (and Celery workers); waits for the DAGs."""
         airflow = str(Path(sys.executable).with_name("airflow"))
         commands = {
-            "api-server": ["api-server", "--port", str(self.port)],
+            "api-server": ["api-server", "--host", api_host(), "--port", str(self.port)],
             "scheduler": ["scheduler"],
             "dag-processor": ["dag-processor"],
         }
@@ -212,7 +217,7 @@ class Bench:
         deadline = time.time() + 180
         while time.time() < deadline:
             with suppress(httpx.HTTPError):
-                r = self.client.post("/auth/token", json={"username": "admin", "password": "admin"})
+                r = self.client.post("/auth/token", json={"username": "admin", "password": self.password})
                 if r.status_code in (200, 201):
                     self.client.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
                     break

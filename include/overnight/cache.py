@@ -33,14 +33,16 @@ def portfolio_key(user_id: str) -> str:
     return f"{PORTFOLIO_PREFIX}{user_id}"
 
 
-def warm(client: redis.Redis, docs: Iterable[tuple[str, bytes | str, bytes | str]], chunk: int = 2000) -> int:
-    """Writes (user_id, recs JSON, portfolio JSON) with the 24 h TTL in pipelined chunks; returns users."""
+def warm(client: redis.Redis, docs: Iterable[tuple[str, bytes | str, bytes | str]], chunk: int = 2000,
+         ttl_s: int = TTL_SECONDS) -> int:
+    """Writes (user_id, recs JSON, portfolio JSON) with the TTL (default 24 h; `OVERNIGHT_CACHE_TTL`, see
+    docs/freshness.md) in pipelined chunks; returns users."""
     n = 0
     pipe = client.pipeline(transaction=False)
     pending = 0
     for user_id, recs_json, portfolio_json in docs:
-        pipe.set(recs_key(user_id), recs_json, ex=TTL_SECONDS)
-        pipe.set(portfolio_key(user_id), portfolio_json, ex=TTL_SECONDS)
+        pipe.set(recs_key(user_id), recs_json, ex=ttl_s)
+        pipe.set(portfolio_key(user_id), portfolio_json, ex=ttl_s)
         n += 1
         pending += 1
         if pending >= chunk:

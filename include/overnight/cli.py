@@ -261,7 +261,7 @@ def _where_next() -> str:
         "  - job runs:        SELECT * FROM overnight_job_runs ORDER BY started_at DESC;  (overnight_postgres)\n"
         "  - audit trail:     SELECT event_type, count(*) FROM calculation_events GROUP BY 1;\n"
         "  - cache:           redis-cli --scan --pattern 'recs:*' | head  (overnight_redis)\n"
-        "  - the Airflow UI:  make airflow, then http://localhost:8080 (admin / $OVERNIGHT_ADMIN_PASSWORD or admin),\n"
+        "  - the Airflow UI:  make airflow, then http://127.0.0.1:8080 (passwords: .local/airflow/passwords.json),\n"
         "                     DAGs overnight_scoring_*, and the Overnight page\n"
         "  - one market:      make run MARKET=XNYS [DATE=YYYY-MM-DD]\n"
     )

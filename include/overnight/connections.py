@@ -29,7 +29,7 @@ class ConnInfo:
     host: str | None
     port: int | None
     login: str | None
-    password: str | None
+    password: str | None = field(repr=False)  # never in a repr, log line or error: see `redacted`
     schema: str | None
     extra: dict[str, str] = field(default_factory=dict)
 

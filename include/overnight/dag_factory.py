@@ -44,9 +44,14 @@ def _params(market: Market) -> dict[str, Param]:
             description="Users per mapped task; grows by itself so that one run maps at most 256 tasks.",
         ),
         "contribution": Param(
-            None, type=["null", "string"], pattern=r"^\d{1,12}(\.\d{1,2})?$", title="Contribution",
-            description="Amount to invest per user, in each user's base currency (e.g. \"1500.00\"). "
-            "Empty: each user's default contribution.",
+            None, type=["null", "object"], title="Contribution (amount and currency)",
+            properties={"amount": {"type": "string", "pattern": r"^\d{1,12}(\.\d{1,4})?$"},
+                        "currency": {"type": "string", "pattern": "^[A-Z]{3}$"}},
+            required=["amount", "currency"], additionalProperties=False,
+            description="Amount every served user invests this run, with its currency, e.g. "
+            "{\"amount\": \"1500\", \"currency\": \"USD\"}: converted at the run's exchange rates into each "
+            "user's base currency and rounded down to its minor unit (docs/allocation.md). "
+            "Empty: each user's own default contribution.",
         ),
         "force": Param(
             False, type="boolean", title="Force a new calculation",

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import re
 import time
@@ -26,7 +28,7 @@ import msgspec
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from overnight import cache
+from overnight import cache, freshness
 
 log = logging.getLogger(__name__)
 _decode_json = msgspec.json.Decoder().decode  # as json.loads, ~3x faster
@@ -36,6 +38,7 @@ REDIS_TIMEOUT_S = 0.1
 REDIS_RETRY_AFTER_S = 5.0
 REDIS_SILENT_S = 1.0  # a call times out and Redis has said nothing for this long: it is down, not late
 PG_POOL_SIZE = 8
+PG_ACQUIRE_TIMEOUT_S = 2.0  # waiting longer than this for a pooled connection: 503 at once, not a pile-up
 PG_CONNECT_TIMEOUT_S = 5
 PG_STATEMENT_TIMEOUT_MS = 10_000
 JOB_STATUSES = ("started", "completed", "partial", "failed")
@@ -85,11 +88,66 @@ def parse_time(value: Any) -> datetime | None:
     return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
-def is_stale(generated_at: datetime | None, rates_stale: bool, now: datetime | None = None) -> bool:
-    """Returns True when the recommendations are older than 24 h, built on stale rates, or of unknown age."""
-    if generated_at is None or rates_stale:
-        return True
-    return (now or datetime.now(UTC)) - generated_at > STALE_AFTER
+OVERDUE = "overdue"  # past its deadline; the store says why (run failed, missing, unfinished, user not updated)
+
+
+@functools.lru_cache(maxsize=64)
+def _lead(code: str) -> timedelta | None:
+    """The lead of a market in markets.yaml, None when it is not listed (its documents use the 24 h rule)."""
+    from overnight.markets import get_market
+
+    try:
+        return get_market(code).lead
+    except (LookupError, ValueError):
+        return None
+
+
+def _grace() -> timedelta:
+    """The grace period setting; a bad value is logged and the default used (a request never fails on it)."""
+    try:
+        return freshness.grace()
+    except freshness.FreshnessConfigError as exc:
+        log.warning("dashboard: %s; using %s", exc, freshness.DEFAULT_GRACE)
+        return freshness.DEFAULT_GRACE
+
+
+def _deadline(market: Any, session_date: Any, generated_at: datetime | None) -> tuple[datetime | None, bool]:
+    """(`fresh_until`, whether it comes from the market's calendar)."""
+    if type(market) is str and type(session_date) is str:
+        lead = _lead(market)
+        if lead is not None:
+            try:
+                return freshness.document_deadline(market, lead, date.fromisoformat(session_date),
+                                                   _grace()), True
+            except ValueError as exc:  # not a session, outside the calendar's data: the 24 h rule
+                log.warning("dashboard: %s session %s: %s; judging its documents by age", market, session_date, exc)
+    return (generated_at + STALE_AFTER if generated_at is not None else None), False
+
+
+def fresh_until(market: Any, session_date: Any, generated_at: datetime | None) -> datetime | None:
+    """Until when a document is fresh (docs/freshness.md): its market's next session's run + the grace period;
+    24 h after `generated_at` for a document without a known market and session."""
+    return _deadline(market, session_date, generated_at)[0]
+
+
+def staleness(generated_at: datetime | None, rates_stale: bool, market: Any = None, session_date: Any = None,
+              now: datetime | None = None) -> str | None:
+    """Why a document is stale, None when fresh: `rates_stale`, `unknown_age`, `expired` (no market, over 24 h)
+    or OVERDUE (its market's next run + grace has passed; `DashboardStore.overdue_reason` says why)."""
+    if generated_at is None:
+        return freshness.UNKNOWN_AGE
+    if rates_stale:
+        return freshness.RATES_STALE
+    until, from_calendar = _deadline(market, session_date, generated_at)
+    if until is None or (now or datetime.now(UTC)) <= until:
+        return None
+    return OVERDUE if from_calendar else freshness.EXPIRED
+
+
+def is_stale(generated_at: datetime | None, rates_stale: bool, now: datetime | None = None,
+             market: Any = None, session_date: Any = None) -> bool:
+    """Returns True when a document is stale by `staleness`."""
+    return staleness(generated_at, rates_stale, market, session_date, now) is not None
 
 
 @dataclass(frozen=True)
@@ -105,6 +163,9 @@ class DashboardView:
     stale: bool
     correlation_id: str | None = None
     portfolio_summary: dict[str, Any] | None = None
+    unallocated: dict[str, Any] | None = None
+    unpriced_holdings: list[dict[str, Any]] | None = None
+    stale_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Returns the API's camelCase `data` object."""
@@ -118,6 +179,9 @@ class DashboardView:
             "stale": self.stale,
             "correlationId": self.correlation_id,
             "portfolioSummary": self.portfolio_summary,
+            "unallocated": self.unallocated,
+            "unpricedHoldings": self.unpriced_holdings,
+            "staleReason": self.stale_reason,
         }
 
 
@@ -140,6 +204,7 @@ def view_from_document(
     base = (summary or {}).get("baseCurrency") or base_currency
     if base is None and recs:
         base = recs[0].get("currency")
+    reason = staleness(generated, bool(doc.get("ratesStale")), doc.get("market"), doc.get("sessionDate"), now)
     return DashboardView(
         user_id=user_id,
         recommendations=recs,
@@ -147,9 +212,12 @@ def view_from_document(
         base_currency=base.strip() if isinstance(base, str) else base,
         data_freshness=freshness,
         from_cache=from_cache,
-        stale=is_stale(generated, bool(doc.get("ratesStale")), now),
+        stale=reason is not None,
         correlation_id=doc.get("correlationId"),
         portfolio_summary=summary,
+        unallocated=doc.get("unallocated"),
+        unpriced_holdings=doc.get("unpricedHoldings"),
+        stale_reason=reason,
     )
 
 
@@ -170,9 +238,11 @@ class AsyncPgPool:
     (psycopg_pool is not among the pinned requirements; this is the part of it the dashboard needs.)
     """
 
-    def __init__(self, dsn: str, max_size: int = PG_POOL_SIZE) -> None:
+    def __init__(self, dsn: str, max_size: int = PG_POOL_SIZE, acquire_timeout_s: float = PG_ACQUIRE_TIMEOUT_S
+                 ) -> None:
         self._dsn = dsn
         self._sem = asyncio.Semaphore(max_size)
+        self.max_size, self.acquire_timeout_s = max_size, acquire_timeout_s
         self._idle: list[psycopg.AsyncConnection[Any]] = []
         self._closed = False
 
@@ -187,7 +257,13 @@ class AsyncPgPool:
         """Lends a connection; returns it to the pool when it is still healthy and idle."""
         if self._closed:
             raise StoreUnavailable("the dashboard's Postgres pool is closed")
-        async with self._sem:
+        try:
+            async with asyncio.timeout(self.acquire_timeout_s):
+                await self._sem.acquire()
+        except TimeoutError:
+            raise StoreUnavailable(f"all {self.max_size} connections of the dashboard's Postgres pool stayed busy "
+                                   f"for {self.acquire_timeout_s:g} s") from None
+        try:
             conn = None
             while self._idle and not fresh:
                 candidate = self._idle.pop()
@@ -206,14 +282,19 @@ class AsyncPgPool:
                     self._idle.append(conn)
                 else:
                     await conn.close()
+        finally:
+            self._sem.release()
 
     async def fetch(self, sql: str, params: dict[str, Any] | tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        """Runs one parameterised query; retries once on a fresh connection if a pooled one went away."""
+        """Runs one parameterised query; retries once on a fresh connection if a pooled one went away. A query
+        Postgres cancelled (statement timeout, an operator's cancel) is not run again."""
         for attempt in (1, 2):
             try:
                 async with self.connection(fresh=attempt == 2) as conn:
                     cur = await conn.execute(sql, params)  # type: ignore[arg-type]
                     return await cur.fetchall()
+            except psycopg.errors.QueryCanceled as exc:
+                raise StoreUnavailable(f"Postgres (overnight_postgres) cancelled the query: {exc}".strip()) from exc
             except psycopg.OperationalError as exc:
                 if attempt == 2:
                     raise StoreUnavailable(f"Postgres (overnight_postgres) is unavailable: {exc}".strip()) from exc
@@ -232,18 +313,36 @@ class AsyncPgPool:
 # --------------------------------------------------------------------------- the store
 
 
+def _redacted(url: str | None, conn_type: str) -> str:
+    """A DSN or URL for a repr: password masked; 'unresolved' before first use."""
+    if url is None:
+        return "unresolved"
+    if not url:
+        return "none"
+    from overnight.connections import ConnectionNotConfigured, parse_connection
+
+    try:
+        return parse_connection(f"overnight_{conn_type}", url).redacted()
+    except (ConnectionNotConfigured, ValueError):
+        return "<unparsable, hidden>"
+
+
 @dataclass
 class DashboardStore:
     """The dashboard's reads. Connections are resolved and pools created on first use, not per request."""
 
-    pg_dsn: str | None = None
-    redis_url: str | None = None
+    pg_dsn: str | None = field(default=None, repr=False)  # may hold a password: see __repr__
+    redis_url: str | None = field(default=None, repr=False)
     redis_timeout_s: float = REDIS_TIMEOUT_S
     pg_pool_size: int = PG_POOL_SIZE
     _pg: AsyncPgPool | None = field(default=None, init=False, repr=False)
     _redis: Any = field(default=None, init=False, repr=False)
     _redis_skip_until: float = field(default=0.0, init=False, repr=False)
     _lock: asyncio.Lock | None = field(default=None, init=False, repr=False)
+
+    def __repr__(self) -> str:
+        return (f"DashboardStore(pg={_redacted(self.pg_dsn, 'postgres')}, redis={_redacted(self.redis_url, 'redis')}, "
+                f"redis_timeout_s={self.redis_timeout_s}, pg_pool_size={self.pg_pool_size})")
 
     async def _ensure(self) -> None:
         if self._pg is not None:
@@ -339,7 +438,7 @@ class DashboardStore:
         await self._ensure()
         doc = await self._cached(uid) if ask_cache else None
         if doc is not None:
-            return view_from_document(uid, doc, from_cache=True, now=now)
+            return await self._explained(view_from_document(uid, doc, from_cache=True, now=now), doc)
         rows = await (await self._pool()).fetch(
             "SELECT r.document, u.base_currency, u.id IS NOT NULL FROM (SELECT %(id)s::uuid AS id) q"
             " LEFT JOIN recommendations r ON r.user_id = q.id LEFT JOIN users u ON u.id = q.id",
@@ -347,11 +446,36 @@ class DashboardStore:
         )
         document, base_currency, known = rows[0]
         if document is not None:
-            return view_from_document(uid, document, from_cache=False, base_currency=base_currency, now=now)
+            return await self._explained(
+                view_from_document(uid, document, from_cache=False, base_currency=base_currency, now=now), document)
         if not known:
             raise UnknownUser(f"user {uid} is not in the users table and has no recommendations")
         return DashboardView(uid, [], None, base_currency.strip() if base_currency else None, None,
-                             from_cache=False, stale=True)
+                             from_cache=False, stale=True, stale_reason=freshness.NOT_CALCULATED)
+
+    async def _explained(self, view: DashboardView, doc: dict[str, Any]) -> DashboardView:
+        """The view with an overdue document's reason found: what happened to its market's next run."""
+        if view.stale_reason != OVERDUE:
+            return view
+        reason = await self.overdue_reason(doc["market"], doc["sessionDate"])
+        return dataclasses.replace(view, stale_reason=reason)
+
+    async def overdue_reason(self, market: str, session_date: str) -> str:
+        """Why a document of `market`'s `session_date` session was not replaced in time: the next session's
+        job run failed, is missing, has not finished, or finished without this user's document."""
+        lead = _lead(market) or timedelta(0)
+        nxt = freshness.next_session(market, lead, date.fromisoformat(session_date))
+        rows = await (await self._pool()).fetch(
+            "SELECT status FROM overnight_job_runs WHERE market = %(m)s AND session_date = %(d)s"
+            " ORDER BY started_at DESC LIMIT 1", {"m": market, "d": nxt})
+        if not rows:
+            return freshness.RUN_MISSING
+        status = rows[0][0]
+        if status == "failed":
+            return freshness.RUN_FAILED
+        if status == "started":
+            return freshness.RUN_UNFINISHED
+        return freshness.USER_NOT_UPDATED
 
     # ---------------------------------------------------------------- job runs
 
@@ -437,16 +561,23 @@ class DashboardStore:
 _JOB_RUN_SELECT = (
     "SELECT id, job_type, market, session_date, status, started_at, completed_at, users_processed,"
     " users_failed, correlation_id, dag_run_id, metrics ->> 'rates_stale', metrics ->> 'rates_as_of',"
-    " metrics ->> 'cache_status', metrics ->> 'users_total' FROM overnight_job_runs"
+    " metrics ->> 'cache_status', metrics ->> 'users_total', metrics -> 'rates_missing',"
+    " metrics ->> 'stale_prices' FROM overnight_job_runs"
 )
 
 
 def _job_run(r: tuple[Any, ...], now: datetime | None) -> dict[str, Any]:
-    """Shapes one `_JOB_RUN_SELECT` row: counts, duration and freshness (age, stale)."""
+    """Shapes one `_JOB_RUN_SELECT` row: counts, duration and freshness: stale (with `staleReason`) when built
+    on stale rates, failed, unfinished, or its market's next run + grace has passed (docs/freshness.md)."""
     now = now or datetime.now(UTC)
     started, completed = r[5], r[6]
     rates_stale = (r[11] or "").lower() == "true"
     age = (now - completed).total_seconds() if completed else None
+    until = fresh_until(r[2], _iso(r[3]), completed)
+    reason = (freshness.RATES_STALE if rates_stale
+              else freshness.RUN_FAILED if r[4] == "failed"
+              else freshness.RUN_UNFINISHED if completed is None
+              else freshness.NEXT_RUN_DUE if until is not None and now > until else None)
     return {
         "id": str(r[0]),
         "jobType": r[1],
@@ -465,5 +596,8 @@ def _job_run(r: tuple[Any, ...], now: datetime | None) -> dict[str, Any]:
         "ratesAsOf": r[12],
         "cacheStatus": r[13],
         "ageSeconds": round(age, 1) if age is not None else None,
-        "stale": rates_stale or age is None or age > STALE_AFTER.total_seconds(),
+        "stale": reason is not None,
+        "staleReason": reason,
+        "ratesMissing": list(r[15] or []),
+        "stalePrices": int(r[16]) if r[16] is not None else 0,
     }

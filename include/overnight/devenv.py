@@ -40,10 +40,38 @@ ENV_FILE = LOCAL / "env.sh"
 DEFAULT_PG_PORT = 54329
 DEFAULT_REDIS_PORT = 63799
 APP_DB = "overnight"
+AUTH_MANAGER = "overnight.auth_manager.OvernightSimpleAuthManager"
+DEV_USERS = "admin:admin,viewer:viewer,overnight_app:viewer"  # name:role; overnight_app: the app team's backend
 
 
 class SetupError(RuntimeError):
     """Set-up cannot go on; the message says what failed and what to do."""
+
+
+def api_host() -> str:
+    """The address the api-server listens on: `OVERNIGHT_API_HOST`, default 127.0.0.1 (nothing open on the network)."""
+    return os.environ.get("OVERNIGHT_API_HOST", "").strip() or "127.0.0.1"
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Writes `text` to `path` readable by its owner only (0600), never visible with other modes on the way."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def make_private(path: Path) -> None:
+    """Sets an existing file holding a secret to 0600 (e.g. the `airflow.cfg` Airflow generates)."""
+    if path.is_file() and (path.stat().st_mode & 0o077):
+        path.chmod(0o600)
 
 
 def _port_free(port: int) -> bool:
@@ -253,8 +281,10 @@ def environment() -> dict[str, str]:
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "30",
             "AIRFLOW__API__EXPOSE_CONFIG": "False",
-            "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
+            # The simple auth manager, with "Overnight recommendations" for admin and the service login only
+            # (docs/access.md); Airflow's own would give every viewer every investor's data.
+            "AIRFLOW__CORE__AUTH_MANAGER": AUTH_MANAGER,
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": DEV_USERS,
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(Path(airflow_home) / "passwords.json"),
             "AIRFLOW__API_AUTH__JWT_SECRET": os.environ.get("AIRFLOW__API_AUTH__JWT_SECRET") or jwt_secret(),
             "PYTHONPATH": str(ROOT / "include"),
@@ -270,9 +300,8 @@ def jwt_secret() -> str:
     if not path.exists():
         import secrets
 
-        LOCAL.mkdir(exist_ok=True)
-        path.write_text(secrets.token_urlsafe(32))
-        path.chmod(0o600)
+        write_private(path, secrets.token_urlsafe(32))
+    make_private(path)
     return path.read_text().strip()
 
 
@@ -291,12 +320,10 @@ def pick_redis_db(url: str, owner: str) -> str:
 
 
 def write_env_file(env: dict[str, str]) -> Path:
-    """Writes `.local/env.sh` (sourced by the make targets)."""
-    LOCAL.mkdir(exist_ok=True)
-    lines = ["# written by `python -m overnight.devenv up`; sourced by the make targets"]
+    """Writes `.local/env.sh` (sourced by the make targets; it holds the JWT secret and any DSN password: 0600)."""
+    lines = ["# written by `python -m overnight.devenv up`; sourced by the make targets; secrets inside: mode 0600"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
-    ENV_FILE.write_text("\n".join(lines) + "\n")
-    return ENV_FILE
+    return write_private(ENV_FILE, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     path = write_env_file(env)
+    home = Path(env["AIRFLOW_HOME"])
+    for secret_file in (home / "airflow.cfg", Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])):
+        make_private(secret_file)  # written by an older checkout or by Airflow itself: the owner's only
     pg = parse_connection(POSTGRES_CONN_ID, env["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
     rd = parse_connection(REDIS_CONN_ID, env["AIRFLOW_CONN_OVERNIGHT_REDIS"])
     print(f"postgres: {pg.redacted()}  redis: {rd.redacted()}  env: {path.relative_to(ROOT)}")

@@ -19,15 +19,25 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
 from typing import Any
 
 import msgspec
 import psycopg
 
+from overnight import freshness, money
 from overnight.providers.base import PriceProvider, PriceQuote, ProviderError, RatesProvider, RatesSnapshot
 from overnight.providers.db import latest_stored_rates, store_rates
-from overnight.recommendations import AllocationError, Candidate, Target, recommend, shortlist, validate_targets
+from overnight.recommendations import (
+    ALLOCATION_POLICY,
+    DEFAULT_SCORE_FLOOR,
+    AllocationError,
+    Candidate,
+    Target,
+    recommend,
+    shortlist,
+    validate_targets,
+)
 from overnight.scoring import (
     CompiledRules,
     CriteriaError,
@@ -46,8 +56,7 @@ JOB_TYPE = "scoring"
 RATES_BASE = "USD"
 MAX_MAPPED_TASKS = 256
 DEFAULT_BATCH_SIZE = 500
-DEFAULT_MAX_RATES_AGE = timedelta(hours=72)
-FRESH_RATES_AGE = timedelta(hours=24)
+DEFAULT_MAX_RATES_AGE = freshness.DEFAULT_MAX_RATES_LAG  # behind the expected ECB publication, not from now
 EVENT_TYPES = ("CALC_STARTED", "INPUTS_CAPTURED", "SCORES_COMPUTED", "CALC_COMPLETED")
 MAX_ERROR_DETAILS = 1000
 _JSON = msgspec.json.Encoder()
@@ -131,7 +140,7 @@ def needed_currencies(conn: psycopg.Connection) -> list[str]:
     rows = conn.execute(
         "SELECT currency FROM assets UNION SELECT base_currency FROM users WHERE active"
     ).fetchall()
-    return sorted({r[0].strip() for r in rows} | {RATES_BASE})
+    return sorted({money.normalize_quote(Decimal(1), r[0].strip())[1] for r in rows} | {RATES_BASE})
 
 
 def fetch_rates(
@@ -141,37 +150,62 @@ def fetch_rates(
     *,
     max_age: timedelta = DEFAULT_MAX_RATES_AGE,
     now: datetime | None = None,
+    margin: timedelta = freshness.DEFAULT_RATES_MARGIN,
 ) -> RatesSnapshot:
-    """Fetches rates once (kept in `exchange_rates`); falls back to stored ones younger than max_age."""
+    """Fetches rates once (kept in `exchange_rates`), judged against the ECB's calendar at `now` (the run's
+    reference moment; docs/freshness.md). Never raises for rates: stored rates stand in for a failed provider
+    (flagged stale) and for currencies it did not deliver; a currency with no usable rate (none at all, or
+    more than `max_age` behind the expected publication) is left out and listed in `unavailable`, so only
+    the users who need it fail."""
     now = now or datetime.now(UTC)
     try:
         snap = provider.fetch_rates(RATES_BASE, currencies)
         if snap.source != "database":
             store_rates(conn, snap)
             conn.commit()
+        fallback = False
     except ProviderError as exc:
         stored = latest_stored_rates(conn, RATES_BASE, currencies)
-        if stored is None or now - stored.as_of > max_age:
-            age = "none stored" if stored is None else f"newest stored as of {stored.as_of.isoformat()}"
-            raise ProviderError(
-                f"rates provider failed ({exc}) and no stored rates younger than {max_age} can stand in "
-                f"({age}); fix the provider or its connection and clear the fetch_rates task"
-            ) from exc
+        reason = f"rates provider failed ({exc}) and no rate is stored"
+        if stored is None:
+            log.error("rates provider failed and no rates are stored: only %s users can be calculated: %s",
+                      RATES_BASE, exc)
+            return RatesSnapshot(RATES_BASE, {RATES_BASE: Decimal(1)}, now, "none (provider failed)", True,
+                                 {c: reason for c in currencies if c != RATES_BASE})
         log.warning("rates provider failed, using stored rates as of %s: %s", stored.as_of, exc)
-        return RatesSnapshot(stored.base, stored.rates, stored.as_of, f"{stored.source} (fallback)", True)
-    missing = sorted(set(currencies) - set(snap.rates))
-    if missing:
-        log.warning("no exchange rate for %s: users and assets that need them fail or stay unscored",
-                    ", ".join(missing))
-    age = now - snap.as_of
-    if age > max_age:
-        raise ProviderError(
-            f"rates as of {snap.as_of.isoformat()} are older than {max_age}; refresh exchange_rates "
-            "or configure the HTTP rates provider"
-        )
-    if age > FRESH_RATES_AGE:
-        return RatesSnapshot(snap.base, snap.rates, snap.as_of, snap.source, True)
-    return snap
+        snap = RatesSnapshot(stored.base, stored.rates, stored.as_of, f"{stored.source} (fallback)", True,
+                             {c: f"{reason}: {why}" for c, why in stored.unavailable.items()}, stored.dated)
+        fallback = True
+    got = dict(snap.rates)
+    dated = {c: snap.dated.get(c, snap.as_of) for c in got}
+    unavailable = dict(snap.unavailable)
+    filled = [c for c in currencies if c not in got and c != RATES_BASE]
+    if filled and not fallback:  # the provider left some out: stored rates of those may stand in
+        stored = latest_stored_rates(conn, RATES_BASE, filled)
+        for c in filled:
+            if stored is not None and c in stored.rates and c != stored.base:
+                got[c] = stored.rates[c]
+                dated[c] = stored.dated.get(c, stored.as_of)
+                unavailable.pop(c, None)
+            else:
+                unavailable.setdefault(c, f"{snap.source}: no rate for {c} and none stored")
+    rates: dict[str, Decimal] = {}
+    stale = fallback
+    for c, rate in got.items():
+        if c == RATES_BASE:
+            rates[c] = rate
+            continue
+        verdict = freshness.judge_rates(dated[c], now, margin=margin, max_lag=max_age)
+        if not verdict.usable:
+            unavailable[c] = f"{c}: {verdict.reason}"
+            continue
+        rates[c] = rate
+        stale = stale or verdict.stale
+    if unavailable:
+        log.warning("no usable exchange rate for %s: users who need them fail, the others are calculated",
+                    ", ".join(sorted(unavailable)), extra={"unavailable": sorted(unavailable)})
+    as_of = min((dated[c] for c in rates if c != RATES_BASE), default=snap.as_of)
+    return RatesSnapshot(snap.base, rates, as_of, snap.source, stale, unavailable)
 
 
 # --------------------------------------------------------------------------- plan
@@ -288,6 +322,7 @@ class UserResult:
     generated_at: datetime
     assets_scored: int
     recommendations: int
+    warned: bool = False  # calculated with a warning (a holding could not be valued)
 
     @functools.cached_property
     def document_json(self) -> str:
@@ -413,7 +448,19 @@ def _encode(value: Any) -> str:
 
 
 def _fmt(d: Decimal, places: Decimal = CENT) -> str:
-    return str(d.quantize(places))
+    return format(d.quantize(places), "f")
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """A run's contribution for every user: an amount in a currency, converted to each user's base currency."""
+
+    amount: Decimal
+    currency: str
+
+    def to_json(self) -> dict[str, str]:
+        """Returns {"amount", "currency"} as the run parameter gives it."""
+        return {"amount": money.text(self.amount), "currency": self.currency}
 
 
 @dataclass
@@ -427,10 +474,13 @@ class Batch:
     assets: dict[int, AssetRow]
     criteria: dict[str, tuple[str, int, Any]]
     prices: dict[str, PriceQuote]
-    contribution: Decimal | None = None
+    contribution: Contribution | None = None
     compiled: dict[str, CompiledRules | CriteriaError] = field(default_factory=dict)
     price_text: dict[str, str] = field(default_factory=dict)
     table: FundamentalsTable = field(default_factory=FundamentalsTable)
+    score_floor: Decimal = DEFAULT_SCORE_FLOOR
+    stale_prices: frozenset[str] = frozenset()  # quotes older than their market's previous close
+    unusable_prices: frozenset[str] = frozenset()  # quotes older than the maximum age: their holders fail
 
     def __post_init__(self) -> None:
         self.table.add({aid: a.fundamentals for aid, a in self.assets.items()})
@@ -465,6 +515,11 @@ class Prepared:
     in_scope: list[AssetRow]
     priced_rows: list[int]
     spent_s: float
+    unit: Decimal
+    unpriced: list[dict[str, str]]
+    holding_prices: dict[str, str]
+    holdings_as_of: datetime | None
+    held_count: int
 
 
 def _stamp(stamps: list[datetime]) -> datetime:
@@ -498,24 +553,49 @@ def prepare_user(user: UserRow, batch: Batch) -> Prepared:
         validate_targets(user.targets)
     except AllocationError as exc:
         raise UserFailure("targets", str(exc)) from None
-    if user.base_currency not in rates.rates:
+    try:
+        unit = money.minor_unit(user.base_currency)
+    except money.CurrencyError as exc:
+        raise UserFailure("currency", f"base currency: {exc}") from None
+    rate_table = rates.rates
+    if user.base_currency not in rate_table:
         raise UserFailure("convert", f"base currency {user.base_currency!r} has no exchange rate")
 
     values: dict[str, Decimal] = {}
     holdings_used: dict[str, str] = {}
+    holding_prices: dict[str, str] = {}
+    unpriced: list[dict[str, str]] = []
+    oldest: datetime | None = None
     total = Decimal(0)
+    held = 0
     for aid, raw_qty in user.holdings:
         asset = assets.get(aid)
         if asset is None:
             raise UserFailure("load", f"holding of asset id {aid}: no such asset")
         qty = _quantity(raw_qty, asset.symbol)
-        quote = prices.get(asset.symbol)
+        if not qty:  # a holding of quantity zero is not a holding (docs/allocation.md)
+            continue
+        held += 1
+        symbol = asset.symbol
+        holdings_used[symbol] = _num(qty)
+        quote = prices.get(symbol)
+        if quote is None and symbol in batch.unusable_prices:  # docs/freshness.md: too old to value with
+            raise UserFailure("prices", f"holding {symbol}: its quote is older than OVERNIGHT_MAX_PRICE_AGE_HOURS; "
+                                        "refresh the price (or raise the setting) and clear the batch")
         if quote is None:
-            raise UserFailure("prices", f"holding {asset.symbol}: no usable price; the portfolio cannot be valued")
-        value = _convert(qty * quote.price, quote.currency, user.base_currency, rates.rates)
+            unpriced.append({"symbol": symbol, "quantity": holdings_used[symbol], "reason": NO_PRICE})
+            continue
+        if quote.currency not in rate_table:
+            unpriced.append({"symbol": symbol, "quantity": holdings_used[symbol],
+                             "reason": f"no exchange rate for {quote.currency}"})
+            continue
+        value = _convert(qty * quote.price, quote.currency, user.base_currency, rate_table)
         values[asset.class_name] = values.get(asset.class_name, Decimal(0)) + value
         total += value
-        holdings_used[asset.symbol] = str(qty)
+        holding_prices[symbol] = batch.price_text[symbol]
+        if oldest is None or quote.as_of < oldest:
+            oldest = quote.as_of
+    unpriced.sort(key=operator.itemgetter("symbol"))
     universe = {aid for aid, _ in user.holdings}
     universe.update(user.watchlist)
     user_markets = user.markets
@@ -523,21 +603,36 @@ def prepare_user(user: UserRow, batch: Batch) -> Prepared:
     rows = batch.table.rows
     priced_rows = [rows[a.id] for a in in_scope if a.symbol in prices]
     return Prepared(user, stamps, criteria_id, version, raw_rules, compiled, values, total, holdings_used, in_scope,
-                    priced_rows, time.perf_counter() - t0)
+                    priced_rows, time.perf_counter() - t0, unit, unpriced, holding_prices, oldest, held)
+
+
+def user_contribution(user: UserRow, batch: Batch, unit: Decimal) -> Decimal:
+    """The user's contribution in their base currency, rounded down to its minor unit: the run's (converted at
+    the job's rates) or the user's default; raises UserFailure when the run's currency has no rate."""
+    given = batch.contribution
+    if given is None:
+        return (user.default_contribution or Decimal(0)).quantize(unit, rounding=ROUND_DOWN)
+    if given.currency not in batch.rates.rates:
+        raise UserFailure("contribution", f"the run's contribution is in {given.currency}, which has no exchange "
+                          "rate; give it in a currency the rates provider publishes")
+    converted = _convert(given.amount, given.currency, user.base_currency, batch.rates.rates)
+    return converted.quantize(unit, rounding=ROUND_DOWN)
 
 
 def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0.0) -> UserResult:
     """Second half: the scores `found` for the user's priced assets, recommendations, events, documents.
 
-    `shared_s` is the user's share of the time spent scoring the chunk together."""
+    `shared_s` is the user's share of the time spent scoring the chunk together. An asset is either in
+    `scores` (with its score) or in `unscored` (with the reason), never both."""
     t0 = time.perf_counter()
-    user, stamps, compiled, values, total = p.user, p.stamps, p.compiled, p.values, p.total
+    user, stamps, compiled, values, total, unit = p.user, p.stamps, p.compiled, p.values, p.total, p.unit
     job, rates, prices, price_text = batch.job, batch.rates, batch.prices, batch.price_text
+    base = user.base_currency
     texts, exact_values = found.texts, found.values
-    scores: dict[str, str | None] = {}
+    scores: dict[str, str] = {}
     unscored: dict[str, str] = {}
-    prices_used: dict[str, str] = {}
-    prices_as_of: datetime | None = None
+    prices_used = dict(p.holding_prices)
+    prices_as_of = p.holdings_as_of
     slow: dict[int, Score] = {}  # positions `score_asset` scored
     buyable: list[tuple[Any, str, int, AssetRow]] = []  # (-score, symbol, position, asset)
     rate_table = rates.rates
@@ -546,33 +641,30 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
         symbol = asset.symbol
         quote = prices.get(symbol)
         if quote is None:
-            scores[symbol] = None
             unscored[symbol] = NO_PRICE
             continue
         j += 1
+        if quote.currency not in rate_table:  # cannot be valued in the base currency: not scored, not bought
+            unscored[symbol] = f"no exchange rate for {quote.currency}"
+            continue
         prices_used[symbol] = price_text[symbol]
         if prices_as_of is None or quote.as_of < prices_as_of:
             prices_as_of = quote.as_of
         text = texts[j]
         if text is None and (reason := found.reasons.get(j)) is not None:  # a missing fundamental
-            scores[symbol] = None
             unscored[symbol] = reason
             continue
         if text is None:  # a value the vectorised pass cannot compare exactly
             score = slow[j] = score_asset(compiled.rules, asset.fundamentals, True)
             if score.score is None:
-                scores[symbol] = None
                 unscored[symbol] = score.reason
                 continue
             value: Any = score.score
-            text = str(value)
+            text = money.text(value)
         else:
             value = exact_values[j]
         scores[symbol] = text
-        if asset.currency in rate_table:
-            buyable.append((-value, symbol, j, asset))
-        else:
-            unscored[symbol] = f"no exchange rate for {asset.currency}"
+        buyable.append((-value, symbol, j, asset))
     buyable.sort(key=_BEST_FIRST)
     candidates = []
     for _, symbol, j, asset in shortlist(buyable, _asset_class):
@@ -582,20 +674,23 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     started = stamps[0]
     inputs_at = _stamp(stamps)
     scores_at = _stamp(stamps)
-    contribution = batch.contribution if batch.contribution is not None else (
-        user.default_contribution or Decimal(0))
+    contribution = user_contribution(user, batch, unit)
     try:
-        recs = recommend(Decimal(contribution), values, user.targets, candidates, check_targets=False)
+        plan = recommend(contribution, values, user.targets, candidates, unit=unit, score_floor=batch.score_floor,
+                         check_targets=False)
     except AllocationError as exc:
         raise UserFailure("recommend", str(exc)) from None
+    recs = plan.recommendations
     completed = _stamp(stamps)
     criteria_version = f"{user.criteria_key}@v{p.version}"
-    allocations = {
-        t.class_name: _fmt(values.get(t.class_name, Decimal(0)) * 100 / total if total else Decimal(0))
-        for t in user.targets
+    allocations = {  # every held or targeted class, by name
+        name: _fmt(values.get(name, Decimal(0)) * 100 / total if total else Decimal(0))
+        for name in sorted(values.keys() | {t.class_name for t in user.targets})
     }
-    for name, v in values.items():
-        allocations.setdefault(name, _fmt(v * 100 / total if total else Decimal(0)))
+    contribution_text = money.text(contribution)
+    unallocated = {"amount": money.text(plan.unallocated.amount.quantize(unit)), "reason": plan.unallocated.reason,
+                   "message": plan.unallocated.message}
+    total_text = money.amount_text(total, base)
     document = {
         "userId": user.id,
         "generatedAt": completed.isoformat(),
@@ -603,56 +698,66 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
             {
                 "assetId": str(r.candidate.asset_id),
                 "symbol": r.candidate.symbol,
-                "score": str(r.candidate.score),
-                "amount": _fmt(r.amount),
-                "currency": user.base_currency,
+                "score": money.text(r.candidate.score),
+                "amount": money.text(r.amount),
+                "currency": base,
                 "allocationGap": _fmt(r.allocation_gap),
                 "breakdown": {"criteriaCount": r.candidate.criteria_count,
                               "topContributor": r.candidate.top_contributor},
+                "allocationGapAfter": _fmt(r.allocation_gap_after),
             }
             for r in recs
         ],
-        "portfolioSummary": {"totalValue": _fmt(total), "baseCurrency": user.base_currency,
-                             "allocations": allocations},
+        "portfolioSummary": {"totalValue": total_text, "baseCurrency": base, "allocations": allocations},
         "dataFreshness": {"pricesAsOf": prices_as_of.isoformat() if prices_as_of else batch.rates_as_of,
                           "ratesAsOf": batch.rates_as_of,
                           "criteriaVersion": criteria_version},
-        "totalInvestable": _fmt(Decimal(contribution)),
+        "totalInvestable": contribution_text,
+        "unallocated": unallocated,
+        "unpricedHoldings": p.unpriced,
         "ratesStale": rates.stale,
+        "stalePrices": sorted(batch.stale_prices.intersection(prices_used)),
         "correlationId": job.correlation_id,
         "market": job.market,
         "sessionDate": job.session_date,
     }
+    targets = {t.class_name: t for t in user.targets}
     portfolio = {
-        "totalValue": _fmt(total),
-        "assetCount": len(user.holdings),
+        "totalValue": total_text,
+        "assetCount": p.held_count,
         "allocations": [
-            {"className": t.class_name, "currentPercent": allocations.get(t.class_name, "0.00"),
-             "targetMin": str(t.min_pct), "targetMax": str(t.max_pct)}
-            for t in sorted(user.targets, key=lambda t: t.class_name)
+            {"className": name, "currentPercent": percent,
+             "targetMin": _fmt(targets[name].min_pct) if name in targets else None,
+             "targetMax": _fmt(targets[name].max_pct) if name in targets else None}
+            for name, percent in allocations.items()
         ],
     }
-    scored_symbols = sorted(s for s, v in scores.items() if v is not None)
+    scored_symbols = sorted(scores)
     duration_ms = round((p.spent_s + shared_s + time.perf_counter() - t0) * 1000, 3)
     assets = batch.assets
+    inputs = {
+        "jobRunId": job.id, "criteriaVersion": criteria_version, "criteria": p.raw_rules, "prices": prices_used,
+        "pricesAsOf": prices_as_of.isoformat() if prices_as_of else None, "rates": batch.rates_payload,
+        "ratesBase": rates.base, "ratesAsOf": batch.rates_as_of, "ratesStale": rates.stale,
+        "holdings": p.holdings_used, "watchlist": sorted(assets[a].symbol for a in user.watchlist if a in assets),
+        "targets": [[t.class_name, str(t.min_pct), str(t.max_pct)] for t in user.targets],
+        "contribution": contribution_text, "baseCurrency": base, "unpricedHoldings": p.unpriced,
+        "allocationPolicy": ALLOCATION_POLICY, "scoreFloor": money.text(batch.score_floor),
+    }
+    if batch.contribution is not None:
+        inputs["contributionGiven"] = batch.contribution.to_json()
     events = [
         ("CALC_STARTED", started, {"market": job.market, "sessionDate": job.session_date, "jobRunId": job.id,
                                    "criteriaKey": user.criteria_key}, None),
-        ("INPUTS_CAPTURED", inputs_at, {
-            "jobRunId": job.id, "criteriaVersion": criteria_version, "criteria": p.raw_rules, "prices": prices_used,
-            "pricesAsOf": prices_as_of.isoformat() if prices_as_of else None, "rates": batch.rates_payload,
-            "ratesBase": rates.base, "ratesAsOf": batch.rates_as_of, "ratesStale": rates.stale,
-            "holdings": p.holdings_used, "watchlist": sorted(assets[a].symbol for a in user.watchlist if a in assets),
-            "targets": [[t.class_name, str(t.min_pct), str(t.max_pct)] for t in user.targets],
-            "contribution": str(contribution), "baseCurrency": user.base_currency,
-        }, None),
+        ("INPUTS_CAPTURED", inputs_at, inputs, None),
         ("SCORES_COMPUTED", scores_at, {"scores": scores, "unscored": unscored}, scored_symbols),
         ("CALC_COMPLETED", completed, {"durationMs": duration_ms, "assetsScored": len(scored_symbols),
-                                       "recommendations": len(recs), "totalInvestable": _fmt(Decimal(contribution))},
+                                       "recommendations": len(recs), "totalInvestable": contribution_text,
+                                       "unallocated": unallocated["amount"]},
          None),
     ]
     return UserResult(user.id, events, document, portfolio, criteria_version, completed, len(scored_symbols),
-                      len(recs))
+                      len(recs), bool(p.unpriced))
 
 
 _UNEXPECTED = (ArithmeticError, InvalidOperation, ValueError, KeyError, TypeError)
@@ -842,18 +947,22 @@ def score_batch(
     price_provider: PriceProvider,
     *,
     warm_cache: Callable[[list[tuple[str, str, str]]], int] | None,
-    contribution: Decimal | None = None,
+    contribution: Contribution | None = None,
+    score_floor: Decimal = DEFAULT_SCORE_FLOOR,
     chunk_size: int = CHUNK_SIZE,
+    judge_prices: Callable[[dict[str, tuple[datetime, str]]], tuple[set[str], set[str]]] | None = None,
 ) -> dict[str, Any]:
     """Calculates the batch's pending users; one user's failure never stops the others.
 
     The batch streams through in chunks of `chunk_size` users (load, calculate, write, warm), so a task's
     memory does not grow with the batch. A systemic failure (database gone) raises and the task is
     retried; users written before are complete (events, row and document committed together) and skipped.
+    `judge_prices` ({symbol: (as_of, market)} -> (stale, unusable)) flags stale quotes in the documents and
+    drops unusable ones (docs/freshness.md).
     """
     t0, wall0 = time.perf_counter(), time.time()
     timings = {"load": 0.0, "calc": 0.0, "write": 0.0, "cache_warm": 0.0}
-    counts = {"users": 0, "completed": 0, "skipped": 0, "failed": 0, "assets_scored": 0,
+    counts = {"users": 0, "completed": 0, "skipped": 0, "failed": 0, "warned": 0, "assets_scored": 0,
               "recommendations_generated": 0}
     quotes: dict[str, PriceQuote | None] = {}  # the job run's quotes, looked up once per batch
     assets: dict[int, AssetRow] = {}  # loaded once per batch, whatever the chunks
@@ -862,6 +971,8 @@ def score_batch(
     table = FundamentalsTable()
     cache_states: set[str] = set()
     cache_error = None
+    stale_prices: set[str] = set()
+    unusable_prices: set[str] = set()
     after: str | None = None
     while True:
         with _gc_paused():  # a chunk makes ~100k short-lived objects: no collection scans the heap meanwhile
@@ -879,10 +990,18 @@ def score_batch(
             if missing:
                 quotes.update(dict.fromkeys(missing))
                 quotes.update(job_quotes(conn, job, price_provider, missing))
+                if judge_prices is not None:
+                    market_of = {a.symbol: a.market for a in assets.values()}
+                    stale, unusable = judge_prices(
+                        {s: (q.as_of, market_of[s]) for s in missing if (q := quotes[s]) is not None})
+                    stale_prices |= stale
+                    unusable_prices |= unusable
+                    quotes.update(dict.fromkeys(unusable))  # too old to value anything with: unpriced
             prices = {s: q for s, q in quotes.items() if q is not None}
             timings["load"] += time.perf_counter() - t
             t = time.perf_counter()
-            shared = Batch(job, rates, assets, criteria, prices, contribution, compiled, price_text, table)
+            shared = Batch(job, rates, assets, criteria, prices, contribution, compiled, price_text, table,
+                           score_floor, frozenset(stale_prices), frozenset(unusable_prices))
             results, failures = calculate_chunk(users, shared)
             timings["calc"] += time.perf_counter() - t
             t = time.perf_counter()
@@ -902,6 +1021,7 @@ def score_batch(
             counts["completed"] += len(new)
             counts["skipped"] += len(results) - len(new)
             counts["failed"] += len(failures)
+            counts["warned"] += sum(r.warned for r in new)
             counts["assets_scored"] += sum(r.assets_scored for r in new)
             counts["recommendations_generated"] += sum(r.recommendations for r in new)
             log.info("%s: %d of %d users done", batch.get("label"), counts["users"],
@@ -917,6 +1037,8 @@ def score_batch(
         **counts,
         "cache_status": cache_status,
         "cache_error": cache_error,
+        "stale_prices": sorted(stale_prices),
+        "unusable_prices": sorted(unusable_prices),
         **{f"{k}_ms": round(v * 1000, 1) for k, v in timings.items()},
         "duration_ms": round((time.perf_counter() - t0) * 1000, 1),
         "started_at": wall0,
@@ -965,6 +1087,16 @@ def finalize(
         details["users"] = failures
     if failed_batches:
         details["batches"] = failed_batches
+    stale_prices = sorted(set().union(*(r.get("stale_prices", ()) for r in done)))
+    unusable_prices = sorted(set().union(*(r.get("unusable_prices", ()) for r in done)))
+    rates_missing = dict(sorted(((rates or {}).get("unavailable") or {}).items()))
+    details.pop("rates", None)
+    details.pop("prices", None)
+    if rates_missing:
+        details["rates"] = rates_missing
+    if unusable_prices:
+        details["prices"] = {"unusable": unusable_prices[:MAX_ERROR_DETAILS],
+                             "reason": "quotes older than OVERNIGHT_MAX_PRICE_AGE_HOURS; their holders failed"}
     if planned is None or rates is None:
         status = "failed"
         details.setdefault("run", {"stage": "before fan-out", "message": "a step before the fan-out failed"})
@@ -990,11 +1122,16 @@ def finalize(
         "batches_failed": len(failed_batches),
         "assets_scored": sum(r["assets_scored"] for r in done),
         "recommendations_generated": sum(r["recommendations_generated"] for r in done),
+        "users_with_warnings": sum(r.get("warned", 0) for r in done),
         "users_skipped_already_done": sum(r["skipped"] for r in done),
         "cache_status": cache,
         "cache_errors": sorted({r["cache_error"] for r in done if r.get("cache_error")})[:5],
         "rates_stale": bool(rates and rates.get("stale")),
         "rates_as_of": rates.get("as_of") if rates else None,
+        "rates_missing": sorted(rates_missing),
+        "stale_prices": len(stale_prices),
+        "stale_price_symbols": stale_prices[:20],
+        "unusable_prices": len(unusable_prices),
     }
     users_failed = failed_rows + missing
     conn.execute(

@@ -1,4 +1,10 @@
-"""Recommendations: where a contribution goes, by allocation gaps first, then by score."""
+"""Recommendations: the allocation policy of `docs/allocation.md`, buy-only and never past a class's maximum.
+
+A contribution fills the classes below their minimum, then toward their midpoint, then up to their
+maximum, each step in proportion to how far each class is from its mark; what no class can take stays
+unallocated, with the reason. A class's money goes equally to its three best-scored candidates above the
+score floor. Amounts are in the currency's minor unit, rounded down, remainder by largest remainder.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,13 @@ from decimal import ROUND_DOWN, Decimal
 from operator import attrgetter
 from typing import TypeVar
 
+from overnight.money import split_largest_remainder
+
+ALLOCATION_POLICY = 2  # bump whenever a rule of docs/allocation.md changes (the audit trail records it)
 CENT = Decimal("0.01")
 HUNDRED = Decimal(100)
 PER_CLASS = 3  # how many of a class's best-scored assets share its money
+DEFAULT_SCORE_FLOOR = Decimal(0)  # an asset scored at or below the floor is never bought
 _RANK = attrgetter("rank")
 _ZERO = Decimal(0)
 T = TypeVar("T")
@@ -30,7 +40,7 @@ class Target:
 
     @property
     def mid_pct(self) -> Decimal:
-        """The middle of the range: where money goes once the minimum is met."""
+        """The middle of the range."""
         return (self.min_pct + self.max_pct) / 2
 
 
@@ -52,22 +62,39 @@ class Candidate:
 
 @dataclass(slots=True)
 class Recommendation:
-    """Buy `amount` (base currency) of an asset; `allocation_gap` is its class's gap in points."""
+    """Buy `amount` (base currency) of an asset; the gaps are its class's, in points (docs/allocation.md)."""
 
     candidate: Candidate
     amount: Decimal
     allocation_gap: Decimal
+    allocation_gap_after: Decimal
+
+
+@dataclass(frozen=True)
+class Unallocated:
+    """Money the policy did not place: `amount` (base currency), `reason` (a code) and a `message`."""
+
+    amount: Decimal
+    reason: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What `recommend` decided: the buys (largest first) and what stays unallocated."""
+
+    recommendations: list[Recommendation]
+    unallocated: Unallocated
 
 
 def shortlist(ranked: Iterable[T], class_of: Callable[[T], str]) -> list[T]:
-    """Of items sorted best first, those `recommend` can pick: each class's best PER_CLASS and the best
-    2 x PER_CLASS overall. `recommend` on the shortlist answers as on all the items."""
+    """Of items sorted best first, each class's best PER_CLASS: all that `recommend` can pick."""
     out: list[T] = []
     per_class: dict[str, int] = {}
-    for i, item in enumerate(ranked):
+    for item in ranked:
         name = class_of(item)
         seen = per_class.get(name, 0)
-        if seen < PER_CLASS or i < PER_CLASS * 2:
+        if seen < PER_CLASS:
             out.append(item)
         per_class[name] = seen + 1
     return out
@@ -85,67 +112,38 @@ def validate_targets(targets: list[Target]) -> None:
         raise AllocationError(f"allocation targets: minimums add up to {total_min}% (more than 100%)")
 
 
-def split_to_cents(total: Decimal, weights: dict[str, Decimal]) -> dict[str, Decimal]:
-    """Splits `total` by weights into cents that add up to it exactly (largest remainder)."""
-    total = total.quantize(CENT)
-    positive = {k: w for k, w in weights.items() if w > 0}
-    if total <= 0 or not positive:
-        return {k: Decimal(0) for k in weights}
-    wsum = sum(positive.values(), Decimal(0))
-    raw = {k: total * w / wsum for k, w in positive.items()}
-    floors = {k: v.quantize(CENT, rounding=ROUND_DOWN) for k, v in raw.items()}
-    left = int(((total - sum(floors.values(), Decimal(0))) / CENT).to_integral_value())
-    for k in sorted(positive, key=lambda k: (-(raw[k] - floors[k]), k))[:left]:
-        floors[k] += CENT
-    return {k: floors.get(k, Decimal(0)) for k in weights}
-
-
-def _class_weights(
-    contribution: Decimal, values: dict[str, Decimal], targets: list[Target], eligible: set[str]
-) -> tuple[dict[str, Decimal], dict[str, Decimal]]:
-    """Returns (money weight per class, gap in points per class)."""
-    zero = _ZERO
-    total_before = sum(values.values(), zero)
-    total_after = total_before + contribution
-    mids = {t.class_name: t.mid_pct for t in targets}
-    gaps = {}
-    for t in targets:
-        name = t.class_name
-        current = values.get(name, zero) * HUNDRED / total_before if total_before else zero
-        gaps[name] = (mids[name] - current).quantize(CENT)
-    pool = [t for t in targets if t.class_name in eligible]
-    alloc = {t.class_name: zero for t in pool}
+def _fill_classes(
+    contribution: Decimal, values: dict[str, Decimal], pool: list[Target], total_after: Decimal
+) -> tuple[dict[str, Decimal], Decimal]:
+    """Steps 1-3 of the policy: returns (exact money per class, money left that no class can take)."""
+    alloc = {t.class_name: _ZERO for t in pool}
     remaining = contribution
-
-    def fill(need: dict[str, Decimal]) -> None:
-        nonlocal remaining
-        need = {k: v for k, v in need.items() if v > 0}
-        total_need = sum(need.values(), zero)
-        if remaining <= 0 or total_need <= 0:
-            return
-        if total_need >= remaining:
-            for k, v in need.items():
-                alloc[k] += remaining * v / total_need
-            remaining = zero
-        else:
-            for k, v in need.items():
-                alloc[k] += v
-            remaining -= total_need
-
-    # 1. classes below their minimum, in proportion to the gap; 2. toward the middle of the range;
-    # 3. up to the maximum; 4. anything left (all classes full) by the middle of the range.
-    # A step is skipped once nothing remains (it could not change anything).
-    for level in ("min", "mid", "max"):
+    marks: tuple[Callable[[Target], Decimal], ...] = (
+        attrgetter("min_pct"), attrgetter("mid_pct"), attrgetter("max_pct"))
+    for mark in marks:
         if remaining <= 0:
             break
-        fill({t.class_name: (t.min_pct if level == "min" else mids[t.class_name] if level == "mid" else t.max_pct)
-              * total_after / HUNDRED - (values.get(t.class_name, zero) + alloc[t.class_name]) for t in pool})
-    if remaining > 0 and pool:
-        pool_mids = {t.class_name: mids[t.class_name] for t in pool}
-        if sum(pool_mids.values(), zero) <= 0:
-            pool_mids = {t.class_name: Decimal(1) for t in pool}
-        fill({k: remaining * v / sum(pool_mids.values(), zero) for k, v in pool_mids.items()})
-    return alloc, gaps
+        need = {}
+        for t in pool:
+            short = mark(t) * total_after / HUNDRED - values.get(t.class_name, _ZERO) - alloc[t.class_name]
+            if short > 0:
+                need[t.class_name] = short
+        total_need = sum(need.values(), _ZERO)
+        if total_need <= 0:
+            continue
+        if total_need >= remaining:  # not enough for every class: in proportion to how far each is
+            for name, short in need.items():
+                alloc[name] += remaining * short / total_need
+            remaining = _ZERO
+        else:
+            for name, short in need.items():
+                alloc[name] += short
+            remaining -= total_need
+    return alloc, remaining
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(sorted(names))
 
 
 def recommend(
@@ -154,40 +152,70 @@ def recommend(
     targets: list[Target],
     candidates: list[Candidate],
     *,
+    unit: Decimal = CENT,
+    score_floor: Decimal = DEFAULT_SCORE_FLOOR,
     check_targets: bool = True,
-) -> list[Recommendation]:
-    """Spreads the contribution over the best-scored assets of each class, by allocation gap.
+) -> Allocation:
+    """Places `contribution` (a multiple of `unit`, the base currency's minor unit) by docs/allocation.md.
 
-    `values` is the current holding value per class in the base currency. Amounts are cents that
-    add up to the contribution exactly (when any asset is eligible), none negative.
+    `values` is the valued holdings per class in the base currency (untargeted classes included: they
+    count in the portfolio's total). Amounts are multiples of `unit`, none negative, and they add up with
+    the unallocated amount to the contribution exactly.
     """
     if check_targets:  # callers that validated already (the pipeline, per user) skip the second check
         validate_targets(targets)
-    if contribution <= 0 or not candidates:
-        return []
+    if contribution <= 0:
+        return Allocation([], Unallocated(_ZERO, "no_contribution", "the contribution is zero"))
+    if not targets:
+        return Allocation([], Unallocated(contribution, "no_targets",
+                                          "no allocation targets: set targets to get recommendations"))
+    targeted = {t.class_name for t in targets}
     by_class: dict[str, list[Candidate]] = {}
-    ordered = sorted(candidates, key=_RANK)
-    for c in ordered:
-        by_class.setdefault(c.class_name, []).append(c)
-    if targets:
-        class_money, gaps = _class_weights(contribution, values, targets, set(by_class))
-    else:
-        class_money, gaps = {}, {}
-    if not class_money or sum(class_money.values(), Decimal(0)) <= 0:
-        # No usable targets: the best-scored assets overall share the contribution.
-        best = ordered[: PER_CLASS * 2]
-        weights = {c.symbol: Decimal(1) for c in best}
-    else:
-        weights = {}
-        for name, money in class_money.items():
-            picks = by_class.get(name, [])[:PER_CLASS]
-            for c in picks:
-                weights[c.symbol] = money / len(picks)
-    amounts = split_to_cents(contribution, weights)
-    by_symbol = {c.symbol: c for c in candidates}
+    for c in sorted(candidates, key=_RANK):
+        if c.score > score_floor and c.class_name in targeted:
+            by_class.setdefault(c.class_name, []).append(c)
+    if not by_class:
+        return Allocation([], Unallocated(contribution, "no_candidates",
+                                          f"no asset of a targeted class is scored above {score_floor}"))
+    total_before = sum(values.values(), _ZERO)
+    total_after = total_before + contribution
+    pool = [t for t in targets if t.class_name in by_class]
+    class_money, left = _fill_classes(contribution, values, pool, total_after)
+    invest = (contribution - left).quantize(unit, rounding=ROUND_DOWN)
+    exact: dict[str, Decimal] = {}
+    for name, money in class_money.items():
+        picks = by_class[name][:PER_CLASS]
+        for c in picks:
+            exact[c.symbol] = money / len(picks)
+    amounts = split_largest_remainder(invest, exact, unit)
+
+    mids = {t.class_name: t.mid_pct for t in targets}
+    bought: dict[str, Decimal] = {}
+    picked = {c.symbol: c for picks in by_class.values() for c in picks[:PER_CLASS]}
+    for symbol, amount in amounts.items():
+        name = picked[symbol].class_name
+        bought[name] = bought.get(name, _ZERO) + amount
+
+    def gap(name: str, added: Decimal) -> Decimal:
+        held = values.get(name, _ZERO) + added
+        share = held * HUNDRED / total_after if total_after else _ZERO
+        return (mids[name] - share).quantize(CENT)
+
     recs = [
-        Recommendation(by_symbol[s], amt, gaps.get(by_symbol[s].class_name, Decimal(0)))
+        Recommendation(picked[s], amt, gap(picked[s].class_name, _ZERO), gap(picked[s].class_name,
+                                                                              bought[picked[s].class_name]))
         for s, amt in amounts.items()
         if amt > 0
     ]
-    return sorted(recs, key=lambda r: (-r.amount, r.candidate.symbol))
+    recs.sort(key=lambda r: (-r.amount, r.candidate.symbol))
+    rest = contribution - invest
+    if rest <= 0:
+        return Allocation(recs, Unallocated(_ZERO))
+    if left > 0:
+        without = {t.class_name for t in targets if t.class_name not in by_class
+                   and values.get(t.class_name, _ZERO) * HUNDRED < t.min_pct * total_after}
+        message = f"{_names(by_class)} reached the maximum of their target range"
+        if without:
+            message += f"; {_names(without)} below the minimum but with no asset scored above {score_floor}"
+        return Allocation(recs, Unallocated(rest, "targets_full", message))
+    return Allocation(recs, Unallocated(rest, "rounding", "less than one minor unit was left from rounding"))

@@ -15,18 +15,21 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from overnight import db, pipeline, sessions, telemetry
+from overnight import db, freshness, money, pipeline, sessions, telemetry
 from overnight.connections import ConnectionNotConfigured, get_connection
 from overnight.markets import Market
 from overnight.providers.base import PriceProvider, RatesProvider, RatesSnapshot
 from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.recommendations import DEFAULT_SCORE_FLOOR
 
 log = logging.getLogger(__name__)
 
 RATES_CONN_ID = "overnight_rates_http"
 PRICES_CONN_ID = "overnight_prices_http"
 PARAM_NAMES = ("session_date", "user_ids", "batch_size", "contribution", "force")
-_DECIMAL = re.compile(r"^\d{1,12}(\.\d{1,2})?$")
+_AMOUNT = re.compile(r"^\d{1,12}(\.\d{1,4})?$")
+SCORE_FLOOR_ENV = "OVERNIGHT_SCORE_FLOOR"
+CONTRIBUTION_EXAMPLE = '{"amount": "1500", "currency": "USD"}'
 
 
 class ParamError(ValueError):
@@ -40,7 +43,7 @@ class RunParams:
     session_date: date
     user_ids: tuple[str, ...] | None
     batch_size: int
-    contribution: Decimal | None
+    contribution: pipeline.Contribution | None
     force: bool
 
     def to_xcom(self) -> dict[str, Any]:
@@ -49,7 +52,7 @@ class RunParams:
             "session_date": self.session_date.isoformat(),
             "user_ids": list(self.user_ids) if self.user_ids is not None else None,
             "batch_size": self.batch_size,
-            "contribution": str(self.contribution) if self.contribution is not None else None,
+            "contribution": self.contribution.to_json() if self.contribution is not None else None,
             "force": self.force,
         }
 
@@ -59,7 +62,8 @@ class RunParams:
         ids = data.get("user_ids")
         c = data.get("contribution")
         return cls(date.fromisoformat(data["session_date"]), tuple(ids) if ids is not None else None,
-                   int(data["batch_size"]), Decimal(c) if c is not None else None, bool(data["force"]))
+                   int(data["batch_size"]), pipeline.Contribution(Decimal(c["amount"]), c["currency"]) if c else None,
+                   bool(data["force"]))
 
 
 def validate_params(
@@ -110,14 +114,13 @@ def validate_params(
             problems.append(f"batch_size: expected an integer from 1 to 100000, got {raw_bs!r}")
         else:
             batch_size = raw_bs
-    contribution: Decimal | None = None
+    contribution: pipeline.Contribution | None = None
     raw_c = merged.get("contribution")
-    if raw_c not in (None, ""):
-        text = str(raw_c)
-        if not _DECIMAL.match(text):
-            problems.append(f"contribution: expected an amount such as \"1500.00\" (>= 0, cents at most), got {raw_c!r}")
-        else:
-            contribution = Decimal(text)
+    if raw_c not in (None, "", {}):
+        try:
+            contribution = parse_contribution(raw_c)
+        except ValueError as exc:
+            problems.append(f"contribution: {exc}")
     force = merged.get("force", False)
     if not isinstance(force, bool):
         problems.append(f"force: expected true or false, got {force!r}")
@@ -125,6 +128,44 @@ def validate_params(
         raise ParamError(f"{market.dag_id}: bad parameters: " + "; ".join(problems))
     assert session is not None
     return RunParams(session, ids, batch_size, contribution, bool(force))
+
+
+def parse_contribution(raw: Any) -> pipeline.Contribution:
+    """Parses the `contribution` parameter, an amount with its currency; raises ValueError saying what to pass."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected an amount with its currency such as {CONTRIBUTION_EXAMPLE}, got {raw!r}; "
+                         "a bare number is ambiguous (1500 yen is not 1500 dollars)")
+    unknown = sorted(set(raw) - {"amount", "currency"})
+    if unknown:
+        raise ValueError(f"unknown keys {unknown}; expected {CONTRIBUTION_EXAMPLE}")
+    amount, currency = raw.get("amount"), raw.get("currency")
+    if not isinstance(currency, str) or not re.fullmatch(r"[A-Z]{3}", currency):
+        raise ValueError(f"'currency' must be a 3-letter ISO 4217 code such as USD, got {currency!r}")
+    try:
+        unit = money.minor_unit(currency)
+    except money.CurrencyError as exc:
+        raise ValueError(str(exc)) from None
+    text = str(amount) if isinstance(amount, str | int) and not isinstance(amount, bool) else ""
+    if not _AMOUNT.match(text):
+        raise ValueError(f"'amount' must be a non-negative amount such as \"1500.00\", got {amount!r}")
+    value = Decimal(text)
+    if value != value.quantize(unit):
+        raise ValueError(f"'amount' {text} has more decimals than {currency} has ({-unit.as_tuple().exponent})")
+    return pipeline.Contribution(value, currency)
+
+
+def score_floor() -> Decimal:
+    """The score at or below which an asset is never bought: `OVERNIGHT_SCORE_FLOOR`, default 0."""
+    raw = os.environ.get(SCORE_FLOOR_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SCORE_FLOOR
+    try:
+        value = Decimal(raw)
+    except ArithmeticError:
+        value = Decimal("NaN")
+    if not value.is_finite():
+        raise ValueError(f"{SCORE_FLOOR_ENV}={raw!r} is not a number; set a score such as 0 or 2.5, or unset it")
+    return value
 
 
 def start(market: Market, run: RunParams, dag_run_id: str) -> dict[str, Any]:
@@ -174,14 +215,38 @@ def price_provider(conn: Any) -> PriceProvider:
     return HttpPriceProvider(http[0], api_key=http[1], rate_limiter=limiter)
 
 
+def _lead(code: str) -> timedelta:
+    """The market's configured lead (markets.yaml), or the default for a market no longer listed."""
+    from overnight.markets import DEFAULT_LEAD, UnknownMarketError, get_market
+
+    try:
+        return get_market(code).lead
+    except UnknownMarketError:
+        return DEFAULT_LEAD
+
+
+def reference_moment(job: pipeline.JobRun, now: datetime | None = None) -> datetime:
+    """The moment the job run is judged at (docs/freshness.md): its session's scheduled run, or now if earlier."""
+    scheduled = freshness.scheduled_run(job.market, _lead(job.market), date.fromisoformat(job.session_date))
+    return freshness.reference_moment(scheduled, now or datetime.now(UTC))
+
+
+def document_deadline(job: pipeline.JobRun) -> datetime:
+    """Until when the job run's documents are fresh: the market's next session's run + the grace period."""
+    return freshness.document_deadline(job.market, _lead(job.market), date.fromisoformat(job.session_date),
+                                       freshness.grace())
+
+
 def fetch_rates(job_x: dict[str, Any]) -> dict[str, Any]:
-    """Fetches exchange rates once for the run; records a clear error on the job run if it cannot."""
+    """Fetches exchange rates once for the run, judged at the run's reference moment; records a clear error on
+    the job run if it cannot."""
     job = pipeline.JobRun.from_xcom(job_x)
     t0 = time.perf_counter()
-    max_age = timedelta(hours=float(os.environ.get("OVERNIGHT_MAX_RATES_AGE_HOURS", "72")))
     with db.connect() as conn:
         try:
-            snap = pipeline.fetch_rates(conn, rates_provider(conn), pipeline.needed_currencies(conn), max_age=max_age)
+            snap = pipeline.fetch_rates(conn, rates_provider(conn), pipeline.needed_currencies(conn),
+                                        max_age=freshness.max_rates_lag(), now=reference_moment(job),
+                                        margin=freshness.rates_margin())
         except Exception as exc:
             conn.rollback()
             pipeline.record_job_error(conn, job, "fetch_rates", str(exc))
@@ -227,14 +292,22 @@ def score_batch(batch: dict[str, Any], job_x: dict[str, Any], rates_x: dict[str,
     except Exception as exc:  # noqa: BLE001 - a bad Redis URL must not lose the night
         log.warning("redis client not created: %s", exc)
 
+    setting = freshness.cache_ttl_setting()
+
     def warm(docs: list[tuple[str, str, str]]) -> int:
         if redis_client is None:
             raise ConnectionError("no Redis client")
-        return cache.warm(redis_client, docs)
+        deadline = document_deadline(job) if setting else None
+        return cache.warm(redis_client, docs, ttl_s=freshness.cache_ttl_seconds(setting, deadline, datetime.now(UTC)))
+
+    judged_at, max_price_age = reference_moment(job), freshness.max_price_age()
+
+    def judge_prices(quotes: dict[str, tuple[datetime, str]]) -> tuple[set[str], set[str]]:
+        return freshness.judge_quotes(quotes, judged_at, max_price_age)
 
     with db.connect() as conn:
         out = pipeline.score_batch(conn, job, aud, rates, batch, price_provider(conn), warm_cache=warm,
-                                   contribution=run.contribution)
+                                   contribution=run.contribution, score_floor=score_floor(), judge_prices=judge_prices)
     telemetry.batch_span(job.correlation_id, {**out, "market": job.market, "correlation_id": job.correlation_id})
     return out
 

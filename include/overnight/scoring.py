@@ -348,7 +348,7 @@ def score_many(requests: list[tuple[CompiledRules, list[int]]], table: Fundament
             assert exps is not None
             values = [Decimal(t).scaleb(-scale).quantize(Decimal(1).scaleb(e))
                       for t, e in zip(totals[k:end], exps[k:end], strict=True)]
-            texts = [str(v) for v in values]
+            texts = [format(v, "f") for v in values]  # plain digits: never '1E-7'
         cnt = counts[k:end]
         tops = [metrics[t] if n else "" for t, n in zip(top_local[k:end], cnt, strict=True)]
         mine: dict[int, str] = {}

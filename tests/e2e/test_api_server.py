@@ -1,9 +1,10 @@
 """The Overnight plugin on a real `airflow api-server`: auth, data, fallbacks, hostile input, and the page in Chromium.
 
 Two api-servers start side by side on this run's fresh databases: the normal one, and one whose
-`overnight_redis` connection points at a TCP listener that never answers (a hung Redis). Tokens
-come from the simple auth manager's `POST /auth/token`; a user configured with no role
-(`norole:`) is authenticated but may not read DAGs, which is how a 403 is produced for real.
+`overnight_redis` connection points at a TCP listener that never answers (a hung Redis). Both run the
+auth manager `make airflow` runs (`OvernightSimpleAuthManager`); tokens come from its `POST /auth/token`
+for admin, viewer (operations only: 403 on dashboards), the service login overnight_app (dashboards) and
+`norole:` (authenticated, no permission at all). The hostile access tests are in test_access.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,9 +31,9 @@ import psycopg
 import pytest
 import redis
 
-from overnight import cache, pipeline, sessions
-from overnight.markets import load_markets
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from overnight import cache
+from overnight.api_auth import NO_PERSONAL_DATA
+from tests.support.api_server import SERVICE, ApiServer, auth_env, score_market, token
 
 pytestmark = pytest.mark.e2e
 
@@ -43,12 +43,6 @@ SESSION = date(2026, 11, 25)
 JWT_SECRET = uuid.uuid4().hex
 HOSTILE = ["'", '"', "'; DROP TABLE users;--", "../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "ÄÖÜ-€-日本",
            "%27%20OR%20%271%27%3D%271", "\\", "<script>alert(1)</script>", "a" * 300, "%00"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SilentServer:
@@ -80,87 +74,19 @@ class SilentServer:
         self.sock.close()
 
 
-class ApiServer:
-    """An `airflow api-server` subprocess (its own process group) on a free port."""
-
-    def __init__(self, name: str, env: dict[str, str], logdir: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = logdir / f"api-server-{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("airflow")), "api-server", "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(ROOT),
-        )
-
-    def wait_healthy(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                if httpx.get(f"{self.url}/api/v2/monitor/health", timeout=2, trust_env=False).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"api-server did not become healthy; last log lines:\n{self.tail()}")
-
-    def tail(self, n: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self._log.close()
-
-
-def _score(pg_dsn: str, redis_url: str, market: str, session: date) -> pipeline.JobRun:
-    codes = load_markets().codes
-    client = redis.Redis.from_url(redis_url)
-    with psycopg.connect(pg_dsn) as conn:
-        job = pipeline.start_job(conn, market, session, "test-e2e-api")
-        rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-        aud = pipeline.Audience(market, tuple(sessions.earlier_markets(market, session, codes)))
-        batches = pipeline.plan_batches(conn, aud, 300)
-        results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn),
-                                        warm_cache=lambda docs: cache.warm(client, docs)) for b in batches]
-        pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
-    client.close()
-    return job
-
-
 @pytest.fixture(scope="module")
 def stack(airflow_db: None, pg_dsn: str, seeded: dict[str, int]) -> Iterator[dict[str, Any]]:
-    """Scored data, and the two api-servers (normal, hung Redis) with tokens for admin, viewer and norole."""
+    """Scored data, and the two api-servers (normal, hung Redis) with tokens for admin, viewer, the service
+    login overnight_app and norole (authenticated, no role), under the auth manager `make airflow` runs."""
     redis_url = os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"]
-    job = _score(pg_dsn, redis_url, "XNYS", SESSION)
+    job = score_market(pg_dsn, redis_url, "XNYS", SESSION)
     with psycopg.connect(pg_dsn) as conn:
         user_id, doc = conn.execute(
             "SELECT user_id::text, document FROM recommendations WHERE correlation_id = %s"
             " AND jsonb_array_length(document->'recommendations') > 1 ORDER BY user_id LIMIT 1",
             (job.correlation_id,)).fetchone()
     tmp = Path(tempfile.mkdtemp(prefix="overnight-e2e-"))
-    passwords = json.loads(Path(os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]).read_text())
-    passwords["norole"] = "norole"
-    (tmp / "passwords.json").write_text(json.dumps(passwords))
-    env = {
-        **os.environ,
-        "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer,norole:",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp / "passwords.json"),
-        "AIRFLOW__API_AUTH__JWT_SECRET": JWT_SECRET,
-        "AIRFLOW__API_AUTH__JWT_LEEWAY": "0",  # expiry exactly at `exp` (the auth-cache test relies on it)
-        "AIRFLOW__CORE__LAZY_LOAD_PLUGINS": "False",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "include"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        "NO_PROXY": "*",
-    }
+    env, passwords = auth_env(tmp, JWT_SECRET)
     silent = SilentServer()
     main = ApiServer("main", env, tmp)
     hung = ApiServer("hung-redis", {**env, "AIRFLOW_CONN_OVERNIGHT_REDIS": f"redis://127.0.0.1:{silent.port}/0"},
@@ -169,11 +95,7 @@ def stack(airflow_db: None, pg_dsn: str, seeded: dict[str, int]) -> Iterator[dic
         deadline = time.monotonic() + 120
         main.wait_healthy(deadline)
         hung.wait_healthy(deadline)
-        tokens = {}
-        for name, pw in (("admin", passwords["admin"]), ("viewer", passwords["viewer"]), ("norole", "norole")):
-            resp = httpx.post(f"{main.url}/auth/token", json={"username": name, "password": pw}, trust_env=False)
-            assert resp.status_code == 201, f"token for {name}: {resp.status_code} {resp.text}"
-            tokens[name] = resp.json()["access_token"]
+        tokens = {name: token(main.url, name, pw) for name, pw in passwords.items()}
         yield {"main": main, "hung": hung, "tokens": tokens, "user_id": user_id, "doc": doc, "job": job,
                "redis": redis.Redis.from_url(redis_url), "pg_dsn": pg_dsn, "passwords": passwords, "tmp": tmp}
     finally:
@@ -207,9 +129,14 @@ def test_every_route_needs_a_user(stack: dict[str, Any], path: str) -> None:
     anon = _get(stack, path, who=None)
     assert anon.status_code == 401 and anon.json() == {"detail": "Not authenticated"}
     bad = _get(stack, path, who=None, headers={"Authorization": "Bearer not-a-jwt"})
-    assert bad.status_code in (401, 403) and "data" not in bad.json()
+    assert bad.status_code == 403 and bad.json() == {"detail": "Invalid JWT token"}
     assert _get(stack, path, who="norole").status_code == 403
-    assert _get(stack, path, who="viewer").status_code in (200, 404)
+    personal = path.startswith(_dash(""))
+    viewer = _get(stack, path, who="viewer")
+    assert viewer.status_code == (403 if personal else 200)
+    if personal:
+        assert viewer.json() == {"detail": NO_PERSONAL_DATA}
+    assert _get(stack, path, who=SERVICE).status_code == (404 if personal else 200)  # a random user: unknown
 
 
 def test_token_signed_with_another_secret_is_refused(stack: dict[str, Any]) -> None:
@@ -220,16 +147,14 @@ def test_token_signed_with_another_secret_is_refused(stack: dict[str, Any]) -> N
     resp = _get(stack, _dash(stack["user_id"]), who=None, headers={"Authorization": f"Bearer {forged}"})
     assert resp.status_code == 403 and resp.json() == {"detail": "Invalid JWT token"}
     cookie = httpx.get(stack["main"].url + _dash(stack["user_id"]), cookies={"_token": forged}, trust_env=False)
-    assert cookie.status_code in (401, 403)
+    assert cookie.status_code == 403 and cookie.json() == {"detail": "Invalid JWT token"}
 
 
 def test_revoked_token_is_refused_within_the_auth_cache_ttl(stack: dict[str, Any]) -> None:
     """The plugin remembers Airflow's "may read DAGs" per token for a few seconds; a logout ends it within that."""
     from overnight.api_auth import AUTH_CACHE_TTL_S
 
-    login = httpx.post(f"{stack['main'].url}/auth/token", json={"username": "viewer", "password": "viewer"},
-                       trust_env=False)
-    headers = {"Authorization": f"Bearer {login.json()['access_token']}"}
+    headers = {"Authorization": f"Bearer {token(stack['main'].url, SERVICE, stack['passwords'][SERVICE])}"}
     assert _get(stack, _dash(stack["user_id"]), who=None, headers=headers).status_code == 200  # now remembered
     logout = httpx.get(stack["main"].url + "/api/v2/auth/logout", headers=headers, trust_env=False)
     assert logout.status_code in (302, 303, 307), logout.text
@@ -244,7 +169,7 @@ def test_revoked_token_is_refused_within_the_auth_cache_ttl(stack: dict[str, Any
 def test_expired_token_is_refused_at_exp_even_when_remembered(stack: dict[str, Any]) -> None:
     import jwt
 
-    claims = jwt.decode(stack["tokens"]["viewer"], options={"verify_signature": False})
+    claims = jwt.decode(stack["tokens"][SERVICE], options={"verify_signature": False})
     now = int(time.time())
     short = jwt.encode({**claims, "jti": uuid.uuid4().hex, "iat": now, "nbf": now, "exp": now + 2}, JWT_SECRET,
                        algorithm="HS512")
@@ -514,6 +439,19 @@ def test_page_in_chromium(stack: dict[str, Any]) -> None:
         assert "from cache" in cdp.js("document.getElementById('lookup-summary').innerText")
         symbols = cdp.js("[...document.querySelectorAll('#recs tbody tr td:first-child')].map(td => td.innerText)")
         assert symbols == [r["symbol"] for r in stack["doc"]["recommendations"]]
+        # Money the policy could not place is shown with its reason; none left over, no line.
+        for amount in ("0.00", "123.45"):
+            left = {**stack["doc"], "unallocated": {"amount": amount, "reason": "targets_full",
+                                                    "message": "Stocks reached the maximum of their target range"}}
+            stack["redis"].set(cache.recs_key(uid), json.dumps(left), ex=cache.TTL_SECONDS)
+            cdp.js("document.getElementById('lookup-result').textContent = ''")
+            cdp.js("document.querySelector('#lookup button').click()")
+            cdp.wait("!!document.querySelector('#recs tbody tr')")
+            shown = cdp.js("(document.getElementById('lookup-unallocated') || {}).innerText || null")
+            assert (shown is None) == (amount == "0.00"), shown
+        assert cdp.js("document.getElementById('lookup-unallocated').innerText") == (
+            f"Unallocated: 123.45 {stack['doc']['portfolioSummary']['baseCurrency']}"
+            " (Stocks reached the maximum of their target range)")
         ARTIFACTS.mkdir(exist_ok=True)
         shot = cdp.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
         (ARTIFACTS / "overnight-page.png").write_bytes(base64.b64decode(shot["data"]))

@@ -362,7 +362,7 @@ def test_non_json_body_fails_without_retry(
         ({"amount": 1, "base": "USD", "date": "2026-11-20"}, "'rates' is missing"),
         (
             {"amount": 1, "base": "USD", "date": "2026-11-20", "rates": {"BRL": -5.1}},
-            r"invalid rates.*BRL=Decimal\('-5.1'\)",
+            r"invalid rate for BRL: Decimal\('-5.1'\)",
         ),
         (
             {
@@ -371,15 +371,15 @@ def test_non_json_body_fails_without_retry(
                 "date": "2026-11-20",
                 "rates": {"BRL": float("nan")},
             },
-            "invalid rates.*BRL=",
+            "invalid rate for BRL: ",
         ),
         (
             {"amount": 1, "base": "USD", "date": "2026-11-20", "rates": {"BRL": "5.1"}},
-            "invalid rates.*BRL='5.1'",
+            "invalid rate for BRL: '5.1'",
         ),
         (
             {"amount": 1, "base": "USD", "date": "2026-11-20", "rates": {"BRL": True}},
-            "invalid rates.*BRL=True",
+            "invalid rate for BRL: True",
         ),
     ],
 )
@@ -393,15 +393,21 @@ def test_malformed_rates_fail_without_retry(
     assert len(fake_provider.requests_for(RATES_PATH)) == 1
 
 
-def test_partial_rates_name_the_missing_currencies(
+def test_partial_rates_deliver_the_others_and_name_the_missing_currencies(
     fake_provider: FakeProviderServer, sleeps: Recorder
 ) -> None:
-    # the fake leaves out currencies it does not know, like the real API
-    with pytest.raises(
-        ProviderError, match=r"no rate for XAU, ZAR \(base USD, date 2026-11-20\)"
-    ):
-        rates(fake_provider, sleeps).fetch_rates("USD", ["BRL", "XAU", "GBP", "ZAR"])
+    # the fake leaves out currencies it does not know, like the real API: one unpublished currency never
+    # blocks the others (docs/freshness.md)
+    snap = rates(fake_provider, sleeps).fetch_rates("USD", ["BRL", "XAU", "GBP", "ZAR"])
+    assert snap.rates == {"BRL": Decimal("5.1234"), "GBP": Decimal("0.7890")}
+    assert sorted(snap.unavailable) == ["XAU", "ZAR"]
+    assert "returned no rate for XAU (base USD, date 2026-11-20)" in snap.unavailable["XAU"]
     assert sleeps.delays == []
+
+
+def test_only_unpublished_currencies_is_an_error(fake_provider: FakeProviderServer, sleeps: Recorder) -> None:
+    with pytest.raises(ProviderError, match=r"no usable rate for any of XAU, ZAR.*returned no rate for XAU"):
+        rates(fake_provider, sleeps).fetch_rates("USD", ["XAU", "ZAR"])
 
 
 @pytest.mark.parametrize(
@@ -723,3 +729,30 @@ def test_http_provider_uses_shared_redis_limiter(
     )  # 1 retry + 2 chunks, each took a token
     tokens = float(redis_client.hget(limiter.key, "tokens") or 0)
     assert tokens < 3
+
+
+@pytest.mark.parametrize("status", [404, 422])
+def test_an_api_refusing_an_unknown_symbol_is_asked_one_by_one(
+    fake_provider: FakeProviderServer, sleeps: Recorder, status: int
+) -> None:
+    # Some Frankfurter versions refuse the whole request when one symbol is unknown (404 "not found" or 422):
+    # the others are then asked one at a time, and only the unknown one is left out (docs/freshness.md).
+    def ok(code: str, rate: str) -> dict[str, object]:
+        return {"amount": 1, "base": "USD", "date": "2026-11-20", "rates": {code: Decimal(rate)}}
+
+    fake_provider.respond(RATES_PATH, status, {"message": "not found"})
+    fake_provider.respond(RATES_PATH, 200, ok("BRL", "5.1234"))
+    fake_provider.respond(RATES_PATH, status, {"message": "not found"})
+    fake_provider.respond(RATES_PATH, 200, ok("GBP", "0.7890"))
+    snap = rates(fake_provider, sleeps).fetch_rates("USD", ["BRL", "ARS", "GBP"])
+    assert snap.rates == {"BRL": Decimal("5.1234"), "GBP": Decimal("0.7890")}
+    assert list(snap.unavailable) == ["ARS"] and f"HTTP {status}" in snap.unavailable["ARS"]
+    assert [r.param("symbols") for r in fake_provider.requests_for(RATES_PATH)] == ["BRL,ARS,GBP", "BRL", "ARS", "GBP"]
+    assert snap.as_of == datetime(2026, 11, 20, 15, tzinfo=UTC)  # 16:00 CET
+    assert sleeps.delays == []
+
+
+def test_a_refused_request_for_one_symbol_is_an_error(fake_provider: FakeProviderServer, sleeps: Recorder) -> None:
+    fake_provider.respond(RATES_PATH, 404, {"message": "not found"})
+    with pytest.raises(ProviderError, match=r"HTTP 404"):
+        rates(fake_provider, sleeps).fetch_rates("USD", ["ARS"])

@@ -68,7 +68,8 @@ def test_four_events_per_user_in_order_with_deterministic_ids(conn, batch_run):
     scored = conn.execute(
         "SELECT payload, symbols FROM calculation_events WHERE correlation_id = %s AND event_type = 'SCORES_COMPUTED'"
         " LIMIT 1", (job.correlation_id,)).fetchone()
-    assert sorted(s for s, v in scored[0]["scores"].items() if v is not None) == scored[1]
+    assert sorted(scored[0]["scores"]) == scored[1]
+    assert None not in scored[0]["scores"].values() and not set(scored[0]["scores"]) & set(scored[0]["unscored"])
 
 
 def test_documents_shapes_and_ttl(conn, batch_run, redis_client):
@@ -78,10 +79,12 @@ def test_documents_shapes_and_ttl(conn, batch_run, redis_client):
         " AND jsonb_array_length(document->'recommendations') > 0 LIMIT 1", (job.correlation_id,)).fetchone()
     assert set(doc) >= {"userId", "generatedAt", "recommendations", "portfolioSummary", "dataFreshness"}
     rec = doc["recommendations"][0]
-    assert set(rec) == {"assetId", "symbol", "score", "amount", "currency", "allocationGap", "breakdown"}
+    assert set(rec) == {"assetId", "symbol", "score", "amount", "currency", "allocationGap", "breakdown",
+                        "allocationGapAfter"}
     assert set(rec["breakdown"]) == {"criteriaCount", "topContributor"}
-    assert all(isinstance(rec[k], str) for k in ("score", "amount", "allocationGap"))
-    assert sum(Decimal(r["amount"]) for r in doc["recommendations"]) == Decimal(doc["totalInvestable"])
+    assert all(isinstance(rec[k], str) for k in ("score", "amount", "allocationGap", "allocationGapAfter"))
+    assert (sum(Decimal(r["amount"]) for r in doc["recommendations"]) + Decimal(doc["unallocated"]["amount"])
+            == Decimal(doc["totalInvestable"]))
     assert set(doc["dataFreshness"]) == {"pricesAsOf", "ratesAsOf", "criteriaVersion"}
     assert set(portfolio) == {"totalValue", "assetCount", "allocations"}
     import json
@@ -121,12 +124,10 @@ def test_force_starts_a_new_calculation(conn, batch_run, redis_client):
                      id="negative-quantity"),
         pytest.param("UPDATE holdings SET quantity = NULL WHERE user_id = %(u)s", "load", "quantity is missing",
                      id="null-quantity"),
-        pytest.param("UPDATE users SET base_currency = 'XXX' WHERE id = %(u)s", "convert", "XXX",
+        pytest.param("UPDATE users SET base_currency = 'XXX' WHERE id = %(u)s", "currency", "XXX has no minor unit",
                      id="unknown-currency"),
         pytest.param("UPDATE allocation_targets SET min_pct = 30, max_pct = 90 WHERE user_id = %(u)s", "targets", "more than 100",
                      id="targets-over-100"),
-        pytest.param("UPDATE prices SET price = 'NaN' WHERE asset_id = (SELECT asset_id FROM holdings WHERE"
-                     " user_id = %(u)s ORDER BY asset_id LIMIT 1)", "prices", "no usable price", id="nan-price"),
         pytest.param("INSERT INTO criteria_sets (id, criteria_key, version, name, rules) SELECT gen_random_uuid(),"
                      " criteria_key, 99, 'broken', '[{\"metric\": \"pe_ratio\", \"op\": \"~~\"}]' FROM users"
                      " WHERE id = %(u)s", "criteria", "unknown op", id="criteria-do-not-parse"),
@@ -155,6 +156,32 @@ def test_a_bad_user_fails_with_a_reason_and_the_others_complete(pg_dsn, seeded, 
     failed = {e["userId"]: e for e in errors["users"]}
     assert failed[victim]["stage"] == stage and message in failed[victim]["message"]
     assert summary["users_processed"] == len(served) - len(failed)
+
+
+def test_a_holding_without_a_price_is_named_and_its_holder_still_calculated(pg_dsn, seeded, redis_client):
+    from overnight import seed
+
+    session = date(2026, 12, 2)
+    with psycopg.connect(pg_dsn) as conn:
+        served = sorted(_served(conn, "XNYS", session))
+        victim = served[len(served) // 2]
+        asset, symbol = conn.execute(
+            "SELECT a.id, a.symbol FROM holdings h JOIN assets a ON a.id = h.asset_id WHERE h.user_id = %s"
+            " AND h.quantity > 0 ORDER BY a.id LIMIT 1", (victim,)).fetchone()
+        conn.execute("UPDATE prices SET price = 'NaN' WHERE asset_id = %s", (asset,))
+        conn.commit()
+        try:
+            job, _, _, summary = _run(conn, "XNYS", session, redis_client, force=True)
+            doc = conn.execute("SELECT document FROM recommendations WHERE user_id = %s AND job_run_id = %s",
+                               (victim, job.id)).fetchone()
+        finally:
+            conn.rollback()
+            seed.seed(conn, 600, 7, dsn=pg_dsn)
+    assert summary["status"] == "completed" and summary["users_failed"] == 0
+    assert summary["users_with_warnings"] >= 1
+    assert doc is not None, "the holder of the unpriced asset has a document"
+    assert {"symbol": symbol, "reason": "no usable price"}.items() <= next(
+        u for u in doc[0]["unpricedHoldings"] if u["symbol"] == symbol).items()
 
 
 def test_redis_down_still_completes_in_postgres(conn, seeded, redis_client):

@@ -1,13 +1,11 @@
-"""Rates: fetched once over HTTP and kept; when the provider fails, stored rates stand in (stale) or the run stops."""
+"""Rates: fetched once over HTTP and kept; when the provider fails, stored rates stand in (stale); rates too old
+to use are left out (their users fail), never the run."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
 from overnight import pipeline
-from overnight.providers.base import ProviderError
 from overnight.providers.http import HttpRatesProvider
 
 CURRENCIES = ["BRL", "GBP", "JPY", "USD"]
@@ -33,8 +31,14 @@ def test_provider_down_uses_recent_stored_rates_marked_stale(conn, seeded, fake_
     assert len(fake_provider.requests_for("/latest")) == 2  # bounded retries, then the fallback
 
 
-def test_provider_down_and_stored_rates_too_old_fails_before_fan_out(conn, seeded, fake_provider):
+def test_provider_down_and_stored_rates_too_old_leaves_the_currencies_out_not_the_run(conn, seeded, fake_provider):
+    # docs/freshness.md: the run never fails because of rates; a currency without a usable rate fails only
+    # the users who need it. Ten days on, the stored rates are more than 72 h behind the expected publication
+    # (four days could span Christmas and the weekend: then the newest rates would still be the expected ones).
     fake_provider.respond("/latest", body=b"<html>not json</html>", times=10)
     latest = conn.execute("SELECT max(as_of) FROM exchange_rates WHERE base = 'USD'").fetchone()[0]
-    with pytest.raises(ProviderError, match="no stored rates younger than"):
-        pipeline.fetch_rates(conn, _provider(fake_provider), CURRENCIES, now=latest + timedelta(days=4))
+    snap = pipeline.fetch_rates(conn, _provider(fake_provider), CURRENCIES, now=latest + timedelta(days=10))
+    assert snap.rates == {"USD": 1} and snap.stale is True
+    assert sorted(snap.unavailable) == ["BRL", "GBP", "JPY"]
+    assert all("more than the allowed lag behind the expected ECB publication" in why
+               for why in snap.unavailable.values())

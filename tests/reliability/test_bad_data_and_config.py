@@ -51,10 +51,9 @@ def test_several_bad_users_at_once_in_a_dag_run(pg_dsn, seeded, airflow_db) -> N
         bad = {
             neg: ("load", "not a non-negative", "UPDATE holdings SET quantity = -5 WHERE user_id = %(u)s"),
             null: ("load", "quantity is missing", "UPDATE holdings SET quantity = NULL WHERE user_id = %(u)s"),
-            cur: ("convert", "XXX", "UPDATE users SET base_currency = 'XXX' WHERE id = %(u)s"),
+            cur: ("currency", "XXX has no minor unit", "UPDATE users SET base_currency = 'XXX' WHERE id = %(u)s"),
             tgt: ("targets", "more than 100",
                   "UPDATE allocation_targets SET min_pct = 30, max_pct = 90 WHERE user_id = %(u)s"),
-            nan_user: ("prices", "no usable price", "UPDATE prices SET price = 'NaN' WHERE asset_id = %(a)s"),
             crit_user: ("criteria", "unknown op",
                         "INSERT INTO criteria_sets (id, criteria_key, version, name, rules) SELECT gen_random_uuid(),"
                         " criteria_key, 99, 'broken', '[{\"metric\": \"pe_ratio\", \"op\": \"~~\"}]' FROM users"
@@ -62,11 +61,17 @@ def test_several_bad_users_at_once_in_a_dag_run(pg_dsn, seeded, airflow_db) -> N
         }
         for u, (_, _, sql) in bad.items():
             conn.execute(sql, {"u": u, "a": nan_asset})
+        # a price gone bad does not fail its holders: they are calculated, the holding named as unpriced
+        conn.execute("UPDATE prices SET price = 'NaN' WHERE asset_id = %s", (nan_asset,))
+        nan_symbol = conn.execute("SELECT symbol FROM assets WHERE id = %s", (nan_asset,)).fetchone()[0]
         conn.commit()
-        expected_failed = set(bad) | nan_holders | crit_sharers
+        expected_failed = set(bad) | crit_sharers
         try:
             result = cli.run_market(MARKET, SESSION, quiet=True, batch_size=100)
             out = R.check_invariants(conn, MARKET, SESSION)
+            unpriced = {str(u): d["unpricedHoldings"] for u, d in conn.execute(
+                "SELECT user_id, document FROM recommendations WHERE user_id = ANY(%s::uuid[])",
+                (sorted(nan_holders - expected_failed),))}
         finally:
             conn.rollback()
             seed.seed(conn, 600, 7, dsn=pg_dsn)  # restore the shared data set
@@ -79,6 +84,10 @@ def test_several_bad_users_at_once_in_a_dag_run(pg_dsn, seeded, airflow_db) -> N
     for u, (stage, message, _) in bad.items():
         assert named[u]["stage"] == stage and message in named[u]["message"], (u, named[u])
     assert all(named[u]["message"] for u in named)
+    assert nan_holders - expected_failed and set(unpriced) == nan_holders - expected_failed
+    for u, items in unpriced.items():
+        assert {"symbol": nan_symbol, "reason": "no usable price"}.items() <= next(
+            i for i in items if i["symbol"] == nan_symbol).items(), (u, items)
 
 
 # --------------------------------------------------------------------------- markets.yaml
@@ -116,7 +125,21 @@ def test_bad_markets_yaml_entry_is_named_and_the_valid_markets_still_load(tmp_pa
         pytest.param({"session_date": "2027-01-05", "batch_size": 0}, "batch_size", id="batch-size-0"),
         pytest.param({"session_date": "2027-01-05", "batch_size": "50"}, "batch_size", id="batch-size-text"),
         pytest.param({"session_date": "2027-01-05", "batch_size": True}, "batch_size", id="batch-size-bool"),
-        pytest.param({"session_date": "2027-01-05", "contribution": "-5"}, "contribution", id="negative-contribution"),
+        pytest.param({"session_date": "2027-01-05", "contribution": {"amount": "-5", "currency": "USD"}},
+                     "contribution: 'amount' must be a non-negative amount", id="negative-contribution"),
+        pytest.param({"session_date": "2027-01-05", "contribution": "1500"},
+                     "contribution: expected an amount with its currency such as .*a bare number is ambiguous",
+                     id="bare-number-contribution"),
+        pytest.param({"session_date": "2027-01-05", "contribution": {"amount": "1500"}},
+                     "contribution: 'currency' must be a 3-letter ISO 4217 code", id="contribution-without-currency"),
+        pytest.param({"session_date": "2027-01-05", "contribution": {"amount": "1500", "currency": "ZZZ"}},
+                     "contribution: currency 'ZZZ' is not an ISO 4217 code", id="contribution-unknown-currency"),
+        pytest.param({"session_date": "2027-01-05", "contribution": {"amount": "1500.5", "currency": "JPY"}},
+                     r"contribution: 'amount' 1500.5 has more decimals than JPY has \(0\)", id="yen-with-decimals"),
+        pytest.param({"session_date": "2027-01-05", "contribution": {"amount": "15", "currency": "XAU"}},
+                     "contribution: currency XAU has no minor unit", id="contribution-in-gold"),
+        pytest.param({"session_date": "2027-01-05", "contribution": {"amount": "1", "currency": "USD", "x": 1}},
+                     r"contribution: unknown keys \['x'\]", id="contribution-extra-key"),
         pytest.param({"session_date": "2027-01-05", "force": "yes"}, "force", id="force-text"),
         pytest.param({"session_date": "2027-01-05", "user_ids": "abc"}, "user_ids", id="user-ids-not-a-list"),
         pytest.param({"session_date": "2027-01-05", "sesion_date": "x"}, "unknown --conf keys", id="unknown-key"),
@@ -126,6 +149,22 @@ def test_bad_params_are_refused_naming_the_problem(conf, message) -> None:
     with pytest.raises(runtime.ParamError, match=message) as info:
         runtime.validate_params(get_market(MARKET), {}, conf, interval_end=None, run_after=None)
     assert "overnight_scoring_xnys: bad parameters" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("given", "amount", "currency"),
+    [
+        pytest.param({"amount": "1500", "currency": "USD"}, "1500", "USD", id="dollars"),
+        pytest.param({"amount": 200000, "currency": "JPY"}, "200000", "JPY", id="yen-as-a-number"),
+        pytest.param({"amount": "12.345", "currency": "KWD"}, "12.345", "KWD", id="dinar-three-decimals"),
+    ],
+)
+def test_a_contribution_with_its_currency_is_accepted(given, amount, currency) -> None:
+    run = runtime.validate_params(get_market(MARKET), {}, {"session_date": "2027-01-05", "contribution": given},
+                                  interval_end=None, run_after=None)
+    assert run.contribution is not None
+    assert (str(run.contribution.amount), run.contribution.currency) == (amount, currency)
+    assert runtime.RunParams.from_xcom(run.to_xcom()) == run  # it crosses XCom unchanged
 
 
 def test_several_bad_params_are_all_named_at_once() -> None:

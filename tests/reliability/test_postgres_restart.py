@@ -51,7 +51,8 @@ class RestartingPrices:
 def _attempt(dsn: str, job: pipeline.JobRun, aud: pipeline.Audience, rates, batch, server, at, calls):
     with psycopg.connect(dsn, connect_timeout=10) as conn:
         return pipeline.score_batch(conn, job, aud, rates, batch, RestartingPrices(conn, server, at, calls),
-                                    warm_cache=None, contribution=Decimal("1000"))
+                                    warm_cache=None,
+                                    contribution=pipeline.Contribution(Decimal("1000"), "USD"))
 
 
 def test_restart_mid_batch_fails_cleanly_is_retried_and_completes(private_pg: R.PrivatePostgres,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 from urllib.parse import quote
@@ -100,8 +101,10 @@ def test_no_secret_leaks_and_hostile_symbols_are_harmless(airflow_db, secret_rol
             stored = DbRatesProvider(conn).fetch_rates("USD", ["BRL", "GBP", "JPY", "USD"])
             counts_before = conn.execute("SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM assets)"
                                          ).fetchone()
+        # quotes of an hour ago: the default (2025) is older than OVERNIGHT_MAX_PRICE_AGE_HOURS and unusable
         server = FakeProviderServer(rates={"USD": {c: str(v) for c, v in stored.rates.items() if c != "USD"}},
-                                    prices={s: (str(q.price), q.currency) for s, q in quotes.items()}).start()
+                                    prices={s: (str(q.price), q.currency) for s, q in quotes.items()},
+                                    market_time=int(time.time()) - 3600).start()
         try:
             echo = {"error": f"bad request ?apikey={API_KEY} key {API_KEY}"}
             server.respond(RATES_PATH, 401, echo)  # not retried: stored rates stand in, flagged stale
@@ -128,7 +131,8 @@ def test_no_secret_leaks_and_hostile_symbols_are_harmless(airflow_db, secret_rol
             scored = conn.execute(
                 "SELECT symbols, payload FROM calculation_events WHERE correlation_id = %s AND user_id = %s"
                 " AND event_type = 'SCORES_COMPUTED'", (out.correlation_id, hostile_user)).fetchone()
-            assert set(HOSTILE_SYMBOLS) <= set(scored[1]["scores"])
+            listed = set(scored[1]["scores"]) | set(scored[1]["unscored"])
+            assert set(HOSTILE_SYMBOLS) <= listed and not set(scored[1]["scores"]) & set(scored[1]["unscored"])
             assert conn.execute("SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM assets)"
                                 ).fetchone() == counts_before
             stored_text = "\n".join(str(r) for r in conn.execute(

@@ -13,8 +13,10 @@ from typing import Any
 import httpx
 import pydantic
 import pytest
+from fastapi import Depends, Request
 
 from overnight import api
+from overnight.api_auth import Access
 from overnight.dashboard import DashboardView, view_from_document
 
 UID = "00a41595-d052-5458-a63d-f21b399f9df9"
@@ -38,6 +40,11 @@ DOC: dict[str, Any] = {
     "sessionDate": "2026-11-23",
 }
 RESPONSE = pydantic.TypeAdapter(api.DashboardResponse)
+
+
+def _grant_all(request: Request) -> None:
+    """The app's auth dependency for tests of the logic: a user who holds both permissions."""
+    request.state.overnight_access = Access(user="test", operations=True, personal_data=True)
 
 
 def _variant(change: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
@@ -127,7 +134,7 @@ class FakeStore:
 
 
 def _get(doc: dict[str, Any]) -> httpx.Response:
-    app = api.create_app(store=FakeStore(doc), dependencies=[])  # type: ignore[arg-type]
+    app = api.create_app(store=FakeStore(doc), dependencies=[Depends(_grant_all)])  # type: ignore[arg-type]
 
     async def go() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
@@ -178,7 +185,7 @@ def test_json_response_gzips_as_the_api_servers_middleware_would(accept: str, si
 def test_the_route_gzips_for_a_client_that_takes_it() -> None:
     doc = _variant(lambda d: d["recommendations"].extend(copy.deepcopy(d["recommendations"]) * 2))
     assert len(api.dashboard_body(_data(doc)) or b"") > 1024
-    app = api.create_app(store=FakeStore(doc), dependencies=[])  # type: ignore[arg-type]
+    app = api.create_app(store=FakeStore(doc), dependencies=[Depends(_grant_all)])  # type: ignore[arg-type]
 
     async def go() -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:

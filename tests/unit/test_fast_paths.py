@@ -13,7 +13,7 @@ import pytest
 from fastapi import Depends, HTTPException, Request
 
 from overnight import api
-from overnight.api_auth import AuthCache, cached_auth
+from overnight.api_auth import NO_PERSONAL_DATA, Access, AuthCache, cached_auth
 from overnight.dashboard import DashboardView, StoreUnavailable, UnknownUser, parse_user_id, view_from_document
 
 SECRET = "k" * 64
@@ -48,8 +48,9 @@ class Airflow:
             raise HTTPException(403, "Invalid JWT token")
         return str(jwt.decode(token, SECRET, algorithms=["HS512"], options={"verify_exp": False})["sub"])
 
-    def authorize(self, request: Request, user: str) -> None:
-        return None
+    def grants(self, user: str) -> Access:
+        """Everyone may read DAGs; `ops-*` users do not hold "Overnight recommendations"."""
+        return Access(user=user, operations=True, personal_data=not user.startswith("ops-"))
 
 
 class Store:
@@ -88,9 +89,9 @@ class Counting:
 @pytest.fixture
 def stack() -> tuple[FastPathsUnderTest, Airflow]:
     airflow = Airflow()
-    cache = AuthCache(ttl_s=5, clock=lambda: airflow.now)
+    cache = AuthCache(ttl_s=5, clock=lambda: airflow.now, wall=lambda: airflow.now)
     app = api.create_app(store=Store(),  # type: ignore[arg-type]
-                         dependencies=[Depends(cached_auth(airflow.authenticate, airflow.authorize, cache))],
+                         dependencies=[Depends(cached_auth(airflow.authenticate, airflow.grants, cache))],
                          auth_cache=cache)
     inner = Counting(app)
     return FastPathsUnderTest(api.FastPaths(inner, app.state.store, cache), inner), airflow
@@ -182,6 +183,18 @@ def test_another_tokens_memory_does_not_open_the_fast_path(stack: tuple[FastPath
     calls = under.inner.calls
     assert under.get("/api/v1/ping", other)[0] == 200
     assert under.inner.calls == calls + 1 and airflow.checks == 2
+
+
+def test_a_remembered_token_without_personal_data_gets_the_apps_403(stack: tuple[FastPathsUnderTest, Airflow]
+                                                                      ) -> None:
+    under, airflow = stack
+    ops = {"authorization": f"Bearer {_token('ops-viewer')}"}
+    assert under.get("/api/v1/ping", ops)[0] == 200  # remembered, with its permissions
+    calls = under.inner.calls
+    assert under.get("/api/v1/ping", ops)[0] == 200 and under.inner.calls == calls  # ping: the fast path
+    status, _, body = under.get(f"/api/v1/dashboard/{UID}", ops)
+    assert status == 403 and json.loads(body) == {"detail": NO_PERSONAL_DATA}
+    assert under.inner.calls == calls + 1 and airflow.checks == 1  # the app's answer, from the memory
 
 
 def test_route_path_below_the_mount_point() -> None:

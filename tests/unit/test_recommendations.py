@@ -1,4 +1,4 @@
-"""Recommendations: cents add up exactly, gaps first, no negatives, edge cases."""
+"""Recommendations: amounts and unallocated add up exactly, gaps first, no negatives, edge cases."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from decimal import Decimal as D
 
 import pytest
 
-from overnight.recommendations import AllocationError, Candidate, Target, recommend, split_to_cents, validate_targets
+from overnight.money import split_largest_remainder
+from overnight.recommendations import AllocationError, Candidate, Target, recommend, validate_targets
 
 
 def cand(symbol: str, cls: str, score: str) -> Candidate:
@@ -22,27 +23,37 @@ TARGETS = [Target("Stocks", D(40), D(60)), Target("Fixed income", D(20), D(40)),
 
 
 @pytest.mark.parametrize(
-    ("contribution", "values", "targets"),
+    ("contribution", "values", "targets", "unallocated"),
     [
-        pytest.param(D("1000.00"), {"Stocks": D(500), "Fixed income": D(500)}, TARGETS, id="one-class-below-min"),
-        pytest.param(D("0.01"), {"Stocks": D(100)}, TARGETS, id="one-cent"),
-        pytest.param(D("333.33"), {}, TARGETS, id="empty-portfolio"),
-        pytest.param(D("1000"), {"Stocks": D(10_000), "Fixed income": D(10_000), "ETFs": D(10_000)},
-                     [Target("Stocks", D(0), D(10)), Target("Fixed income", D(0), D(10)), Target("ETFs", D(0), D(10))],
-                     id="all-classes-over-target"),
-        pytest.param(D("999.99"), {"Stocks": D(1)}, [], id="no-targets"),
+        pytest.param(D("1000.00"), {"Stocks": D(500), "Fixed income": D(500)}, TARGETS, D(0), id="one-class-below-min"),
+        pytest.param(D("0.01"), {"Stocks": D(100)}, TARGETS, D(0), id="one-cent"),
+        pytest.param(D("333.33"), {}, TARGETS, D(0), id="empty-portfolio"),
     ],
 )
-def test_amounts_are_cents_adding_up_to_contribution(contribution, values, targets):
-    recs = recommend(contribution, values, targets, CANDIDATES)
-    assert recs, "some recommendation expected"
-    assert sum(r.amount for r in recs) == contribution
-    assert all(r.amount > 0 and r.amount == r.amount.quantize(D("0.01")) for r in recs)
+def test_amounts_are_cents_adding_up_to_contribution(contribution, values, targets, unallocated):
+    plan = recommend(contribution, values, targets, CANDIDATES)
+    assert plan.recommendations, "some recommendation expected"
+    assert sum(r.amount for r in plan.recommendations) == contribution - unallocated
+    assert plan.unallocated.amount == unallocated
+    assert all(r.amount > 0 and r.amount == r.amount.quantize(D("0.01")) for r in plan.recommendations)
+
+
+def test_all_classes_over_target_leave_the_contribution_unallocated():
+    targets = [Target("Stocks", D(0), D(10)), Target("Fixed income", D(0), D(10)), Target("ETFs", D(0), D(10))]
+    plan = recommend(D("1000"), {"Stocks": D(10_000), "Fixed income": D(10_000), "ETFs": D(10_000)}, targets, CANDIDATES)
+    assert plan.recommendations == []
+    assert (plan.unallocated.amount, plan.unallocated.reason) == (D("1000"), "targets_full")
+
+
+def test_no_targets_leave_the_contribution_unallocated():
+    plan = recommend(D("999.99"), {"Stocks": D(1)}, [], CANDIDATES)
+    assert plan.recommendations == []
+    assert (plan.unallocated.amount, plan.unallocated.reason) == (D("999.99"), "no_targets")
 
 
 def test_money_goes_first_to_classes_below_minimum():
     # Stocks at 0% (min 40%), the others within range: a small contribution all goes to Stocks' best assets.
-    recs = recommend(D("300.00"), {"Fixed income": D(8_000), "ETFs": D(2_000)}, TARGETS, CANDIDATES)
+    recs = recommend(D("300.00"), {"Fixed income": D(8_000), "ETFs": D(2_000)}, TARGETS, CANDIDATES).recommendations
     assert {r.candidate.class_name for r in recs} == {"Stocks"}
     assert [r.candidate.symbol for r in recs] == ["AAA", "AAB", "AAC"]  # best three by score
     assert all(r.amount == D("100.00") for r in recs)
@@ -51,7 +62,7 @@ def test_money_goes_first_to_classes_below_minimum():
 
 def test_below_minimum_split_in_proportion_to_gap():
     # total after = 1000; Stocks needs 400, Fixed income 200, ETFs 100 to reach min: 700 > 70 contribution
-    recs = recommend(D("70.00"), {"Unlisted": D("930")}, TARGETS, CANDIDATES)
+    recs = recommend(D("70.00"), {"Unlisted": D("930")}, TARGETS, CANDIDATES).recommendations
     per_class: dict[str, D] = {}
     for r in recs:
         per_class[r.candidate.class_name] = per_class.get(r.candidate.class_name, D(0)) + r.amount
@@ -59,11 +70,14 @@ def test_below_minimum_split_in_proportion_to_gap():
 
 
 @pytest.mark.parametrize(
-    ("contribution", "candidates"),
-    [pytest.param(D(0), CANDIDATES, id="zero-contribution"), pytest.param(D(100), [], id="no-candidates")],
+    ("contribution", "candidates", "reason"),
+    [pytest.param(D(0), CANDIDATES, "no_contribution", id="zero-contribution"),
+     pytest.param(D(100), [], "no_candidates", id="no-candidates")],
 )
-def test_nothing_to_recommend(contribution, candidates):
-    assert recommend(contribution, {"Stocks": D(1)}, TARGETS, candidates) == []
+def test_nothing_to_recommend(contribution, candidates, reason):
+    plan = recommend(contribution, {"Stocks": D(1)}, TARGETS, candidates)
+    assert plan.recommendations == []
+    assert (plan.unallocated.amount, plan.unallocated.reason) == (contribution, reason)
 
 
 @pytest.mark.parametrize(
@@ -80,15 +94,17 @@ def test_unusable_targets_raise(targets, message):
 
 
 @pytest.mark.parametrize(
-    ("total", "weights", "expected"),
+    ("total", "exact", "unit", "expected"),
     [
-        pytest.param(D("1.00"), {"a": D(1), "b": D(1), "c": D(1)}, {"a": D("0.34"), "b": D("0.33"), "c": D("0.33")},
-                     id="thirds"),
-        pytest.param(D("10"), {"a": D(0), "b": D(2)}, {"a": D(0), "b": D("10.00")}, id="zero-weight"),
+        pytest.param(D("1.00"), {"a": D(1) / 3, "b": D(1) / 3, "c": D(1) / 3}, D("0.01"),
+                     {"a": D("0.34"), "b": D("0.33"), "c": D("0.33")}, id="thirds"),
+        pytest.param(D("10"), {"a": D(0), "b": D(10)}, D("0.01"), {"a": D(0), "b": D("10.00")}, id="zero-share"),
+        pytest.param(D("10"), {"a": D("3.6"), "b": D("6.4")}, D(1), {"a": D(4), "b": D(6)}, id="yen-largest-remainder"),
+        pytest.param(D("9"), {"a": D("3.6"), "b": D("6.4")}, D(1), {"a": D(3), "b": D(6)}, id="total-below-exact"),
     ],
 )
-def test_split_to_cents(total, weights, expected):
-    assert split_to_cents(total, weights) == expected
+def test_split_largest_remainder(total, exact, unit, expected):
+    assert split_largest_remainder(total, exact, unit) == expected
 
 
 def test_recommend_on_the_shortlist_answers_as_on_every_candidate():

@@ -12,15 +12,28 @@ class ProviderError(RuntimeError):
     """A provider could not deliver usable data (after its retries); the message says why."""
 
 
+class ProviderClientError(ProviderError):
+    """The provider refused the request itself (an HTTP 4xx other than 429): not retried; `status` says which."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass(frozen=True)
 class RatesSnapshot:
-    """Exchange rates: 1 unit of `base` = rates[quote] units of quote, as of `as_of` (aware UTC)."""
+    """Exchange rates: 1 unit of `base` = rates[quote] units of quote, as of `as_of` (aware UTC).
+
+    `unavailable`: currencies asked for but not delivered, with the reason (a currency the provider does
+    not publish, or whose rate is too old to use); `dated`: each rate's own as-of where they differ."""
 
     base: str
     rates: dict[str, Decimal]
     as_of: datetime
     source: str = "unknown"
     stale: bool = False
+    unavailable: dict[str, str] = field(default_factory=dict)
+    dated: dict[str, datetime] = field(default_factory=dict)
 
     def to_xcom(self) -> dict[str, object]:
         """Returns a small JSON-able dict (decimals as strings)."""
@@ -30,6 +43,7 @@ class RatesSnapshot:
             "as_of": self.as_of.isoformat(),
             "source": self.source,
             "stale": self.stale,
+            "unavailable": dict(sorted(self.unavailable.items())),
         }
 
     @classmethod
@@ -43,6 +57,7 @@ class RatesSnapshot:
             as_of=datetime.fromisoformat(str(data["as_of"])),
             source=str(data.get("source", "unknown")),
             stale=bool(data.get("stale", False)),
+            unavailable={str(k): str(v) for k, v in dict(data.get("unavailable") or {}).items()},  # type: ignore[call-overload]
         )
 
 

@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import psycopg
 
+from overnight.money import normalize_quote
 from overnight.providers.base import PriceQuote, ProviderError, RatesSnapshot
 
 
@@ -35,7 +36,10 @@ class DbRatesProvider:
         rates = {q: r for q, (r, _) in found.items()}
         rates[base] = Decimal(1)
         as_of = min((a for _, a in found.values()), default=datetime.now(UTC))
-        return RatesSnapshot(base=base, rates=rates, as_of=as_of, source="database")
+        unavailable = {s: f"exchange_rates: no stored {base} rate for {s}" for s in symbols
+                       if s not in rates}
+        return RatesSnapshot(base=base, rates=rates, as_of=as_of, source="database", unavailable=unavailable,
+                             dated={q: a.astimezone(UTC) for q, (_, a) in found.items()})
 
 
 class DbPriceProvider:
@@ -57,7 +61,8 @@ class DbPriceProvider:
         for symbol, price, currency, as_of in rows:
             if price is None or not math.isfinite(price) or price <= 0:
                 continue
-            out[symbol] = PriceQuote(symbol, Decimal(price), currency.strip(), as_of)
+            value, code = normalize_quote(Decimal(price), currency.strip())  # GBp (pence) -> GBP
+            out[symbol] = PriceQuote(symbol, value, code, as_of)
         return out
 
 

@@ -21,7 +21,8 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from overnight.providers.base import PriceQuote, ProviderError, RatesSnapshot
+from overnight.money import QUOTED_IN_MINOR_UNITS, normalize_quote
+from overnight.providers.base import PriceQuote, ProviderClientError, ProviderError, RatesSnapshot
 from overnight.providers.ratelimit import RateLimiter
 
 logger = logging.getLogger(__name__)
@@ -34,14 +35,6 @@ REDACTED = "***"
 ECB_PUBLICATION_TIME = dtime(16, 0)
 ECB_TZ = ZoneInfo("Europe/Berlin")
 
-# Yahoo quotes some exchanges in minor units (pence, cents, agorot): currency code -> (ISO code, divisor).
-MINOR_UNIT_CURRENCIES: dict[str, tuple[str, int]] = {
-    "GBp": ("GBP", 100),
-    "GBX": ("GBP", 100),
-    "ZAc": ("ZAR", 100),
-    "ZAC": ("ZAR", 100),
-    "ILA": ("ILS", 100),
-}
 
 _SENSITIVE_QUERY = re.compile(
     r"(?i)([?&;](?:api[_-]?key|apikey|access[_-]?key|key|token|access[_-]?token|secret|password|sig|signature)=)"
@@ -297,9 +290,10 @@ class _HttpJsonSource:
                     f" (body: {body!r})" if body else ""
                 )
                 if status != 429 and status < 500:
-                    raise ProviderError(
+                    raise ProviderClientError(
                         f"{self.source}: GET {shown} failed with {cause}; not retried: "
-                        f"{self._client_error_hint(status)}"
+                        f"{self._client_error_hint(status)}",
+                        status,
                     )
                 if status == 429:
                     hint = (
@@ -383,7 +377,8 @@ class HttpRatesProvider(_HttpJsonSource):
     source = "frankfurter"
 
     def fetch_rates(self, base: str, symbols: list[str]) -> RatesSnapshot:
-        """Returns 1 `base` in each requested currency; any missing or invalid rate is a ProviderError."""
+        """Returns 1 `base` in each requested currency the provider publishes; missing or invalid ones are left
+        out and listed in `unavailable` (a ProviderError only when none is usable)."""
         base_code = _currency_code(base, "base")
         wanted = _dedupe(_currency_code(s, "symbol") for s in symbols)
         remote = [s for s in wanted if s != base_code]
@@ -394,9 +389,16 @@ class HttpRatesProvider(_HttpJsonSource):
             return RatesSnapshot(
                 base=base_code, rates=rates, as_of=datetime.now(UTC), source=self.source
             )
-        body, shown = self._get_json(
-            "/latest", {"base": base_code, "symbols": ",".join(remote)}
-        )
+        try:
+            body, shown = self._get_json(
+                "/latest", {"base": base_code, "symbols": ",".join(remote)}
+            )
+        except ProviderClientError as exc:
+            if exc.status not in (404, 422) or len(remote) < 2:
+                raise
+            # The API refuses the whole request for one symbol it does not know: ask one by one, so one
+            # unpublished currency never blocks the others.
+            return self._one_by_one(base_code, remote, rates, exc)
         if not isinstance(body, dict):
             raise self._shape_error(
                 shown, f"expected a JSON object, got {type(body).__name__}", body
@@ -423,26 +425,28 @@ class HttpRatesProvider(_HttpJsonSource):
         raw_rates = body.get("rates")
         if not isinstance(raw_rates, dict):
             raise self._shape_error(shown, "'rates' is missing or not an object", body)
-        missing = [s for s in remote if s not in raw_rates]
-        if missing:
-            raise ProviderError(
-                f"{self.source}: GET {shown} returned no rate for {', '.join(missing)} (base {base_code}, "
-                f"date {day.isoformat()}); the provider may not publish these currencies: check the symbols "
-                "or use a provider that covers them"
-            )
-        invalid = {
-            s: raw_rates[s] for s in remote if _positive_finite(raw_rates[s]) is None
-        }
-        if invalid:
-            shown_invalid = ", ".join(f"{s}={v!r}" for s, v in invalid.items())
-            raise ProviderError(
-                f"{self.source}: GET {shown} returned invalid rates (must be positive finite numbers): "
-                f"{shown_invalid}; the provider's data is broken, retry later or use another provider"
-            )
+        # One currency the provider does not publish (or sends broken) never blocks the others: it is
+        # left out and reported, so only the users who need it are affected (docs/freshness.md).
+        unavailable: dict[str, str] = {}
         for s in remote:
+            if s not in raw_rates:
+                unavailable[s] = (f"{self.source}: GET {shown} returned no rate for {s} (base {base_code}, date "
+                                  f"{day.isoformat()}); the provider does not publish it: use a provider that covers it")
+                continue
             rate = _positive_finite(raw_rates[s])
-            assert rate is not None
+            if rate is None:
+                unavailable[s] = (f"{self.source}: GET {shown} returned an invalid rate for {s}: {raw_rates[s]!r} "
+                                  "(must be a positive finite number); the provider's data is broken")
+                continue
             rates[s] = rate
+        if unavailable:
+            logger.warning("rates not delivered provider=%s currencies=%s", self.source, ",".join(unavailable),
+                           extra={"provider": self.source, "unavailable": sorted(unavailable)})
+        if not any(s in rates for s in remote):
+            raise ProviderError(
+                f"{self.source}: GET {shown} delivered no usable rate for any of {', '.join(remote)} (base "
+                f"{base_code}): {'; '.join(unavailable.values())}"
+            )
         as_of = datetime.combine(day, ECB_PUBLICATION_TIME, tzinfo=ECB_TZ).astimezone(
             UTC
         )
@@ -460,8 +464,30 @@ class HttpRatesProvider(_HttpJsonSource):
             },
         )
         return RatesSnapshot(
-            base=base_code, rates=rates, as_of=as_of, source=self.source
+            base=base_code, rates=rates, as_of=as_of, source=self.source, unavailable=unavailable
         )
+
+
+    def _one_by_one(self, base: str, remote: list[str], rates: dict[str, Decimal],
+                    refused: ProviderClientError) -> RatesSnapshot:
+        """The rates of `remote` asked one currency at a time; refused ones are listed in `unavailable`."""
+        unavailable: dict[str, str] = {}
+        dated: dict[str, datetime] = {}
+        for s in remote:
+            try:
+                one = self.fetch_rates(base, [s])
+            except ProviderError as exc:
+                unavailable[s] = str(exc)
+                continue
+            rates.update(one.rates)
+            dated.update(dict.fromkeys(one.rates, one.as_of))
+            unavailable.update(one.unavailable)
+        if not dated:
+            raise ProviderError(f"{refused}; asked one by one, no currency was delivered either")
+        logger.warning("rates asked one by one after %s provider=%s unavailable=%s", refused.status, self.source,
+                       ",".join(unavailable))
+        return RatesSnapshot(base=base, rates=rates, as_of=min(dated.values()), source=self.source,
+                             unavailable=unavailable, dated=dated)
 
 
 @dataclass(frozen=True)
@@ -629,10 +655,9 @@ class HttpPriceProvider(_HttpJsonSource):
         if not isinstance(currency, str):
             return f"currency {currency!r} is missing"
         extra = {"source": self.source}
-        if currency in MINOR_UNIT_CURRENCIES:
-            iso, divisor = MINOR_UNIT_CURRENCIES[currency]
+        if currency in QUOTED_IN_MINOR_UNITS:  # Yahoo quotes some exchanges in pence, cents, agorot
             extra.update(quoted_currency=currency, quoted_price=str(price))
-            currency, price = iso, price / divisor
+            price, currency = normalize_quote(price, currency)
         currency = currency.upper()
         if not _CURRENCY.match(currency):
             return f"currency {entry.get('currency')!r} is not a 3-letter code"

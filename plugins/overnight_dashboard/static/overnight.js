@@ -68,17 +68,27 @@
     out.textContent = "";
     var head = el("p", { "class": "summary", id: "lookup-summary" });
     head.appendChild(badge(d.fromCache ? "cache-hit" : "cache-miss", d.fromCache ? "from cache (Redis)" : "from Postgres"));
-    head.appendChild(badge(d.stale ? "stale" : "fresh", d.stale ? "stale" : "fresh"));
+    head.appendChild(badge(d.stale ? "stale" : "fresh",
+      d.stale ? "stale" + (d.staleReason ? ": " + d.staleReason.replace(/_/g, " ") : "") : "fresh"));
     var f = d.dataFreshness || {};
     head.appendChild(document.createTextNode(
       " Investable: " + (d.totalInvestable || "-") + " " + (d.baseCurrency || "") +
       " | generated " + (f.generatedAt || "never") + (f.criteriaVersion ? " | criteria " + f.criteriaVersion : "")));
     out.appendChild(head);
+    var left = d.unallocated;
+    if (left && left.amount && Number(left.amount) !== 0) {
+      out.appendChild(el("p", { "class": "unallocated", id: "lookup-unallocated" },
+        "Unallocated: " + left.amount + " " + (d.baseCurrency || "") + (left.message ? " (" + left.message + ")" : "")));
+    }
+    if (d.unpricedHoldings && d.unpricedHoldings.length) {
+      out.appendChild(el("p", { "class": "muted", id: "lookup-unpriced" }, "Not valued: " +
+        d.unpricedHoldings.map(function (u) { return u.symbol + " (" + u.reason + ")"; }).join(", ")));
+    }
     if (!d.recommendations.length) { out.appendChild(el("p", { "class": "muted" }, "No recommendations.")); return; }
     var table = el("table", { "class": "grid", id: "recs" });
     var hr = el("tr");
-    ["Symbol", "Score", "Amount", "Currency", "Allocation gap", "Top contributor"].forEach(function (h, i) {
-      hr.appendChild(el("th", i > 0 && i < 3 || i === 4 ? { "class": "num" } : {}, h));
+    ["Symbol", "Score", "Amount", "Currency", "Allocation gap", "Gap after", "Top contributor"].forEach(function (h, i) {
+      hr.appendChild(el("th", i > 0 && i < 3 || i === 4 || i === 5 ? { "class": "num" } : {}, h));
     });
     table.appendChild(el("thead")).appendChild(hr);
     var body = el("tbody");
@@ -89,6 +99,7 @@
       tr.appendChild(el("td", { "class": "num" }, r.amount));
       tr.appendChild(el("td", {}, r.currency));
       tr.appendChild(el("td", { "class": "num" }, r.allocationGap));
+      tr.appendChild(el("td", { "class": "num" }, r.allocationGapAfter || "-"));
       tr.appendChild(el("td", {}, (r.breakdown && r.breakdown.topContributor) || "-"));
       body.appendChild(tr);
     });
@@ -110,7 +121,7 @@
         var status = res[0], body = res[1];
         if (status === 200) { showDashboard(out, body.data); return; }
         var msg = status === 401 ? "Your session has expired: reload the page to log in again."
-          : status === 403 ? "You are not allowed to read this."
+          : status === 403 ? "Investors' data needs the 'Overnight recommendations' permission; ask an admin (docs/access.md)."
           : status === 404 ? "Unknown user."
           : status === 422 ? "That is not a user id (a UUID)."
           : "Error " + status + ".";

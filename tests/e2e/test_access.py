@@ -1,0 +1,419 @@
+"""Hostile tests of who may read what, against a real `airflow api-server` (docs/access.md), one per finding.
+
+One api-server on this run's fresh databases, with scored data, under `tests.support.per_dag_auth_manager`:
+the auth manager `make airflow` runs (`OvernightSimpleAuthManager`) plus a login `dagonly` that may read
+one DAG only, as FAB's per-DAG permissions allow. Logins: admin, viewer (read-only operations), the
+service login overnight_app (personal data), norole, dagonly; random passwords, a JWT secret of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import jwt
+import psycopg
+import pytest
+import redis
+
+from overnight import cache
+from overnight.api import AUDIT_CONCURRENCY, AUDIT_WAIT_S
+from overnight.api_auth import NO_ACCESS, NO_PERSONAL_DATA
+from tests.support.api_server import ROOT, SERVICE, ApiServer, auth_env, free_port, score_market, token
+from tests.support.per_dag_auth_manager import DAG_ONLY_LOGIN, ITS_DAG
+
+pytestmark = pytest.mark.e2e
+
+SESSION = date(2026, 11, 25)
+JWT_SECRET = uuid.uuid4().hex + uuid.uuid4().hex
+INVALID = {"detail": "Invalid JWT token"}
+API = "/overnight/api/v1"
+
+
+@pytest.fixture(scope="module")
+def server(airflow_db: None, pg_dsn: str, seeded: dict[str, int]) -> Iterator[dict[str, Any]]:
+    """Scored XNYS data and the api-server, with a token per login."""
+    redis_url = os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"]
+    job = score_market(pg_dsn, redis_url, "XNYS", SESSION)
+    with psycopg.connect(pg_dsn) as conn:
+        rows = conn.execute("SELECT user_id::text, document FROM recommendations WHERE correlation_id = %s"
+                            " AND jsonb_array_length(document->'recommendations') > 1 ORDER BY user_id",
+                            (job.correlation_id,)).fetchall()
+    tmp = Path(tempfile.mkdtemp(prefix="overnight-access-"))
+    env, passwords = auth_env(tmp, JWT_SECRET, extra_users={DAG_ONLY_LOGIN: "viewer"},
+                              auth_manager="tests.support.per_dag_auth_manager.PerDagAuthManager")
+    api = ApiServer("access", env, tmp)
+    try:
+        api.wait_healthy(time.monotonic() + 120)
+        tokens = {name: token(api.url, name, pw) for name, pw in passwords.items()}
+        yield {"api": api, "url": api.url, "tokens": tokens, "passwords": passwords, "users": [r[0] for r in rows],
+               "doc": rows[0][1], "pg_dsn": pg_dsn, "redis": redis.Redis.from_url(redis_url), "env": env,
+               "tmp": tmp, "job": job}
+    finally:
+        api.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _get(server: dict[str, Any], path: str, who: str | None = None, *, bearer: str | None = None,
+         cookie: str | None = None, timeout: float = 10) -> httpx.Response:
+    headers = {}
+    if who or bearer:
+        headers["Authorization"] = f"Bearer {bearer or server['tokens'][who]}"
+    cookies = {"_token": cookie} if cookie else None
+    return httpx.get(server["url"] + path, headers=headers, cookies=cookies, timeout=timeout, trust_env=False)
+
+
+def _signed(claims: dict[str, Any], secret: str = JWT_SECRET) -> str:
+    """A HS512 JWT of `claims` written as Python's json writes them (`Infinity`, `NaN`, 400-digit integers)."""
+    def b64(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    signing = b64(b'{"alg":"HS512","typ":"JWT"}') + b"." + b64(json.dumps(claims).encode())
+    return (signing + b"." + b64(hmac.new(secret.encode(), signing, hashlib.sha512).digest())).decode()
+
+
+def _hostile_tokens(server: dict[str, Any]) -> dict[str, str]:
+    """Tokens with the service login's claims: forged (another key), and validly signed ones whose `exp`
+    is absurd: an integer no float holds, infinity, NaN, a finite float centuries ahead."""
+    claims = jwt.decode(server["tokens"][SERVICE], options={"verify_signature": False})
+    fresh = {**claims, "jti": uuid.uuid4().hex}
+    return {
+        "forged": _signed(fresh, "not-the-secret-" * 5),
+        "exp-10**400": _signed({**fresh, "exp": 10**400}),
+        "exp-inf": _signed({**fresh, "exp": math.inf}),
+        "exp-nan": _signed({**fresh, "exp": math.nan}),
+        "exp-1e300": _signed({**fresh, "exp": 1e300}),
+    }
+
+
+# --------------------------------------------------------------------------- the viewer harvest
+
+
+def test_viewer_cannot_harvest_investors_data(server: dict[str, Any]) -> None:
+    """The harvest of the issue: page the audit for user ids, then read each one's dashboard. As viewer, the
+    audit has pseudonyms only and every dashboard is 403 (no existence oracle either); as the service login
+    and admin, ids and dashboards are there."""
+    symbol = server["doc"]["recommendations"][0]["symbol"]
+    path = f"{API}/audit/assets/{quote(symbol, safe='')}?limit=500"
+    seen = _get(server, path, "viewer")
+    assert seen.status_code == 200
+    events = seen.json()["data"]
+    assert events and all(e["userId"] is None for e in events)
+    assert all(re.fullmatch(r"u_[0-9a-f]{16}", e["userRef"]) for e in events)
+    full = _get(server, path, SERVICE).json()["data"]
+    assert [e["eventId"] for e in full] == [e["eventId"] for e in events]
+    assert [e["userRef"] for e in full] == [e["userRef"] for e in events]  # one pseudonym per user, everywhere
+    ids = {e["userId"] for e in full}
+    assert ids <= set(server["users"]) | {None} and None not in ids
+    assert len({e["userRef"] for e in full}) == len(ids)
+    assert not any(uid in seen.text for uid in ids), "a user id in the viewer's audit"
+    for uid in sorted(ids)[:10] + [str(uuid.uuid4()), events[0]["userRef"], "not-a-uuid"]:
+        denied = _get(server, f"{API}/dashboard/{uid}", "viewer")
+        assert (denied.status_code, denied.json()) == (403, {"detail": NO_PERSONAL_DATA}), uid
+        denied = _get(server, f"{API}/dashboard/{uid}?dag_id={ITS_DAG}", "viewer")
+        assert denied.status_code == 403, uid
+    for uid in sorted(ids)[:10]:
+        for who in (SERVICE, "admin"):
+            got = _get(server, f"{API}/dashboard/{uid}", who)
+            assert got.status_code == 200 and got.json()["data"]["userId"] == uid, (who, got.text[:200])
+    page = _get(server, "/overnight/", "viewer")
+    assert page.status_code == 200 and not any(uid in page.text for uid in server["users"])
+    for path in (f"{API}/job-runs?limit=500", f"{API}/markets"):
+        ops = _get(server, path, "viewer")
+        assert ops.status_code == 200 and not any(uid in ops.text for uid in server["users"]), path
+
+
+def test_operations_routes_are_the_viewers_and_not_personal(server: dict[str, Any]) -> None:
+    for path in (f"{API}/job-runs", f"{API}/markets", f"{API}/audit/assets/AAPL", "/overnight/"):
+        for who in ("viewer", SERVICE, "admin"):
+            assert _get(server, path, who).status_code == 200, (path, who)
+        assert _get(server, path, "norole").json() == {"detail": NO_ACCESS}
+
+
+# --------------------------------------------------------------------------- forged and absurd tokens
+
+
+def test_forged_and_absurd_tokens_get_403_with_or_without_a_valid_cookie(server: dict[str, Any]) -> None:
+    uid = server["users"][0]
+    path = f"{API}/dashboard/{uid}"
+    good_cookie = server["tokens"][SERVICE]
+    assert _get(server, path, cookie=good_cookie).status_code == 200  # the cookie alone is accepted (remembered)
+    for name, bad in _hostile_tokens(server).items():
+        for cookie in (None, good_cookie):
+            resp = _get(server, path, bearer=bad, cookie=cookie)
+            assert (resp.status_code, resp.json()) == (403, INVALID), (name, cookie is not None)
+        resp = _get(server, path, cookie=bad)  # the hostile token as the session cookie
+        assert (resp.status_code, resp.json()) == (403, INVALID), (name, "as cookie")
+
+
+def test_a_valid_cookie_does_not_lend_its_access_to_the_bearer(server: dict[str, Any]) -> None:
+    """As Airflow's get_user: a bearer token decides, even beside a valid, remembered cookie."""
+    path = f"{API}/dashboard/{server['users'][0]}"
+    service, viewer = server["tokens"][SERVICE], server["tokens"]["viewer"]
+    assert _get(server, path, cookie=service).status_code == 200
+    resp = _get(server, path, bearer=viewer, cookie=service)
+    assert (resp.status_code, resp.json()) == (403, {"detail": NO_PERSONAL_DATA})
+    assert _get(server, path, bearer=service, cookie=viewer).status_code == 200
+    assert _get(server, path, bearer="not-a-jwt", cookie=service).json() == INVALID
+
+
+def test_fifty_concurrent_hostile_requests_are_all_answered_within_5_s(server: dict[str, Any]) -> None:
+    """The same absurd tokens at once (so they wait on one shared check): all answered, none with data."""
+    path = f"{server['url']}{API}/dashboard/{server['users'][0]}"
+    hostile = list(_hostile_tokens(server).values())
+    good_cookie = server["tokens"][SERVICE]
+
+    async def go() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
+            calls = []
+            for i in range(50):
+                bad = hostile[i % len(hostile)]
+                cookies = {"_token": good_cookie} if i % 2 else None
+                calls.append(client.get(path, headers={"Authorization": f"Bearer {bad}"}, cookies=cookies))
+            return list(await asyncio.wait_for(asyncio.gather(*calls), 5))
+
+    t0 = time.monotonic()
+    answers = asyncio.run(go())
+    assert time.monotonic() - t0 < 5
+    assert [(r.status_code, r.json()) for r in answers] == [(403, INVALID)] * 50
+    assert _get(server, f"{API}/dashboard/{server['users'][0]}", SERVICE).status_code == 200  # still serving
+
+
+# --------------------------------------------------------------------------- ?dag_id=
+
+
+def test_dag_id_never_widens_access(server: dict[str, Any]) -> None:
+    """`dagonly` may read one DAG (the auth manager says so for Airflow's own API); naming it in a query
+    or path opens nothing of the plugin, which asks about all DAGs."""
+    own = _get(server, f"/api/v2/dags/{ITS_DAG}/dagRuns", DAG_ONLY_LOGIN)
+    other = _get(server, "/api/v2/dags/overnight_scoring_xlon/dagRuns", DAG_ONLY_LOGIN)
+    assert other.status_code == 403 and own.status_code != 403  # 200, or 404 when the DAG is not parsed yet
+    uid = server["users"][0]
+    for path in (f"{API}/job-runs", f"{API}/markets", f"{API}/audit/assets/AAPL", f"{API}/dashboard/{uid}",
+                 "/overnight/"):
+        for query in ("", f"?dag_id={ITS_DAG}", f"?dag_id={ITS_DAG}&dag_id=~", "?dag_id=~"):
+            resp = _get(server, path + query, DAG_ONLY_LOGIN)
+            assert (resp.status_code, resp.json()) == (403, {"detail": NO_ACCESS}), path + query
+    resp = _get(server, f"{API}/job-runs?dag_id={ITS_DAG}", "viewer")
+    assert resp.status_code == 200  # and the query changes nothing for those who may
+
+
+# --------------------------------------------------------------------------- Postgres under abuse
+
+
+def test_audit_calls_cannot_starve_the_dashboards_postgres_fallback(server: dict[str, Any]) -> None:
+    """16 concurrent /audit calls blocked in Postgres (their table locked for 3 s) while dashboards miss
+    Redis: the dashboards keep answering from Postgres at once; AUDIT_CONCURRENCY audits wait for the lock,
+    the others get a quick 503 that says why."""
+    users = server["users"][:20]
+    for uid in users:
+        server["redis"].delete(cache.recs_key(uid))
+    symbol = quote(server["doc"]["recommendations"][0]["symbol"], safe="")
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with psycopg.connect(server["pg_dsn"]) as conn:
+            conn.execute("LOCK TABLE calculation_events IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    assert locked.wait(10)
+    dashboards: list[tuple[int, float, bool]] = []
+
+    async def go() -> list[tuple[int, Any, float]]:
+        async with httpx.AsyncClient(base_url=server["url"], timeout=15, trust_env=False,
+                                     headers={"Authorization": f"Bearer {server['tokens'][SERVICE]}"}) as client:
+
+            async def audit() -> tuple[int, Any, float]:
+                t0 = time.monotonic()
+                r = await client.get(f"{API}/audit/assets/{symbol}?limit=500")
+                return r.status_code, r.json(), time.monotonic() - t0
+
+            async def dashboards_meanwhile() -> None:
+                end = time.monotonic() + AUDIT_WAIT_S + 0.5
+                i = 0
+                while time.monotonic() < end:
+                    t0 = time.monotonic()
+                    r = await client.get(f"{API}/dashboard/{users[i % len(users)]}")
+                    dashboards.append((r.status_code, time.monotonic() - t0,
+                                       r.status_code == 200 and r.json()["data"]["fromCache"]))
+                    i += 1
+
+            audits = [asyncio.create_task(audit()) for _ in range(16)]
+            await asyncio.sleep(0.2)  # the audits are in: AUDIT_CONCURRENCY of them hold connections
+            await dashboards_meanwhile()
+            release.set()
+            return list(await asyncio.gather(*audits))
+
+    try:
+        audits = asyncio.run(go())
+    finally:
+        release.set()
+        holder.join(10)
+    assert len(dashboards) >= 5
+    assert all(status == 200 and took < 1.0 and not from_cache for status, took, from_cache in dashboards), dashboards
+    statuses = sorted(status for status, _, _ in audits)
+    assert statuses == [200] * AUDIT_CONCURRENCY + [503] * (16 - AUDIT_CONCURRENCY)
+    busy = [(body, took) for status, body, took in audits if status == 503]
+    assert all("too many audit queries" in body["detail"] and took < AUDIT_WAIT_S + 1 for body, took in busy)
+
+
+# --------------------------------------------------------------------------- make airflow: address, restart
+
+
+def _services(env: dict[str, str], action: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "overnight.services", action], env=env, capture_output=True,
+                          text=True, timeout=180, cwd=str(ROOT))
+
+
+def _listening(port: int) -> set[str]:
+    import psutil
+
+    return {c.laddr.ip for c in psutil.net_connections(kind="tcp") if c.status == "LISTEN" and c.laddr.port == port}
+
+
+def test_make_airflow_listens_on_loopback_and_restarts_on_new_settings(server: dict[str, Any]) -> None:
+    """`python -m overnight.services start` (what `make airflow` runs), api-server only: 127.0.0.1 by default;
+    run again unchanged it keeps the process, with another password or connection it restarts it."""
+    run_dir = server["tmp"] / "run"
+    port = free_port()
+    env = {k: v for k, v in server["env"].items() if k != "OVERNIGHT_API_HOST"}
+    env.update({"OVERNIGHT_RUN_DIR": str(run_dir), "OVERNIGHT_COMPONENTS": "api-server",
+                "OVERNIGHT_API_PORT": str(port), "AIRFLOW__API__WORKERS": "1"})
+    pidfile = run_dir / "api-server.pid"
+    try:
+        first = _services(env, "start")
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert _listening(port) == {"127.0.0.1"}
+        pid = pidfile.read_text()
+        again = _services(env, "start")
+        assert again.returncode == 0 and "already running" in again.stdout and pidfile.read_text() == pid
+
+        passwords = Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
+        before = passwords.read_text()
+        changed = json.loads(before) | {"admin": uuid.uuid4().hex}
+        passwords.write_text(json.dumps(changed))
+        try:
+            restarted = _services(env, "start")
+        finally:
+            passwords.write_text(before)
+        assert restarted.returncode == 0 and "settings changed" in restarted.stdout, restarted.stdout
+        assert pidfile.read_text() != pid
+        pid = pidfile.read_text()
+
+        other_redis = {**env, "AIRFLOW_CONN_OVERNIGHT_REDIS": env["AIRFLOW_CONN_OVERNIGHT_REDIS"] + "?x=1"}
+        moved = _services(other_redis, "start")
+        assert moved.returncode == 0 and "settings changed" in moved.stdout and pidfile.read_text() != pid
+        for result in (first, again, restarted, moved):
+            assert JWT_SECRET not in result.stdout + result.stderr
+            assert not any(pw in result.stdout + result.stderr for pw in server["passwords"].values())
+    finally:
+        _services(env, "stop")
+    assert not pidfile.exists() and _listening(port) == set()
+
+
+# --------------------------------------------------------------------------- files and secrets
+
+
+def _secrets(server: dict[str, Any]) -> list[str]:
+    found = [JWT_SECRET, *server["passwords"].values(), *server["tokens"].values()]
+    if os.environ.get("AIRFLOW__API_AUTH__JWT_SECRET"):
+        found.append(os.environ["AIRFLOW__API_AUTH__JWT_SECRET"])
+    return [s for s in found if len(s) >= 8]
+
+
+def test_files_holding_secrets_are_private(server: dict[str, Any]) -> None:
+    """env.sh, jwt_secret, the dev logins' passwords, Airflow's generated airflow.cfg: 0600 wherever the make
+    targets and this run wrote them; and any file of this run's Airflow home holding a secret is 0600."""
+    local = ROOT / ".local"
+    must = [local / "env.sh", local / "jwt_secret", local / "airflow" / "passwords.json",
+            local / "airflow" / "airflow.cfg", Path(os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]),
+            Path(os.environ["AIRFLOW_HOME"]) / "airflow.cfg", Path(server["env"][
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])]
+    present = [p for p in must if p.exists()]
+    assert Path(os.environ["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]) in present
+    assert {p: oct(p.stat().st_mode & 0o777) for p in present} == {p: "0o600" for p in present}
+    secrets = _secrets(server)
+    home = Path(os.environ["AIRFLOW_HOME"])
+    leaky = [str(p) for p in home.rglob("*") if p.is_file() and p.stat().st_size < 2_000_000
+             and p.stat().st_mode & 0o077 and any(s in p.read_text(errors="replace") for s in secrets)]
+    assert not leaky, f"files holding a secret readable by others: {leaky}"
+
+
+def test_no_secret_in_logs_or_reprs(server: dict[str, Any]) -> None:
+    """After every request above: the api-server's log carries no password, JWT secret or token; the store's
+    and the connection's reprs and errors carry no password."""
+    from overnight.connections import parse_connection
+    from overnight.dashboard import DashboardStore
+
+    log = server["api"].log_path.read_text(errors="replace")
+    assert "Application startup complete" in log
+    leaked = [s[:6] + "..." for s in _secrets(server) if s in log]
+    assert not leaked, f"secrets in the api-server log: {leaked}"
+    for p in (server["tmp"] / "run").glob("*.log"):
+        text = p.read_text(errors="replace")
+        assert not [s for s in _secrets(server) if s in text], p
+
+    secret = f"Pw-{uuid.uuid4().hex}"
+    store = DashboardStore(pg_dsn=f"postgresql://someone:{secret}@127.0.0.1:{free_port()}/db",
+                           redis_url=f"redis://:{secret}@127.0.0.1:{free_port()}/0")
+    info = parse_connection("overnight_postgres", f"postgresql://someone:{secret}@h:5432/db")
+    shown = [repr(store), str(store), repr(info), str(info), info.redacted()]
+    assert all(secret not in s for s in shown), shown
+    assert "someone:***@127.0.0.1" in repr(store)
+
+    async def fail() -> str:
+        try:
+            await store.dashboard(str(uuid.uuid4()))
+        except Exception as exc:  # noqa: BLE001 - the message is what is checked
+            return f"{type(exc).__name__}: {exc!r} {exc}"
+        finally:
+            await store.aclose()
+        return "no error"
+
+    message = asyncio.run(fail())
+    assert message.startswith("StoreUnavailable") and secret not in message, message
+
+
+# --------------------------------------------------------------------------- schemathesis
+
+
+def test_schemathesis_finds_no_server_error(server: dict[str, Any]) -> None:
+    """Schemathesis against the plugin's own OpenAPI schema, with a valid token (the service login: every
+    route open to it): no 500 on any generated request."""
+    schema = _get(server, "/overnight/openapi.json", SERVICE)
+    assert schema.status_code == 200
+    path = server["tmp"] / "openapi.json"
+    path.write_text(schema.text)
+    cmd = [str(Path(sys.executable).with_name("schemathesis")), "--no-color", "run", str(path),
+           "--url", f"{server['url']}/overnight", "--header", f"Authorization: Bearer {server['tokens'][SERVICE]}", "--checks", "not_a_server_error",
+           "--max-examples", "30", "--seed", "15", "--phases", "examples,coverage,fuzzing", "--workers", "1",
+           "--request-timeout", "10"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500, cwd=str(server["tmp"]),
+                          env={**os.environ, "NO_PROXY": "*"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    cases = re.search(r"(\d+) generated, (\d+) passed", out)
+    assert cases and cases[1] == cases[2] and int(cases[1]) >= 100, out[-3000:]
+    assert re.search(r"Tested:\s+4\b", out), out[-3000:]  # every operation of the schema

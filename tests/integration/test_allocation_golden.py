@@ -1,0 +1,145 @@
+"""Golden portfolios: hand-computed expected documents (tests/data/golden_portfolios.yaml) against the real
+pipeline on a fresh Postgres database of their own. The oracle is the data file, worked out by hand from
+docs/allocation.md: nothing here computes an expected amount."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from overnight import devenv, migrate, pipeline
+from overnight.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from tests.conftest import RUN_ID, TEST_ENV
+
+GOLDEN = yaml.safe_load((Path(__file__).parents[1] / "data" / "golden_portfolios.yaml").read_text())
+CASES = GOLDEN["cases"]
+ALL_MARKETS = ["XNYS", "XTKS", "XLON", "BVMF"]
+RUNS = {"default": (date(2026, 11, 30), None),
+        "usd100": (date(2026, 12, 1), pipeline.Contribution(Decimal("100"), "USD"))}
+NAMESPACE = uuid.UUID("6f1c1a52-4f0e-4c55-9d1e-0b6c6c1d7a01")
+
+
+def _user_id(case_id: str) -> str:
+    return str(uuid.uuid5(NAMESPACE, case_id))
+
+
+def _load_world(conn: psycopg.Connection) -> None:
+    """The golden world: classes, assets with prices and grades, rates, one criteria set, the investors."""
+    classes = {name: int(cid) for cid, name in GOLDEN["classes"].items()}
+    conn.cursor().executemany("INSERT INTO asset_classes (id, name) VALUES (%s, %s)", [(i, n) for n, i in classes.items()])
+    for i, (symbol, (market, cls, currency, price, grade)) in enumerate(GOLDEN["assets"].items(), 1):
+        conn.execute("INSERT INTO assets (id, symbol, name, market, class_id, currency, fundamentals)"
+                     " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                     (i, symbol, symbol, market, classes[cls], currency, json.dumps({"grade": grade})))
+        if price is not None:
+            as_of = GOLDEN["as_of"].get(symbol, GOLDEN["price_as_of"])
+            conn.execute("INSERT INTO prices (asset_id, price, currency, as_of) VALUES (%s, %s, %s, %s)",
+                         (i, Decimal(price), currency, as_of))
+    rates_at = datetime.now(UTC) - timedelta(hours=1)
+    conn.cursor().executemany("INSERT INTO exchange_rates (base, quote, rate, as_of, source) VALUES ('USD', %s, %s, %s, 'golden')",
+                     [(q, Decimal(r), rates_at) for q, r in GOLDEN["rates"].items()])
+    rules = [{"metric": "grade", "op": "==", "value": g, "points": g} for g in (-1, 0, 1, 2, 3)]
+    conn.execute("INSERT INTO criteria_sets (id, criteria_key, version, name, rules) VALUES (%s, 'golden', 1,"
+                 " 'grade', %s)", (uuid.uuid4(), json.dumps(rules)))
+    ids = {s: i for i, s in enumerate(GOLDEN["assets"], 1)}
+    for case in CASES:
+        uid = _user_id(case["id"])
+        conn.execute("INSERT INTO users (id, email, base_currency, default_contribution, markets, criteria_key)"
+                     " VALUES (%s, %s, %s, %s, %s, 'golden')",
+                     (uid, f"{case['id']}@golden.test", case.get("base", "USD"), case.get("contribution"),
+                      case.get("markets", ALL_MARKETS)))
+        for symbol, qty in (case.get("holdings") or {}).items():
+            conn.execute("INSERT INTO holdings VALUES (%s, %s, %s)", (uid, ids[symbol], Decimal(qty)))
+        for symbol in case.get("watchlist") or []:
+            conn.execute("INSERT INTO watchlist VALUES (%s, %s)", (uid, ids[symbol]))
+        for cls, (lo, hi) in (case.get("targets") or {}).items():
+            conn.execute("INSERT INTO allocation_targets VALUES (%s, %s, %s, %s)", (uid, classes[cls], lo, hi))
+    conn.commit()
+
+
+@pytest.fixture(scope="module")
+def golden() -> Any:
+    """Runs the pipeline over the golden investors; yields (documents, portfolios, events, summaries) by user."""
+    base = parse_connection(POSTGRES_CONN_ID, TEST_ENV["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
+    name = f"ovt_{RUN_ID}_golden"
+    devenv.create_database(base, name)
+    dsn = postgres_dsn(ConnInfo(**{**base.__dict__, "schema": name}))
+    migrate.migrate(dsn)
+    summaries = {}
+    try:
+        with psycopg.connect(dsn) as conn:
+            _load_world(conn)
+            for run, (session, contribution) in RUNS.items():
+                users = tuple(_user_id(c["id"]) for c in CASES if c.get("run", "default") == run)
+                job = pipeline.start_job(conn, "XTKS", session, f"golden-{run}")
+                rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
+                audience = pipeline.Audience("XTKS", (), users)
+                batches = pipeline.plan_batches(conn, audience, 100)
+                results = [pipeline.score_batch(conn, job, audience, rates, b, DbPriceProvider(conn), warm_cache=None,
+                                                contribution=contribution) for b in batches]
+                summaries[run] = pipeline.finalize(conn, job, planned=batches, results=results,
+                                                   rates=rates.to_xcom())
+            docs = {str(u): (d, p) for u, d, p in conn.execute("SELECT user_id, document, portfolio FROM recommendations")}
+            events = {(str(u), t): payload for u, t, payload in conn.execute(
+                "SELECT user_id, event_type, payload FROM calculation_events")}
+        yield docs, events, summaries
+    finally:
+        admin = ConnInfo(**{**base.__dict__, "schema": "postgres"})
+        with psycopg.connect(postgres_dsn(admin), autocommit=True) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_every_golden_investor_is_calculated_none_failed(golden):
+    _, _, summaries = golden
+    assert len(CASES) >= 15
+    for run, summary in summaries.items():
+        expected = sum(1 for c in CASES if c.get("run", "default") == run)
+        assert (summary["status"], summary["users_processed"], summary["users_failed"]) == ("completed", expected, 0), run
+    # one investor has unpriced holdings: calculated, with a warning
+    assert summaries["default"]["users_with_warnings"] == 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_golden_document(golden, case):
+    docs, events, _ = golden
+    uid = _user_id(case["id"])
+    doc, portfolio = docs[uid]
+    want = case["expect"]
+    base = case.get("base", "USD")
+    got_recs = [[r["symbol"], r["score"], r["amount"], r["allocationGap"], r["allocationGapAfter"]]
+                for r in doc["recommendations"]]
+    assert got_recs == want["recommendations"], "recommendations: [symbol, score, amount, gap, gap after]"
+    assert {r["currency"] for r in doc["recommendations"]} <= {base}
+    amount, reason, *message = want["unallocated"]
+    assert doc["unallocated"] == {"amount": amount, "reason": reason, "message": message[0] if message else None}
+    if "totalInvestable" in want:
+        assert doc["totalInvestable"] == want["totalInvestable"]
+    else:
+        assert doc["totalInvestable"] == case.get("contribution")
+    assert doc["portfolioSummary"] == {"totalValue": want["totalValue"], "baseCurrency": base,
+                                       "allocations": want["allocations"]}
+    assert doc["unpricedHoldings"] == want.get("unpricedHoldings", [])
+    assert doc["dataFreshness"]["pricesAsOf"] == want.get("pricesAsOf", GOLDEN["price_as_of"])
+    assert portfolio == {
+        "totalValue": want["totalValue"], "assetCount": want["assetCount"],
+        "allocations": [{"className": n, "currentPercent": p, "targetMin": lo, "targetMax": hi}
+                        for n, p, lo, hi in want["portfolio"]],
+    }
+    scored = events[(uid, "SCORES_COMPUTED")]
+    assert scored == {"scores": want["scores"], "unscored": want.get("unscored", {})}
+    inputs = events[(uid, "INPUTS_CAPTURED")]
+    assert inputs["contribution"] == doc["totalInvestable"]
+    if case.get("run") == "usd100":
+        assert inputs["contributionGiven"] == {"amount": "100", "currency": "USD"}
+    else:
+        assert "contributionGiven" not in inputs
+    assert events[(uid, "CALC_COMPLETED")]["unallocated"] == amount

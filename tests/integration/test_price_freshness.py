@@ -1,0 +1,87 @@
+"""Price freshness (docs/freshness.md) through real batches: a quote older than its market's previous close is
+flagged in the documents (`stalePrices`) and counted in the job run's metrics; one older than the maximum
+age is unusable and fails only the users who hold it."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+
+import psycopg
+import pytest
+
+from overnight import freshness, pipeline, sessions
+from overnight.markets import load_markets
+from overnight.providers.db import DbPriceProvider, DbRatesProvider
+
+SESSION = date(2026, 12, 15)  # a Tuesday no other test runs; XNYS opens 09:30 EST = 14:30 UTC, runs 12:30 UTC
+MOMENT = datetime(2026, 12, 15, 12, 30, tzinfo=UTC)
+MONDAY_CLOSE = datetime(2026, 12, 14, 21, 0, tzinfo=UTC)  # NYSE closes 16:00 EST
+BEFORE_CLOSE = datetime(2026, 12, 14, 20, 59, tzinfo=UTC)
+TWO_WEEKS_OLD = datetime(2026, 12, 1, 21, 0, tzinfo=UTC)  # 13.6 days: beyond the 240 h default
+CODES = load_markets().codes
+
+
+def _served(conn: psycopg.Connection) -> set[str]:
+    rows = conn.execute("SELECT id, markets FROM users WHERE active").fetchall()
+    return {str(uid) for uid, markets in rows if sessions.serving_market(markets, SESSION) == "XNYS"}
+
+
+def _users_of(conn: psycopg.Connection, table: str, symbol: str, users: set[str]) -> set[str]:
+    return {str(r[0]) for r in conn.execute(
+        f"SELECT DISTINCT t.user_id FROM {table} t JOIN assets a ON a.id = t.asset_id WHERE a.symbol = %s",
+        (symbol,)) if str(r[0]) in users}
+
+
+@pytest.fixture
+def dated_prices(conn: psycopg.Connection, seeded: dict[str, int]):
+    """Every price at Monday's NYSE close, but one a minute before it and one two weeks old; restored after."""
+    saved = conn.execute("SELECT asset_id, as_of FROM prices").fetchall()
+    served = _served(conn)
+    held = conn.execute(
+        "SELECT a.symbol, count(DISTINCT h.user_id) FROM holdings h JOIN assets a ON a.id = h.asset_id"
+        " WHERE h.user_id = ANY(%s::uuid[]) AND a.market = 'XNYS' GROUP BY a.symbol ORDER BY 2, 1",
+        (sorted(served),)).fetchall()
+    stale, ancient = held[0][0], held[1][0]
+    conn.execute("UPDATE prices SET as_of = %s", (MONDAY_CLOSE,))
+    conn.execute("UPDATE prices p SET as_of = %s FROM assets a WHERE a.id = p.asset_id AND a.symbol = %s",
+                 (BEFORE_CLOSE, stale))
+    conn.execute("UPDATE prices p SET as_of = %s FROM assets a WHERE a.id = p.asset_id AND a.symbol = %s",
+                 (TWO_WEEKS_OLD, ancient))
+    conn.commit()
+    try:
+        yield served, stale, ancient
+    finally:
+        conn.rollback()
+        with conn.cursor() as cur:
+            cur.executemany("UPDATE prices SET as_of = %s WHERE asset_id = %s", [(a, i) for i, a in saved])
+        conn.commit()
+
+
+def test_stale_quotes_are_flagged_and_unusable_ones_fail_only_their_holders(conn, dated_prices) -> None:
+    served, stale, ancient = dated_prices
+    job = pipeline.start_job(conn, "XNYS", SESSION, "test-price-freshness", force=True)
+    rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
+    aud = pipeline.Audience("XNYS", tuple(sessions.earlier_markets("XNYS", SESSION, CODES)))
+    batches = pipeline.plan_batches(conn, aud, 100)
+    results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=None,
+                                    judge_prices=lambda q: freshness.judge_quotes(q, MOMENT)) for b in batches]
+    summary = pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+
+    holders = _users_of(conn, "holdings", ancient, served)
+    assert holders and holders != served
+    failed = dict(conn.execute("SELECT user_id::text, stage FROM overnight_job_users WHERE job_run_id = %s"
+                               " AND status = 'failed'", (job.id,)).fetchall())
+    assert failed == dict.fromkeys(holders, "prices")
+    assert summary["status"] == "partial" and summary["users_processed"] == len(served) - len(holders)
+    assert (summary["stale_prices"], summary["stale_price_symbols"], summary["unusable_prices"]) == (1, [stale], 1)
+    details = conn.execute("SELECT error_details FROM overnight_job_runs WHERE id = %s", (job.id,)).fetchone()[0]
+    assert details["prices"]["unusable"] == [ancient]
+
+    # The stale quote's symbol is in the documents of the users who hold or watch it (it is an XNYS asset,
+    # so in scope for them), and in no other document.
+    docs = dict(conn.execute("SELECT user_id::text, document->'stalePrices' FROM recommendations"
+                             " WHERE correlation_id = %s", (job.correlation_id,)).fetchall())
+    concerned = (_users_of(conn, "holdings", stale, served) | _users_of(conn, "watchlist", stale, served)) - holders
+    assert concerned
+    assert {u for u, s in docs.items() if s == [stale]} == concerned
+    assert {u for u, s in docs.items() if s == []} == set(docs) - concerned

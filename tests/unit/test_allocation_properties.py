@@ -1,0 +1,144 @@
+"""The allocation policy's invariants (docs/allocation.md) over random portfolios, with hypothesis.
+
+Each property is a sentence of the policy checked on the answer, not a re-derivation of its formula."""
+
+from __future__ import annotations
+
+import random
+from decimal import Decimal as D
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overnight.money import minor_unit
+from overnight.recommendations import PER_CLASS, Candidate, Target, recommend
+
+CLASSES = ["Stocks", "Bonds", "ETFs", "REITs"]
+CURRENCIES = ["USD", "JPY", "KWD", "BRL", "CLF"]
+
+
+@st.composite
+def portfolios(draw):
+    currency = draw(st.sampled_from(CURRENCIES))
+    unit = minor_unit(currency)
+    targeted = draw(st.lists(st.sampled_from(CLASSES), unique=True, max_size=4))
+    targets, room = [], 100
+    for name in targeted:
+        lo = draw(st.integers(0, room))
+        hi = draw(st.integers(lo, 100))
+        room -= lo
+        targets.append(Target(name, D(lo), D(hi)))
+    values = {name: D(draw(st.integers(0, 10**7))) / 100 for name in draw(
+        st.lists(st.sampled_from([*CLASSES, "Cash"]), unique=True))}
+    symbols = draw(st.lists(st.text("ABCDEFGH", min_size=1, max_size=3), unique=True, max_size=12))
+    candidates = [Candidate(i, s, draw(st.sampled_from([*CLASSES, "Cash"])),
+                            D(draw(st.integers(-30, 50))) / 10, 1, "m") for i, s in enumerate(symbols)]
+    contribution = draw(st.integers(0, 10**8)) * unit
+    floor = D(draw(st.sampled_from([0, 0, 1, -1])))
+    return contribution, values, targets, candidates, unit, floor
+
+
+def _run(p):
+    contribution, values, targets, candidates, unit, floor = p
+    return recommend(contribution, values, targets, candidates, unit=unit, score_floor=floor)
+
+
+def _bought(plan):
+    out: dict[str, D] = {}
+    for r in plan.recommendations:
+        out[r.candidate.class_name] = out.get(r.candidate.class_name, D(0)) + r.amount
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(portfolios())
+def test_amounts_plus_unallocated_equal_the_contribution(p):
+    contribution, *_ = p
+    plan = _run(p)
+    assert sum((r.amount for r in plan.recommendations), D(0)) + plan.unallocated.amount == contribution
+    assert plan.unallocated.amount >= 0
+    assert (plan.unallocated.reason is None) == (plan.unallocated.amount == 0 and contribution > 0)
+
+
+@settings(max_examples=400, deadline=None)
+@given(portfolios())
+def test_no_amount_below_zero_or_off_the_minor_unit(p):
+    unit = p[4]
+    for r in _run(p).recommendations:
+        assert r.amount > 0
+        assert r.amount == r.amount.quantize(unit), f"{r.amount} is not in units of {unit}"
+
+
+@settings(max_examples=400, deadline=None)
+@given(portfolios())
+def test_only_targeted_classes_and_scores_above_the_floor_are_bought(p):
+    _, _, targets, _, _, floor = p
+    targeted = {t.class_name for t in targets}
+    plan = _run(p)
+    for r in plan.recommendations:
+        assert r.candidate.score > floor
+        assert r.candidate.class_name in targeted
+    per_class: dict[str, int] = {}
+    for r in plan.recommendations:
+        per_class[r.candidate.class_name] = per_class.get(r.candidate.class_name, 0) + 1
+    assert all(n <= PER_CLASS for n in per_class.values())
+
+
+@settings(max_examples=400, deadline=None)
+@given(portfolios())
+def test_no_class_is_pushed_past_its_maximum(p):
+    contribution, values, targets, _, unit, _ = p
+    total_after = sum(values.values(), D(0)) + contribution
+    bought = _bought(_run(p))
+    for t in targets:
+        if bought.get(t.class_name):
+            # rounding to the minor unit may move a class by less than one unit per asset bought
+            assert values.get(t.class_name, D(0)) + bought[t.class_name] <= t.max_pct * total_after / 100 + PER_CLASS * unit
+
+
+@settings(max_examples=400, deadline=None)
+@given(portfolios())
+def test_no_class_passes_its_minimum_while_a_class_with_candidates_stays_below_its_own(p):
+    contribution, values, targets, candidates, unit, floor = p
+    total_after = sum(values.values(), D(0)) + contribution
+    plan = _run(p)
+    bought = _bought(plan)
+    can_buy = {c.class_name for c in candidates if c.score > floor}
+    slack = PER_CLASS * unit
+
+    def after(t):
+        return values.get(t.class_name, D(0)) + bought.get(t.class_name, D(0))
+
+    starving = [t for t in targets if t.class_name in can_buy and after(t) + slack < t.min_pct * total_after / 100]
+    if starving:
+        for t in targets:
+            need = max(D(0), t.min_pct * total_after / 100 - values.get(t.class_name, D(0)))
+            assert bought.get(t.class_name, D(0)) <= need + slack, (t, starving)
+
+
+@settings(max_examples=300, deadline=None)
+@given(portfolios())
+def test_a_class_above_its_midpoint_is_bought_only_once_every_class_reached_its_own(p):
+    contribution, values, targets, candidates, unit, floor = p
+    total_after = sum(values.values(), D(0)) + contribution
+    plan = _run(p)
+    bought = _bought(plan)
+    can_buy = {c.class_name for c in candidates if c.score > floor}
+    if any(r.allocation_gap < 0 for r in plan.recommendations):
+        for t in targets:
+            if t.class_name in can_buy:
+                got = values.get(t.class_name, D(0)) + bought.get(t.class_name, D(0))
+                assert got + PER_CLASS * unit >= t.mid_pct * total_after / 100
+
+
+@settings(max_examples=200, deadline=None)
+@given(portfolios(), st.randoms(use_true_random=False))
+def test_same_input_same_answer_whatever_the_order(p, rnd: random.Random):
+    contribution, values, targets, candidates, unit, floor = p
+    first = _run(p)
+    shuffled = candidates[:]
+    rnd.shuffle(shuffled)
+    again = recommend(contribution, dict(reversed(list(values.items()))), targets, shuffled, unit=unit, score_floor=floor)
+    assert [(r.candidate.symbol, r.amount, r.allocation_gap, r.allocation_gap_after) for r in first.recommendations] == \
+        [(r.candidate.symbol, r.amount, r.allocation_gap, r.allocation_gap_after) for r in again.recommendations]
+    assert first.unallocated == again.unallocated

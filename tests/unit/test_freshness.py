@@ -1,0 +1,179 @@
+"""docs/freshness.md on the real calendars: the ECB's closing days (written by hand in tests/data), the
+markets' real sessions (exchange-calendars), and times worked out by hand from the exchanges' hours."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from overnight import freshness, sessions
+from overnight.markets import get_market
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "ecb_target_closing_days_2026_2027.txt"
+BERLIN = ZoneInfo("Europe/Berlin")
+MARKETS = ("BVMF", "XLON", "XNYS", "XTKS")
+
+
+def _closing_days() -> set[date]:
+    """The ECB's TARGET closing days of 2026-2027 as written by hand in the data file."""
+    return {date.fromisoformat(line.split()[0]) for line in DATA.read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+
+
+CLOSED = _closing_days()
+
+
+def _published(d: date) -> bool:
+    """The oracle: the ECB publishes on weekdays that are not in the hand-written list."""
+    return d.weekday() < 5 and d not in CLOSED
+
+
+def _last_publication_before(d: date) -> date:
+    d -= timedelta(days=1)
+    while not _published(d):
+        d -= timedelta(days=1)
+    return d
+
+
+def _dated(d: date) -> datetime:
+    """How the provider dates rates of day `d`: 16:00 Europe/Berlin."""
+    return datetime.combine(d, time(16), tzinfo=BERLIN).astimezone(UTC)
+
+
+def _utc(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize("year", [2026, 2027])
+def test_target_closing_days_are_the_ecbs(year: int) -> None:
+    days = [date(year, 1, 1) + timedelta(days=i) for i in range(366 if year % 4 == 0 else 365)]
+    closed = {d for d in days if d.weekday() < 5 and not freshness.is_ecb_publication_day(d)}
+    assert closed == {d for d in CLOSED if d.year == year and d.weekday() < 5}
+    assert not any(freshness.is_ecb_publication_day(d) for d in CLOSED if d.year == year)
+    assert all(not freshness.is_ecb_publication_day(d) for d in days if d.weekday() >= 5)
+
+
+def _runs(dates: set[date]) -> list[tuple[str, date, datetime]]:
+    """Every run of the four markets for a session on one of `dates` (the real sessions), with its time."""
+    out = []
+    for code in MARKETS:
+        lead = get_market(code).lead
+        for s in sessions.sessions_between(code, date(2026, 1, 1), date(2026, 12, 31)):
+            if s in dates:
+                out.append((code, s, sessions.run_time(code, lead, s)))
+    return out
+
+
+MONDAYS_2026 = {date(2026, 1, 5) + timedelta(weeks=i) for i in range(52)}
+# The ECB's weekday closing days of 2026 and the first weekday after each.
+HOLIDAYS_2026 = {d for d in CLOSED if d.year == 2026 and d.weekday() < 5}
+AFTER_HOLIDAYS_2026 = {min(d + timedelta(days=i) for i in range(1, 6) if (d + timedelta(days=i)).weekday() < 5
+                           and d + timedelta(days=i) not in CLOSED) for d in HOLIDAYS_2026}
+
+
+@pytest.mark.parametrize("days", [pytest.param(MONDAYS_2026, id="every-monday-2026"),
+                                  pytest.param(HOLIDAYS_2026 | AFTER_HOLIDAYS_2026, id="ecb-holidays-2026")])
+def test_rates_of_the_last_publication_are_fresh_and_the_one_before_is_stale(days: set[date]) -> None:
+    # Every market's run comes before 16:00 Berlin on its session's date, so the newest rates it can have
+    # are those of the last ECB publication day before that date.
+    runs = _runs(days)
+    assert {code for code, _, _ in runs} == set(MARKETS) and len(runs) > len(days)
+    wrong = []
+    for code, session, moment in runs:
+        newest = _last_publication_before(session)
+        older = _last_publication_before(newest)
+        fresh, behind = freshness.judge_rates(_dated(newest), moment), freshness.judge_rates(_dated(older), moment)
+        if fresh.stale or not fresh.usable or not behind.stale or not behind.usable:
+            wrong.append((code, session, newest, fresh.stale, behind.stale))
+    assert wrong == []
+
+
+@pytest.mark.parametrize(("code", "session", "rates_date"), [
+    pytest.param("XNYS", date(2026, 4, 6), date(2026, 4, 2), id="XNYS-easter-monday"),
+    pytest.param("XTKS", date(2026, 4, 6), date(2026, 4, 2), id="XTKS-easter-monday"),
+    pytest.param("XLON", date(2026, 4, 7), date(2026, 4, 2), id="XLON-tuesday-after-easter"),
+    pytest.param("XNYS", date(2026, 4, 7), date(2026, 4, 2), id="XNYS-tuesday-after-easter"),
+    pytest.param("BVMF", date(2026, 5, 4), date(2026, 4, 30), id="BVMF-after-labour-day"),
+    pytest.param("XNYS", date(2026, 12, 28), date(2026, 12, 24), id="XNYS-after-christmas"),
+    pytest.param("XLON", date(2027, 1, 4), date(2026, 12, 31), id="XLON-after-new-year"),
+    pytest.param("XNYS", date(2026, 11, 23), date(2026, 11, 20), id="XNYS-monday"),
+])
+def test_expected_publication_of_a_run(code: str, session: date, rates_date: date) -> None:
+    moment = sessions.run_time(code, get_market(code).lead, session)
+    assert freshness.expected_rates_date(moment) == rates_date
+
+
+@pytest.mark.parametrize(("moment", "rates_date"), [
+    pytest.param("2026-04-02T15:59", date(2026, 4, 1), id="thursday-17:59-berlin-within-margin"),
+    pytest.param("2026-04-02T16:00", date(2026, 4, 2), id="thursday-18:00-berlin-margin-over"),
+    pytest.param("2026-04-03T12:00", date(2026, 4, 2), id="good-friday"),
+    pytest.param("2026-04-06T23:00", date(2026, 4, 2), id="easter-monday-night"),
+    pytest.param("2026-04-07T16:00", date(2026, 4, 7), id="tuesday-after-publication"),
+])
+def test_margin_after_the_16_00_publication(moment: str, rates_date: date) -> None:
+    assert freshness.expected_rates_date(_utc(moment), timedelta(hours=2)) == rates_date
+
+
+def test_rates_far_behind_the_expected_publication_are_unusable() -> None:
+    moment = _utc("2026-04-07T11:30")  # XNYS's run: expected publication 2026-04-02 14:00 UTC
+    assert freshness.judge_rates(_dated(date(2026, 3, 31)), moment).usable is True
+    assert freshness.judge_rates(_dated(date(2026, 3, 31)), moment).stale is True
+    gone = freshness.judge_rates(_dated(date(2026, 3, 27)), moment)  # 6 days behind, more than 72 h
+    assert gone.usable is False and "expected ECB publication of 2026-04-02T14:00:00+00:00" in (gone.reason or "")
+
+
+def test_prices_are_judged_against_the_previous_close_of_their_market() -> None:
+    quotes = {
+        "NY-MON-CLOSE": (_utc("2026-04-06T20:00"), "XNYS"),  # NYSE closes 16:00 EDT; open on Easter Monday
+        "NY-THU-CLOSE": (_utc("2026-04-02T20:00"), "XNYS"),
+        "LN-THU-CLOSE": (_utc("2026-04-02T15:30"), "XLON"),  # LSE closes 16:30 BST; Easter Monday closed
+        "LN-WED-CLOSE": (_utc("2026-04-01T15:30"), "XLON"),
+        "TK-MON-CLOSE": (_utc("2026-04-06T06:30"), "XTKS"),  # TSE closes 15:30 JST, open on Easter Monday
+        "TK-FRI-CLOSE": (_utc("2026-04-03T06:30"), "XTKS"),
+        "ANCIENT": (_utc("2026-03-25T20:00"), "XNYS"),  # 12 days before: beyond the 240 h default
+    }
+    stale, unusable = freshness.judge_quotes(quotes, _utc("2026-04-07T05:00"))  # XLON's run on Tuesday
+    assert stale == {"NY-THU-CLOSE", "LN-WED-CLOSE", "TK-FRI-CLOSE"}
+    assert unusable == {"ANCIENT"}
+    # Monday 11:30 UTC (XNYS's Easter Monday run): Thursday's NYSE close is the previous one (Good Friday
+    # closed), Wednesday's is not
+    stale, _ = freshness.judge_quotes({"THU": quotes["NY-THU-CLOSE"], "WED": (_utc("2026-04-01T20:00"), "XNYS")},
+                                      _utc("2026-04-06T11:30"))
+    assert stale == {"WED"}
+
+
+@pytest.mark.parametrize(("code", "session", "until"), [
+    pytest.param("XNYS", date(2026, 4, 2), "2026-04-06T13:30", id="XNYS-over-easter"),  # run 11:30 UTC + 2 h
+    pytest.param("XLON", date(2026, 4, 2), "2026-04-07T07:00", id="XLON-over-easter"),  # run 05:00 UTC + 2 h
+    pytest.param("XTKS", date(2026, 4, 3), "2026-04-06T00:00", id="XTKS-weekend"),  # run Sun 22:00 UTC + 2 h
+    pytest.param("BVMF", date(2026, 11, 19), "2026-11-23T13:00", id="BVMF-holiday-weekend"),  # 20 Nov closed; 10:00 BRT = 13:00 UTC
+    pytest.param("XNYS", date(2026, 11, 20), "2026-11-23T14:30", id="XNYS-weekend"),  # EST: run 12:30 UTC
+])
+def test_a_document_is_fresh_until_its_markets_next_run_plus_grace(code: str, session: date, until: str) -> None:
+    assert freshness.document_deadline(code, get_market(code).lead, session) == _utc(until)
+
+
+def test_cache_ttl_setting() -> None:
+    now = _utc("2026-11-20T15:00")
+    assert freshness.cache_ttl_seconds(None, None, now) == 24 * 3600
+    assert freshness.cache_ttl_seconds("600", None, now) == 600
+    assert freshness.cache_ttl_seconds("next-run", _utc("2026-11-23T14:30"), now) == (2 * 24 + 23) * 3600 + 1800
+    assert freshness.cache_ttl_seconds("next-run", now + timedelta(minutes=5), now) == 3600  # at least 1 h
+    with pytest.raises(freshness.FreshnessConfigError, match="OVERNIGHT_CACHE_TTL='soon': expected a positive"):
+        freshness.cache_ttl_seconds("soon", None, now)
+
+
+def test_settings_and_their_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OVERNIGHT_MAX_PRICE_AGE_HOURS", "48")
+    monkeypatch.setenv("OVERNIGHT_RATES_MARGIN_MINUTES", "30")
+    assert (freshness.max_price_age(), freshness.rates_margin()) == (timedelta(hours=48), timedelta(minutes=30))
+    monkeypatch.setenv("OVERNIGHT_FRESHNESS_GRACE_MINUTES", "two hours")
+    with pytest.raises(freshness.FreshnessConfigError,
+                       match=r"OVERNIGHT_FRESHNESS_GRACE_MINUTES='two hours': expected a number of minutes >= 0"):
+        freshness.grace()
+    monkeypatch.setenv("OVERNIGHT_MAX_RATES_AGE_HOURS", "-1")
+    with pytest.raises(freshness.FreshnessConfigError, match="OVERNIGHT_MAX_RATES_AGE_HOURS='-1'"):
+        freshness.max_rates_lag()
