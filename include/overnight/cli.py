@@ -27,6 +27,7 @@ LOG_DIR = ROOT / ".local" / "logs"
 BAR_WIDTH = 24
 POLL_SECONDS = 0.5
 MAX_CAUSE_LINES = 8
+KEEP_LOGS = 20  # per command (demo, run-XNYS, ...) in .local/logs/
 
 
 def _load_dag(dag_id: str) -> Any:
@@ -147,6 +148,15 @@ class _Progress:
         self._stop.set()
 
 
+def prune_logs(folder: Path, name: str, keep: int = KEEP_LOGS) -> list[Path]:
+    """Deletes all but the newest `keep - 1` logs of command `name` in `folder` (room for this run's); returns them."""
+    logs = sorted(folder.glob(f"{name}-*.log"))  # the timestamp in the name sorts them by age
+    old = logs[:max(0, len(logs) - (keep - 1))]
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old
+
+
 @contextlib.contextmanager
 def logs_to_file(name: str) -> Iterator[tuple[IO[str], Path | None]]:
     """Sends everything written to fds 1 and 2 (Airflow, tasks, warnings) to `.local/logs/<name>-<time>.log`.
@@ -160,6 +170,8 @@ def logs_to_file(name: str) -> Iterator[tuple[IO[str], Path | None]]:
         return
     path = Path(choice) if choice else LOG_DIR / f"{name}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not choice:
+        prune_logs(LOG_DIR, name)
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)

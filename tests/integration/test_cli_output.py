@@ -80,14 +80,17 @@ def test_demo_prints_progress_table_and_log_path_in_at_most_40_lines(sandbox):
 
 
 @pytest.mark.slow
-def test_run_with_redis_down_warns_and_completes_and_postgres_down_stops(sandbox):
-    down = {**sandbox, "AIRFLOW_CONN_OVERNIGHT_REDIS": "redis://127.0.0.1:1/0"}
+def test_run_with_redis_down_warns_and_completes_and_postgres_down_stops(sandbox, tmp_path):
+    log = tmp_path / "run.log"  # not in the checkout's .local/logs
+    down = {**sandbox, "AIRFLOW_CONN_OVERNIGHT_REDIS": "redis://127.0.0.1:1/0", "OVERNIGHT_CLI_LOG": str(log)}
     proc = _make(down, "run", "MARKET=XLON", "DATE=2026-11-24")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stderr.startswith("warning: connection 'overnight_redis' (redis://127.0.0.1:1/0): cannot connect")
     row = next(line for line in proc.stdout.splitlines() if line.startswith("XLON    2026-11-24"))
     assert row.split()[4] == "completed"
     assert "note: XLON: Redis cache not warmed" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == f"Full log (Airflow and task logs): {log}"
+    assert "DagRun Finished: dag_id=overnight_scoring_xlon" in log.read_text()
 
     pg_down = {**sandbox, "AIRFLOW_CONN_OVERNIGHT_POSTGRES": "postgresql://postgres@127.0.0.1:1/overnight"}
     proc = _make(pg_down, "run", "MARKET=XLON", "DATE=2026-11-24")
@@ -96,12 +99,13 @@ def test_run_with_redis_down_warns_and_completes_and_postgres_down_stops(sandbox
     assert "XLON    2026-11-24" not in proc.stdout
 
 
-def test_a_failed_run_prints_its_cause(sandbox):
+def test_a_failed_run_prints_its_cause(sandbox, tmp_path):
     assert _make(sandbox, "migrate", "airflow-setup").returncode == 0  # .local/env.sh for the sandbox, schemas
     proc = subprocess.run(
         ["bash", "-c", "set -a && . .local/env.sh && set +a && "
          ".venv/bin/python -m overnight.cli run --market XNYS --date 2026-11-25 --batch-size -1"],
-        cwd=ROOT, env=sandbox, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env={**sandbox, "OVERNIGHT_CLI_LOG": str(tmp_path / "run.log")}, capture_output=True, text=True,
+        timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert "  XNYS did not run; cause:" in lines, proc.stdout

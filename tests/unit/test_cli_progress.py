@@ -49,3 +49,12 @@ def test_progress_line(done: int, total: int, elapsed: float, bar: bool, finishe
 )
 def test_failure_cause(result: dict, log: str, cause: list[str]) -> None:
     assert cli.failure_cause(result, log) == cause
+
+
+def test_old_logs_are_pruned_per_command(tmp_path) -> None:
+    names = [f"demo-20261201T0{i}0000Z.log" for i in range(5)] + ["run-XNYS-20261201T000000Z.log"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    removed = cli.prune_logs(tmp_path, "demo", keep=3)
+    assert [p.name for p in removed] == names[:3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])
