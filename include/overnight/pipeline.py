@@ -190,7 +190,7 @@ def fetch_rates(
             else:
                 unavailable.setdefault(c, f"{snap.source}: no rate for {c} and none stored")
     rates: dict[str, Decimal] = {}
-    stale = fallback
+    stale_in: set[str] = set()
     for c, rate in got.items():
         if c == RATES_BASE:
             rates[c] = rate
@@ -200,12 +200,14 @@ def fetch_rates(
             unavailable[c] = f"{c}: {verdict.reason}"
             continue
         rates[c] = rate
-        stale = stale or verdict.stale
+        if fallback or verdict.stale:  # a stand-in for a failed provider is stale whatever its date
+            stale_in.add(c)
     if unavailable:
         log.warning("no usable exchange rate for %s: users who need them fail, the others are calculated",
                     ", ".join(sorted(unavailable)), extra={"unavailable": sorted(unavailable)})
     as_of = min((dated[c] for c in rates if c != RATES_BASE), default=snap.as_of)
-    return RatesSnapshot(snap.base, rates, as_of, snap.source, stale, unavailable)
+    return RatesSnapshot(snap.base, rates, as_of, snap.source, fallback or bool(stale_in), unavailable,
+                         stale_in=frozenset(stale_in))
 
 
 # --------------------------------------------------------------------------- plan
@@ -675,6 +677,11 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     inputs_at = _stamp(stamps)
     scores_at = _stamp(stamps)
     contribution = user_contribution(user, batch, unit)
+    # the user's documents are stale for rates only if a conversion they needed used a stale rate
+    converted = {prices[s].currency for s in prices_used} | {base}
+    if batch.contribution is not None:
+        converted.add(batch.contribution.currency)
+    rates_stale = rates.stale and len(converted) > 1 and not rates.stale_in.isdisjoint(converted)
     try:
         plan = recommend(contribution, values, user.targets, candidates, unit=unit, score_floor=batch.score_floor,
                          check_targets=False)
@@ -715,7 +722,7 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
         "totalInvestable": contribution_text,
         "unallocated": unallocated,
         "unpricedHoldings": p.unpriced,
-        "ratesStale": rates.stale,
+        "ratesStale": rates_stale,
         "stalePrices": sorted(batch.stale_prices.intersection(prices_used)),
         "correlationId": job.correlation_id,
         "market": job.market,
@@ -738,7 +745,7 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     inputs = {
         "jobRunId": job.id, "criteriaVersion": criteria_version, "criteria": p.raw_rules, "prices": prices_used,
         "pricesAsOf": prices_as_of.isoformat() if prices_as_of else None, "rates": batch.rates_payload,
-        "ratesBase": rates.base, "ratesAsOf": batch.rates_as_of, "ratesStale": rates.stale,
+        "ratesBase": rates.base, "ratesAsOf": batch.rates_as_of, "ratesStale": rates_stale,
         "holdings": p.holdings_used, "watchlist": sorted(assets[a].symbol for a in user.watchlist if a in assets),
         "targets": [[t.class_name, str(t.min_pct), str(t.max_pct)] for t in user.targets],
         "contribution": contribution_text, "baseCurrency": base, "unpricedHoldings": p.unpriced,
