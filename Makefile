@@ -36,7 +36,7 @@ seed: migrate  ## seed USERS synthetic users (SEED sets the random seed)
 	@$(WITH_ENV) $(PY) -m overnight.seed --users $(USERS) --seed $(SEED)
 
 demo: seed airflow-setup  ## the main job from nothing: seed 1,000 users, run every market once, print a table
-	@$(WITH_ENV) $(PY) -m overnight.cli demo 2>.local/demo.log || { tail -40 .local/demo.log; exit 1; }
+	@$(WITH_ENV) $(PY) -m overnight.cli demo
 
 run: migrate airflow-setup  ## run MARKET's DAG once in-process for DATE (default: its next session)
 	@test -n "$(MARKET)" || { echo "usage: make run MARKET=XNYS [DATE=YYYY-MM-DD]"; exit 2; }

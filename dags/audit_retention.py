@@ -47,7 +47,7 @@ from airflow.sdk import dag, task  # noqa: E402
     },
 )
 def overnight_audit_retention() -> None:
-    @task(execution_timeout=timedelta(hours=2))
+    @task(multiple_outputs=False, execution_timeout=timedelta(hours=2))
     def apply_retention() -> dict[str, Any]:
         """Drops and deletes what is older than the cutoff, creates the upcoming partitions; returns the counts."""
         from overnight import db, retention

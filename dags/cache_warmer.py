@@ -9,10 +9,19 @@ in pipelined chunks. The task returns the counts (users warmed, requested users 
 
 **Trigger**: `airflow dags trigger overnight_cache_warmer` (everyone) or
 `airflow dags trigger overnight_cache_warmer --conf '{"user_ids": ["<uuid>", ...]}'`.
+
+**After the market runs (optional)**: with `OVERNIGHT_CACHE_WARMER_AFTER=all` (or a list of market codes,
+`XNYS,BVMF`) in the environment of the dag-processor and scheduler, the DAG is scheduled on the markets'
+`overnight://recommendations/<MARKET>` assets: it runs when any of them is updated and, from the
+events' extra, warms everyone only when a run left the cache not fully warmed (`cache_status` other than
+`warmed`, e.g. Redis was down during the night); otherwise it logs why and does nothing. Unset (the
+default): manual only.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,12 +29,25 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
 
-from airflow.sdk import Param, dag, get_current_context, task  # noqa: E402
+from airflow.sdk import AssetAny, Param, dag, get_current_context, task  # noqa: E402
+
+from overnight import assets  # noqa: E402
+from overnight.markets import load_markets  # noqa: E402
+
+
+def _schedule(setting: str) -> AssetAny | None:
+    """None (manual only), or any of the listed markets' recommendations assets ('all': every market)."""
+    setting = setting.strip()
+    if not setting:
+        return None
+    codes = load_markets(check_codes=False).codes if setting.lower() == "all" else [
+        c.strip().upper() for c in setting.split(",") if c.strip()]
+    return AssetAny(*(assets.recommendations_asset(c) for c in sorted(set(codes))))
 
 
 @dag(
     dag_id="overnight_cache_warmer",
-    schedule=None,
+    schedule=_schedule(os.environ.get("OVERNIGHT_CACHE_WARMER_AFTER", "")),
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=1,
@@ -47,12 +69,19 @@ from airflow.sdk import Param, dag, get_current_context, task  # noqa: E402
     },
 )
 def overnight_cache_warmer() -> None:
-    @task(execution_timeout=timedelta(hours=1))
+    @task(multiple_outputs=False, execution_timeout=timedelta(hours=1))
     def warm_cache() -> dict[str, Any]:
         """Writes recs:{id} and portfolio:{id} from the recommendations table; returns the counts."""
         from overnight import cache_warmer
 
-        return cache_warmer.run(get_current_context()["params"].get("user_ids"))
+        ctx = get_current_context()
+        extras = [dict(e.extra or {}) for events in ctx["triggering_asset_events"].values() for e in events]
+        if extras and not assets.markets_needing_warm_cache(extras):
+            reason = "the triggering market runs warmed the cache themselves"
+            logging.getLogger(__name__).info("nothing to do: %s (%s)", reason,
+                                             ", ".join(sorted({str(e.get("market")) for e in extras})))
+            return {"skipped": True, "reason": reason, "events": len(extras)}
+        return cache_warmer.run(ctx["params"].get("user_ids"))
 
     warm_cache()
 

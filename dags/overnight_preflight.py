@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
     },
 )
 def overnight_preflight() -> None:
-    @task(execution_timeout=timedelta(minutes=5))
+    @task(multiple_outputs=False, execution_timeout=timedelta(minutes=5))
     def preflight() -> dict[str, Any]:
         """Runs every check; fails with one line per problem, logs the warnings; returns the report."""
         from overnight import preflight as checks

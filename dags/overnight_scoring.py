@@ -18,4 +18,4 @@ _CODES = _LOADED.codes
 
 for _market in sorted(_LOADED.markets, key=lambda m: m.code):
     if _CURRENT is None or _CURRENT == _market.dag_id:
-        globals()[_market.dag_id] = build_market_dag(_market, _CODES, for_task=_CURRENT is not None)
+        globals()[_market.dag_id] = build_market_dag(_market, _CODES)

@@ -9,7 +9,7 @@ from typing import Any
 from airflow.sdk import DAG, Param, TriggerRule, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from overnight import alerts, runtime, sessions
+from overnight import alerts, assets, runtime
 from overnight.markets import Market, format_lead
 from overnight.timetable import MarketSessionTimetable
 
@@ -61,20 +61,22 @@ def _params(market: Market) -> dict[str, Param]:
     }
 
 
-def _doc(market: Market, *, with_schedule: bool = True) -> str:
+def _doc(market: Market) -> str:
+    """The DAG's Markdown docs: a pure function of the market entry (no clock, no calendar lookups).
+
+    The serialized DAG must not change from one day to the next, or Airflow 3 keeps a new DAG version per
+    trading day: the upcoming runs are shown by Airflow itself (the DAG header's "Next run",
+    `airflow dags next-execution`), not listed here.
+    """
     lead = format_lead(market.lead)
-    now = datetime.now(UTC)
-    rows = []
-    moment = now
-    try:
-        for _ in range(5 if with_schedule else 0):
-            session, run_at = sessions.next_run(market.code, market.lead, moment, inclusive=False)
-            local = sessions.session_open_utc(market.code, session).astimezone(sessions.timezone(market.code))
-            rows.append(f"| {session} | {run_at:%Y-%m-%d %H:%M} UTC | {local:%H:%M %Z} |")
-            moment = run_at
-    except ValueError as exc:  # calendar data ends: say so rather than fail the parse
-        rows.append(f"| - | {exc} | |")
-    table = "\n".join(rows)
+    deadline = market.lead - alerts.DEADLINE_BEFORE_OPEN
+    deadline_text = (
+        f"**Deadline**: a run not finished {format_lead(alerts.DEADLINE_BEFORE_OPEN)} before the open is "
+        f"recorded as a `deadline_missed` alert on its job run (Airflow `DeadlineAlert`, {format_lead(deadline)} "
+        "after the run's logical date)."
+        if deadline > timedelta(0)
+        else f"**Deadline**: none (the lead of {lead} leaves no time before the 15-minute deadline)."
+    )
     return f"""# Overnight scoring: {market.code}
 
 Pre-computes every served user's recommendations **{lead} before each {market.code} session opens**
@@ -85,17 +87,24 @@ this DAG serves the users for whom that is {market.code}.
 
 **Tasks**: `start` (job-run row `started`, correlation id) → `fetch_rates` (once, shared through XCom)
 → `plan_batches` (users this market serves) → `score_batch` (mapped: scores, recommendations, four
-audit events, Postgres, Redis `recs:{{userId}}`) → `finalize` (completed / partial / failed).
+audit events, Postgres, Redis `recs:{{userId}}`) → `finalize` (completed / partial / failed, and the asset event).
+
+**Asset**: `finalize` updates `{assets.recommendations_uri(market.code)}` when the run ends completed or
+partial (a failed run emits nothing). The event's extra: `market`, `session_date`, `status`,
+`users_processed`, `users_failed`, `users_total`, `recommendations_generated`, `cache_status`,
+`correlation_id`, `job_run_id`, `dag_run_id`. Schedule your DAG on it with
+`schedule=[Asset("{assets.recommendations_uri(market.code)}")]`.
 
 **Re-running is safe**: the job run is identified by market and session date; a retry, a clear or a new
 trigger for the same session continues it (completed users are skipped). Set `force` for a fresh one.
 
+{deadline_text}
+
+**Next runs**: the DAG header's *Next run*, or
+`airflow dags next-execution {market.dag_id} -n 5 --field run_after` (UTC).
+
 **Trigger**: `airflow dags trigger {market.dag_id} --conf '{{"session_date": "YYYY-MM-DD"}}'`
 or `make run MARKET={market.code} DATE=YYYY-MM-DD`.
-
-| next session | run (UTC) | open (local) |
-|---|---|---|
-{table}
 """
 
 
@@ -106,8 +115,10 @@ def _context_session(ctx: dict[str, Any]) -> tuple[datetime | None, datetime | N
     return end, run_after
 
 
-def build_market_dag(market: Market, all_codes: list[str], *, for_task: bool = False) -> DAG:
-    """Returns the scoring DAG of one market (`for_task`: a task run's parse, which skips the docs' calendar)."""
+def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
+    """Returns the scoring DAG of one market; everything it serializes depends only on `market` and `all_codes`."""
+
+    recommendations = assets.recommendations_asset(market.code)
 
     @dag(
         dag_id=market.dag_id,
@@ -118,14 +129,14 @@ def build_market_dag(market: Market, all_codes: list[str], *, for_task: bool = F
         default_args=DEFAULT_ARGS,
         tags=["overnight", "scoring"],
         params=_params(market),
-        doc_md=_doc(market, with_schedule=not for_task),
+        doc_md=_doc(market),
         description=f"Overnight recommendations, {format_lead(market.lead)} before the {market.code} open",
         dagrun_timeout=timedelta(hours=6),
         on_failure_callback=alerts.on_dag_failure,
         deadline=alerts.market_deadline(market),
     )
     def overnight_scoring() -> None:
-        @task
+        @task(multiple_outputs=False)  # one XCom row per task, not one more per key
         def start() -> dict[str, Any]:
             """Validates the parameters, then records the job run (status started)."""
             ctx = get_current_context()
@@ -140,7 +151,7 @@ def build_market_dag(market: Market, all_codes: list[str], *, for_task: bool = F
                      run.session_date, job["correlation_id"], job["resumed"])
             return {"job": job, "run": run.to_xcom()}
 
-        @task
+        @task(multiple_outputs=False)
         def fetch_rates(started: dict[str, Any]) -> dict[str, Any]:
             """Fetches exchange rates once; every batch uses the same ones."""
             return runtime.fetch_rates(started["job"])
@@ -150,17 +161,18 @@ def build_market_dag(market: Market, all_codes: list[str], *, for_task: bool = F
             """Plans the batches of users this market serves on the session."""
             return runtime.plan(market, runtime.RunParams.from_xcom(started["run"]), all_codes)
 
-        @task(map_index_template="{{ batch_label }}", pool=market.pool or "default_pool",
+        @task(map_index_template="{{ batch_label }}", pool=market.pool or "default_pool", multiple_outputs=False,
               execution_timeout=timedelta(hours=1))
         def score_batch(batch: dict[str, Any], started: dict[str, Any], rates: dict[str, Any]) -> dict[str, Any]:
             """Scores one batch of users (one user's failure never stops the others)."""
             get_current_context()["batch_label"] = batch["label"]  # type: ignore[literal-required]
             return runtime.score_batch(batch, started["job"], rates, started["run"])
 
-        @task(trigger_rule=TriggerRule.ALL_DONE, retries=3)
+        @task(trigger_rule=TriggerRule.ALL_DONE, retries=3, outlets=[recommendations], multiple_outputs=False)
         def finalize() -> dict[str, Any]:
-            """Writes the job-run row: completed, partial or failed, with counts and timings."""
-            ti = get_current_context()["ti"]
+            """Writes the job-run row (completed, partial or failed); a run with recommendations emits the asset event."""
+            ctx = get_current_context()
+            ti = ctx["ti"]
             started = ti.xcom_pull(task_ids="start")
             planned = ti.xcom_pull(task_ids="plan_batches")
             rates = ti.xcom_pull(task_ids="fetch_rates")
@@ -168,6 +180,8 @@ def build_market_dag(market: Market, all_codes: list[str], *, for_task: bool = F
             summary = runtime.finalize(started["job"] if started else None, planned, results, rates)
             if summary is None or summary["status"] == "failed":
                 raise AirflowFailException(f"overnight run failed: {summary or 'no job run was started'}")
+            ctx["outlet_events"][recommendations].extra = assets.event_extra(
+                market.code, started["job"], summary, ctx["dag_run"].run_id)
             return summary
 
         started = start()

@@ -255,7 +255,11 @@ def environment() -> dict[str, str]:
     except ConnectionNotConfigured as exc:
         raise SetupError(str(exc)) from None
     check_postgres(pg)
-    check_redis(rd)
+    try:
+        check_redis(rd)
+    except SetupError as exc:  # the runs still complete in Postgres; the cache is recorded as "not warmed"
+        print(f"warning: {exc} Until it answers, runs complete in Postgres and record the cache as "
+              "'not warmed' (the dashboard falls back to Postgres).", file=sys.stderr)
     meta_db = os.environ.get("OVERNIGHT_AIRFLOW_DB") or f"{pg.schema or APP_DB}_airflow"
     create_database(pg, meta_db)
     meta = ConnInfo(**{**pg.__dict__, "schema": meta_db})
@@ -264,6 +268,8 @@ def environment() -> dict[str, str]:
         {
             "AIRFLOW_CONN_OVERNIGHT_POSTGRES": pg_value,
             "AIRFLOW_CONN_OVERNIGHT_REDIS": redis_value,
+            # overnight_metadata_cleanup's `airflow db clean` (tasks cannot use Airflow's own setting)
+            "AIRFLOW_CONN_OVERNIGHT_AIRFLOW_METADATA": postgres_dsn(meta),
             "AIRFLOW_HOME": airflow_home,
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),

@@ -195,7 +195,7 @@ def fetch_rates(
             else:
                 unavailable.setdefault(c, f"{snap.source}: no rate for {c} and none stored")
     rates: dict[str, Decimal] = {}
-    stale = fallback
+    stale_in: set[str] = set()
     for c, rate in got.items():
         if c == RATES_BASE:
             rates[c] = rate
@@ -205,12 +205,14 @@ def fetch_rates(
             unavailable[c] = f"{c}: {verdict.reason}"
             continue
         rates[c] = rate
-        stale = stale or verdict.stale
+        if fallback or verdict.stale:  # a stand-in for a failed provider is stale whatever its date
+            stale_in.add(c)
     if unavailable:
         log.warning("no usable exchange rate for %s: users who need them fail, the others are calculated",
                     ", ".join(sorted(unavailable)), extra={"unavailable": sorted(unavailable)})
     as_of = min((dated[c] for c in rates if c != RATES_BASE), default=snap.as_of)
-    return RatesSnapshot(snap.base, rates, as_of, snap.source, stale, unavailable)
+    return RatesSnapshot(snap.base, rates, as_of, snap.source, fallback or bool(stale_in), unavailable,
+                         stale_in=frozenset(stale_in))
 
 
 # --------------------------------------------------------------------------- plan
@@ -700,6 +702,11 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     inputs_at = _stamp(stamps)
     scores_at = _stamp(stamps)
     contribution = user_contribution(user, batch, unit)
+    # the user's documents are stale for rates only if a conversion they needed used a stale rate
+    converted = {prices[s].currency for s in prices_used} | {base}
+    if batch.contribution is not None:
+        converted.add(batch.contribution.currency)
+    rates_stale = rates.stale and len(converted) > 1 and not rates.stale_in.isdisjoint(converted)
     try:
         plan = recommend(contribution, values, user.targets, candidates, unit=unit, score_floor=batch.score_floor,
                          check_targets=False)
@@ -741,7 +748,7 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
         "totalInvestable": contribution_text,
         "unallocated": unallocated,
         "unpricedHoldings": p.unpriced,
-        "ratesStale": rates.stale,
+        "ratesStale": rates_stale,
         "stalePrices": stale_used,
         "correlationId": job.correlation_id,
         "market": job.market,
@@ -764,7 +771,7 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     inputs = {
         "jobRunId": job.id, "criteriaVersion": criteria_version, "criteria": p.raw_rules, "prices": prices_used,
         "pricesAsOf": prices_as_of.isoformat() if prices_as_of else None, "rates": batch.rates_payload,
-        "ratesBase": rates.base, "ratesAsOf": batch.rates_as_of, "ratesStale": rates.stale,
+        "ratesBase": rates.base, "ratesAsOf": batch.rates_as_of, "ratesStale": rates_stale,
         "holdings": p.holdings_used, "watchlist": sorted(assets[a].symbol for a in user.watchlist if a in assets),
         "targets": [[t.class_name, str(t.min_pct), str(t.max_pct)] for t in user.targets],
         "contribution": contribution_text, "baseCurrency": base, "unpricedHoldings": p.unpriced,
@@ -775,6 +782,8 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
         inputs["contributionGiven"] = batch.contribution.to_json()
     if stale_used:  # quotes judged stale (docs/freshness.md): the judgement is the night's, kept for the replay
         inputs["stalePrices"] = stale_used
+    if rates_stale:  # the stale rates this user's conversions used (docs/freshness.md), kept for the replay
+        inputs["ratesStaleIn"] = sorted(rates.stale_in.intersection(converted))
     document_json = _encode(document)
     stored = {"sha256": hashlib.sha256(document_json.encode()).hexdigest(), "table": HISTORY_TABLE,
               "jobRunId": job.id, "generatedAt": document["generatedAt"]}

@@ -242,15 +242,18 @@ def _rebuild(uid: str, stored: _Stored, assets: dict[str, AssetRow]) -> _Rebuilt
         watchlist=[assets[s].id for s in inputs["watchlist"]],
         targets=[Target(name, Decimal(lo), Decimal(hi)) for name, lo, hi in inputs["targets"]],
     )
+    # The night's judgement of its rates (docs/freshness.md): which of the user's conversions used a stale rate.
+    stale_in = inputs.get("ratesStaleIn", list(inputs["rates"]) if inputs["ratesStale"] else [])
     rates = RatesSnapshot(inputs["ratesBase"], {k: Decimal(v) for k, v in inputs["rates"].items()},
-                          datetime.fromisoformat(inputs["ratesAsOf"]), "replay", bool(inputs["ratesStale"]))
+                          datetime.fromisoformat(inputs["ratesAsOf"]), "replay", bool(inputs["ratesStale"]),
+                          stale_in=frozenset(stale_in))
     # Symbols the user saw without a usable price had no quote in their batch: they stay without one here.
     no_price = frozenset([s for s, reason in scores["unscored"].items() if reason == NO_PRICE]
                          + [u["symbol"] for u in inputs["unpricedHoldings"] if u.get("reason") == NO_PRICE])
     generated = (completed_payload.get("document") or {}).get("generatedAt")
     completed_at = datetime.fromisoformat(generated) if generated else completed_time.astimezone(UTC)
     stale = frozenset(inputs.get("stalePrices") or ())  # the night's judgement of its quotes (docs/freshness.md)
-    group = _show([inputs["rates"], inputs["ratesBase"], inputs["ratesAsOf"], inputs["ratesStale"], given,
+    group = _show([inputs["rates"], inputs["ratesBase"], inputs["ratesAsOf"], inputs["ratesStale"], sorted(stale_in), given,
                    inputs["scoreFloor"], sorted(no_price), sorted(stale)])
     return _Rebuilt(user, (key, (f"{key}@v{version}", version, inputs["criteria"])), group, rates, contribution,
                     Decimal(inputs["scoreFloor"]), no_price, stale, completed_at)

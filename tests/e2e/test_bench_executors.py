@@ -53,4 +53,8 @@ def test_bench_runs_every_user_once(executor):
     assert during_api["api-server"] > 0 and during_api["loadgen"] > 0
     if executor == "local":  # no task runs then (Celery's idle workers count as "tasks")
         assert during_api.get("tasks", 0) == 0
-    assert f["api_vacuum_s"] >= 0 and f["api_redis_fallbacks"] >= 0 and f["api_redis_late"] >= 0
+    # Redis answers throughout: the dashboard never falls back to Postgres for it.
+    assert f["api_redis_fallbacks"] == 0
+    # A count of replies over 1 s (machine load decides it), and a measured VACUUM ANALYZE of 400 users' tables.
+    assert type(f["api_redis_late"]) is int
+    assert type(f["api_vacuum_s"]) is float and f["api_vacuum_s"] < 60

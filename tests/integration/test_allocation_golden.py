@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -44,9 +44,9 @@ def _load_world(conn: psycopg.Connection) -> None:
             as_of = GOLDEN["as_of"].get(symbol, GOLDEN["price_as_of"])
             conn.execute("INSERT INTO prices (asset_id, price, currency, as_of) VALUES (%s, %s, %s, %s)",
                          (i, Decimal(price), currency, as_of))
-    rates_at = datetime.now(UTC) - timedelta(hours=1)
-    conn.cursor().executemany("INSERT INTO exchange_rates (base, quote, rate, as_of, source) VALUES ('USD', %s, %s, %s, 'golden')",
-                     [(q, Decimal(r), rates_at) for q, r in GOLDEN["rates"].items()])
+    conn.cursor().executemany(
+        "INSERT INTO exchange_rates (base, quote, rate, as_of, source) VALUES ('USD', %s, %s, %s, 'golden')",
+        [(q, Decimal(r), GOLDEN["rates_as_of_by"].get(q, GOLDEN["rates_as_of"])) for q, r in GOLDEN["rates"].items()])
     rules = [{"metric": "grade", "op": "==", "value": g, "points": g} for g in (-1, 0, 1, 2, 3)]
     conn.execute("INSERT INTO criteria_sets (id, criteria_key, version, name, rules) VALUES (%s, 'golden', 1,"
                  " 'grade', %s)", (uuid.uuid4(), json.dumps(rules)))
@@ -81,7 +81,8 @@ def golden() -> Any:
             for run, (session, contribution) in RUNS.items():
                 users = tuple(_user_id(c["id"]) for c in CASES if c.get("run", "default") == run)
                 job = pipeline.start_job(conn, "XTKS", session, f"golden-{run}")
-                rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
+                rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn),
+                                             now=datetime.fromisoformat(GOLDEN["run_now"]))
                 audience = pipeline.Audience("XTKS", (), users)
                 batches = pipeline.plan_batches(conn, audience, 100)
                 results = [pipeline.score_batch(conn, job, audience, rates, b, DbPriceProvider(conn), warm_cache=None,
@@ -98,6 +99,11 @@ def golden() -> Any:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def inputs_ok(inputs: dict[str, Any], case: dict[str, Any]) -> bool:
+    """The audit event says the same about the rates as the document."""
+    return inputs["ratesStale"] is case.get("ratesStale", False)
+
+
 def test_every_golden_investor_is_calculated_none_failed(golden):
     _, _, summaries = golden
     assert len(CASES) >= 15
@@ -106,6 +112,7 @@ def test_every_golden_investor_is_calculated_none_failed(golden):
         assert (summary["status"], summary["users_processed"], summary["users_failed"]) == ("completed", expected, 0), run
     # one investor has unpriced holdings: calculated, with a warning
     assert summaries["default"]["users_with_warnings"] == 1
+    assert summaries["default"]["rates_stale"] is True  # the run as a whole used a stale rate (JPY)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
@@ -128,6 +135,8 @@ def test_golden_document(golden, case):
     assert doc["portfolioSummary"] == {"totalValue": want["totalValue"], "baseCurrency": base,
                                        "allocations": want["allocations"]}
     assert doc["unpricedHoldings"] == want.get("unpricedHoldings", [])
+    assert doc["ratesStale"] is case.get("ratesStale", False)
+    assert inputs_ok(events[(uid, "INPUTS_CAPTURED")], case)
     assert doc["dataFreshness"]["pricesAsOf"] == want.get("pricesAsOf", GOLDEN["price_as_of"])
     assert portfolio == {
         "totalValue": want["totalValue"], "assetCount": want["assetCount"],
@@ -137,6 +146,7 @@ def test_golden_document(golden, case):
     scored = events[(uid, "SCORES_COMPUTED")]
     assert scored == {"scores": want["scores"], "unscored": want.get("unscored", {})}
     inputs = events[(uid, "INPUTS_CAPTURED")]
+    assert doc["dataFreshness"]["ratesAsOf"] == GOLDEN["rates_as_of_by"]["JPY"]  # the oldest rate of the run
     assert inputs["contribution"] == doc["totalInvestable"]
     if case.get("run") == "usd100":
         assert inputs["contributionGiven"] == {"amount": "100", "currency": "USD"}

@@ -22,9 +22,17 @@ def test_bad_postgres_connection_stops_at_once_naming_it():
     assert "Traceback" not in proc.stderr and "secretpw" not in proc.stderr
 
 
-def test_bad_redis_connection_stops_at_once_naming_it():
-    proc = _run(["overnight.devenv", "up"], AIRFLOW_CONN_OVERNIGHT_REDIS="redis://127.0.0.1:1/0")
-    assert proc.returncode == 2 and "overnight_redis" in proc.stderr and "Traceback" not in proc.stderr
+def test_redis_down_is_a_warning_not_an_error(monkeypatch, capsys):
+    """The runs complete without Redis (cache recorded "not warmed"), so the set-up only warns."""
+    from overnight import devenv
+
+    monkeypatch.setenv("AIRFLOW_CONN_OVERNIGHT_REDIS", "redis://:hunter2@127.0.0.1:1/0")
+    monkeypatch.setenv("OVERNIGHT_AIRFLOW_DB", f"ovt_{os.environ['OVERNIGHT_TEST_RUN_ID']}_af")
+    env = devenv.environment()
+    err = capsys.readouterr().err
+    assert env["AIRFLOW_CONN_OVERNIGHT_REDIS"] == "redis://:hunter2@127.0.0.1:1/0"
+    assert err.startswith("warning: connection 'overnight_redis' (redis://:***@127.0.0.1:1/0): cannot connect")
+    assert "record the cache as 'not warmed'" in err and "hunter2" not in err
 
 
 def test_run_unknown_market_or_non_session_exits_non_zero_writing_nothing(conn, pg_dsn):

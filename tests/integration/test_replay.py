@@ -36,11 +36,13 @@ LIVE_TABLES = ("assets", "prices", "criteria_sets", "allocation_targets", "holdi
                "watchlist", "exchange_rates")
 
 
-def _run(dsn: str, market: str, session: date, redis_client: Any, judge_prices: Any = None
-         ) -> tuple[pipeline.JobRun, list[dict[str, Any]]]:
+def _run(dsn: str, market: str, session: date, redis_client: Any, judge_prices: Any = None,
+         stale_rates: frozenset[str] | None = None) -> tuple[pipeline.JobRun, list[dict[str, Any]]]:
     with psycopg.connect(dsn) as conn:
         job = pipeline.start_job(conn, market, session, "test-replay")
         rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
+        if stale_rates:  # as the ECB calendar would judge rates that missed their publication (docs/freshness.md)
+            rates = dataclasses.replace(rates, stale=True, stale_in=stale_rates)
         aud = pipeline.Audience(market, tuple(sessions.earlier_markets(market, session, CODES)))
         batches = pipeline.plan_batches(conn, aud, 150)
         results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), judge_prices=judge_prices,
@@ -236,22 +238,27 @@ def test_an_older_sessions_rerun_never_replaces_the_newer_document(night: dict[s
     assert all(json.loads(redis_client.get(cache.recs_key(u)))["sessionDate"] == NEWER.isoformat() for u in warmed[:50])
 
 
-def test_stale_and_unusable_quotes_replay_as_the_night_judged_them(night: dict[str, Any]) -> None:
+def test_stale_and_unusable_quotes_and_stale_rates_replay_as_the_night_judged_them(night: dict[str, Any]) -> None:
     """docs/freshness.md: a stale quote is listed in the document, an unusable one leaves its asset unpriced and
     fails its holders; the replay reads the night's judgement from the trail, not from the clock."""
     def judge(quotes: dict[str, Any]) -> tuple[set[str], set[str]]:
         symbols = sorted(quotes)
         return set(symbols[::3]), set(symbols[1::40])
 
-    job, results = _run(night["dsn"], "BVMF", date(2026, 11, 27), night["redis"], judge_prices=judge)
+    job, results = _run(night["dsn"], "BVMF", date(2026, 11, 27), night["redis"], judge_prices=judge,
+                        stale_rates=frozenset({"BRL"}))
     with psycopg.connect(night["dsn"]) as conn:
         flagged = conn.execute("SELECT count(*) FROM calculation_events WHERE correlation_id = %s"
                                " AND event_type = 'INPUTS_CAPTURED' AND payload ? 'stalePrices'",
                                (job.correlation_id,)).fetchone()[0]
+        stale_rates = dict(conn.execute(
+            "SELECT payload ->> 'ratesStale', count(*) FROM calculation_events WHERE correlation_id = %s"
+            " AND event_type = 'INPUTS_CAPTURED' GROUP BY 1", (job.correlation_id,)).fetchall())
         replayed = replay.replay(conn, job.correlation_id)
     assert sum(r["completed"] for r in results) == len(replayed) > 50
     assert sum(r["failed"] for r in results) > 50  # holders of unusable quotes
     assert flagged > 0
+    assert stale_rates.get("true", 0) > 0 and stale_rates.get("false", 0) > 0  # only users who converted BRL
     assert {r.status for r in replayed} == {replay.IDENTICAL}, next(r.text() for r in replayed if r.status != "identical")
 
 

@@ -188,6 +188,7 @@ def cli_run(market: str, session: date, env: dict[str, str], *, batch_size: int 
     if batch_size:
         cmd += ["--batch-size", str(batch_size)]
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
+    env = {**env, "OVERNIGHT_CLI_LOG": "-"}  # every Airflow and task log line in `log`, as the tests scan it
     return subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
 

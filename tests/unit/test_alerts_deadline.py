@@ -76,9 +76,35 @@ def test_deadline_survives_dag_serialisation() -> None:
     assert decoded.callback.kwargs == {"market": "XLON"}
 
 
-def test_on_dag_failure_never_raises() -> None:
-    alerts.on_dag_failure({})
-    alerts.on_dag_failure({"dag": object(), "run_id": None, "dag_run": 42})
+@pytest.mark.parametrize(
+    "context",
+    [
+        pytest.param({}, id="empty"),
+        pytest.param({"dag": object(), "run_id": None, "dag_run": 42}, id="odd-shapes"),
+    ],
+)
+def test_on_dag_failure_of_an_unknown_run_logs_one_error_line(context: dict, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="overnight.alerts")
+    assert alerts.on_dag_failure(context) is None
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "overnight.alerts"] == [
+        ("ERROR", "overnight DAG run failed: dag_id=? run_id=None market=- session=- failed_tasks=- reason=-")]
+
+
+def test_on_dag_failure_logs_when_the_alert_cannot_be_recorded(monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("AIRFLOW_CONN_OVERNIGHT_POSTGRES", "postgresql://x:y@127.0.0.1:1/none")
+    caplog.set_level("INFO", logger="overnight.alerts")
+    assert alerts.on_dag_failure({"dag": SimpleNamespace(dag_id="overnight_scoring_xnys"), "run_id": "r1",
+                                  "reason": "boom"}) is None
+    records = [r for r in caplog.records if r.name == "overnight.alerts"]
+    assert [(r.levelname, r.getMessage()) for r in records] == [
+        ("ERROR", "overnight DAG run failed: dag_id=overnight_scoring_xnys run_id=r1 market=XNYS session=- "
+                  "failed_tasks=- reason=boom"),
+        ("ERROR", "on_dag_failure could not record the alert (dag run r1)"),
+    ]
+    assert "127.0.0.1" in str(records[1].exc_info[1]) and "port 1" in str(records[1].exc_info[1])
 
 
 def test_deadline_callback_accepts_the_triggerer_call() -> None:

@@ -25,7 +25,8 @@ class RatesSnapshot:
     """Exchange rates: 1 unit of `base` = rates[quote] units of quote, as of `as_of` (aware UTC).
 
     `unavailable`: currencies asked for but not delivered, with the reason (a currency the provider does
-    not publish, or whose rate is too old to use); `dated`: each rate's own as-of where they differ."""
+    not publish, or whose rate is too old to use); `dated`: each rate's own as-of where they differ;
+    `stale_in`: the currencies whose rate is stale (a user's document is stale only if it used one)."""
 
     base: str
     rates: dict[str, Decimal]
@@ -34,6 +35,7 @@ class RatesSnapshot:
     stale: bool = False
     unavailable: dict[str, str] = field(default_factory=dict)
     dated: dict[str, datetime] = field(default_factory=dict)
+    stale_in: frozenset[str] = frozenset()
 
     def to_xcom(self) -> dict[str, object]:
         """Returns a small JSON-able dict (decimals as strings)."""
@@ -44,6 +46,7 @@ class RatesSnapshot:
             "source": self.source,
             "stale": self.stale,
             "unavailable": dict(sorted(self.unavailable.items())),
+            "stale_in": sorted(self.stale_in),
         }
 
     @classmethod
@@ -58,6 +61,7 @@ class RatesSnapshot:
             source=str(data.get("source", "unknown")),
             stale=bool(data.get("stale", False)),
             unavailable={str(k): str(v) for k, v in dict(data.get("unavailable") or {}).items()},  # type: ignore[call-overload]
+            stale_in=frozenset(str(c) for c in data.get("stale_in") or ()),  # type: ignore[attr-defined]
         )
 
 

@@ -1,0 +1,139 @@
+"""A live Airflow of its own for a test: api-server, scheduler, dag-processor, triggerer on a fresh metadata DB.
+
+Start it with `live_airflow(tmp_path, app_dsn)`; it stops every process it started (by process group)
+and drops its metadata database on exit. Component logs are in `tmp_path/<component>.log`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from overnight.connections import ConnInfo, postgres_dsn
+from overnight.devenv import create_database
+from tests.support import reliability as R
+
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+@dataclass
+class LiveAirflow:
+    """A running stack: its environment, metadata DSN and log folder."""
+
+    env: dict[str, str]
+    af_dsn: str
+    logs: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def airflow(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Runs the `airflow` CLI against this stack."""
+        return subprocess.run([str(Path(sys.executable).with_name("airflow")), *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout, cwd=str(R.ROOT))
+
+    def trigger(self, dag_id: str, run_id: str, conf: dict[str, Any], logical_date: str | None = None) -> None:
+        """Triggers a run (and unpauses the DAG); raises with the CLI's output if either fails."""
+        args = ["dags", "trigger", dag_id, "--run-id", run_id, "--conf", json.dumps(conf)]
+        if logical_date:
+            args += ["--logical-date", logical_date]
+        for cmd in (args, ["dags", "unpause", dag_id]):
+            proc = self.airflow(*cmd)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    def dag_parsed(self, dag_id: str) -> bool:
+        """Whether the dag-processor has written `dag_id` to the metadata database."""
+        with psycopg.connect(self.af_dsn) as c:
+            return bool(c.execute("SELECT 1 FROM dag WHERE dag_id = %s", (dag_id,)).fetchone())
+
+    def run_state(self, dag_id: str, run_id: str) -> str | None:
+        """The DAG run's state, None before it exists."""
+        with psycopg.connect(self.af_dsn) as c:
+            row = c.execute("SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s", (dag_id, run_id)).fetchone()
+        return row[0] if row else None
+
+    def wait_finished(self, dag_id: str, run_id: str, timeout: float = 420) -> str:
+        """Waits for the run to end; returns success or failed."""
+        def done() -> str | None:
+            state = self.run_state(dag_id, run_id)
+            return state if state in ("success", "failed") else None
+
+        return R.wait_until(done, timeout, 1, f"{dag_id} {run_id} to finish")
+
+    def log_tail(self, component: str, chars: int = 3000) -> str:
+        try:
+            return (self.logs / f"{component}.log").read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@contextmanager
+def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live", **extra_env: str) -> Iterator[LiveAirflow]:
+    """Starts the four components against `app_dsn` (the `overnight_postgres` connection) and a new metadata DB."""
+    base = R.base_info()
+    meta_name = f"{base.schema}_{tag}_af"
+    create_database(base, meta_name)
+    meta = ConnInfo(**{**base.__dict__, "schema": meta_name})
+    api_port = R.free_port()
+    home = tmp_path / "airflow-home"
+    home.mkdir(parents=True, exist_ok=True)
+    env = R.subprocess_env(
+        AIRFLOW_CONN_OVERNIGHT_POSTGRES=app_dsn,
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=postgres_dsn(meta).replace("postgresql://", "postgresql+psycopg2://", 1),
+        AIRFLOW_CONN_OVERNIGHT_AIRFLOW_METADATA=postgres_dsn(meta),
+        AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+        AIRFLOW__CORE__PARALLELISM="4",
+        AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
+        AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
+        AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{api_port}",
+        AIRFLOW__API_AUTH__JWT_SECRET=uuid.uuid4().hex,
+        AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="1",
+        AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_SEC="2",
+        AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
+        AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=str(home / "passwords.json"),
+        AIRFLOW__LOGGING__BASE_LOG_FOLDER=str(home / "logs"),
+        OVERNIGHT_CLI_LOG="-",
+        **extra_env,
+    )
+    stack = LiveAirflow(env=env, af_dsn=postgres_dsn(meta), logs=tmp_path)
+    try:
+        mig = stack.airflow("db", "migrate", timeout=300)
+        assert mig.returncode == 0, mig.stderr[-3000:]
+        for name in COMPONENTS:
+            args = ["api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"] \
+                if name == "api-server" else [name]
+            log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+            stack.procs.append(subprocess.Popen([str(Path(sys.executable).with_name("airflow")), *args], env=env,
+                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                                cwd=str(R.ROOT)))
+        yield stack
+    finally:
+        for proc in reversed(stack.procs):
+            _stop(proc)
+        if not os.environ.get("OVERNIGHT_KEEP_TEST_DATA"):
+            admin = postgres_dsn(ConnInfo(**{**base.__dict__, "schema": "postgres"}))
+            with psycopg.connect(admin, autocommit=True) as c:
+                c.execute(f'DROP DATABASE IF EXISTS "{meta_name}" WITH (FORCE)')
