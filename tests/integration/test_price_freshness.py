@@ -79,8 +79,8 @@ def test_stale_quotes_are_flagged_and_unusable_ones_fail_only_their_holders(conn
 
     # The stale quote's symbol is in the documents of the users who hold or watch it (it is an XNYS asset,
     # so in scope for them), and in no other document.
-    docs = dict(conn.execute("SELECT user_id::text, document->'stalePrices' FROM recommendations"
-                             " WHERE correlation_id = %s", (job.correlation_id,)).fetchall())
+    docs = dict(conn.execute("SELECT user_id::text, document::jsonb->'stalePrices' FROM recommendation_history"
+                             " WHERE job_run_id = %s", (job.id,)).fetchall())
     concerned = (_users_of(conn, "holdings", stale, served) | _users_of(conn, "watchlist", stale, served)) - holders
     assert concerned
     assert {u for u, s in docs.items() if s == [stale]} == concerned

@@ -215,8 +215,8 @@ def test_a_currency_the_ecb_does_not_publish_affects_only_its_users(conn, server
     # Everyone is calculated; only the ARS holders' documents show the holding unpriced, for want of a rate
     # (docs/allocation.md: degrade, don't drop).
     assert out.failed == {} and out.completed == set(served) and out.status == "completed"
-    unpriced = dict(conn.execute("SELECT user_id::text, document->'unpricedHoldings' FROM recommendations"
-                                 " WHERE correlation_id = %s", (out.correlation_id,)).fetchall())
+    unpriced = dict(conn.execute("SELECT user_id::text, document::jsonb->'unpricedHoldings' FROM recommendation_history"
+                                 " WHERE job_run_id = %s", (out.job_id,)).fetchall())
     assert {u for u, h in unpriced.items() if h} == set(holders)
     assert all(unpriced[u] == [{"symbol": "GGAL.BA", "quantity": "10", "reason": "no exchange rate for ARS"}]
                for u in holders)
