@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import redis
 
@@ -33,16 +34,17 @@ def portfolio_key(user_id: str) -> str:
     return f"{PORTFOLIO_PREFIX}{user_id}"
 
 
-def warm(client: redis.Redis, docs: Iterable[tuple[str, bytes | str, bytes | str]], chunk: int = 2000,
-         ttl_s: int = TTL_SECONDS) -> int:
-    """Writes (user_id, recs JSON, portfolio JSON) with the TTL (default 24 h; `OVERNIGHT_CACHE_TTL`, see
-    docs/freshness.md) in pipelined chunks; returns users."""
+def warm(client: redis.Redis, docs: Iterable[tuple[Any, ...]], chunk: int = 2000, ttl_s: int = TTL_SECONDS) -> int:
+    """Writes (user_id, recs JSON, portfolio JSON[, TTL]) with the item's TTL or `ttl_s` (default 24 h;
+    `OVERNIGHT_CACHE_TTL`, see docs/freshness.md) in pipelined chunks; returns users."""
     n = 0
     pipe = client.pipeline(transaction=False)
     pending = 0
-    for user_id, recs_json, portfolio_json in docs:
-        pipe.set(recs_key(user_id), recs_json, ex=ttl_s)
-        pipe.set(portfolio_key(user_id), portfolio_json, ex=ttl_s)
+    for item in docs:
+        user_id, recs_json, portfolio_json = item[0], item[1], item[2]
+        ttl = item[3] if len(item) > 3 else ttl_s
+        pipe.set(recs_key(user_id), recs_json, ex=ttl)
+        pipe.set(portfolio_key(user_id), portfolio_json, ex=ttl)
         n += 1
         pending += 1
         if pending >= chunk:

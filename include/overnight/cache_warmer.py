@@ -1,22 +1,26 @@
 """Re-warms the Redis cache from Postgres: `recs:{id}` and `portfolio:{id}` from the `recommendations` table.
 
 For everyone, or for the given users. Rows stream through a server-side cursor in chunks and go to
-Redis in pipelined writes (`overnight.cache.warm`) with the contract TTL of 24 h, so memory stays flat
+Redis in pipelined writes (`overnight.cache.warm`) with the TTL `OVERNIGHT_CACHE_TTL` gives each document (24 h by
+default, or until its market's next run: docs/freshness.md), so memory stays flat
 whatever the number of users. Used by the `overnight_cache_warmer` DAG (after a Redis flush or loss).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, date, datetime
 from typing import Any
 
 import psycopg
 import redis
 
-from overnight import cache, db
+from overnight import cache, db, freshness
+from overnight.markets import UnknownMarketError, get_market
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +51,11 @@ def validate_user_ids(user_ids: Sequence[Any] | None) -> list[str] | None:
 
 def iter_documents(
     conn: psycopg.Connection, user_ids: list[str] | None = None, chunk: int = DEFAULT_CHUNK
-) -> Iterator[tuple[str, str, str]]:
-    """Yields (user_id, recs JSON, portfolio JSON) from `recommendations` via a server-side cursor, in id order."""
-    sql = "SELECT user_id::text, document::text, portfolio::text FROM recommendations"
+) -> Iterator[tuple[str, str, str, str | None, str | None]]:
+    """Yields (user_id, recs JSON, portfolio JSON, market, session date) from `recommendations` via a
+    server-side cursor, in id order."""
+    sql = ("SELECT user_id::text, document::text, portfolio::text, document ->> 'market', document ->> 'sessionDate'"
+           " FROM recommendations")
     params: tuple[Any, ...] = ()
     if user_ids is not None:
         sql += " WHERE user_id = ANY(%s::uuid[])"
@@ -60,20 +66,41 @@ def iter_documents(
         yield from cur
 
 
+def document_ttl(setting: str | None, now: datetime) -> Callable[[str | None, str | None], int]:
+    """The Redis TTL of a document by its market and session: `OVERNIGHT_CACHE_TTL` (docs/freshness.md), the
+    default 24 h, or for "next-run" until its market's next session's run + grace, from the calendar."""
+
+    @functools.cache
+    def ttl(market: str | None, session: str | None) -> int:
+        deadline = None
+        if setting and market and session:
+            try:
+                deadline = freshness.document_deadline(market, get_market(market).lead,
+                                                       date.fromisoformat(session), freshness.grace())
+            except (UnknownMarketError, ValueError) as exc:  # a market no longer listed: the default TTL
+                log.warning("document of %s %s: no calendar deadline (%s); default TTL", market, session, exc)
+        return freshness.cache_ttl_seconds(setting, deadline, now)
+
+    return ttl
+
+
 def warm_from_postgres(
     conn: psycopg.Connection, client: redis.Redis, user_ids: Sequence[Any] | None = None,
-    *, chunk: int = DEFAULT_CHUNK,
+    *, chunk: int = DEFAULT_CHUNK, now: datetime | None = None,
 ) -> dict[str, Any]:
-    """Writes the cached documents of everyone (or `user_ids`) from Postgres to Redis; returns the counts."""
+    """Writes the cached documents of everyone (or `user_ids`) from Postgres to Redis, each with the TTL the
+    settings give it (`document_ttl`); returns the counts."""
     wanted = validate_user_ids(user_ids)
     t0 = time.perf_counter()
     seen: list[str] = []
+    setting = freshness.cache_ttl_setting()
+    ttl = document_ttl(setting, now or datetime.now(UTC))
 
-    def docs() -> Iterator[tuple[str, str, str]]:
-        for user_id, recs_json, portfolio_json in iter_documents(conn, wanted, chunk):
+    def docs() -> Iterator[tuple[str, str, str, int]]:
+        for user_id, recs_json, portfolio_json, market, session in iter_documents(conn, wanted, chunk):
             if wanted is not None:
                 seen.append(user_id)
-            yield user_id, recs_json, portfolio_json
+            yield user_id, recs_json, portfolio_json, ttl(market, session)
 
     warmed = cache.warm(client, docs(), chunk=chunk) if wanted != [] else 0
     missing = sorted(set(wanted) - set(seen)) if wanted is not None else []
@@ -84,7 +111,7 @@ def warm_from_postgres(
         "keys_written": warmed * 2,
         "missing": len(missing),
         "missing_user_ids": missing[:MAX_MISSING_REPORTED],
-        "ttl_seconds": cache.TTL_SECONDS,
+        "ttl": setting or str(cache.TTL_SECONDS),
         "duration_ms": round((time.perf_counter() - t0) * 1000, 1),
     }
     log.info("cache warmed: %d users (%d keys), %d requested users without recommendations, %.0f ms",

@@ -113,3 +113,37 @@ def test_dag_is_well_formed() -> None:
     assert set(dag.tags) <= {"overnight", "cache"} and dag.default_args["retries"] >= 2
     param = dag.params.get_param("user_ids")
     assert param.value is None and param.description and param.schema["type"] == ["null", "array"]
+
+
+@pytest.mark.parametrize(
+    ("market", "session", "now", "ttl_s"),
+    [  # hand-worked from the exchanges' calendars (docs/freshness.md: next session's run + 2 h grace)
+        # XNYS: Thursday 26 Nov 2026 is Thanksgiving; the next session is Friday 27 Nov, open 09:30 EST = 14:30
+        # UTC, run 12:30 UTC, fresh until 14:30 UTC: from Wednesday 20:00 UTC that is 42 h 30 min.
+        pytest.param("XNYS", "2026-11-25", "2026-11-25T20:00:00+00:00", 42 * 3600 + 1800, id="XNYS-thanksgiving"),
+        # XLON: Wednesday 25 Nov opens 08:00 GMT, run 06:00, fresh until 08:00 UTC: 12 h after Tuesday 20:00.
+        pytest.param("XLON", "2026-11-24", "2026-11-24T20:00:00+00:00", 12 * 3600, id="XLON-next-morning"),
+        # XLON on a Friday: Monday 30 Nov 08:00 UTC is 60 h after Friday 20:00 (a weekend is not stale).
+        pytest.param("XLON", "2026-11-27", "2026-11-27T20:00:00+00:00", 60 * 3600, id="XLON-over-the-weekend"),
+    ],
+)
+def test_next_run_ttl_follows_the_markets_calendar(pg_dsn: str, documents: dict[str, tuple[Any, Any]],
+                                                   flushed: redis.Redis, monkeypatch: pytest.MonkeyPatch,
+                                                   market: str, session: str, now: str, ttl_s: int) -> None:
+    from datetime import datetime
+
+    uid = sorted(documents)[0]
+    monkeypatch.setenv("OVERNIGHT_CACHE_TTL", "next-run")
+    with psycopg.connect(pg_dsn) as conn:
+        original = conn.execute("SELECT document FROM recommendations WHERE user_id = %s", (uid,)).fetchone()[0]
+        conn.execute("UPDATE recommendations SET document = document || %s::jsonb WHERE user_id = %s",
+                     (json.dumps({"market": market, "sessionDate": session}), uid))
+        conn.commit()
+        try:
+            result = cache_warmer.warm_from_postgres(conn, flushed, [uid], now=datetime.fromisoformat(now))
+        finally:
+            conn.execute("UPDATE recommendations SET document = %s WHERE user_id = %s", (json.dumps(original), uid))
+            conn.commit()
+    assert result["users_warmed"] == 1 and result["ttl"] == "next-run"
+    for key in (cache.recs_key(uid), cache.portfolio_key(uid)):
+        assert ttl_s - 5 <= flushed.ttl(key) <= ttl_s

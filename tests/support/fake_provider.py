@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -68,6 +69,7 @@ class RecordedRequest:
     query: dict[str, list[str]]
     headers: dict[str, str]
     raw_path: str
+    at: float = 0.0  # time.monotonic() when it arrived
 
     def param(self, name: str) -> str | None:
         """Returns the first value of a query parameter, or None."""
@@ -268,6 +270,7 @@ class FakeProviderServer:
                     query=parse_qs(parts.query, keep_blank_values=True),
                     headers={k.lower(): v for k, v in self.headers.items()},
                     raw_path=self.path,
+                    at=time.monotonic(),
                 )
                 response = fake._next_response(request)
                 if response.delay_s and fake._stopping.wait(response.delay_s):
