@@ -282,4 +282,6 @@ def airflow_auth(cache: AuthCache | None = None) -> list[Any]:
     (none, or a TTL of 0: asked every time)."""
     from airflow.api_fastapi.core_api.security import get_user
 
-    return [Depends(cached_auth(get_user, airflow_grants, cache or AuthCache(0.0)))]
+    # `is None`, not `or`: an empty AuthCache is falsy (it has a length), and swapping it for a TTL-0 one
+    # would leave FastPaths reading a memory nothing ever writes (every request asking Airflow again)
+    return [Depends(cached_auth(get_user, airflow_grants, AuthCache(0.0) if cache is None else cache))]

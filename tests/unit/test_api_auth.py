@@ -368,3 +368,31 @@ def test_ttl_from_env_refuses_words_and_non_finite(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("OVERNIGHT_AUTH_CACHE_TTL_S", raw)
     with pytest.raises(ValueError, match=f"OVERNIGHT_AUTH_CACHE_TTL_S='{raw}'"):
         api_auth.ttl_from_env()
+
+
+def test_the_app_dependency_writes_the_very_cache_it_was_given(fake: FakeAirflow, cache: AuthCache,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`airflow_auth(cache)` remembers in `cache` itself, the memory FastPaths reads; an empty cache is falsy
+    (it has a length), and once was swapped for a TTL-0 one: FastPaths then never answered, every request
+    asked Airflow again (the benchmark's hit and no-op throughput fell fivefold)."""
+    import airflow.api_fastapi.core_api.security as security
+
+    monkeypatch.setattr(security, "get_user", fake.authenticate)
+    monkeypatch.setattr(api_auth, "airflow_grants", fake.grants)
+    app = FastAPI(dependencies=api_auth.airflow_auth(cache))
+
+    @app.get("/x")
+    async def x() -> dict[str, str]:
+        return {"data": "secret"}
+
+    assert len(cache) == 0 and not cache  # the trap: empty is falsy
+    token = _token("admin")
+
+    async def go() -> list[int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return [(await client.get("/x", headers={"Authorization": f"Bearer {token}"})).status_code
+                    for _ in range(3)]
+
+    assert asyncio.run(go()) == [200, 200, 200]
+    assert len(cache) == 1 and cache.get(AuthCache.key(token, "bearer")) is not None
+    assert fake.authn_calls == 1  # remembered: Airflow was asked once
