@@ -10,12 +10,13 @@ import os
 import re
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from overnight import devenv
+from overnight import devenv, sessions
 from overnight.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,20 +84,23 @@ def test_demo_prints_progress_table_and_log_path_in_at_most_40_lines(sandbox):
 def test_run_with_redis_down_warns_and_completes_and_postgres_down_stops(sandbox, tmp_path):
     log = tmp_path / "run.log"  # not in the checkout's .local/logs
     down = {**sandbox, "AIRFLOW_CONN_OVERNIGHT_REDIS": "redis://127.0.0.1:1/0", "OVERNIGHT_CLI_LOG": str(log)}
-    proc = _make(down, "run", "MARKET=XLON", "DATE=2026-11-24")
+    # a session after any the sandbox ran (docs/audit.md: an older session's documents are not the latest, so
+    # they would not be warmed at all); run ahead of its schedule, it is judged now (docs/freshness.md)
+    day = sessions.next_run("XLON", timedelta(0), datetime.now(UTC) + timedelta(days=14), inclusive=False)[0].isoformat()
+    proc = _make(down, "run", "MARKET=XLON", f"DATE={day}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stderr.startswith("warning: connection 'overnight_redis' (redis://127.0.0.1:1/0): cannot connect")
-    row = next(line for line in proc.stdout.splitlines() if line.startswith("XLON    2026-11-24"))
+    row = next(line for line in proc.stdout.splitlines() if line.startswith(f"XLON    {day}"))
     assert row.split()[4] == "completed"
     assert "note: XLON: Redis cache not warmed" in proc.stdout
     assert proc.stdout.splitlines()[-1] == f"Full log (Airflow and task logs): {log}"
     assert "DagRun Finished: dag_id=overnight_scoring_xlon" in log.read_text()
 
     pg_down = {**sandbox, "AIRFLOW_CONN_OVERNIGHT_POSTGRES": "postgresql://postgres@127.0.0.1:1/overnight"}
-    proc = _make(pg_down, "run", "MARKET=XLON", "DATE=2026-11-24")
+    proc = _make(pg_down, "run", "MARKET=XLON", f"DATE={day}")
     assert proc.returncode == 2
     assert "error: connection 'overnight_postgres'" in proc.stderr and "127.0.0.1:1" in proc.stderr
-    assert "XLON    2026-11-24" not in proc.stdout
+    assert f"XLON    {day}" not in proc.stdout
 
 
 def test_a_failed_run_prints_its_cause(sandbox, tmp_path):
