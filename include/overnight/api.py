@@ -554,6 +554,18 @@ def create_app(
     app.state.auth_cache = auth_cache
     pseudonym_key = _pseudonym_key()
     audit_slots = asyncio.Semaphore(AUDIT_CONCURRENCY)
+
+    async def take_audit_slot() -> JSONResponse | None:
+        """Takes one of AUDIT_CONCURRENCY slots (release it after), waiting AUDIT_WAIT_S at most: long audit
+        queries must not take the dashboard's connections. Returns the 503 to answer when none came free."""
+        try:
+            async with asyncio.timeout(AUDIT_WAIT_S):
+                await audit_slots.acquire()
+        except TimeoutError:
+            return JSONResponse({"detail": f"too many audit queries at once (at most {AUDIT_CONCURRENCY} per "
+                                           "worker); try again shortly"}, status_code=503,
+                                headers={"Retry-After": "1"})
+        return None
     operations = [Depends(requires_operations)]
     static_files = {p.name: p for p in static_dir.iterdir() if p.is_file()} if static_dir else {}
     templates = None
@@ -629,13 +641,8 @@ def create_app(
     ) -> dict[str, Any] | JSONResponse:
         """Every calculation event that scored `symbol` (newest first), with its correlation id and job run;
         user ids only for holders of "Overnight recommendations", a pseudonym (`userRef`) for everyone."""
-        try:  # at most AUDIT_CONCURRENCY at once: long audit pages must not take the dashboard's connections
-            async with asyncio.timeout(AUDIT_WAIT_S):
-                await audit_slots.acquire()
-        except TimeoutError:
-            return JSONResponse({"detail": f"too many audit queries at once (at most {AUDIT_CONCURRENCY} per "
-                                           "worker); try again shortly"}, status_code=503,
-                                headers={"Retry-After": "1"})
+        if (busy := await take_audit_slot()) is not None:
+            return busy
         try:
             events, cursor = await store.asset_events(
                 symbol, limit=limit, before=before, before_id=str(before_id) if before_id and before else None)
@@ -664,13 +671,8 @@ def create_app(
         `identical`, or each differing field. Personal data (the user's amounts): "Overnight recommendations"."""
         from overnight.replay import IncompleteCalculation, UnknownCalculation
 
-        try:
-            async with asyncio.timeout(AUDIT_WAIT_S):
-                await audit_slots.acquire()
-        except TimeoutError:
-            return JSONResponse({"detail": f"too many audit queries at once (at most {AUDIT_CONCURRENCY} per "
-                                           "worker); try again shortly"}, status_code=503,
-                                headers={"Retry-After": "1"})
+        if (busy := await take_audit_slot()) is not None:
+            return busy
         try:
             return {"data": await store.replay(str(correlation_id), user_id)}
         except InvalidUserId as exc:
