@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import time_machine
 
+from tests.support.airflow_dags import sync_dags_folder
+
 ROOT = Path(__file__).resolve().parents[2]
 # Two moments a week apart, and one in another year: a Monday before and after the US DST change.
 CLOCKS = [datetime(2026, 3, 2, 12, tzinfo=UTC), datetime(2026, 3, 9, 12, tzinfo=UTC),
@@ -41,20 +43,7 @@ def test_serialized_dags_are_the_same_a_week_and_a_year_apart():
         assert changed == [], f"serialized differently at {moment.isoformat()} than at {CLOCKS[0].isoformat()}"
 
 
-def _sync_dags_folder() -> None:
-    """Parses the dags folder and writes it to the metadata DB, as the dag-processor does."""
-    from airflow.dag_processing.bundles.manager import DagBundlesManager
-    from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
-    from airflow.utils.session import create_session
-
-    manager = DagBundlesManager()
-    with create_session() as session:
-        manager.sync_bundles_to_db(session=session)
-    bundle = manager.get_bundle("dags-folder")
-    bundle.initialize()
-    bag = BundleDagBag(dag_folder=bundle.path, bundle_path=bundle.path, bundle_name=bundle.name)
-    assert bag.import_errors == {}
-    sync_bag_to_db(bag, bundle.name, bundle.version)
+_sync_dags_folder = sync_dags_folder
 
 
 @pytest.mark.usefixtures("airflow_db")

@@ -14,25 +14,14 @@ from pathlib import Path
 import pytest
 
 from overnight import metadata_cleanup as mc
+from tests.support.airflow_dags import sync_dags_folder
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 DAG_ID = "overnight_scoring_xnys"
 
 
-def _sync_dags_folder() -> None:
-    from airflow.dag_processing.bundles.manager import DagBundlesManager
-    from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
-    from airflow.utils.session import create_session
-
-    manager = DagBundlesManager()
-    with create_session() as session:
-        manager.sync_bundles_to_db(session=session)
-    bundle = manager.get_bundle("dags-folder")
-    bundle.initialize()
-    bag = BundleDagBag(dag_folder=bundle.path, bundle_path=bundle.path, bundle_name=bundle.name)
-    assert bag.import_errors == {}
-    sync_bag_to_db(bag, bundle.name, bundle.version)
+_sync_dags_folder = sync_dags_folder
 
 
 def _make_run(run_id: str, when: datetime) -> None:

@@ -43,6 +43,16 @@ def _run(p):
     return recommend(contribution, values, targets, candidates, unit=unit, score_floor=floor)
 
 
+def _outcome(p):
+    """(plan, money after the contribution per class, classes with a buyable candidate, total after)."""
+    contribution, values, _, candidates, _, floor = p
+    plan = _run(p)
+    bought = _bought(plan)
+    after = {name: values.get(name, D(0)) + bought.get(name, D(0)) for name in values.keys() | bought.keys()}
+    can_buy = {c.class_name for c in candidates if c.score > floor}
+    return plan, bought, after, can_buy, sum(values.values(), D(0)) + contribution
+
+
 def _bought(plan):
     out: dict[str, D] = {}
     for r in plan.recommendations:
@@ -99,17 +109,11 @@ def test_no_class_is_pushed_past_its_maximum(p):
 @settings(max_examples=400, deadline=None)
 @given(portfolios())
 def test_no_class_passes_its_minimum_while_a_class_with_candidates_stays_below_its_own(p):
-    contribution, values, targets, candidates, unit, floor = p
-    total_after = sum(values.values(), D(0)) + contribution
-    plan = _run(p)
-    bought = _bought(plan)
-    can_buy = {c.class_name for c in candidates if c.score > floor}
+    _, values, targets, _, unit, _ = p
+    _, bought, after, can_buy, total_after = _outcome(p)
     slack = PER_CLASS * unit
-
-    def after(t):
-        return values.get(t.class_name, D(0)) + bought.get(t.class_name, D(0))
-
-    starving = [t for t in targets if t.class_name in can_buy and after(t) + slack < t.min_pct * total_after / 100]
+    starving = [t for t in targets
+                if t.class_name in can_buy and after.get(t.class_name, D(0)) + slack < t.min_pct * total_after / 100]
     if starving:
         for t in targets:
             need = max(D(0), t.min_pct * total_after / 100 - values.get(t.class_name, D(0)))
@@ -119,16 +123,12 @@ def test_no_class_passes_its_minimum_while_a_class_with_candidates_stays_below_i
 @settings(max_examples=300, deadline=None)
 @given(portfolios())
 def test_a_class_above_its_midpoint_is_bought_only_once_every_class_reached_its_own(p):
-    contribution, values, targets, candidates, unit, floor = p
-    total_after = sum(values.values(), D(0)) + contribution
-    plan = _run(p)
-    bought = _bought(plan)
-    can_buy = {c.class_name for c in candidates if c.score > floor}
+    _, _, targets, _, unit, _ = p
+    plan, _, after, can_buy, total_after = _outcome(p)
     if any(r.allocation_gap < 0 for r in plan.recommendations):
         for t in targets:
             if t.class_name in can_buy:
-                got = values.get(t.class_name, D(0)) + bought.get(t.class_name, D(0))
-                assert got + PER_CLASS * unit >= t.mid_pct * total_after / 100
+                assert after.get(t.class_name, D(0)) + PER_CLASS * unit >= t.mid_pct * total_after / 100
 
 
 @settings(max_examples=200, deadline=None)
