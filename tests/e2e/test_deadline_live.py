@@ -3,8 +3,12 @@
 A run whose deadline (logical date + lead - 15 min) passes while its batches are held back by a lock
 gets exactly one `deadline_missed` alert on its job run, recorded by the callback the triggerer runs;
 once the lock goes, the run completes. A run that finishes before its deadline records none. Each run
-updates `overnight://recommendations/XLON`, and the cache warmer, scheduled on it
-(`OVERNIGHT_CACHE_WARMER_AFTER=XLON`), runs on those events and finds the cache already warm.
+updates `overnight://recommendations/<market>`, and the cache warmer, scheduled on it
+(`OVERNIGHT_CACHE_WARMER_AFTER=<market>`), runs on those events and finds the cache already warm.
+
+The scheduler runs with its timetables on (asset-triggered runs need them), so the test uses a market
+whose own scheduled run is not due while it runs (`quiet_market`): at 06:10 UTC that is not XLON, whose
+run for today's session would start the moment its DAG is unpaused.
 """
 
 from __future__ import annotations
@@ -15,43 +19,45 @@ from datetime import UTC, date, datetime, timedelta
 import psycopg
 import pytest
 
-from overnight import alerts
-from overnight.markets import get_market
+from overnight import alerts, sessions
+from overnight.markets import Market
 from tests.support import reliability as R
-from tests.support.live_airflow import live_airflow
+from tests.support.live_airflow import live_airflow, quiet_market
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-MARKET = get_market("XLON")
-DAG_ID = MARKET.dag_id
 LATE_SESSION = date(2026, 11, 16)  # past sessions: their own deadlines (open - 15 min) have passed
 IN_TIME_SESSION = date(2026, 11, 17)
 MARGIN = timedelta(seconds=30)
 WARMER = "overnight_cache_warmer"
 
 
-def _alerts(dsn: str, session: date) -> list[dict] | None:
+def _alerts(dsn: str, market: Market, session: date) -> list[dict] | None:
     with psycopg.connect(dsn) as c:
         row = c.execute("SELECT alerts FROM overnight_job_runs WHERE market = %s AND session_date = %s",
-                        (MARKET.code, session)).fetchone()
+                        (market.code, session)).fetchone()
     return None if row is None else (row[0] or [])
 
 
-def _job(dsn: str, session: date) -> tuple:
+def _job(dsn: str, market: Market, session: date) -> tuple:
     with psycopg.connect(dsn) as c:
         return c.execute("SELECT status, users_processed, users_failed FROM overnight_job_runs"
-                         " WHERE market = %s AND session_date = %s", (MARKET.code, session)).fetchone()
+                         " WHERE market = %s AND session_date = %s", (market.code, session)).fetchone()
 
 
 def test_deadline_alert_fires_for_a_late_run_and_not_for_one_in_time(airflow_db, tmp_path):
-    interval = MARKET.lead - alerts.DEADLINE_BEFORE_OPEN
+    market = quiet_market()
+    assert sessions.is_session(market.code, LATE_SESSION) and sessions.is_session(market.code, IN_TIME_SESSION)
+    DAG_ID = market.dag_id  # noqa: N806 - a constant of this test
+    interval = market.lead - alerts.DEADLINE_BEFORE_OPEN
     with R.scratch_database("deadline", users=400) as dsn, \
-            live_airflow(tmp_path, dsn, tag="deadline", OVERNIGHT_CACHE_WARMER_AFTER="XLON") as af:
+            live_airflow(tmp_path, dsn, tag="deadline", scheduled=True,
+                         OVERNIGHT_CACHE_WARMER_AFTER=market.code) as af:
         R.wait_until(lambda: af.dag_parsed(DAG_ID) and af.dag_parsed(WARMER), 180, 1,
                      "the dag-processor to parse the DAGs")
         unpause = af.airflow("dags", "unpause", WARMER)
         assert unpause.returncode == 0, unpause.stdout + unpause.stderr
         with psycopg.connect(dsn, autocommit=True) as c:
-            served = len(R.served(c, MARKET.code, LATE_SESSION))
+            served = len(R.served(c, market.code, LATE_SESSION))
         assert served > 0
 
         # A slow batch: hold the recommendations table until the deadline has fired.
@@ -62,10 +68,10 @@ def test_deadline_alert_fires_for_a_late_run_and_not_for_one_in_time(airflow_db,
             logical = (deadline - interval).isoformat()
             af.trigger(DAG_ID, "deadline_late", {"session_date": LATE_SESSION.isoformat(), "batch_size": 100},
                        logical_date=logical)
-            R.wait_until(lambda: _alerts(dsn, LATE_SESSION) is not None, 180, 1, "the late run's job-run row")
-            assert _alerts(dsn, LATE_SESSION) == []  # started, before its deadline
+            R.wait_until(lambda: _alerts(dsn, market, LATE_SESSION) is not None, 180, 1, "the late run's job-run row")
+            assert _alerts(dsn, market, LATE_SESSION) == []  # started, before its deadline
             try:
-                fired = R.wait_until(lambda: _alerts(dsn, LATE_SESSION) or None, 240, 1, "the deadline_missed alert")
+                fired = R.wait_until(lambda: _alerts(dsn, market, LATE_SESSION) or None, 240, 1, "the deadline_missed alert")
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\n{af.log_tail('triggerer')}\n{af.log_tail('scheduler')}") from None
             assert datetime.now(UTC) >= deadline
@@ -77,25 +83,25 @@ def test_deadline_alert_fires_for_a_late_run_and_not_for_one_in_time(airflow_db,
         (alert,) = fired
         assert alert["kind"] == "deadline_missed" and alert["dag_run_id"] == "deadline_late"
         assert datetime.fromisoformat(alert["deadline"]) == datetime.fromisoformat(logical) + interval
-        assert f"{DAG_ID} run deadline_late for the XLON {LATE_SESSION} session had not finished 15m before" \
+        assert f"{DAG_ID} run deadline_late for the {market.code} {LATE_SESSION} session had not finished 15m before" \
             in alert["message"]
-        assert _alerts(dsn, LATE_SESSION) == [alert]  # once, and the run's success adds none
-        assert _job(dsn, LATE_SESSION) == ("completed", served, 0)
+        assert _alerts(dsn, market, LATE_SESSION) == [alert]  # once, and the run's success adds none
+        assert _job(dsn, market, LATE_SESSION) == ("completed", served, 0)
 
         in_time = datetime.now(UTC).isoformat()  # deadline 1h45m away
         af.trigger(DAG_ID, "deadline_in_time", {"session_date": IN_TIME_SESSION.isoformat(), "batch_size": 100},
                    logical_date=in_time)
         assert af.wait_finished(DAG_ID, "deadline_in_time") == "success", af.log_tail("scheduler")
         with psycopg.connect(dsn, autocommit=True) as c:
-            served_in_time = len(R.served(c, MARKET.code, IN_TIME_SESSION))
-        assert _job(dsn, IN_TIME_SESSION) == ("completed", served_in_time, 0)
-        assert _alerts(dsn, IN_TIME_SESSION) == []
+            served_in_time = len(R.served(c, market.code, IN_TIME_SESSION))
+        assert _job(dsn, market, IN_TIME_SESSION) == ("completed", served_in_time, 0)
+        assert _alerts(dsn, market, IN_TIME_SESSION) == []
         # The dag-processor re-parsed the DAG every 5 s across both runs: still one DAG version.
         with psycopg.connect(af.af_dsn) as c:
             assert c.execute("SELECT count(*) FROM dag_version WHERE dag_id = %s", (DAG_ID,)).fetchone()[0] == 1
             events = c.execute(
                 "SELECT e.source_run_id, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id"
-                " WHERE a.uri = 'overnight://recommendations/XLON' ORDER BY e.id").fetchall()
+                " WHERE a.uri = %s ORDER BY e.id", (f"overnight://recommendations/{market.code}",)).fetchall()
         assert [(run_id, extra["session_date"], extra["status"], extra["cache_status"]) for run_id, extra in events] == [
             ("deadline_late", LATE_SESSION.isoformat(), "completed", "warmed"),
             ("deadline_in_time", IN_TIME_SESSION.isoformat(), "completed", "warmed")]

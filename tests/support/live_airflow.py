@@ -2,6 +2,12 @@
 
 Start it with `live_airflow(tmp_path, app_dsn)`; it stops every process it started (by process group)
 and drops its metadata database on exit. Component logs are in `tmp_path/<component>.log`.
+
+By default the scheduler creates no scheduled (timetable or asset) runs, only the runs a test triggers:
+an unpaused market DAG would otherwise start today's session at once whenever the test happens to run
+inside that market's lead window (XLON from 06:00 UTC, XNYS from 12:30, ...), and queue the test's own
+run behind it. A test that needs scheduled or asset-triggered runs passes `scheduled=True` and picks,
+with `quiet_market()`, a market with no scheduled run due while it runs.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +29,28 @@ import psycopg
 
 from overnight.connections import ConnInfo, postgres_dsn
 from overnight.devenv import create_database
+from overnight.markets import Market, load_markets
+from overnight.sessions import next_run
 from tests.support import reliability as R
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+def quiet_market(clear_for: timedelta = timedelta(minutes=45), now: datetime | None = None) -> Market:
+    """A market whose next scheduled run (open - lead) is at least `clear_for` away (codes in order).
+
+    With catchup off, unpausing a DAG inside its lead window starts that session's run at once, so a
+    test that runs the scheduler for real must use a market whose window is not open (the four markets'
+    windows never all overlap: XTKS 22:00, XLON 06:00/07:00, BVMF and XNYS 11:00-14:30 UTC).
+    """
+    now = now or datetime.now(UTC)
+    for market in load_markets().markets:
+        # The first session still to open, as the timetable picks it; its run time may already be past.
+        _, opens = next_run(market.code, timedelta(0), now, inclusive=False)
+        run_at = opens - market.lead
+        if run_at - now >= clear_for:
+            return market
+    raise AssertionError(f"every market has a scheduled run due within {clear_for} of {now}")
 
 
 @dataclass
@@ -90,8 +116,12 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live", **extra_env: str) -> Iterator[LiveAirflow]:
-    """Starts the four components against `app_dsn` (the `overnight_postgres` connection) and a new metadata DB."""
+def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live", scheduled: bool = False,
+                 **extra_env: str) -> Iterator[LiveAirflow]:
+    """Starts the four components against `app_dsn` (the `overnight_postgres` connection) and a new metadata DB.
+
+    `scheduled=False` (the default) turns the scheduler's timetable and asset-triggered runs off.
+    """
     base = R.base_info()
     meta_name = f"{base.schema}_{tag}_af"
     create_database(base, meta_name)
@@ -110,6 +140,7 @@ def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live", **extra_env
         AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
         AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{api_port}",
         AIRFLOW__API_AUTH__JWT_SECRET=uuid.uuid4().hex,
+        AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE=str(scheduled),
         AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="1",
         AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_SEC="2",
         AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="5",
