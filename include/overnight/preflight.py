@@ -147,8 +147,8 @@ def check_pools(required: Mapping[str, list[str]], existing: Iterable[str]) -> l
     have = set(existing)
     return [
         f"pool '{name}' does not exist (needed by {', '.join(users)}); create it with "
-        f"`airflow pools set {name} <slots> '<description>'` or load airflow_settings.yaml "
-        "(`python -m overnight.airflow_setup`)"
+        f"`airflow pools set {name} <slots> '<description>'` (its size is in airflow_settings.yaml; "
+        "`make airflow-setup` loads that file in a checkout)"
         for name, users in sorted(required.items()) if name not in have
     ]
 

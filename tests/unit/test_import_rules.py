@@ -37,3 +37,17 @@ def test_a_domain_module_that_reaches_for_the_database_breaks_a_rule(tmp_path: P
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 kept, 1 broken" in proc.stdout
     assert "overnight.scoring -> overnight.db" in proc.stdout
+
+
+def test_the_production_image_leaves_out_exactly_the_tooling_production_may_not_import() -> None:
+    """.dockerignore drops from the image the modules the last import rule forbids to production code."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    (tooling_rule,) = [c for c in contracts if "developer tooling" in c["name"]]
+    tooling = {m.removeprefix("overnight.") for m in tooling_rule["forbidden_modules"]}
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    left_out = {p.removeprefix("include/overnight/").removesuffix(".py") for p in ignored
+                if p.startswith("include/overnight/")}
+    assert left_out == tooling
+    assert all((ROOT / "include" / "overnight" / f"{m}.py").is_file() for m in tooling)
