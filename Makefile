@@ -24,43 +24,43 @@ install: $(VENV)/.installed  ## create .venv with the pinned requirements
 
 env: install  ## start embedded Postgres/Redis unless connections are given; write .local/env.sh
 	@$(PY) -m compileall -q include dags plugins >/dev/null || true
-	@PYTHONPATH=include $(PY) -m overnight.devenv up
+	@PYTHONPATH=include $(PY) -m overnight.dev.devenv up
 
 migrate: env  ## apply the application's migrations
-	@$(WITH_ENV) $(PY) -m overnight.migrate
+	@$(WITH_ENV) $(PY) -m overnight.adapters.migrate
 
 airflow-setup: env  ## Airflow metadata database, pools, dev logins
-	@$(WITH_ENV) $(PY) -m overnight.airflow_setup
+	@$(WITH_ENV) $(PY) -m overnight.dev.airflow_setup
 
 seed: migrate  ## seed USERS synthetic users (SEED sets the random seed)
-	@$(WITH_ENV) $(PY) -m overnight.seed --users $(USERS) --seed $(SEED)
+	@$(WITH_ENV) $(PY) -m overnight.dev.seed --users $(USERS) --seed $(SEED)
 
 demo: seed airflow-setup  ## the main job from nothing: seed 1,000 users, run every market once, print a table
-	@$(WITH_ENV) $(PY) -m overnight.cli demo
+	@$(WITH_ENV) $(PY) -m overnight.dev.cli demo
 
 run: migrate airflow-setup  ## run MARKET's DAG once in-process for DATE (default: its next session)
 	@test -n "$(MARKET)" || { echo "usage: make run MARKET=XNYS [DATE=YYYY-MM-DD]"; exit 2; }
-	@$(WITH_ENV) $(PY) -m overnight.cli run --market "$(MARKET)" $(if $(DATE),--date "$(DATE)")
+	@$(WITH_ENV) $(PY) -m overnight.dev.cli run --market "$(MARKET)" $(if $(DATE),--date "$(DATE)")
 
 # USER is also the login's name in the environment: only one given on the command line is a user id.
 replay: migrate  ## recompute USER's calculation from the audit trail alone: identical, or each differing field
 	@test "$(origin USER)" = "command line" || { echo "usage: make replay USER=<user id> [JOB=<job run id> | SESSION=YYYY-MM-DD MARKET=XNYS]  (default: the user's latest calculation)"; exit 2; }
-	@$(WITH_ENV) $(PY) -m overnight.replay --user "$(USER)" $(if $(JOB),--job "$(JOB)") $(if $(SESSION),--session "$(SESSION)") $(if $(MARKET),--market "$(MARKET)")
+	@$(WITH_ENV) $(PY) -m overnight.night.replay --user "$(USER)" $(if $(JOB),--job "$(JOB)") $(if $(SESSION),--session "$(SESSION)") $(if $(MARKET),--market "$(MARKET)")
 
 EXECUTOR ?= local
 BATCH ?= 10000
 bench: env  ## the benchmark on fresh databases: USERS=N [EXECUTOR=celery] [BATCH=users per task]
-	@$(WITH_ENV) $(PY) -m overnight.bench --users $(USERS) --executor $(EXECUTOR) --batch-size $(BATCH)
+	@$(WITH_ENV) $(PY) -m overnight.dev.bench --users $(USERS) --executor $(EXECUTOR) --batch-size $(BATCH)
 
 test: env  ## the whole test suite, on fresh databases of its own
 	@$(WITH_ENV) $(PY) -m pytest $(PYTEST_ARGS)
 
 airflow: airflow-setup  ## api-server on 127.0.0.1:8080 (OVERNIGHT_API_HOST/PORT), scheduler, dag-processor, triggerer; restarted when settings change (stop: make stop)
-	@$(WITH_ENV) $(PY) -m overnight.services start
+	@$(WITH_ENV) $(PY) -m overnight.dev.services start
 
 stop:  ## stop what the make targets started (Airflow, embedded servers)
-	@if [ -f .local/env.sh ]; then $(WITH_ENV) $(PY) -m overnight.services stop; fi
-	@if [ -x $(PY) ]; then PYTHONPATH=include $(PY) -m overnight.devenv down; fi
+	@if [ -f .local/env.sh ]; then $(WITH_ENV) $(PY) -m overnight.dev.services stop; fi
+	@if [ -x $(PY) ]; then PYTHONPATH=include $(PY) -m overnight.dev.devenv down; fi
 
 lint: install
 	@$(VENV)/bin/ruff check . && $(VENV)/bin/mypy include/overnight && PYTHONPATH=include $(VENV)/bin/lint-imports

@@ -50,7 +50,8 @@ def overnight_audit_retention() -> None:
     @task(multiple_outputs=False, execution_timeout=timedelta(hours=2))
     def apply_retention() -> dict[str, Any]:
         """Drops and deletes what is older than the cutoff, creates the upcoming partitions; returns the counts."""
-        from overnight import db, retention
+        from overnight.adapters import db
+        from overnight.ops import retention
 
         with db.connect() as conn:
             return retention.run(conn)

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
 
 from airflow.sdk import AssetAny, Param, dag, get_current_context, task  # noqa: E402
 
-from overnight import assets  # noqa: E402
-from overnight.markets import load_markets  # noqa: E402
+from overnight.domain.markets import load_markets  # noqa: E402
+from overnight.night import assets  # noqa: E402
 
 
 def _schedule(setting: str) -> AssetAny | None:
@@ -72,7 +72,7 @@ def overnight_cache_warmer() -> None:
     @task(multiple_outputs=False, execution_timeout=timedelta(hours=1))
     def warm_cache() -> dict[str, Any]:
         """Writes recs:{id} and portfolio:{id} from the recommendations table; returns the counts."""
-        from overnight import cache_warmer
+        from overnight.ops import cache_warmer
 
         ctx = get_current_context()
         extras = [dict(e.extra or {}) for events in ctx["triggering_asset_events"].values() for e in events]

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
 
 from airflow.sdk import Param, dag, get_current_context, task  # noqa: E402
 
-from overnight import metadata_cleanup as mc  # noqa: E402
+from overnight.ops import metadata_cleanup as mc  # noqa: E402
 
 
 def _cutoff(params: dict[str, Any]) -> datetime:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
 
-from overnight.markets import load_markets  # noqa: E402
+from overnight.domain.markets import load_markets  # noqa: E402
 
 _ERRORS = load_markets().errors
 if _ERRORS:

@@ -53,7 +53,7 @@ def overnight_preflight() -> None:
     @task(multiple_outputs=False, execution_timeout=timedelta(minutes=5))
     def preflight() -> dict[str, Any]:
         """Runs every check; fails with one line per problem, logs the warnings; returns the report."""
-        from overnight import preflight as checks
+        from overnight.ops import preflight as checks
 
         report = checks.run_in_task()
         for line in report.notes:

@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "include"))
 
 import pytest  # noqa: E402
 
-from overnight import devenv  # noqa: E402
-from overnight.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn  # noqa: E402
+from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn  # noqa: E402
+from overnight.dev import devenv  # noqa: E402
 
 pytest_plugins = ["tests.support.fixtures_provider"]
 
@@ -48,7 +48,7 @@ def _prepare_environment() -> dict[str, str]:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
-        "OVERNIGHT_CACHE_DIR": str(home / "cache"),  # the session table (overnight.sessions) of this run only
+        "OVERNIGHT_CACHE_DIR": str(home / "cache"),  # the session table (overnight.domain.sessions) of this run only
         "OVERNIGHT_TEST_REDIS_URL": redis_test_url,
         "OVERNIGHT_TEST_RUN_ID": RUN_ID,
     }
@@ -83,7 +83,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.fixture(scope="session")
 def pg_dsn() -> str:
     """The migrated application database of this test run."""
-    from overnight import migrate
+    from overnight.adapters import migrate
 
     dsn = TEST_ENV["AIRFLOW_CONN_OVERNIGHT_POSTGRES"]
     migrate.migrate(dsn)
@@ -112,7 +112,7 @@ def redis_client():
 @pytest.fixture(scope="session")
 def airflow_db() -> None:
     """Airflow's metadata database of this run, migrated (once per run)."""
-    from overnight import airflow_setup
+    from overnight.dev import airflow_setup
 
     airflow_setup.migrate_metadata()
     airflow_setup.write_passwords()
@@ -124,7 +124,7 @@ def seeded(pg_dsn: str) -> dict[str, int]:
     """600 synthetic users (seed 7) in this run's database."""
     import psycopg
 
-    from overnight import seed
+    from overnight.dev import seed
 
     with psycopg.connect(pg_dsn) as c:
         counts = seed.seed(c, 600, 7, dsn=pg_dsn)

@@ -41,7 +41,7 @@ def freeze_startup_heap() -> int:
 
 
 class DashboardApp:
-    """The ASGI entry of the dashboard: builds `overnight.api.create_app()` when first asked.
+    """The ASGI entry of the dashboard: builds `overnight.dashboard.app.create_app()` when first asked.
 
     Every Airflow process imports the plugins folder (the scheduler, the dag-processor, each task's
     runner); importing FastAPI and Airflow's API security there costs ~2 s per process for nothing,
@@ -56,7 +56,7 @@ class DashboardApp:
     def app(self) -> Any:
         """The dashboard's FastAPI app (every route behind Airflow's auth) behind its `FastPaths` front."""
         if self._app is None:
-            from overnight.api import FastPaths, create_app
+            from overnight.dashboard.app import FastPaths, create_app
 
             self._app = FastPaths.of(create_app(static_dir=PLUGIN_DIR / "static",
                                                 template_dir=PLUGIN_DIR / "templates"))

@@ -11,11 +11,11 @@ INCLUDE_DIR = Path(__file__).resolve().parents[2] / "include"
 if str(INCLUDE_DIR) not in sys.path:
     sys.path.insert(0, str(INCLUDE_DIR))
 
-from overnight.timetable import MarketSessionTimetable  # noqa: E402 - needs include/ on sys.path first
+from overnight.night.timetable import MarketSessionTimetable  # noqa: E402 - needs include/ on sys.path first
 
 
 class OvernightTimetablesPlugin(AirflowPlugin):
-    """Registers the market-session timetable (serialized as overnight.timetable.MarketSessionTimetable)."""
+    """Registers the market-session timetable (serialized as overnight.night.timetable.MarketSessionTimetable)."""
 
     name = "overnight_timetables"
     timetables = [MarketSessionTimetable]

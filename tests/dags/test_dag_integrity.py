@@ -22,7 +22,7 @@ def test_no_import_errors(dagbag):
 
 
 def test_one_dag_per_market(dagbag):
-    from overnight.markets import load_markets
+    from overnight.domain.markets import load_markets
 
     expected = {m.dag_id for m in load_markets().markets}
     assert expected == {"overnight_scoring_xnys", "overnight_scoring_bvmf", "overnight_scoring_xlon",
@@ -55,7 +55,7 @@ def test_market_dags_serialise_round_trip(dagbag):
 def test_bad_market_entry_is_an_import_error_naming_it(tmp_path, monkeypatch):
     import runpy
 
-    from overnight import markets
+    from overnight.domain import markets
 
     bad = tmp_path / "markets.yaml"
     bad.write_text("markets:\n  - code: XNYS\n  - code: XNYZ\n  - code: XLON\n    lead: -1h\n")

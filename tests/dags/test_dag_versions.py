@@ -56,8 +56,8 @@ def test_three_scheduled_runs_on_three_days_leave_one_dag_version():
     from airflow.utils.types import DagRunTriggeredByType, DagRunType
     from sqlalchemy import func, select
 
-    from overnight import sessions
-    from overnight.markets import get_market
+    from overnight.domain import sessions
+    from overnight.domain.markets import get_market
 
     market = get_market("XNYS")
     moment = datetime(2026, 3, 2, 12, tzinfo=UTC)

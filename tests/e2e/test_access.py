@@ -35,9 +35,9 @@ import psycopg
 import pytest
 import redis
 
-from overnight import cache
-from overnight.api import AUDIT_CONCURRENCY, AUDIT_WAIT_S
-from overnight.api_auth import NO_ACCESS, NO_PERSONAL_DATA
+from overnight.adapters import cache
+from overnight.dashboard.api_auth import NO_ACCESS, NO_PERSONAL_DATA
+from overnight.dashboard.app import AUDIT_CONCURRENCY, AUDIT_WAIT_S
 from tests.support.api_server import ROOT, SERVICE, ApiServer, auth_env, free_port, score_market, token
 from tests.support.per_dag_auth_manager import DAG_ONLY_LOGIN, ITS_DAG
 
@@ -286,7 +286,7 @@ def test_audit_calls_cannot_starve_the_dashboards_postgres_fallback(server: dict
 
 
 def _services(env: dict[str, str], action: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "overnight.services", action], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "overnight.dev.services", action], env=env, capture_output=True,
                           text=True, timeout=180, cwd=str(ROOT))
 
 
@@ -297,7 +297,7 @@ def _listening(port: int) -> set[str]:
 
 
 def test_make_airflow_listens_on_loopback_and_restarts_on_new_settings(server: dict[str, Any]) -> None:
-    """`python -m overnight.services start` (what `make airflow` runs), api-server only: 127.0.0.1 by default;
+    """`python -m overnight.dev.services start` (what `make airflow` runs), api-server only: 127.0.0.1 by default;
     run again unchanged it keeps the process, with another password or connection it restarts it."""
     run_dir = server["tmp"] / "run"
     port = free_port()
@@ -367,8 +367,8 @@ def test_files_holding_secrets_are_private(server: dict[str, Any]) -> None:
 def test_no_secret_in_logs_or_reprs(server: dict[str, Any]) -> None:
     """After every request above: the api-server's log carries no password, JWT secret or token; the store's
     and the connection's reprs and errors carry no password."""
-    from overnight.connections import parse_connection
-    from overnight.dashboard import DashboardStore
+    from overnight.adapters.connections import parse_connection
+    from overnight.dashboard.store import DashboardStore
 
     log = server["api"].log_path.read_text(errors="replace")
     assert "Application startup complete" in log

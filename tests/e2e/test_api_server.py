@@ -31,8 +31,8 @@ import psycopg
 import pytest
 import redis
 
-from overnight import cache
-from overnight.api_auth import NO_PERSONAL_DATA
+from overnight.adapters import cache
+from overnight.dashboard.api_auth import NO_PERSONAL_DATA
 from tests.support.api_server import SERVICE, ApiServer, auth_env, score_market, token
 
 pytestmark = pytest.mark.e2e
@@ -152,7 +152,7 @@ def test_token_signed_with_another_secret_is_refused(stack: dict[str, Any]) -> N
 
 def test_revoked_token_is_refused_within_the_auth_cache_ttl(stack: dict[str, Any]) -> None:
     """The plugin remembers Airflow's "may read DAGs" per token for a few seconds; a logout ends it within that."""
-    from overnight.api_auth import AUTH_CACHE_TTL_S
+    from overnight.dashboard.api_auth import AUTH_CACHE_TTL_S
 
     headers = {"Authorization": f"Bearer {token(stack['main'].url, SERVICE, stack['passwords'][SERVICE])}"}
     assert _get(stack, _dash(stack["user_id"]), who=None, headers=headers).status_code == 200  # now remembered
@@ -488,8 +488,8 @@ def test_page_in_chromium(stack: dict[str, Any]) -> None:
 
 @pytest.mark.measurement  # a measuring tool, not a check: collected only with OVERNIGHT_MEASURE_LATENCY=1
 def test_measure_latency(stack: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
-    """Runs `python -m overnight.api_latency` once against the api-server (200 sequential calls per case)."""
-    from overnight import api_latency
+    """Runs `python -m overnight.dev.api_latency` once against the api-server (200 sequential calls per case)."""
+    from overnight.dev import api_latency
 
     assert api_latency.main(["--url", stack["main"].url, "--token", stack["tokens"]["admin"],
                              "--user", stack["user_id"], "--redis-url", os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"]]) == 0

@@ -12,7 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from overnight import assets, cli
+from overnight.dev import cli
+from overnight.night import assets
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,7 +68,7 @@ def test_each_completed_run_records_one_asset_event_with_its_session_and_counts(
 
 
 def test_a_failed_run_records_no_asset_event(pg_dsn, seeded, airflow_db):
-    from overnight.cli import _load_dag
+    from overnight.dev.cli import _load_dag
 
     before = _events("overnight://recommendations/XTKS")
     # a bad user id fails `start`; `finalize` still runs (all done), finds no job run and fails: no event

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def _bench(executor: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "include")}
     proc = subprocess.run(
-        [sys.executable, "-m", "overnight.bench", "--users", str(USERS), "--executor", executor,
+        [sys.executable, "-m", "overnight.dev.bench", "--users", str(USERS), "--executor", executor,
          "--batch-size", "60", "--api-seconds", "2"],
         capture_output=True, text=True, env=env, timeout=900, cwd=ROOT,
     )

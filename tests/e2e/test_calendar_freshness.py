@@ -18,8 +18,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from overnight import cli, dashboard, sessions
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.dashboard import store as dashboard
+from overnight.dev import cli
+from overnight.domain import sessions
 from tests.support.fake_provider import FakeProviderServer
 
 pytestmark = pytest.mark.e2e

@@ -7,7 +7,8 @@ from datetime import date
 import psycopg
 import pytest
 
-from overnight import cli, seed, sessions
+from overnight.dev import cli, seed
+from overnight.domain import sessions
 
 pytestmark = pytest.mark.e2e
 
@@ -96,7 +97,7 @@ def test_redis_unreachable_still_completes_in_postgres(pg_dsn, seeded, airflow_d
     ],
 )
 def test_bad_parameters_fail_before_anything_is_written(pg_dsn, seeded, airflow_db, conf, message):
-    from overnight.cli import _load_dag
+    from overnight.dev.cli import _load_dag
 
     dag = _load_dag("overnight_scoring_xnys")
     with psycopg.connect(pg_dsn) as conn:
@@ -117,8 +118,8 @@ def test_bad_parameters_fail_before_anything_is_written(pg_dsn, seeded, airflow_
 
 
 def test_params_validation_messages():
-    from overnight import runtime
-    from overnight.markets import get_market
+    from overnight.domain.markets import get_market
+    from overnight.night import runtime
 
     with pytest.raises(runtime.ParamError, match="not a XNYS session"):
         runtime.validate_params(get_market("XNYS"), {}, {"session_date": "2026-11-26"}, interval_end=None,
@@ -129,7 +130,7 @@ def test_params_validation_messages():
 
 def test_a_run_does_not_leak_its_conf_into_the_next(pg_dsn, seeded, airflow_db):
     """dag.test() merges a run's conf into the DAG object's params; each in-process run gets a fresh DAG."""
-    from overnight.cli import _load_dag
+    from overnight.dev.cli import _load_dag
 
     bad = _load_dag("overnight_scoring_xnys").test(run_conf={"session_date": "2026-12-07", "user_ids": ["nope"]})
     assert str(bad.state).endswith("failed")

@@ -19,8 +19,9 @@ from datetime import UTC, date, datetime, timedelta
 import psycopg
 import pytest
 
-from overnight import alerts, sessions
-from overnight.markets import Market
+from overnight.domain import sessions
+from overnight.domain.markets import Market
+from overnight.night import alerts
 from tests.support import reliability as R
 from tests.support.live_airflow import live_airflow, quiet_market
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overnight import metadata_cleanup as mc
+from overnight.ops import metadata_cleanup as mc
 from tests.support.airflow_dags import sync_dags_folder
 
 pytestmark = pytest.mark.e2e

@@ -17,7 +17,7 @@ import httpx
 import psycopg
 import pytest
 
-from overnight import pipeline
+from overnight.night import pipeline
 from tests.support.api_server import SERVICE, ApiServer, auth_env, score_market, token
 
 pytestmark = pytest.mark.e2e

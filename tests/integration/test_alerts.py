@@ -11,7 +11,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from overnight import alerts, sessions
+from overnight.domain import sessions
+from overnight.night import alerts
 
 pytestmark = pytest.mark.filterwarnings("ignore:Series.values returning an ndarray")
 

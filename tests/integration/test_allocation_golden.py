@@ -15,9 +15,11 @@ import psycopg
 import pytest
 import yaml
 
-from overnight import devenv, migrate, pipeline
-from overnight.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.adapters import migrate
+from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.dev import devenv
+from overnight.night import pipeline
 from tests.conftest import RUN_ID, TEST_ENV
 
 GOLDEN = yaml.safe_load((Path(__file__).parents[1] / "data" / "golden_portfolios.yaml").read_text())

@@ -13,9 +13,11 @@ import exchange_calendars as xcals
 import psycopg
 import pytest
 
-from overnight import pipeline, seed, sessions
-from overnight.markets import load_markets
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.dev import seed
+from overnight.domain import sessions
+from overnight.domain.markets import load_markets
+from overnight.night import pipeline
 
 CODES = load_markets().codes
 

@@ -1,4 +1,4 @@
-"""The cache warmer (overnight.cache_warmer) against real Postgres and Redis: flush, warm, keys back with TTL."""
+"""The cache warmer (overnight.ops.cache_warmer) against real Postgres and Redis: flush, warm, keys back with TTL."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ import psycopg
 import pytest
 import redis
 
-from overnight import cache, cache_warmer, pipeline, sessions
-from overnight.markets import load_markets
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.adapters import cache
+from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.domain import sessions
+from overnight.domain.markets import load_markets
+from overnight.night import pipeline
+from overnight.ops import cache_warmer
 
 SESSION = date(2026, 11, 24)
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from overnight import devenv, sessions
-from overnight.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.dev import devenv
+from overnight.domain import sessions
 
 ROOT = Path(__file__).resolve().parents[2]
 MARKETS = ["BVMF", "XLON", "XNYS", "XTKS"]
@@ -107,7 +108,7 @@ def test_a_failed_run_prints_its_cause(sandbox, tmp_path):
     assert _make(sandbox, "migrate", "airflow-setup").returncode == 0  # .local/env.sh for the sandbox, schemas
     proc = subprocess.run(
         ["bash", "-c", "set -a && . .local/env.sh && set +a && "
-         ".venv/bin/python -m overnight.cli run --market XNYS --date 2026-11-25 --batch-size -1"],
+         ".venv/bin/python -m overnight.dev.cli run --market XNYS --date 2026-11-25 --batch-size -1"],
         cwd=ROOT, env={**sandbox, "OVERNIGHT_CLI_LOG": str(tmp_path / "run.log")}, capture_output=True, text=True,
         timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from overnight import pipeline
+from overnight.night import pipeline
 
 ARRAYS = [None, [], ["AAPL"], ["BRK.B", "PETR4", "7203"], ['A"B', "C\\D", "tab\there", "new\nline", "com,ma",
           "{brace}", "sp ace", "ünï", "NULL", ""]]

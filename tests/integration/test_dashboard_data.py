@@ -1,4 +1,4 @@
-"""The dashboard's data access (overnight.dashboard) against real Postgres and Redis, on real pipeline output."""
+"""The dashboard's data access (overnight.dashboard.store) against real Postgres and Redis, on real pipeline output."""
 
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ import psycopg
 import pytest
 import redis
 
-from overnight import cache, dashboard, pipeline, sessions
-from overnight.markets import load_markets
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.adapters import cache
+from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.dashboard import store as dashboard
+from overnight.domain import sessions
+from overnight.domain.markets import load_markets
+from overnight.night import pipeline
 
 SESSION = date(2026, 11, 16)  # its next XNYS session (11-17) no other test runs: the miss below is "run_missing"
 T = TypeVar("T")

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from overnight import dashboard
-from overnight.dashboard import AsyncPgPool, StoreUnavailable
+from overnight.dashboard import store as dashboard
+from overnight.dashboard.store import AsyncPgPool, StoreUnavailable
 
 
 def test_a_busy_pool_answers_unavailable_after_its_acquire_timeout(pg_dsn: str) -> None:

@@ -18,18 +18,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from overnight.providers.base import ProviderError
-from overnight.providers.http import (
-    HttpPriceProvider,
-    HttpRatesProvider,
-    parse_retry_after,
-    redact,
-)
-from overnight.providers.ratelimit import (
-    LocalRateLimiter,
-    RateLimitTimeout,
-    RedisRateLimiter,
-)
+from overnight.adapters.providers.base import ProviderError
+from overnight.adapters.providers.http import HttpPriceProvider, HttpRatesProvider, parse_retry_after, redact
+from overnight.adapters.providers.ratelimit import LocalRateLimiter, RateLimitTimeout, RedisRateLimiter
 from tests.support.fake_provider import QUOTE_PATH, RATES_PATH, FakeProviderServer
 
 REDIS_URL = os.environ.get("OVERNIGHT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -491,7 +482,7 @@ def test_invalid_price_entries_are_skipped_and_counted(
         },
     )
     provider = prices(fake_provider, sleeps)
-    with caplog.at_level(logging.WARNING, logger="overnight.providers.http"):
+    with caplog.at_level(logging.WARNING, logger="overnight.adapters.providers.http"):
         quotes = provider.fetch_prices(
             ["AAPL", "MSFT", "NVDA", "SAP.DE", "VOD.L", "PETR4.SA", "7203.T"]
         )
@@ -666,7 +657,7 @@ def test_unreachable_redis_degrades_to_local(caplog: pytest.LogCaptureFixture) -
     limiter = RedisRateLimiter(
         dead, "unreachable", rate_per_s=2, burst=2, sleep=sleep, clock=lambda: now[0]
     )
-    with caplog.at_level(logging.WARNING, logger="overnight.providers.ratelimit"):
+    with caplog.at_level(logging.WARNING, logger="overnight.adapters.providers.ratelimit"):
         for _ in range(4):
             limiter.acquire()
     assert limiter.degraded

@@ -7,8 +7,9 @@ import uuid
 import psycopg
 import pytest
 
-from overnight import devenv, migrate
-from overnight.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.adapters import migrate
+from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.dev import devenv
 
 TABLES = {"users", "holdings", "watchlist", "assets", "asset_classes", "allocation_targets", "criteria_sets",
           "prices", "exchange_rates", "calculation_events", "overnight_job_runs", "overnight_job_users",

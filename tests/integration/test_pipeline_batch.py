@@ -8,9 +8,11 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from overnight import cache, pipeline, sessions
-from overnight.markets import load_markets
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.adapters import cache
+from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.domain import sessions
+from overnight.domain.markets import load_markets
+from overnight.night import pipeline
 
 SESSION = date(2026, 12, 1)
 CODES = load_markets().codes
@@ -143,7 +145,7 @@ def test_force_starts_a_new_calculation(conn, batch_run, redis_client):
 )
 def test_a_bad_user_fails_with_a_reason_and_the_others_complete(pg_dsn, seeded, redis_client, corrupt_sql, stage,
                                                                  message):
-    from overnight import seed
+    from overnight.dev import seed
 
     session = date(2026, 12, 2)
     with psycopg.connect(pg_dsn) as conn:
@@ -167,7 +169,7 @@ def test_a_bad_user_fails_with_a_reason_and_the_others_complete(pg_dsn, seeded, 
 
 
 def test_a_holding_without_a_price_is_named_and_its_holder_still_calculated(pg_dsn, seeded, redis_client):
-    from overnight import seed
+    from overnight.dev import seed
 
     session = date(2026, 12, 2)
     with psycopg.connect(pg_dsn) as conn:

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from overnight import preflight
-from overnight.connections import POSTGRES_CONN_ID, REDIS_CONN_ID, ConnInfo, parse_connection
+from overnight.adapters.connections import POSTGRES_CONN_ID, REDIS_CONN_ID, ConnInfo, parse_connection
+from overnight.ops import preflight
 from tests.support.fake_provider import FakeProviderServer
 
 SECRET = "pa55-w0rd-XYZ"
@@ -104,8 +104,8 @@ def test_pools_from_the_rest_api(fake_provider: FakeProviderServer) -> None:
 def test_run_checks_with_everything_fed(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
-    from overnight import sessions
-    from overnight.markets import load_markets
+    from overnight.domain import sessions
+    from overnight.domain.markets import load_markets
 
     monkeypatch.delenv("AIRFLOW_CONN_OVERNIGHT_RATES_HTTP", raising=False)
     monkeypatch.delenv("AIRFLOW_CONN_OVERNIGHT_PRICES_HTTP", raising=False)
@@ -151,8 +151,8 @@ def test_the_dag_reads_the_market_dags_through_the_task_sdk(pg_dsn: str, airflow
 
     for name in ("AIRFLOW_CONN_OVERNIGHT_RATES_HTTP", "AIRFLOW_CONN_OVERNIGHT_PRICES_HTTP"):
         monkeypatch.delenv(name, raising=False)
-    from overnight import sessions
-    from overnight.markets import load_markets
+    from overnight.domain import sessions
+    from overnight.domain.markets import load_markets
 
     def stuck_at(now: datetime) -> list[str]:
         """DAGs whose run fell due more than the grace ago: the calendar's word, not the preflight's."""

@@ -9,9 +9,10 @@ from datetime import UTC, date, datetime
 import psycopg
 import pytest
 
-from overnight import freshness, pipeline, sessions
-from overnight.markets import load_markets
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.domain import freshness, sessions
+from overnight.domain.markets import load_markets
+from overnight.night import pipeline
 
 SESSION = date(2026, 12, 15)  # a Tuesday no other test runs; XNYS opens 09:30 EST = 14:30 UTC, runs 12:30 UTC
 MOMENT = datetime(2026, 12, 15, 12, 30, tzinfo=UTC)

@@ -8,9 +8,10 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from overnight import pipeline, runtime, sessions
-from overnight.markets import get_market
-from overnight.providers.http import HttpRatesProvider
+from overnight.adapters.providers.http import HttpRatesProvider
+from overnight.domain import sessions
+from overnight.domain.markets import get_market
+from overnight.night import pipeline, runtime
 from tests.unit.test_freshness import AFTER_HOLIDAYS_2026, HOLIDAYS_2026, MONDAYS_2026, _last_publication_before
 
 MARKETS = ("BVMF", "XLON", "XNYS", "XTKS")

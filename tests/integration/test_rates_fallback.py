@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from overnight import pipeline
-from overnight.providers.http import HttpRatesProvider
+from overnight.adapters.providers.http import HttpRatesProvider
+from overnight.night import pipeline
 
 CURRENCIES = ["BRL", "GBP", "JPY", "USD"]
 

@@ -1,4 +1,4 @@
-"""Tests for overnight.redis_get against this run's real Redis: values, pipelining order, callers that give
+"""Tests for overnight.dashboard.redis_get against this run's real Redis: values, pipelining order, callers that give
 up, dropped connections, SELECT/AUTH, and servers that are down or answer garbage."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 
-from overnight.redis_get import RedisGet, RedisGetError
+from overnight.dashboard.redis_get import RedisGet, RedisGetError
 from tests.conftest import TEST_ENV
 
 URL = TEST_ENV["AIRFLOW_CONN_OVERNIGHT_REDIS"]

@@ -22,10 +22,14 @@ import psycopg
 import pytest
 import redis
 
-from overnight import cache, dashboard, devenv, migrate, pipeline, replay, seed, sessions
-from overnight.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
-from overnight.markets import load_markets
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.adapters import cache, migrate
+from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.dashboard import store as dashboard
+from overnight.dev import devenv, seed
+from overnight.domain import sessions
+from overnight.domain.markets import load_markets
+from overnight.night import pipeline, replay
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_ID = os.environ["OVERNIGHT_TEST_RUN_ID"]
@@ -319,11 +323,11 @@ def test_the_command_line_prints_identical(night: dict[str, Any]) -> None:
         uid, _ = _a_user(conn, job)
     env = {**os.environ, "AIRFLOW_CONN_OVERNIGHT_POSTGRES": night["dsn"],
            "PYTHONPATH": str(ROOT / "include")}
-    out = subprocess.run([sys.executable, "-m", "overnight.replay", "--user", uid, "--job", job.id],
+    out = subprocess.run([sys.executable, "-m", "overnight.night.replay", "--user", uid, "--job", job.id],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"identical: user {uid}, job run {job.id} (XLON {SESSION.isoformat()}")
-    bad = subprocess.run([sys.executable, "-m", "overnight.replay", "--user", uid, "--session", "2026-12-01"],
+    bad = subprocess.run([sys.executable, "-m", "overnight.night.replay", "--user", uid, "--session", "2026-12-01"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "give both a session date and a market" in bad.stderr
 

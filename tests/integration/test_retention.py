@@ -9,8 +9,8 @@ from datetime import UTC, date, datetime, timedelta
 import psycopg
 import pytest
 
-from overnight import retention
-from overnight.retention import Partition
+from overnight.ops import retention
+from overnight.ops.retention import Partition
 
 DAYS = 730
 

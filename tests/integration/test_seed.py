@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psycopg
 
-from overnight import seed
+from overnight.dev import seed
 
 
 def _fingerprint(c: psycopg.Connection) -> tuple:

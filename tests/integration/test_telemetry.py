@@ -6,8 +6,8 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from overnight import runtime, telemetry
-from overnight.markets import get_market
+from overnight.domain.markets import get_market
+from overnight.night import runtime, telemetry
 
 
 @pytest.fixture

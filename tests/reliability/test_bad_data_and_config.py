@@ -15,8 +15,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from overnight import cli, runtime, seed
-from overnight.markets import get_market, load_markets
+from overnight.dev import cli, seed
+from overnight.domain.markets import get_market, load_markets
+from overnight.night import runtime
 from tests.support import reliability as R
 
 MARKET = "XNYS"
@@ -209,7 +210,7 @@ def test_bad_params_in_a_dag_run_write_nothing(pg_dsn, seeded, airflow_db, conf)
 def test_bad_command_lines_fail_fast_and_write_nothing(pg_dsn, seeded, args, message) -> None:
     with psycopg.connect(pg_dsn) as conn:
         before = _counts(conn)
-    proc = subprocess.run([sys.executable, "-m", "overnight.cli", "run", *args], env=R.subprocess_env(),
+    proc = subprocess.run([sys.executable, "-m", "overnight.dev.cli", "run", *args], env=R.subprocess_env(),
                           capture_output=True, text=True, timeout=120, cwd=str(R.ROOT))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr and "Traceback" not in proc.stderr

@@ -9,9 +9,11 @@ import threading
 
 import psycopg
 
-from overnight import cli, pipeline, sessions
-from overnight.markets import load_markets
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.dev import cli
+from overnight.domain import sessions
+from overnight.domain.markets import load_markets
+from overnight.night import pipeline
 from tests.support import reliability as R
 
 CODES = load_markets().codes

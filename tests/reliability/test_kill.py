@@ -1,6 +1,6 @@
 """A task process killed with SIGKILL in the middle of a batch.
 
-1. `make run`-style (`python -m overnight.cli run`, in-process dag.test) killed mid-way, then run again:
+1. `make run`-style (`python -m overnight.dev.cli run`, in-process dag.test) killed mid-way, then run again:
    the same job run continues (same row, same correlation id), completes, nothing is duplicated.
 2. Under the real scheduler (LocalExecutor, the stack of `tests/support/live_airflow.py`): the task
    runner of a `score_batch` task instance is SIGKILLed while it scores; Airflow retries the task, the

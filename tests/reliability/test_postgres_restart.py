@@ -14,10 +14,12 @@ from decimal import Decimal
 import psycopg
 import pytest
 
-from overnight import migrate, pipeline, runtime, seed
-from overnight.markets import get_market, load_markets
-from overnight.providers.base import RatesSnapshot
-from overnight.providers.db import DbPriceProvider
+from overnight.adapters import migrate
+from overnight.adapters.providers.base import RatesSnapshot
+from overnight.adapters.providers.db import DbPriceProvider
+from overnight.dev import seed
+from overnight.domain.markets import get_market, load_markets
+from overnight.night import pipeline, runtime
 from tests.support import reliability as R
 
 MARKET = "XNYS"

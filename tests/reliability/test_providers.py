@@ -16,11 +16,12 @@ from typing import Any
 import psycopg
 import pytest
 
-from overnight import pipeline, runtime, sessions
-from overnight.markets import get_market, load_markets
-from overnight.providers.base import ProviderError
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
-from overnight.providers.http import ECB_PUBLICATION_TIME, ECB_TZ, HttpPriceProvider, HttpRatesProvider
+from overnight.adapters.providers.base import ProviderError
+from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.adapters.providers.http import ECB_PUBLICATION_TIME, ECB_TZ, HttpPriceProvider, HttpRatesProvider
+from overnight.domain import sessions
+from overnight.domain.markets import get_market, load_markets
+from overnight.night import pipeline, runtime
 from tests.support import reliability as R
 from tests.support.fake_provider import QUOTE_PATH, RATES_PATH, FakeProviderServer
 

@@ -13,8 +13,10 @@ import os
 import psycopg
 import pytest
 
-from overnight import cache, cache_warmer, cli
-from overnight.dashboard import DashboardStore
+from overnight.adapters import cache
+from overnight.dashboard.store import DashboardStore
+from overnight.dev import cli
+from overnight.ops import cache_warmer
 from tests.support import reliability as R
 
 MARKET = "XLON"

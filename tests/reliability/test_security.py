@@ -1,6 +1,6 @@
 """Secrets stay secret, hostile values stay harmless.
 
-A run (`python -m overnight.cli run`, dag.test in a subprocess) with a known password on the Postgres
+A run (`python -m overnight.dev.cli run`, dag.test in a subprocess) with a known password on the Postgres
 connection (a real role with that password on the test server) and a known API key on both HTTP provider
 connections, whose provider answers 401 / 500 echoing the key back: neither secret appears in XCom
 (Airflow's `xcom` table), task logs (AIRFLOW_HOME/logs and the run's output), `error_details`, `metrics`,
@@ -21,11 +21,11 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
-from overnight import runtime
-from overnight.connections import ConnInfo, postgres_dsn
-from overnight.dashboard import DashboardStore
-from overnight.markets import get_market
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.adapters.connections import ConnInfo, postgres_dsn
+from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.dashboard.store import DashboardStore
+from overnight.domain.markets import get_market
+from overnight.night import runtime
 from tests.support import reliability as R
 from tests.support.fake_provider import QUOTE_PATH, RATES_PATH, FakeProviderServer
 
@@ -161,8 +161,9 @@ def test_no_secret_leaks_and_hostile_symbols_are_harmless(airflow_db, secret_rol
 
 
 def test_wrong_port_with_a_secret_password_fails_without_showing_it() -> None:
-    from overnight import db, devenv
-    from overnight.connections import parse_connection
+    from overnight.adapters import db
+    from overnight.adapters.connections import parse_connection
+    from overnight.dev import devenv
 
     port = R.free_port()  # nothing listens there
     dsn = f"postgresql://someone:{PG_SECRET}@127.0.0.1:{port}/overnight"

@@ -24,7 +24,7 @@ PER_PROCESS = 12  # requests (chunks of 50 symbols) each process makes
 
 _FETCH = """
 import sys
-from overnight import runtime
+from overnight.night import runtime
 provider = runtime.price_provider(None)
 quotes = provider.fetch_prices(sys.argv[1].split(","))
 print(len(quotes))

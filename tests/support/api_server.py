@@ -16,12 +16,14 @@ import httpx
 import psycopg
 import redis
 
-from overnight import cache, pipeline, sessions
-from overnight.markets import load_markets
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.adapters import cache
+from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.domain import sessions
+from overnight.domain.markets import load_markets
+from overnight.night import pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
-AUTH_MANAGER = "overnight.auth_manager.OvernightSimpleAuthManager"  # what `make airflow` runs (docs/access.md)
+AUTH_MANAGER = "overnight.dashboard.auth_manager.OvernightSimpleAuthManager"  # what `make airflow` runs (docs/access.md)
 SERVICE = "overnight_app"  # the app team's backend: holds "Overnight recommendations"
 
 

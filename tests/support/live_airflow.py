@@ -27,10 +27,10 @@ from typing import Any
 
 import psycopg
 
-from overnight.connections import ConnInfo, postgres_dsn
-from overnight.devenv import create_database
-from overnight.markets import Market, load_markets
-from overnight.sessions import next_run
+from overnight.adapters.connections import ConnInfo, postgres_dsn
+from overnight.dev.devenv import create_database
+from overnight.domain.markets import Market, load_markets
+from overnight.domain.sessions import next_run
 from tests.support import reliability as R
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")

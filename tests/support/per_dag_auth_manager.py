@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from overnight.auth_manager import OvernightSimpleAuthManager
+from overnight.dashboard.auth_manager import OvernightSimpleAuthManager
 
 DAG_ONLY_LOGIN = "dagonly"
 ITS_DAG = "overnight_scoring_xnys"

@@ -2,7 +2,7 @@
 
 Everything here talks to real servers: the test run's Postgres (the one `AIRFLOW_CONN_OVERNIGHT_POSTGRES`
 points at), a private Postgres started from pgserver's binaries when a test must restart it, and real
-`python -m overnight.cli` / `airflow` subprocesses.
+`python -m overnight.dev.cli` / `airflow` subprocesses.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 
 import psycopg
 
-from overnight import sessions
-from overnight.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.domain import sessions
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENT_TYPES = ("CALC_STARTED", "INPUTS_CAPTURED", "SCORES_COMPUTED", "CALC_COMPLETED")
@@ -153,8 +153,9 @@ def base_info() -> ConnInfo:
 @contextmanager
 def scratch_database(tag: str, *, users: int = 0, seed_value: int = 7) -> Iterator[str]:
     """A migrated (and optionally seeded) application database of its own on the test server; dropped after."""
-    from overnight import migrate, seed
-    from overnight.devenv import create_database
+    from overnight.adapters import migrate
+    from overnight.dev import seed
+    from overnight.dev.devenv import create_database
 
     info = base_info()
     name = f"{info.schema}_{tag}"
@@ -183,8 +184,8 @@ def subprocess_env(**overrides: str) -> dict[str, str]:
 
 def cli_run(market: str, session: date, env: dict[str, str], *, batch_size: int | None = None,
             log: Path | None = None) -> subprocess.Popen[bytes]:
-    """Starts `python -m overnight.cli run` (what `make run` does) as a child process in its own group."""
-    cmd = [sys.executable, "-m", "overnight.cli", "run", "--market", market, "--date", session.isoformat()]
+    """Starts `python -m overnight.dev.cli run` (what `make run` does) as a child process in its own group."""
+    cmd = [sys.executable, "-m", "overnight.dev.cli", "run", "--market", market, "--date", session.isoformat()]
     if batch_size:
         cmd += ["--batch-size", str(batch_size)]
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with the process
@@ -199,7 +200,7 @@ def cli_run(market: str, session: date, env: dict[str, str], *, batch_size: int 
 class PrivatePostgres:
     """A throw-away PostgreSQL 16 (pgserver's binaries) in a temporary directory, on a free port.
 
-    As root it runs as the `pgserver` system user (Postgres refuses root), like `overnight.devenv`.
+    As root it runs as the `pgserver` system user (Postgres refuses root), like `overnight.dev.devenv`.
     """
 
     def __init__(self) -> None:
@@ -222,7 +223,7 @@ class PrivatePostgres:
     def _pg_user() -> str | None:
         if os.geteuid() != 0:
             return None
-        from overnight import devenv
+        from overnight.dev import devenv
 
         return devenv._pg_user()
 

@@ -6,8 +6,8 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from overnight import alerts
-from overnight.markets import Market
+from overnight.domain.markets import Market
+from overnight.night import alerts
 
 pytestmark = pytest.mark.filterwarnings("ignore:Series.values returning an ndarray")
 
@@ -47,7 +47,7 @@ def test_market_deadline_is_open_minus_15_minutes() -> None:
     assert deadline.reference == DeadlineReference.DAGRUN_LOGICAL_DATE
     assert deadline.interval == timedelta(hours=1, minutes=45)  # logical date = open - 2h
     assert isinstance(deadline.callback, AsyncCallback)
-    assert deadline.callback.path == "overnight.alerts.deadline_missed"
+    assert deadline.callback.path == "overnight.night.alerts.deadline_missed"
     assert deadline.callback.kwargs == {"market": "XNYS"}
     assert alerts.market_deadline(Market("XLON", lead=timedelta(minutes=15))) is None
 
@@ -72,7 +72,7 @@ def test_deadline_survives_dag_serialisation() -> None:
     decoded = decode_deadline_alert(encoded)
     assert decoded.interval == timedelta(minutes=75)
     assert decoded.reference.reference_name == "DagRunLogicalDateDeadline"
-    assert decoded.callback.path == "overnight.alerts.deadline_missed"
+    assert decoded.callback.path == "overnight.night.alerts.deadline_missed"
     assert decoded.callback.kwargs == {"market": "XLON"}
 
 
@@ -84,9 +84,9 @@ def test_deadline_survives_dag_serialisation() -> None:
     ],
 )
 def test_on_dag_failure_of_an_unknown_run_logs_one_error_line(context: dict, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="overnight.alerts")
+    caplog.set_level("INFO", logger="overnight.night.alerts")
     assert alerts.on_dag_failure(context) is None
-    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "overnight.alerts"] == [
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "overnight.night.alerts"] == [
         ("ERROR", "overnight DAG run failed: dag_id=? run_id=None market=- session=- failed_tasks=- reason=-")]
 
 
@@ -95,10 +95,10 @@ def test_on_dag_failure_logs_when_the_alert_cannot_be_recorded(monkeypatch: pyte
     from types import SimpleNamespace
 
     monkeypatch.setenv("AIRFLOW_CONN_OVERNIGHT_POSTGRES", "postgresql://x:y@127.0.0.1:1/none")
-    caplog.set_level("INFO", logger="overnight.alerts")
+    caplog.set_level("INFO", logger="overnight.night.alerts")
     assert alerts.on_dag_failure({"dag": SimpleNamespace(dag_id="overnight_scoring_xnys"), "run_id": "r1",
                                   "reason": "boom"}) is None
-    records = [r for r in caplog.records if r.name == "overnight.alerts"]
+    records = [r for r in caplog.records if r.name == "overnight.night.alerts"]
     assert [(r.levelname, r.getMessage()) for r in records] == [
         ("ERROR", "overnight DAG run failed: dag_id=overnight_scoring_xnys run_id=r1 market=XNYS session=- "
                   "failed_tasks=- reason=boom"),

@@ -10,8 +10,8 @@ from decimal import Decimal as D
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overnight.money import minor_unit
-from overnight.recommendations import PER_CLASS, Candidate, Target, recommend
+from overnight.domain.money import minor_unit
+from overnight.domain.recommendations import PER_CLASS, Candidate, Target, recommend
 
 CLASSES = ["Stocks", "Bonds", "ETFs", "REITs"]
 CURRENCIES = ["USD", "JPY", "KWD", "BRL", "CLF"]

@@ -1,4 +1,4 @@
-"""Tests for overnight.api_auth: the dashboard's short memory of Airflow's answers (who, and may they read
+"""Tests for overnight.dashboard.api_auth: the dashboard's short memory of Airflow's answers (who, and may they read
 DAGs / personal data), hardened: absurd `exp`, waiters always released, monotonic TTL, bearer vs cookie keys,
 a bounded memory with O(1) inserts. The real api-server's side is tests/e2e/test_access.py."""
 
@@ -17,8 +17,8 @@ import jwt
 import pytest
 from fastapi import Depends, FastAPI, HTTPException, Request
 
-from overnight import api_auth
-from overnight.api_auth import Access, AuthCache, cached_auth
+from overnight.dashboard import api_auth
+from overnight.dashboard.api_auth import Access, AuthCache, cached_auth
 
 SECRET = "s" * 64
 T0 = 1_800_000_000.0

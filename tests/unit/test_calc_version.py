@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from overnight import __version__, pipeline, replay
-from overnight.recommendations import ALLOCATION_POLICY
-from overnight.scoring import SCORING_VERSION
+from overnight import __version__
+from overnight.domain.recommendations import ALLOCATION_POLICY
+from overnight.domain.scoring import SCORING_VERSION
+from overnight.night import pipeline, replay
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,7 @@ from datetime import date
 
 import pytest
 
-from overnight import cli
+from overnight.dev import cli
 
 DAY = date(2026, 12, 1)
 

@@ -1,4 +1,4 @@
-"""Tests for overnight.api.dashboard_body: the pre-encoded dashboard JSON is byte for byte what the response model
+"""Tests for overnight.dashboard.app.dashboard_body: the pre-encoded dashboard JSON is byte for byte what the response model
 would produce, and anything pydantic would coerce or refuse is left to pydantic."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pydantic
 import pytest
 from fastapi import Depends, Request
 
-from overnight import api
-from overnight.api_auth import Access
-from overnight.dashboard import DashboardView, view_from_document
+from overnight.dashboard import app as api
+from overnight.dashboard.api_auth import Access
+from overnight.dashboard.store import DashboardView, view_from_document
 
 UID = "00a41595-d052-5458-a63d-f21b399f9df9"
 DOC: dict[str, Any] = {

@@ -11,8 +11,8 @@ from typing import Any
 import pydantic
 import pytest
 
-from overnight import api
-from overnight.dashboard import OVERDUE, view_from_document
+from overnight.dashboard import app as api
+from overnight.dashboard.store import OVERDUE, view_from_document
 
 UID = "00a41595-d052-5458-a63d-f21b399f9df9"
 FRIDAY_DOC: dict[str, Any] = {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from overnight import airflow_setup, devenv, services
+from overnight.dev import airflow_setup, devenv, services
 
 
 def _mode(path: Path) -> int:

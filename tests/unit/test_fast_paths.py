@@ -1,4 +1,4 @@
-"""Tests for overnight.api.FastPaths: the dashboard's and ping's answers without FastAPI are the app's own
+"""Tests for overnight.dashboard.app.FastPaths: the dashboard's and ping's answers without FastAPI are the app's own
 answers, byte for byte, and only for tokens the app's auth already accepted; everything else reaches the app."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import jwt
 import pytest
 from fastapi import Depends, HTTPException, Request
 
-from overnight import api
-from overnight.api_auth import NO_PERSONAL_DATA, Access, AuthCache, cached_auth
-from overnight.dashboard import DashboardView, StoreUnavailable, UnknownUser, parse_user_id, view_from_document
+from overnight.dashboard import app as api
+from overnight.dashboard.api_auth import NO_PERSONAL_DATA, Access, AuthCache, cached_auth
+from overnight.dashboard.store import DashboardView, StoreUnavailable, UnknownUser, parse_user_id, view_from_document
 
 SECRET = "k" * 64
 T0 = 1_800_000_000.0

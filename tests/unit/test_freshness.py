@@ -9,8 +9,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from overnight import freshness, sessions
-from overnight.markets import get_market
+from overnight.domain import freshness, sessions
+from overnight.domain.markets import get_market
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ecb_target_closing_days_2026_2027.txt"
 BERLIN = ZoneInfo("Europe/Berlin")

@@ -1,4 +1,4 @@
-"""Tests for overnight.loadgen against a small local HTTP server: framing, keep-alive, errors, latencies, bounds."""
+"""Tests for overnight.dev.loadgen against a small local HTTP server: framing, keep-alive, errors, latencies, bounds."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from overnight import loadgen
+from overnight.dev import loadgen
 
 # A body that looks like a response head: a client that does not consume bodies exactly misreads the next answer.
 TRICKY = b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n"

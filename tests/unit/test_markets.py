@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from overnight.markets import (
+from overnight.domain.markets import (
     DEFAULT_MARKETS_PATH,
     Market,
     MarketConfigError,

@@ -7,8 +7,8 @@ from decimal import Decimal as D
 
 import pytest
 
-from overnight import money
-from overnight.scoring import FundamentalsTable, compile_rules, parse_rules, score_many
+from overnight.domain import money
+from overnight.domain.scoring import FundamentalsTable, compile_rules, parse_rules, score_many
 
 
 @pytest.mark.parametrize(

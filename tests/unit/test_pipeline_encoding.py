@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from overnight import pipeline
+from overnight.night import pipeline
 
 
 def test_event_id_text_is_the_uuid5_of_the_event():

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from overnight import preflight, sessions
-from overnight.markets import Market
+from overnight.domain import sessions
+from overnight.domain.markets import Market
+from overnight.ops import preflight
 
 pytestmark = pytest.mark.filterwarnings("ignore:Series.values returning an ndarray")
 

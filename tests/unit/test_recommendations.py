@@ -6,8 +6,8 @@ from decimal import Decimal as D
 
 import pytest
 
-from overnight.money import split_largest_remainder
-from overnight.recommendations import AllocationError, Candidate, Target, recommend, validate_targets
+from overnight.domain.money import split_largest_remainder
+from overnight.domain.recommendations import AllocationError, Candidate, Target, recommend, validate_targets
 
 
 def cand(symbol: str, cls: str, score: str) -> Candidate:
@@ -110,7 +110,7 @@ def test_split_largest_remainder(total, exact, unit, expected):
 def test_recommend_on_the_shortlist_answers_as_on_every_candidate():
     import random
 
-    from overnight.recommendations import shortlist
+    from overnight.domain.recommendations import shortlist
 
     rng = random.Random(11)
     classes = ["Stocks", "Fixed income", "ETFs", "Real estate"]

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from overnight.scoring import CriteriaError, parse_rules, score_asset
+from overnight.domain.scoring import CriteriaError, parse_rules, score_asset
 
 RULES = [
     {"metric": "dividend_yield", "op": ">=", "value": "4", "points": "10"},
@@ -98,8 +98,8 @@ def _random_case(rng):
 def test_score_rows_gives_what_score_asset_gives():
     import random
 
-    from overnight.pipeline import _decimals
-    from overnight.scoring import FundamentalsTable, compile_rules, score_rows
+    from overnight.domain.scoring import FundamentalsTable, compile_rules, score_rows
+    from overnight.night.pipeline import _decimals
 
     rng = random.Random(7)
     checked = vectorised = 0
@@ -128,7 +128,7 @@ def test_score_rows_gives_what_score_asset_gives():
 
 
 def test_rules_with_more_digits_than_floats_hold_are_left_to_score_asset():
-    from overnight.scoring import FundamentalsTable, compile_rules, score_rows
+    from overnight.domain.scoring import FundamentalsTable, compile_rules, score_rows
 
     rules = parse_rules([{"metric": "roe", "op": ">", "value": "0.1000000000000000001", "points": "1"}])
     table = FundamentalsTable()
@@ -139,8 +139,8 @@ def test_rules_with_more_digits_than_floats_hold_are_left_to_score_asset():
 def test_score_many_scores_each_user_by_their_own_rules():
     import random
 
-    from overnight.pipeline import _decimals
-    from overnight.scoring import FundamentalsTable, compile_rules, score_many
+    from overnight.domain.scoring import FundamentalsTable, compile_rules, score_many
+    from overnight.night.pipeline import _decimals
 
     rng = random.Random(13)
     checked = reasoned = 0

@@ -1,4 +1,4 @@
-"""Tests for overnight.sessions: opens in UTC across DST/holidays/late opens, run times, user-to-market rule."""
+"""Tests for overnight.domain.sessions: opens in UTC across DST/holidays/late opens, run times, user-to-market rule."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import exchange_calendars
 import pytest
 
-from overnight import sessions
-from overnight.sessions import (
+from overnight.domain import sessions
+from overnight.domain.sessions import (
     calendar_horizon,
     earlier_markets,
     get_calendar,
@@ -43,7 +43,7 @@ def utc(*args: int) -> datetime:
 
 
 def independent_opens(code: str, start: date, end: date) -> dict[date, datetime]:
-    """Session opens straight from a fresh exchange_calendars calendar (not via overnight.sessions)."""
+    """Session opens straight from a fresh exchange_calendars calendar (not via overnight.domain.sessions)."""
     cal = exchange_calendars.get_calendar(code, start=start.isoformat(), end=end.isoformat())
     return {ts.date(): o.to_pydatetime() for ts, o in cal.schedule["open"].items()}
 
@@ -356,7 +356,7 @@ def test_session_table_serves_a_new_process_without_exchange_calendars(new_proce
     probe = f"""
 import json, sys
 from datetime import date
-from overnight import markets, sessions
+from overnight.domain import markets, sessions
 opens = {{c: sessions.session_open_utc(c, date(2026, 3, 9)).isoformat() for c in {sorted(expected)!r}}}
 tz = str(sessions.timezone("XTKS"))
 markets._check_code("XNYS")

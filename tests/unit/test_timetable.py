@@ -13,8 +13,8 @@ from airflow.exceptions import AirflowTimetableInvalid
 from airflow.timetables.base import DagRunInfo, DataInterval, TimeRestriction
 from airflow.utils.types import DagRunType
 
-from overnight import timetable as timetable_module
-from overnight.timetable import MarketSessionTimetable
+from overnight.night import timetable as timetable_module
+from overnight.night.timetable import MarketSessionTimetable
 
 pytestmark = pytest.mark.filterwarnings("ignore:Series.values returning an ndarray")
 
@@ -284,7 +284,7 @@ def test_dag_serialization_round_trip(monkeypatch: pytest.MonkeyPatch, fake_now)
     monkeypatch.setattr(
         plugins_manager,
         "get_timetables_plugins",
-        lambda: {"overnight.timetable.MarketSessionTimetable": MarketSessionTimetable},
+        lambda: {"overnight.night.timetable.MarketSessionTimetable": MarketSessionTimetable},
     )
     fake_now(utc(2026, 3, 9, 12))
     with DAG(
@@ -296,7 +296,7 @@ def test_dag_serialization_round_trip(monkeypatch: pytest.MonkeyPatch, fake_now)
         pass
     data = DagSerialization.to_dict(dag)
     assert data["dag"]["timetable"] == {
-        "__type": "overnight.timetable.MarketSessionTimetable",
+        "__type": "overnight.night.timetable.MarketSessionTimetable",
         "__var": {"market_code": "XNYS", "lead_seconds": 7200},
     }
     restored = DagSerialization.from_dict(data)

@@ -1,0 +1,55 @@
+"""Redis adapter: the recommendations cache (`recs:{userId}`, `portfolio:{userId}`, TTL 24 h)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+from overnight.adapters.connections import redis_url
+
+log = logging.getLogger(__name__)
+
+TTL_SECONDS = 24 * 3600
+RECS_PREFIX = "recs:"
+PORTFOLIO_PREFIX = "portfolio:"
+
+
+def connect(url: str | None = None, *, timeout_s: float = 2.0) -> redis.Redis:
+    """Returns a client for the `overnight_redis` connection (short timeouts: the cache is optional)."""
+    return redis.Redis.from_url(
+        url or redis_url(), socket_connect_timeout=timeout_s, socket_timeout=timeout_s, health_check_interval=30
+    )
+
+
+def recs_key(user_id: str) -> str:
+    """Returns the cache key of a user's recommendations."""
+    return f"{RECS_PREFIX}{user_id}"
+
+
+def portfolio_key(user_id: str) -> str:
+    """Returns the cache key of a user's portfolio summary."""
+    return f"{PORTFOLIO_PREFIX}{user_id}"
+
+
+def warm(client: redis.Redis, docs: Iterable[tuple[Any, ...]], chunk: int = 2000, ttl_s: int = TTL_SECONDS) -> int:
+    """Writes (user_id, recs JSON, portfolio JSON[, TTL]) with the item's TTL or `ttl_s` (default 24 h;
+    `OVERNIGHT_CACHE_TTL`, see docs/freshness.md) in pipelined chunks; returns users."""
+    n = 0
+    pipe = client.pipeline(transaction=False)
+    pending = 0
+    for item in docs:
+        user_id, recs_json, portfolio_json = item[0], item[1], item[2]
+        ttl = item[3] if len(item) > 3 else ttl_s
+        pipe.set(recs_key(user_id), recs_json, ex=ttl)
+        pipe.set(portfolio_key(user_id), portfolio_json, ex=ttl)
+        n += 1
+        pending += 1
+        if pending >= chunk:
+            pipe.execute()
+            pending = 0
+    if pending:
+        pipe.execute()
+    return n

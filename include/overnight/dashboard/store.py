@@ -1,0 +1,626 @@
+"""The dashboard's data access: recommendations (Redis first, Postgres fallback), job runs, the audit trail.
+
+Async and free of FastAPI so it can be tested on its own: `DashboardStore` owns a lazily created,
+bounded pool of `psycopg.AsyncConnection`s and a pipelined Redis GET client (`overnight.dashboard.redis_get`)
+whose calls are bounded at ~200 ms (~100 ms to connect). Redis is optional: any Redis error or
+timeout falls back to the `recommendations` table. A late reply costs only its request; when Redis
+refuses, breaks or stays silent for 1 s it is skipped for a few seconds, so an outage costs about a
+second of timeouts, not one per request. All SQL is parameterised; nothing a caller passes is ever
+formatted into a statement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg.pq import TransactionStatus
+
+from overnight.adapters import cache
+from overnight.domain import freshness
+
+log = logging.getLogger(__name__)
+_decode_json = msgspec.json.Decoder().decode  # as json.loads, ~3x faster
+
+STALE_AFTER = timedelta(hours=24)
+REDIS_TIMEOUT_S = 0.1
+REDIS_RETRY_AFTER_S = 5.0
+REDIS_SILENT_S = 1.0  # a call times out and Redis has said nothing for this long: it is down, not late
+PG_POOL_SIZE = 8
+PG_ACQUIRE_TIMEOUT_S = 2.0  # waiting longer than this for a pooled connection: 503 at once, not a pile-up
+PG_CONNECT_TIMEOUT_S = 5
+PG_STATEMENT_TIMEOUT_MS = 10_000
+JOB_STATUSES = ("started", "completed", "partial", "failed")
+MAX_LIMIT = 500
+HISTORY_PER_MARKET = 30
+
+
+class InvalidUserId(ValueError):
+    """The user id is not a UUID."""
+
+
+class UnknownUser(LookupError):
+    """Neither the users table nor any recommendations know this user id."""
+
+
+class StoreUnavailable(RuntimeError):
+    """Postgres cannot be reached or answered with an error; the message says which and what to check."""
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def parse_user_id(raw: str) -> str:
+    """Returns the canonical UUID string of `raw`; raises InvalidUserId when it is not a UUID."""
+    if type(raw) is str and _CANONICAL_UUID.fullmatch(raw):  # already canonical: as uuid.UUID would write it
+        return raw
+    try:
+        return str(uuid.UUID(str(raw)))
+    except (ValueError, AttributeError, TypeError):
+        raise InvalidUserId(f"user id {str(raw)[:80]!r} is not a UUID (e.g. 3f2b1c9e-...-...)") from None
+
+
+def parse_time(value: Any) -> datetime | None:
+    """Returns an aware UTC datetime from an ISO string or datetime (naive ones taken as UTC); None if unusable."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        dt = value
+    else:
+        try:
+            dt = datetime.fromisoformat(str(value))
+        except ValueError:
+            return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+OVERDUE = "overdue"  # past its deadline; the store says why (run failed, missing, unfinished, user not updated)
+
+
+@functools.lru_cache(maxsize=64)
+def _lead(code: str) -> timedelta | None:
+    """The lead of a market in markets.yaml, None when it is not listed (its documents use the 24 h rule)."""
+    from overnight.domain.markets import get_market
+
+    try:
+        return get_market(code).lead
+    except (LookupError, ValueError):
+        return None
+
+
+def _grace() -> timedelta:
+    """The grace period setting; a bad value is logged and the default used (a request never fails on it)."""
+    try:
+        return freshness.grace()
+    except freshness.FreshnessConfigError as exc:
+        log.warning("dashboard: %s; using %s", exc, freshness.DEFAULT_GRACE)
+        return freshness.DEFAULT_GRACE
+
+
+def _deadline(market: Any, session_date: Any, generated_at: datetime | None) -> tuple[datetime | None, bool]:
+    """(`fresh_until`, whether it comes from the market's calendar)."""
+    if type(market) is str and type(session_date) is str:
+        lead = _lead(market)
+        if lead is not None:
+            try:
+                return freshness.document_deadline(market, lead, date.fromisoformat(session_date),
+                                                   _grace()), True
+            except ValueError as exc:  # not a session, outside the calendar's data: the 24 h rule
+                log.warning("dashboard: %s session %s: %s; judging its documents by age", market, session_date, exc)
+    return (generated_at + STALE_AFTER if generated_at is not None else None), False
+
+
+def fresh_until(market: Any, session_date: Any, generated_at: datetime | None) -> datetime | None:
+    """Until when a document is fresh (docs/freshness.md): its market's next session's run + the grace period;
+    24 h after `generated_at` for a document without a known market and session."""
+    return _deadline(market, session_date, generated_at)[0]
+
+
+def staleness(generated_at: datetime | None, rates_stale: bool, market: Any = None, session_date: Any = None,
+              now: datetime | None = None) -> str | None:
+    """Why a document is stale, None when fresh: `rates_stale`, `unknown_age`, `expired` (no market, over 24 h)
+    or OVERDUE (its market's next run + grace has passed; `DashboardStore.overdue_reason` says why)."""
+    if generated_at is None:
+        return freshness.UNKNOWN_AGE
+    if rates_stale:
+        return freshness.RATES_STALE
+    until, from_calendar = _deadline(market, session_date, generated_at)
+    if until is None or (now or datetime.now(UTC)) <= until:
+        return None
+    return OVERDUE if from_calendar else freshness.EXPIRED
+
+
+def is_stale(generated_at: datetime | None, rates_stale: bool, now: datetime | None = None,
+             market: Any = None, session_date: Any = None) -> bool:
+    """Returns True when a document is stale by `staleness`."""
+    return staleness(generated_at, rates_stale, market, session_date, now) is not None
+
+
+@dataclass(frozen=True)
+class DashboardView:
+    """What the dashboard shows for one user; `recommendations` are the document's items, unchanged."""
+
+    user_id: str
+    recommendations: list[dict[str, Any]]
+    total_investable: str | None
+    base_currency: str | None
+    data_freshness: dict[str, Any] | None
+    from_cache: bool
+    stale: bool
+    correlation_id: str | None = None
+    portfolio_summary: dict[str, Any] | None = None
+    unallocated: dict[str, Any] | None = None
+    unpriced_holdings: list[dict[str, Any]] | None = None
+    stale_reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Returns the API's camelCase `data` object."""
+        return {
+            "userId": self.user_id,
+            "recommendations": self.recommendations,
+            "totalInvestable": self.total_investable,
+            "baseCurrency": self.base_currency,
+            "dataFreshness": self.data_freshness,
+            "fromCache": self.from_cache,
+            "stale": self.stale,
+            "correlationId": self.correlation_id,
+            "portfolioSummary": self.portfolio_summary,
+            "unallocated": self.unallocated,
+            "unpricedHoldings": self.unpriced_holdings,
+            "staleReason": self.stale_reason,
+        }
+
+
+def view_from_document(
+    user_id: str, doc: dict[str, Any], *, from_cache: bool, base_currency: str | None = None,
+    now: datetime | None = None,
+) -> DashboardView:
+    """Builds the view of a `CachedRecommendations` document (from Redis or the recommendations row).
+
+    `dataFreshness` is the document's own object (pricesAsOf, ratesAsOf, criteriaVersion) with the
+    document's `generatedAt` added, so the client sees both when it was built and on what inputs.
+    """
+    generated = parse_time(doc.get("generatedAt"))
+    freshness = dict(doc.get("dataFreshness") or {})
+    freshness["generatedAt"] = generated.isoformat() if generated else doc.get("generatedAt")
+    summary = doc.get("portfolioSummary") or None
+    recs = doc.get("recommendations")
+    if not isinstance(recs, list):
+        raise ValueError(f"recommendations document of user {user_id}: 'recommendations' is not a list")
+    base = (summary or {}).get("baseCurrency") or base_currency
+    if base is None and recs:
+        base = recs[0].get("currency")
+    reason = staleness(generated, bool(doc.get("ratesStale")), doc.get("market"), doc.get("sessionDate"), now)
+    return DashboardView(
+        user_id=user_id,
+        recommendations=recs,
+        total_investable=doc.get("totalInvestable"),
+        base_currency=base.strip() if isinstance(base, str) else base,
+        data_freshness=freshness,
+        from_cache=from_cache,
+        stale=reason is not None,
+        correlation_id=doc.get("correlationId"),
+        portfolio_summary=summary,
+        unallocated=doc.get("unallocated"),
+        unpriced_holdings=doc.get("unpricedHoldings"),
+        stale_reason=reason,
+    )
+
+
+def _iso(v: Any) -> Any:
+    if isinstance(v, datetime | date):
+        return v.isoformat()
+    if isinstance(v, uuid.UUID):
+        return str(v)
+    return v
+
+
+# --------------------------------------------------------------------------- Postgres pool
+
+
+class AsyncPgPool:
+    """A small bounded pool of autocommit `psycopg.AsyncConnection`s, opened on first use.
+
+    (psycopg_pool is not among the pinned requirements; this is the part of it the dashboard needs.)
+    """
+
+    def __init__(self, dsn: str, max_size: int = PG_POOL_SIZE, acquire_timeout_s: float = PG_ACQUIRE_TIMEOUT_S
+                 ) -> None:
+        self._dsn = dsn
+        self._sem = asyncio.Semaphore(max_size)
+        self.max_size, self.acquire_timeout_s = max_size, acquire_timeout_s
+        self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self._closed = False
+
+    async def _open(self) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(
+            self._dsn, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT_S,
+            application_name="overnight-dashboard", options=f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}",
+        )
+
+    @contextlib.asynccontextmanager
+    async def connection(self, *, fresh: bool = False) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Lends a connection; returns it to the pool when it is still healthy and idle."""
+        if self._closed:
+            raise StoreUnavailable("the dashboard's Postgres pool is closed")
+        try:
+            async with asyncio.timeout(self.acquire_timeout_s):
+                await self._sem.acquire()
+        except TimeoutError:
+            raise StoreUnavailable(f"all {self.max_size} connections of the dashboard's Postgres pool stayed busy "
+                                   f"for {self.acquire_timeout_s:g} s") from None
+        try:
+            conn = None
+            while self._idle and not fresh:
+                candidate = self._idle.pop()
+                if not candidate.closed:
+                    conn = candidate
+                    break
+            if conn is None:
+                conn = await self._open()
+            ok = False
+            try:
+                yield conn
+                ok = True
+            finally:
+                if ok and not self._closed and not conn.closed and (
+                        conn.info.transaction_status == TransactionStatus.IDLE):
+                    self._idle.append(conn)
+                else:
+                    await conn.close()
+        finally:
+            self._sem.release()
+
+    async def fetch(self, sql: str, params: dict[str, Any] | tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Runs one parameterised query; retries once on a fresh connection if a pooled one went away. A query
+        Postgres cancelled (statement timeout, an operator's cancel) is not run again."""
+        for attempt in (1, 2):
+            try:
+                async with self.connection(fresh=attempt == 2) as conn:
+                    cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+                    return await cur.fetchall()
+            except psycopg.errors.QueryCanceled as exc:
+                raise StoreUnavailable(f"Postgres (overnight_postgres) cancelled the query: {exc}".strip()) from exc
+            except psycopg.OperationalError as exc:
+                if attempt == 2:
+                    raise StoreUnavailable(f"Postgres (overnight_postgres) is unavailable: {exc}".strip()) from exc
+                log.info("dashboard: Postgres connection failed, retrying on a fresh one: %s", exc)
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        """Closes the idle connections; connections on loan close when returned."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def _redacted(url: str | None, conn_type: str) -> str:
+    """A DSN or URL for a repr: password masked; 'unresolved' before first use."""
+    if url is None:
+        return "unresolved"
+    if not url:
+        return "none"
+    from overnight.adapters.connections import ConnectionNotConfigured, parse_connection
+
+    try:
+        return parse_connection(f"overnight_{conn_type}", url).redacted()
+    except (ConnectionNotConfigured, ValueError):
+        return "<unparsable, hidden>"
+
+
+@dataclass
+class DashboardStore:
+    """The dashboard's reads. Connections are resolved and pools created on first use, not per request."""
+
+    pg_dsn: str | None = field(default=None, repr=False)  # may hold a password: see __repr__
+    redis_url: str | None = field(default=None, repr=False)
+    redis_timeout_s: float = REDIS_TIMEOUT_S
+    pg_pool_size: int = PG_POOL_SIZE
+    _pg: AsyncPgPool | None = field(default=None, init=False, repr=False)
+    _redis: Any = field(default=None, init=False, repr=False)
+    _redis_skip_until: float = field(default=0.0, init=False, repr=False)
+    _lock: asyncio.Lock | None = field(default=None, init=False, repr=False)
+
+    def __repr__(self) -> str:
+        return (f"DashboardStore(pg={_redacted(self.pg_dsn, 'postgres')}, redis={_redacted(self.redis_url, 'redis')}, "
+                f"redis_timeout_s={self.redis_timeout_s}, pg_pool_size={self.pg_pool_size})")
+
+    async def _ensure(self) -> None:
+        if self._pg is not None:
+            return
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._pg is not None:
+                return
+            if self.pg_dsn is None or self.redis_url is None:
+                from overnight.adapters import connections
+
+                # Resolving a connection may ask Airflow's secrets backends: keep it off the event loop.
+                if self.pg_dsn is None:
+                    self.pg_dsn = await asyncio.to_thread(connections.postgres_dsn)
+                if self.redis_url is None:
+                    try:
+                        self.redis_url = await asyncio.to_thread(connections.redis_url)
+                    except connections.ConnectionNotConfigured as exc:
+                        log.warning("dashboard: no Redis (%s); serving from Postgres only", exc)
+                        self.redis_url = ""
+            if self.redis_url:
+                from overnight.dashboard.redis_get import RedisGet
+
+                self._redis = RedisGet(self.redis_url, connect_timeout_s=self.redis_timeout_s)
+            self._pg = AsyncPgPool(self.pg_dsn, self.pg_pool_size)
+
+    async def _pool(self) -> AsyncPgPool:
+        await self._ensure()
+        assert self._pg is not None
+        return self._pg
+
+    async def aclose(self) -> None:
+        """Closes the pools (the app's shutdown)."""
+        if self._pg is not None:
+            await self._pg.close()
+            self._pg = None
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+            self._redis = None
+
+    # ---------------------------------------------------------------- recommendations
+
+    async def cached_raw(self, user_id: str) -> bytes | None:
+        """Returns the cached document's bytes, or None on a miss, a Redis error or a timeout."""
+        await self._ensure()
+        if self._redis is None or time.monotonic() < self._redis_skip_until:
+            return None
+        try:
+            async with asyncio.timeout(self.redis_timeout_s * 2):
+                return await self._redis.get(cache.recs_key(user_id))  # type: ignore[no-any-return]
+        except TimeoutError:
+            if self._redis.silent_for() < REDIS_SILENT_S:
+                # Late, not lost: this process or the whole machine stalled (seen: 240 ms on a busy 2-core
+                # machine). Postgres answers this call; skipping Redis for 5 s would turn a stall into 5 s
+                # of slower answers. The late reply is read and dropped.
+                log.warning("dashboard: a Redis reply took over %.0f ms; this request is answered from Postgres",
+                            self.redis_timeout_s * 2000)
+                return None
+            self._redis_failed(TimeoutError(f"no reply, Redis silent for {self._redis.silent_for():.1f} s"))
+        except Exception as exc:  # noqa: BLE001 - the cache is optional: any failure means "ask Postgres"
+            self._redis_failed(exc)
+        return None
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        """Redis refused, broke or fell silent: drop the connection and use Postgres alone for a while."""
+        self._redis.abort()  # a hung connection is not kept: the next try opens a new one
+        self._redis_skip_until = time.monotonic() + REDIS_RETRY_AFTER_S
+        log.warning("dashboard: Redis unavailable (%s: %s); using Postgres for %.0f s",
+                    type(exc).__name__, exc, REDIS_RETRY_AFTER_S)
+
+    async def _cached(self, user_id: str) -> dict[str, Any] | None:
+        """Returns the cached document, or None on a miss, a Redis error, a timeout or an unusable value."""
+        raw = await self.cached_raw(user_id)
+        if raw is None:
+            return None
+        try:
+            doc = _decode_json(raw)
+        except msgspec.DecodeError:
+            log.warning("dashboard: cache key %s holds invalid JSON; using Postgres", cache.recs_key(user_id))
+            return None
+        return doc if isinstance(doc, dict) and isinstance(doc.get("recommendations"), list) else None
+
+    async def dashboard(self, user_id: str, now: datetime | None = None, *, ask_cache: bool = True) -> DashboardView:
+        """Returns a user's recommendations: Redis `recs:{id}` first (unless not `ask_cache`: the caller just
+        did), else the `recommendations` row.
+
+        A user known to the users table but not calculated yet gets an empty, stale view; an id that
+        neither table knows raises UnknownUser; a malformed id raises InvalidUserId.
+        """
+        uid = parse_user_id(user_id)
+        await self._ensure()
+        doc = await self._cached(uid) if ask_cache else None
+        if doc is not None:
+            return await self._explained(view_from_document(uid, doc, from_cache=True, now=now), doc)
+        rows = await (await self._pool()).fetch(
+            "SELECT r.document, u.base_currency, u.id IS NOT NULL FROM (SELECT %(id)s::uuid AS id) q"
+            " LEFT JOIN recommendations r ON r.user_id = q.id LEFT JOIN users u ON u.id = q.id",
+            {"id": uid},
+        )
+        document, base_currency, known = rows[0]
+        if document is not None:
+            return await self._explained(
+                view_from_document(uid, document, from_cache=False, base_currency=base_currency, now=now), document)
+        if not known:
+            raise UnknownUser(f"user {uid} is not in the users table and has no recommendations")
+        return DashboardView(uid, [], None, base_currency.strip() if base_currency else None, None,
+                             from_cache=False, stale=True, stale_reason=freshness.NOT_CALCULATED)
+
+    async def _explained(self, view: DashboardView, doc: dict[str, Any]) -> DashboardView:
+        """The view with an overdue document's reason found: what happened to its market's next run."""
+        if view.stale_reason != OVERDUE:
+            return view
+        reason = await self.overdue_reason(doc["market"], doc["sessionDate"])
+        return dataclasses.replace(view, stale_reason=reason)
+
+    async def overdue_reason(self, market: str, session_date: str) -> str:
+        """Why a document of `market`'s `session_date` session was not replaced in time: the next session's
+        job run failed, is missing, has not finished, or finished without this user's document."""
+        lead = _lead(market) or timedelta(0)
+        nxt = freshness.next_session(market, lead, date.fromisoformat(session_date))
+        rows = await (await self._pool()).fetch(
+            "SELECT status FROM overnight_job_runs WHERE market = %(m)s AND session_date = %(d)s"
+            " ORDER BY started_at DESC LIMIT 1", {"m": market, "d": nxt})
+        if not rows:
+            return freshness.RUN_MISSING
+        status = rows[0][0]
+        if status == "failed":
+            return freshness.RUN_FAILED
+        if status == "started":
+            return freshness.RUN_UNFINISHED
+        return freshness.USER_NOT_UPDATED
+
+    # ---------------------------------------------------------------- job runs
+
+    async def job_runs(
+        self, *, market: str | None = None, status: str | None = None, limit: int = 50,
+        now: datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        """Returns the newest `overnight_job_runs` rows (optionally of one market / status), newest first."""
+        if status is not None and status not in JOB_STATUSES:
+            raise ValueError(f"status {status!r} is not one of {', '.join(JOB_STATUSES)}")
+        limit = max(1, min(int(limit), MAX_LIMIT))
+        where: list[str] = []
+        params: dict[str, Any] = {"limit": limit}
+        if market is not None:
+            where.append("market = %(market)s")
+            params["market"] = market
+        if status is not None:
+            where.append("status = %(status)s")
+            params["status"] = status
+        sql = (_JOB_RUN_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY started_at DESC LIMIT %(limit)s")
+        rows = await (await self._pool()).fetch(sql, params)
+        return [_job_run(r, now) for r in rows]
+
+    async def market_history(self, per_market: int = HISTORY_PER_MARKET,
+                             now: datetime | None = None) -> dict[str, list[dict[str, Any]]]:
+        """Returns each market's last `per_market` job runs, oldest first (the page's table and chart)."""
+        rows = await (await self._pool()).fetch(
+            "SELECT * FROM (" + _JOB_RUN_SELECT.replace(
+                "FROM overnight_job_runs",
+                ", row_number() OVER (PARTITION BY market ORDER BY started_at DESC) AS rn FROM overnight_job_runs")
+            + ") t WHERE rn <= %(n)s ORDER BY market, started_at",
+            {"n": max(1, min(per_market, MAX_LIMIT))},
+        )
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            run = _job_run(r[:-1], now)
+            out.setdefault(run["market"], []).append(run)
+        return out
+
+    # ---------------------------------------------------------------- audit
+
+    async def replay(self, correlation_id: str, user_id: str) -> dict[str, Any]:
+        """Replays a user's calculation (`overnight.night.replay`) on a read-only connection of its own, off the event
+        loop; returns the result's JSON. Raises replay.UnknownCalculation, replay.IncompleteCalculation,
+        StoreUnavailable."""
+        uid = parse_user_id(user_id)
+        await self._ensure()
+        dsn = self.pg_dsn
+        assert dsn is not None
+
+        def run() -> dict[str, Any]:
+            from overnight.night import replay
+
+            with psycopg.connect(dsn, connect_timeout=PG_CONNECT_TIMEOUT_S, application_name="overnight-replay",
+                                 options=f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}") as conn:
+                conn.read_only = True
+                return replay.replay_user(conn, correlation_id, uid).to_json()
+
+        try:
+            return await asyncio.to_thread(run)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"Postgres (overnight_postgres) is unavailable: {exc}".strip()) from exc
+
+    async def asset_events(
+        self, symbol: str, *, limit: int = 50, before: datetime | None = None, before_id: str | None = None,
+    ) -> tuple[list[dict[str, Any]], dict[str, str] | None]:
+        """Returns the calculation events that scored `symbol`, newest first, and the next page's cursor.
+
+        Keyset pagination on (created_at, event_id): pass the returned `before` (and `beforeId`) back.
+        """
+        limit = max(1, min(int(limit), MAX_LIMIT))
+        params: dict[str, Any] = {"symbol": symbol, "limit": limit + 1}
+        cond = ""
+        if before is not None:
+            params["before"] = parse_time(before)
+            if before_id is not None:
+                params["before_id"] = str(uuid.UUID(before_id))
+                cond = " AND (e.created_at, e.event_id) < (%(before)s, %(before_id)s::uuid)"
+            else:
+                cond = " AND e.created_at < %(before)s"
+        rows = await (await self._pool()).fetch(
+            "SELECT e.event_id, e.event_type, e.user_id, e.correlation_id, e.created_at,"
+            " e.payload -> 'scores' ->> %(symbol)s, j.id, j.market, j.session_date, j.status"
+            " FROM calculation_events e LEFT JOIN overnight_job_runs j ON j.correlation_id = e.correlation_id"
+            " WHERE e.symbols @> ARRAY[%(symbol)s]::text[]" + cond
+            + " ORDER BY e.created_at DESC, e.event_id DESC LIMIT %(limit)s",
+            params,
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        events = [
+            {
+                "eventId": str(r[0]), "eventType": r[1], "userId": str(r[2]), "correlationId": str(r[3]),
+                "createdAt": r[4].isoformat(), "symbol": symbol, "score": r[5],
+                "jobRun": None if r[6] is None else {
+                    "id": str(r[6]), "market": r[7], "sessionDate": _iso(r[8]), "status": r[9]},
+            }
+            for r in rows
+        ]
+        cursor = {"before": events[-1]["createdAt"], "beforeId": events[-1]["eventId"]} if more and events else None
+        return events, cursor
+
+
+_JOB_RUN_SELECT = (
+    "SELECT id, job_type, market, session_date, status, started_at, completed_at, users_processed,"
+    " users_failed, correlation_id, dag_run_id, metrics ->> 'rates_stale', metrics ->> 'rates_as_of',"
+    " metrics ->> 'cache_status', metrics ->> 'users_total', metrics -> 'rates_missing',"
+    " metrics ->> 'stale_prices' FROM overnight_job_runs"
+)
+
+
+def _job_run(r: tuple[Any, ...], now: datetime | None) -> dict[str, Any]:
+    """Shapes one `_JOB_RUN_SELECT` row: counts, duration and freshness: stale (with `staleReason`) when built
+    on stale rates, failed, unfinished, or its market's next run + grace has passed (docs/freshness.md)."""
+    now = now or datetime.now(UTC)
+    started, completed = r[5], r[6]
+    rates_stale = (r[11] or "").lower() == "true"
+    age = (now - completed).total_seconds() if completed else None
+    until = fresh_until(r[2], _iso(r[3]), completed)
+    reason = (freshness.RATES_STALE if rates_stale
+              else freshness.RUN_FAILED if r[4] == "failed"
+              else freshness.RUN_UNFINISHED if completed is None
+              else freshness.NEXT_RUN_DUE if until is not None and now > until else None)
+    return {
+        "id": str(r[0]),
+        "jobType": r[1],
+        "market": r[2],
+        "sessionDate": _iso(r[3]),
+        "status": r[4],
+        "startedAt": _iso(started),
+        "completedAt": _iso(completed),
+        "durationSeconds": round((completed - started).total_seconds(), 3) if completed else None,
+        "usersProcessed": r[7],
+        "usersFailed": r[8],
+        "usersTotal": int(r[14]) if r[14] is not None else None,
+        "correlationId": str(r[9]),
+        "dagRunId": r[10],
+        "ratesStale": rates_stale,
+        "ratesAsOf": r[12],
+        "cacheStatus": r[13],
+        "ageSeconds": round(age, 1) if age is not None else None,
+        "stale": reason is not None,
+        "staleReason": reason,
+        "ratesMissing": list(r[15] or []),
+        "stalePrices": int(r[16]) if r[16] is not None else 0,
+    }

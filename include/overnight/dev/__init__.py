@@ -1,0 +1,4 @@
+"""Developer tooling (benchmark, load generator, dev environment, seeding, `make run`).
+
+Left out of the production image (.dockerignore): production code never imports it (pyproject.toml).
+"""

@@ -1,0 +1,221 @@
+"""Recommendations: the allocation policy of `docs/allocation.md`, buy-only and never past a class's maximum.
+
+A contribution fills the classes below their minimum, then toward their midpoint, then up to their
+maximum, each step in proportion to how far each class is from its mark; what no class can take stays
+unallocated, with the reason. A class's money goes equally to its three best-scored candidates above the
+score floor. Amounts are in the currency's minor unit, rounded down, remainder by largest remainder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from decimal import ROUND_DOWN, Decimal
+from operator import attrgetter
+from typing import TypeVar
+
+from overnight.domain.money import split_largest_remainder
+
+ALLOCATION_POLICY = 2  # bump whenever a rule of docs/allocation.md changes (the audit trail records it)
+CENT = Decimal("0.01")
+HUNDRED = Decimal(100)
+PER_CLASS = 3  # how many of a class's best-scored assets share its money
+DEFAULT_SCORE_FLOOR = Decimal(0)  # an asset scored at or below the floor is never bought
+_RANK = attrgetter("rank")
+_ZERO = Decimal(0)
+T = TypeVar("T")
+
+
+class AllocationError(ValueError):
+    """Allocation targets are unusable (e.g. minimums above 100 %); the message says which."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A class's allocation target range, in percent of the portfolio."""
+
+    class_name: str
+    min_pct: Decimal
+    max_pct: Decimal
+
+    @property
+    def mid_pct(self) -> Decimal:
+        """The middle of the range."""
+        return (self.min_pct + self.max_pct) / 2
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A scored asset the contribution may buy (`rank`: best score first, then symbol)."""
+
+    asset_id: int
+    symbol: str
+    class_name: str
+    score: Decimal
+    criteria_count: int
+    top_contributor: str
+    rank: tuple[Decimal, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.rank = (-self.score, self.symbol)
+
+
+@dataclass(slots=True)
+class Recommendation:
+    """Buy `amount` (base currency) of an asset; the gaps are its class's, in points (docs/allocation.md)."""
+
+    candidate: Candidate
+    amount: Decimal
+    allocation_gap: Decimal
+    allocation_gap_after: Decimal
+
+
+@dataclass(frozen=True)
+class Unallocated:
+    """Money the policy did not place: `amount` (base currency), `reason` (a code) and a `message`."""
+
+    amount: Decimal
+    reason: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What `recommend` decided: the buys (largest first) and what stays unallocated."""
+
+    recommendations: list[Recommendation]
+    unallocated: Unallocated
+
+
+def shortlist(ranked: Iterable[T], class_of: Callable[[T], str]) -> list[T]:
+    """Of items sorted best first, each class's best PER_CLASS: all that `recommend` can pick."""
+    out: list[T] = []
+    per_class: dict[str, int] = {}
+    for item in ranked:
+        name = class_of(item)
+        seen = per_class.get(name, 0)
+        if seen < PER_CLASS:
+            out.append(item)
+        per_class[name] = seen + 1
+    return out
+
+
+def validate_targets(targets: list[Target]) -> None:
+    """Raises AllocationError for targets no portfolio can meet."""
+    for t in targets:
+        if t.min_pct < 0 or t.max_pct > HUNDRED or t.min_pct > t.max_pct:
+            raise AllocationError(
+                f"allocation target '{t.class_name}': range {t.min_pct}-{t.max_pct}% is not within 0-100"
+            )
+    total_min = sum((t.min_pct for t in targets), Decimal(0))
+    if total_min > HUNDRED:
+        raise AllocationError(f"allocation targets: minimums add up to {total_min}% (more than 100%)")
+
+
+def _fill_classes(
+    contribution: Decimal, values: dict[str, Decimal], pool: list[Target], total_after: Decimal
+) -> tuple[dict[str, Decimal], Decimal]:
+    """Steps 1-3 of the policy: returns (exact money per class, money left that no class can take)."""
+    alloc = {t.class_name: _ZERO for t in pool}
+    remaining = contribution
+    marks: tuple[Callable[[Target], Decimal], ...] = (
+        attrgetter("min_pct"), attrgetter("mid_pct"), attrgetter("max_pct"))
+    for mark in marks:
+        if remaining <= 0:
+            break
+        need = {}
+        for t in pool:
+            short = mark(t) * total_after / HUNDRED - values.get(t.class_name, _ZERO) - alloc[t.class_name]
+            if short > 0:
+                need[t.class_name] = short
+        total_need = sum(need.values(), _ZERO)
+        if total_need <= 0:
+            continue
+        if total_need >= remaining:  # not enough for every class: in proportion to how far each is
+            for name, short in need.items():
+                alloc[name] += remaining * short / total_need
+            remaining = _ZERO
+        else:
+            for name, short in need.items():
+                alloc[name] += short
+            remaining -= total_need
+    return alloc, remaining
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(sorted(names))
+
+
+def recommend(
+    contribution: Decimal,
+    values: dict[str, Decimal],
+    targets: list[Target],
+    candidates: list[Candidate],
+    *,
+    unit: Decimal = CENT,
+    score_floor: Decimal = DEFAULT_SCORE_FLOOR,
+    check_targets: bool = True,
+) -> Allocation:
+    """Places `contribution` (a multiple of `unit`, the base currency's minor unit) by docs/allocation.md.
+
+    `values` is the valued holdings per class in the base currency (untargeted classes included: they
+    count in the portfolio's total). Amounts are multiples of `unit`, none negative, and they add up with
+    the unallocated amount to the contribution exactly.
+    """
+    if check_targets:  # callers that validated already (the pipeline, per user) skip the second check
+        validate_targets(targets)
+    if contribution <= 0:
+        return Allocation([], Unallocated(_ZERO, "no_contribution", "the contribution is zero"))
+    if not targets:
+        return Allocation([], Unallocated(contribution, "no_targets",
+                                          "no allocation targets: set targets to get recommendations"))
+    targeted = {t.class_name for t in targets}
+    by_class: dict[str, list[Candidate]] = {}
+    for c in sorted(candidates, key=_RANK):
+        if c.score > score_floor and c.class_name in targeted:
+            by_class.setdefault(c.class_name, []).append(c)
+    if not by_class:
+        return Allocation([], Unallocated(contribution, "no_candidates",
+                                          f"no asset of a targeted class is scored above {score_floor}"))
+    total_before = sum(values.values(), _ZERO)
+    total_after = total_before + contribution
+    pool = [t for t in targets if t.class_name in by_class]
+    class_money, left = _fill_classes(contribution, values, pool, total_after)
+    invest = (contribution - left).quantize(unit, rounding=ROUND_DOWN)
+    exact: dict[str, Decimal] = {}
+    for name, money in class_money.items():
+        picks = by_class[name][:PER_CLASS]
+        for c in picks:
+            exact[c.symbol] = money / len(picks)
+    amounts = split_largest_remainder(invest, exact, unit)
+
+    mids = {t.class_name: t.mid_pct for t in targets}
+    bought: dict[str, Decimal] = {}
+    picked = {c.symbol: c for picks in by_class.values() for c in picks[:PER_CLASS]}
+    for symbol, amount in amounts.items():
+        name = picked[symbol].class_name
+        bought[name] = bought.get(name, _ZERO) + amount
+
+    def gap(name: str, added: Decimal) -> Decimal:
+        held = values.get(name, _ZERO) + added
+        share = held * HUNDRED / total_after if total_after else _ZERO
+        return (mids[name] - share).quantize(CENT)
+
+    recs = [
+        Recommendation(picked[s], amt, gap(picked[s].class_name, _ZERO), gap(picked[s].class_name,
+                                                                              bought[picked[s].class_name]))
+        for s, amt in amounts.items()
+        if amt > 0
+    ]
+    recs.sort(key=lambda r: (-r.amount, r.candidate.symbol))
+    rest = contribution - invest
+    if rest <= 0:
+        return Allocation(recs, Unallocated(_ZERO))
+    if left > 0:
+        without = {t.class_name for t in targets if t.class_name not in by_class
+                   and values.get(t.class_name, _ZERO) * HUNDRED < t.min_pct * total_after}
+        message = f"{_names(by_class)} reached the maximum of their target range"
+        if without:
+            message += f"; {_names(without)} below the minimum but with no asset scored above {score_floor}"
+        return Allocation(recs, Unallocated(rest, "targets_full", message))
+    return Allocation(recs, Unallocated(rest, "rounding", "less than one minor unit was left from rounding"))

@@ -1,0 +1,330 @@
+"""What each task of a market DAG does, given plain values: parameters, connections, providers.
+
+No Airflow import: the DAG factory passes in what it read from the task context.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from overnight.adapters import db
+from overnight.adapters.connections import ConnectionNotConfigured, get_connection
+from overnight.adapters.providers.base import PriceProvider, RatesProvider, RatesSnapshot
+from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.domain import freshness, money, sessions
+from overnight.domain.markets import Market
+from overnight.domain.recommendations import DEFAULT_SCORE_FLOOR
+from overnight.night import pipeline, telemetry
+
+log = logging.getLogger(__name__)
+
+RATES_CONN_ID = "overnight_rates_http"
+PRICES_CONN_ID = "overnight_prices_http"
+PARAM_NAMES = ("session_date", "user_ids", "batch_size", "contribution", "force")
+_AMOUNT = re.compile(r"^\d{1,12}(\.\d{1,4})?$")
+SCORE_FLOOR_ENV = "OVERNIGHT_SCORE_FLOOR"
+CONTRIBUTION_EXAMPLE = '{"amount": "1500", "currency": "USD"}'
+
+
+class ParamError(ValueError):
+    """The run's parameters are unusable; the message lists each problem and what to pass."""
+
+
+@dataclass(frozen=True)
+class RunParams:
+    """A run's validated parameters."""
+
+    session_date: date
+    user_ids: tuple[str, ...] | None
+    batch_size: int
+    contribution: pipeline.Contribution | None
+    force: bool
+
+    def to_xcom(self) -> dict[str, Any]:
+        """Returns a small JSON-able dict."""
+        return {
+            "session_date": self.session_date.isoformat(),
+            "user_ids": list(self.user_ids) if self.user_ids is not None else None,
+            "batch_size": self.batch_size,
+            "contribution": self.contribution.to_json() if self.contribution is not None else None,
+            "force": self.force,
+        }
+
+    @classmethod
+    def from_xcom(cls, data: dict[str, Any]) -> RunParams:
+        """Inverse of `to_xcom`."""
+        ids = data.get("user_ids")
+        c = data.get("contribution")
+        return cls(date.fromisoformat(data["session_date"]), tuple(ids) if ids is not None else None,
+                   int(data["batch_size"]), pipeline.Contribution(Decimal(c["amount"]), c["currency"]) if c else None,
+                   bool(data["force"]))
+
+
+def validate_params(
+    market: Market, params: dict[str, Any], conf: dict[str, Any], *, interval_end: datetime | None,
+    run_after: datetime | None,
+) -> RunParams:
+    """Checks a run's params and --conf; raises ParamError naming every problem, before anything is written."""
+    problems: list[str] = []
+    unknown = sorted(set(conf) - set(PARAM_NAMES))
+    if unknown:
+        problems.append(f"unknown --conf keys {unknown}; known: {list(PARAM_NAMES)}")
+    merged = {**params, **{k: v for k, v in conf.items() if k in PARAM_NAMES}}
+    session: date | None = None
+    raw_date = merged.get("session_date")
+    if raw_date not in (None, ""):
+        try:
+            session = sessions.validate_session_date(market.code, str(raw_date))
+        except ValueError as exc:
+            problems.append(f"session_date: {exc}")
+    else:
+        try:
+            if interval_end is not None:
+                session = sessions.session_for_run(market.code, timedelta(0), interval_end)
+            else:
+                moment = run_after or datetime.now(UTC)
+                session = sessions.next_run(market.code, timedelta(0), moment, inclusive=False)[0]
+        except ValueError as exc:
+            problems.append(f"session: {exc}")
+    user_ids = merged.get("user_ids")
+    ids: tuple[str, ...] | None = None
+    if user_ids not in (None, []):
+        if not isinstance(user_ids, list):
+            problems.append(f"user_ids: expected a list of user ids (UUIDs), got {type(user_ids).__name__}")
+        else:
+            bad = []
+            for u in user_ids:
+                try:
+                    uuid.UUID(str(u))
+                except ValueError:
+                    bad.append(str(u)[:40])
+            if bad:
+                problems.append(f"user_ids: not UUIDs: {bad[:5]}")
+            ids = tuple(str(uuid.UUID(str(u))) for u in user_ids if str(u)[:40] not in bad)
+    raw_bs = merged.get("batch_size")
+    batch_size = market.batch_size or pipeline.DEFAULT_BATCH_SIZE
+    if raw_bs is not None:
+        if isinstance(raw_bs, bool) or not isinstance(raw_bs, int) or raw_bs < 1 or raw_bs > 100_000:
+            problems.append(f"batch_size: expected an integer from 1 to 100000, got {raw_bs!r}")
+        else:
+            batch_size = raw_bs
+    contribution: pipeline.Contribution | None = None
+    raw_c = merged.get("contribution")
+    if raw_c not in (None, "", {}):
+        try:
+            contribution = parse_contribution(raw_c)
+        except ValueError as exc:
+            problems.append(f"contribution: {exc}")
+    force = merged.get("force", False)
+    if not isinstance(force, bool):
+        problems.append(f"force: expected true or false, got {force!r}")
+    if problems:
+        raise ParamError(f"{market.dag_id}: bad parameters: " + "; ".join(problems))
+    assert session is not None
+    return RunParams(session, ids, batch_size, contribution, bool(force))
+
+
+def parse_contribution(raw: Any) -> pipeline.Contribution:
+    """Parses the `contribution` parameter, an amount with its currency; raises ValueError saying what to pass."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected an amount with its currency such as {CONTRIBUTION_EXAMPLE}, got {raw!r}; "
+                         "a bare number is ambiguous (1500 yen is not 1500 dollars)")
+    unknown = sorted(set(raw) - {"amount", "currency"})
+    if unknown:
+        raise ValueError(f"unknown keys {unknown}; expected {CONTRIBUTION_EXAMPLE}")
+    amount, currency = raw.get("amount"), raw.get("currency")
+    if not isinstance(currency, str) or not re.fullmatch(r"[A-Z]{3}", currency):
+        raise ValueError(f"'currency' must be a 3-letter ISO 4217 code such as USD, got {currency!r}")
+    try:
+        unit = money.minor_unit(currency)
+    except money.CurrencyError as exc:
+        raise ValueError(str(exc)) from None
+    text = str(amount) if isinstance(amount, str | int) and not isinstance(amount, bool) else ""
+    if not _AMOUNT.match(text):
+        raise ValueError(f"'amount' must be a non-negative amount such as \"1500.00\", got {amount!r}")
+    value = Decimal(text)
+    if value != value.quantize(unit):
+        raise ValueError(f"'amount' {text} has more decimals than {currency} has ({-int(unit.as_tuple().exponent)})")
+    return pipeline.Contribution(value, currency)
+
+
+def score_floor() -> Decimal:
+    """The score at or below which an asset is never bought: `OVERNIGHT_SCORE_FLOOR`, default 0."""
+    raw = os.environ.get(SCORE_FLOOR_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SCORE_FLOOR
+    try:
+        value = Decimal(raw)
+    except ArithmeticError:
+        value = Decimal("NaN")
+    if not value.is_finite():
+        raise ValueError(f"{SCORE_FLOOR_ENV}={raw!r} is not a number; set a score such as 0 or 2.5, or unset it")
+    return value
+
+
+def start(market: Market, run: RunParams, dag_run_id: str) -> dict[str, Any]:
+    """Records the job run (status started) and returns the job for the next tasks."""
+    with db.connect() as conn:
+        job = pipeline.start_job(conn, market.code, run.session_date, dag_run_id, force=run.force)
+    return job.to_xcom()
+
+
+def _http_conn(conn_id: str) -> tuple[str, str | None] | None:
+    try:
+        info = get_connection(conn_id)
+    except ConnectionNotConfigured:
+        return None
+    scheme = info.extra.get("scheme") or ("https" if info.conn_type in ("https", "http") and info.port in (None, 443)
+                                           else "http")
+    if info.conn_type in ("http", "https") and info.host and "://" in info.host:
+        base = info.host.rstrip("/")
+    else:
+        port = f":{info.port}" if info.port else ""
+        path = f"/{info.schema}" if info.schema else ""
+        base = f"{scheme}://{info.host}{port}{path}"
+    return base, info.password or info.extra.get("api_key")
+
+
+def rates_provider(conn: Any) -> RatesProvider:
+    """Returns the HTTP rates provider when `overnight_rates_http` is set, else the database one."""
+    http = _http_conn(RATES_CONN_ID)
+    if http is None:
+        return DbRatesProvider(conn)
+    from overnight.adapters.providers.http import HttpRatesProvider
+
+    return HttpRatesProvider(http[0], api_key=http[1])
+
+
+def price_provider(conn: Any) -> PriceProvider:
+    """Returns the HTTP price provider when `overnight_prices_http` is set, else the database one."""
+    http = _http_conn(PRICES_CONN_ID)
+    if http is None:
+        return DbPriceProvider(conn)
+    from overnight.adapters import cache
+    from overnight.adapters.providers.http import HttpPriceProvider
+    from overnight.adapters.providers.ratelimit import RedisRateLimiter
+
+    limiter = RedisRateLimiter(cache.connect(), "ratelimit:prices", rate_per_s=float(
+        os.environ.get("OVERNIGHT_PRICES_RATE_PER_S", "5")), burst=10)
+    return HttpPriceProvider(http[0], api_key=http[1], rate_limiter=limiter)
+
+
+def _lead(code: str) -> timedelta:
+    """The market's configured lead (markets.yaml), or the default for a market no longer listed."""
+    from overnight.domain.markets import DEFAULT_LEAD, UnknownMarketError, get_market
+
+    try:
+        return get_market(code).lead
+    except UnknownMarketError:
+        return DEFAULT_LEAD
+
+
+def reference_moment(job: pipeline.JobRun, now: datetime | None = None) -> datetime:
+    """The moment the job run is judged at (docs/freshness.md): its session's scheduled run, or now if earlier."""
+    scheduled = freshness.scheduled_run(job.market, _lead(job.market), date.fromisoformat(job.session_date))
+    return freshness.reference_moment(scheduled, now or datetime.now(UTC))
+
+
+def document_deadline(job: pipeline.JobRun) -> datetime:
+    """Until when the job run's documents are fresh: the market's next session's run + the grace period."""
+    return freshness.document_deadline(job.market, _lead(job.market), date.fromisoformat(job.session_date),
+                                       freshness.grace())
+
+
+def fetch_rates(job_x: dict[str, Any]) -> dict[str, Any]:
+    """Fetches exchange rates once for the run, judged at the run's reference moment; records a clear error on
+    the job run if it cannot."""
+    job = pipeline.JobRun.from_xcom(job_x)
+    t0 = time.perf_counter()
+    with db.connect() as conn:
+        try:
+            snap = pipeline.fetch_rates(conn, rates_provider(conn), pipeline.needed_currencies(conn),
+                                        max_age=freshness.max_rates_lag(), now=reference_moment(job),
+                                        margin=freshness.rates_margin())
+        except Exception as exc:
+            conn.rollback()
+            pipeline.record_job_error(conn, job, "fetch_rates", str(exc))
+            raise
+    out = snap.to_xcom()
+    out["fetch_ms"] = round((time.perf_counter() - t0) * 1000, 1)
+    log.info("rates as of %s from %s (%d currencies, stale=%s)", snap.as_of, snap.source, len(snap.rates),
+             snap.stale)
+    return out
+
+
+def audience(market: Market, run: RunParams, all_codes: list[str]) -> pipeline.Audience:
+    """Returns who this market serves on the run's session."""
+    earlier = sessions.earlier_markets(market.code, run.session_date, all_codes)
+    return pipeline.Audience(market.code, tuple(earlier), run.user_ids)
+
+
+def plan(market: Market, run: RunParams, all_codes: list[str]) -> list[dict[str, Any]]:
+    """Plans the user batches of the run (small descriptors)."""
+    aud = audience(market, run, all_codes)
+    with db.connect() as conn:
+        batches = pipeline.plan_batches(conn, aud, run.batch_size)
+    total = batches[0]["total"] if batches else 0
+    log.info("%s %s: %d users in %d batches (earlier markets that day: %s)", market.code, run.session_date,
+             total, len(batches), ", ".join(aud.earlier) or "none")
+    for b in batches:
+        b["audience"] = aud.to_xcom()
+    return batches
+
+
+def score_batch(batch: dict[str, Any], job_x: dict[str, Any], rates_x: dict[str, Any], run_x: dict[str, Any]
+                ) -> dict[str, Any]:
+    """Scores one batch of users and warms their cache entries."""
+    job = pipeline.JobRun.from_xcom(job_x)
+    run = RunParams.from_xcom(run_x)
+    rates = RatesSnapshot.from_xcom(rates_x)
+    aud = pipeline.Audience.from_xcom(batch["audience"])
+    from overnight.adapters import cache  # redis is imported by the tasks that use it, not by every task's DAG parse
+
+    redis_client = None
+    try:
+        redis_client = cache.connect()
+    except Exception as exc:  # noqa: BLE001 - a bad Redis URL must not lose the night
+        log.warning("redis client not created: %s", exc)
+
+    setting = freshness.cache_ttl_setting()
+
+    def warm(docs: list[tuple[str, str, str]]) -> int:
+        if redis_client is None:
+            raise ConnectionError("no Redis client")
+        deadline = document_deadline(job) if setting else None
+        return cache.warm(redis_client, docs, ttl_s=freshness.cache_ttl_seconds(setting, deadline, datetime.now(UTC)))
+
+    judged_at, max_price_age = reference_moment(job), freshness.max_price_age()
+
+    def judge_prices(quotes: dict[str, tuple[datetime, str]]) -> tuple[set[str], set[str]]:
+        return freshness.judge_quotes(quotes, judged_at, max_price_age)
+
+    with db.connect() as conn:
+        out = pipeline.score_batch(conn, job, aud, rates, batch, price_provider(conn), warm_cache=warm,
+                                   contribution=run.contribution, score_floor=score_floor(), judge_prices=judge_prices)
+    telemetry.batch_span(job.correlation_id, {**out, "market": job.market, "correlation_id": job.correlation_id})
+    return out
+
+
+def finalize(job_x: dict[str, Any] | None, planned: list[dict[str, Any]] | None,
+             results: list[dict[str, Any] | None], rates_x: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Writes the job-run outcome; returns the summary (None when the run never started)."""
+    if job_x is None:
+        log.error("the start task did not record a job run (bad parameters or database down); nothing to finalize")
+        return None
+    job = pipeline.JobRun.from_xcom(job_x)
+    with db.connect() as conn:
+        summary = pipeline.finalize(conn, job, planned=planned, results=results, rates=rates_x,
+                                    fetch_rates_ms=(rates_x or {}).get("fetch_ms"))
+    attrs = {**summary, "users_success": summary["users_processed"], "market": job.market,
+             "session_date": job.session_date, "correlation_id": job.correlation_id}
+    telemetry.job_span(job.correlation_id, job.started_at, attrs, failed=summary["status"] == "failed")
+    return summary

@@ -1,0 +1,1 @@
+"""Operations: preflight checks, audit retention, cache warming, Airflow metadata clean-up."""

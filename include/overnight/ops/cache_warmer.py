@@ -1,0 +1,130 @@
+"""Re-warms the Redis cache from Postgres: `recs:{id}` and `portfolio:{id}` from the `recommendations` table.
+
+For everyone, or for the given users. Rows stream through a server-side cursor in chunks and go to
+Redis in pipelined writes (`overnight.adapters.cache.warm`) with the TTL `OVERNIGHT_CACHE_TTL` gives each document (24 h by
+default, or until its market's next run: docs/freshness.md), so memory stays flat
+whatever the number of users. Used by the `overnight_cache_warmer` DAG (after a Redis flush or loss).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, date, datetime
+from typing import Any
+
+import psycopg
+import redis
+
+from overnight.adapters import cache, db
+from overnight.domain import freshness
+from overnight.domain.markets import UnknownMarketError, get_market
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 2000
+MAX_MISSING_REPORTED = 100
+
+
+def validate_user_ids(user_ids: Sequence[Any] | None) -> list[str] | None:
+    """Returns the canonical UUIDs (deduplicated, in order) or None for everyone; raises ValueError naming bad ids."""
+    if user_ids is None:
+        return None
+    if isinstance(user_ids, str) or not isinstance(user_ids, Sequence):
+        raise ValueError(f"user_ids must be a list of UUID strings or null, got {type(user_ids).__name__}")
+    good: list[str] = []
+    bad: list[str] = []
+    for raw in user_ids:
+        try:
+            canonical = str(uuid.UUID(str(raw)))
+        except ValueError:
+            bad.append(repr(raw)[:60])
+            continue
+        if canonical not in good:
+            good.append(canonical)
+    if bad:
+        raise ValueError(f"user_ids: {len(bad)} not a UUID: {', '.join(bad[:10])}; pass UUID strings, or null for everyone")
+    return good
+
+
+def iter_documents(
+    conn: psycopg.Connection, user_ids: list[str] | None = None, chunk: int = DEFAULT_CHUNK
+) -> Iterator[tuple[str, str, str, str | None, str | None]]:
+    """Yields (user_id, recs JSON, portfolio JSON, market, session date) from `recommendations` via a
+    server-side cursor, in id order."""
+    sql = ("SELECT user_id::text, document::text, portfolio::text, document ->> 'market', document ->> 'sessionDate'"
+           " FROM recommendations")
+    params: tuple[Any, ...] = ()
+    if user_ids is not None:
+        sql += " WHERE user_id = ANY(%s::uuid[])"
+        params = (user_ids,)
+    with conn.transaction(), conn.cursor(name="overnight_cache_warmer") as cur:
+        cur.itersize = chunk
+        cur.execute(sql + " ORDER BY user_id", params)
+        yield from cur
+
+
+def document_ttl(setting: str | None, now: datetime) -> Callable[[str | None, str | None], int]:
+    """The Redis TTL of a document by its market and session: `OVERNIGHT_CACHE_TTL` (docs/freshness.md), the
+    default 24 h, or for "next-run" until its market's next session's run + grace, from the calendar."""
+
+    @functools.cache
+    def ttl(market: str | None, session: str | None) -> int:
+        deadline = None
+        if setting and market and session:
+            try:
+                deadline = freshness.document_deadline(market, get_market(market).lead,
+                                                       date.fromisoformat(session), freshness.grace())
+            except (UnknownMarketError, ValueError) as exc:  # a market no longer listed: the default TTL
+                log.warning("document of %s %s: no calendar deadline (%s); default TTL", market, session, exc)
+        return freshness.cache_ttl_seconds(setting, deadline, now)
+
+    return ttl
+
+
+def warm_from_postgres(
+    conn: psycopg.Connection, client: redis.Redis, user_ids: Sequence[Any] | None = None,
+    *, chunk: int = DEFAULT_CHUNK, now: datetime | None = None,
+) -> dict[str, Any]:
+    """Writes the cached documents of everyone (or `user_ids`) from Postgres to Redis, each with the TTL the
+    settings give it (`document_ttl`); returns the counts."""
+    wanted = validate_user_ids(user_ids)
+    t0 = time.perf_counter()
+    seen: list[str] = []
+    setting = freshness.cache_ttl_setting()
+    ttl = document_ttl(setting, now or datetime.now(UTC))
+
+    def docs() -> Iterator[tuple[str, str, str, int]]:
+        for user_id, recs_json, portfolio_json, market, session in iter_documents(conn, wanted, chunk):
+            if wanted is not None:
+                seen.append(user_id)
+            yield user_id, recs_json, portfolio_json, ttl(market, session)
+
+    warmed = cache.warm(client, docs(), chunk=chunk) if wanted != [] else 0
+    missing = sorted(set(wanted) - set(seen)) if wanted is not None else []
+    result = {
+        "scope": "all" if wanted is None else "users",
+        "requested": None if wanted is None else len(wanted),
+        "users_warmed": warmed,
+        "keys_written": warmed * 2,
+        "missing": len(missing),
+        "missing_user_ids": missing[:MAX_MISSING_REPORTED],
+        "ttl": setting or str(cache.TTL_SECONDS),
+        "duration_ms": round((time.perf_counter() - t0) * 1000, 1),
+    }
+    log.info("cache warmed: %d users (%d keys), %d requested users without recommendations, %.0f ms",
+             warmed, warmed * 2, len(missing), result["duration_ms"])
+    return result
+
+
+def run(user_ids: Sequence[Any] | None = None, *, chunk: int = DEFAULT_CHUNK) -> dict[str, Any]:
+    """Warms the cache through the `overnight_postgres` and `overnight_redis` connections."""
+    client = cache.connect()
+    try:
+        with db.connect() as conn:
+            return warm_from_postgres(conn, client, user_ids, chunk=chunk)
+    finally:
+        client.close()
