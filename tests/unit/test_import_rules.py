@@ -1,7 +1,8 @@
 """The import rules of pyproject.toml's [tool.importlinter] hold, and they would catch a break.
 
-The domain imports no adapter, service or Airflow; adapters import nothing of the night or of the
-dashboard; production code never imports the developer tooling (`make lint` runs the same check).
+The rooms of include/overnight/ import only rooms below them (dev > dashboard | ops > night >
+adapters | domain, docs/architecture.md); the domain imports no database, cache, HTTP or Airflow;
+production code never imports the developer tooling (`make lint` runs the same check).
 """
 
 from __future__ import annotations
@@ -31,23 +32,25 @@ def test_the_package_keeps_its_import_rules() -> None:
 def test_a_domain_module_that_reaches_for_the_database_breaks_a_rule(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "include" / "overnight", tmp_path / "overnight",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    scoring = tmp_path / "overnight" / "scoring.py"
-    scoring.write_text(scoring.read_text() + "\nfrom overnight import db  # noqa: E402\n")
+    scoring = tmp_path / "overnight" / "domain" / "scoring.py"
+    scoring.write_text(scoring.read_text() + "\nfrom overnight.adapters import db  # noqa: E402\n")
     proc = _lint_imports(tmp_path)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 kept, 1 broken" in proc.stdout
-    assert "overnight.scoring -> overnight.db" in proc.stdout
+    # the rooms' layers break, and the domain's own rule too (the database adapter reaches Redis)
+    assert "1 kept, 2 broken" in proc.stdout
+    assert "overnight.domain.scoring -> overnight.adapters.db" in proc.stdout
 
 
 def test_the_production_image_leaves_out_exactly_the_tooling_production_may_not_import() -> None:
-    """.dockerignore drops from the image the modules the last import rule forbids to production code."""
+    """.dockerignore drops from the image the package the last import rule forbids to production code."""
     import tomllib
 
     contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
     (tooling_rule,) = [c for c in contracts if "developer tooling" in c["name"]]
-    tooling = {m.removeprefix("overnight.") for m in tooling_rule["forbidden_modules"]}
+    assert tooling_rule["forbidden_modules"] == ["overnight.dev"]
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
-    left_out = {p.removeprefix("include/overnight/").removesuffix(".py") for p in ignored
-                if p.startswith("include/overnight/")}
-    assert left_out == tooling
-    assert all((ROOT / "include" / "overnight" / f"{m}.py").is_file() for m in tooling)
+    assert {p for p in ignored if p.startswith("include/overnight/")} == {"include/overnight/dev"}
+    assert (ROOT / "include" / "overnight" / "dev" / "__init__.py").is_file()
+    rooms = {p.name for p in (ROOT / "include" / "overnight").iterdir() if (p / "__init__.py").is_file()}
+    production = {m.removeprefix("overnight.") for m in tooling_rule["source_modules"]}
+    assert production == rooms - {"dev"}, "every room but dev is production code, and the rule names them all"

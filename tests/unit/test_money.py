@@ -7,6 +7,7 @@ from decimal import Decimal as D
 
 import pytest
 
+from overnight.adapters.providers.base import normalize_quote
 from overnight.domain import money
 from overnight.domain.scoring import FundamentalsTable, compile_rules, parse_rules, score_many
 
@@ -92,6 +93,6 @@ def test_a_score_of_tiny_points_is_written_in_plain_digits():
      pytest.param("80", "GBP", ("80", "GBP"), id="pounds-unchanged")],
 )
 def test_quotes_in_minor_units_become_major_units(price, currency, expected):
-    value, code = money.normalize_quote(D(price), currency)
+    value, code = normalize_quote(D(price), currency)
     assert (str(value.normalize()) if value != value.to_integral() else str(value), code) == expected or \
         (money.text(value.normalize()), code) == expected

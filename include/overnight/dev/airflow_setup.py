@@ -14,7 +14,7 @@ import yaml
 
 from overnight.dev.devenv import make_private, write_private
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SETTINGS = ROOT / "airflow_settings.yaml"
 
 

@@ -46,7 +46,7 @@ from overnight.domain import sessions
 from overnight.domain.markets import load_markets
 from overnight.night import pipeline
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 NOOP_DAG = '''"""No-op DAG with the market DAGs' shape: the orchestration floor of `make bench`."""
 from datetime import datetime, timezone
 from airflow.sdk import dag, task, TriggerRule, get_current_context

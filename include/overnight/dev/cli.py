@@ -24,7 +24,7 @@ from overnight.domain import sessions
 from overnight.domain.markets import UnknownMarketError, get_market, load_markets
 from overnight.night import pipeline
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LOG_DIR = ROOT / ".local" / "logs"
 BAR_WIDTH = 24
 POLL_SECONDS = 0.5

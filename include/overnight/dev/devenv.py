@@ -32,7 +32,7 @@ from overnight.adapters.connections import (
     reach_redis,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LOCAL = ROOT / ".local"
 PG_DATA = LOCAL / "pgdata"
 PG_PORT_FILE = LOCAL / "pg.port"

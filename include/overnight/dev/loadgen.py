@@ -191,7 +191,7 @@ def run_in_subprocess(urls: Sequence[str], headers: dict[str, str] | None = None
     """`run` in a fresh Python process (its CPU outside the caller's GIL); the headers go over stdin."""
     job = {"urls": list(urls), "headers": headers or {}, "clients": clients, "seconds": seconds,
            "max_requests": max_requests, "timeout_s": timeout_s, "latencies": latencies}
-    include = str(Path(__file__).resolve().parents[1])
+    include = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (include, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.run([sys.executable, "-m", "overnight.dev.loadgen"], input=json.dumps(job), env=env,
                           capture_output=True, text=True, timeout=seconds + timeout_s + 60)

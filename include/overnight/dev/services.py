@@ -20,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RUN_DIR = ROOT / ".local" / "run"
 FINGERPRINT = "settings.sha256"
 

@@ -13,7 +13,7 @@ import yaml
 
 from overnight.domain import sessions
 
-DEFAULT_MARKETS_PATH = Path(__file__).resolve().parents[1] / "markets.yaml"
+DEFAULT_MARKETS_PATH = Path(__file__).resolve().parents[2] / "markets.yaml"
 DEFAULT_LEAD = timedelta(hours=2)
 MAX_LEAD = timedelta(hours=24)
 DAG_ID_PREFIX = "overnight_scoring_"

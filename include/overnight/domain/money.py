@@ -1,4 +1,4 @@
-"""Money: each currency's minor unit (ISO 4217), rounding to it, plain decimal text, quotes in minor units.
+"""Money: each currency's minor unit (ISO 4217), rounding to it, plain decimal text.
 
 The minor units come from the `iso4217` package (the ISO 4217 list as published); no Airflow import.
 """
@@ -13,16 +13,6 @@ from iso4217 import Currency
 
 class CurrencyError(ValueError):
     """A currency code is not an ISO 4217 currency with a minor unit; the message says which."""
-
-
-# Exchanges that quote in a currency's minor unit (pence, cents, agorot): quoted code -> (ISO code, divisor).
-QUOTED_IN_MINOR_UNITS: dict[str, tuple[str, int]] = {
-    "GBp": ("GBP", 100),
-    "GBX": ("GBP", 100),
-    "ZAc": ("ZAR", 100),
-    "ZAC": ("ZAR", 100),
-    "ILA": ("ILS", 100),
-}
 
 
 @functools.cache
@@ -57,15 +47,6 @@ def text(amount: Decimal) -> str:
 def amount_text(amount: Decimal, currency: str) -> str:
     """An amount as text with exactly the currency's minor-unit decimals (half up)."""
     return format(round_half_up(amount, currency), "f")
-
-
-def normalize_quote(price: Decimal, currency: str) -> tuple[Decimal, str]:
-    """A price quoted in a minor unit (GBp, ZAc, ILA) as (price, ISO code) in the major unit."""
-    minor = QUOTED_IN_MINOR_UNITS.get(currency)
-    if minor is None:
-        return price, currency
-    code, divisor = minor
-    return price / divisor, code
 
 
 def split_largest_remainder(total: Decimal, exact: dict[str, Decimal], unit: Decimal) -> dict[str, Decimal]:

@@ -26,7 +26,14 @@ import msgspec
 import psycopg
 
 from overnight import __version__
-from overnight.adapters.providers.base import PriceProvider, PriceQuote, ProviderError, RatesProvider, RatesSnapshot
+from overnight.adapters.providers.base import (
+    PriceProvider,
+    PriceQuote,
+    ProviderError,
+    RatesProvider,
+    RatesSnapshot,
+    normalize_quote,
+)
 from overnight.adapters.providers.db import latest_stored_rates, store_rates
 from overnight.domain import freshness, money
 from overnight.domain.recommendations import (
@@ -146,7 +153,7 @@ def needed_currencies(conn: psycopg.Connection) -> list[str]:
     rows = conn.execute(
         "SELECT currency FROM assets UNION SELECT base_currency FROM users WHERE active"
     ).fetchall()
-    return sorted({money.normalize_quote(Decimal(1), r[0].strip())[1] for r in rows} | {RATES_BASE})
+    return sorted({normalize_quote(Decimal(1), r[0].strip())[1] for r in rows} | {RATES_BASE})
 
 
 def fetch_rates(

@@ -35,7 +35,7 @@ from overnight.domain.markets import Market
 
 log = logging.getLogger(__name__)
 
-SETTINGS_PATH = Path(__file__).resolve().parents[2] / "airflow_settings.yaml"
+SETTINGS_PATH = Path(__file__).resolve().parents[3] / "airflow_settings.yaml"
 DEFAULT_POOL = "default_pool"
 API_CONN_ID = "overnight_airflow_api"
 API_TOKEN_ENV = "OVERNIGHT_AIRFLOW_API_TOKEN"

@@ -65,6 +65,26 @@ class RatesSnapshot:
         )
 
 
+# How quotes arrive (the providers' side, not the domain's money): exchanges that quote in a currency's minor unit (pence, cents, agorot): quoted code -> (ISO code, divisor).
+QUOTED_IN_MINOR_UNITS: dict[str, tuple[str, int]] = {
+    "GBp": ("GBP", 100),
+    "GBX": ("GBP", 100),
+    "ZAc": ("ZAR", 100),
+    "ZAC": ("ZAR", 100),
+    "ILA": ("ILS", 100),
+}
+
+
+def normalize_quote(price: Decimal, currency: str) -> tuple[Decimal, str]:
+    """A price quoted in a minor unit (GBp, ZAc, ILA) as (price, ISO code) in the major unit."""
+    minor = QUOTED_IN_MINOR_UNITS.get(currency)
+    if minor is None:
+        return price, currency
+    code, divisor = minor
+    return price / divisor, code
+
+
+
 @dataclass(frozen=True)
 class PriceQuote:
     """The last price of one asset in its trading currency."""

@@ -8,8 +8,7 @@ from decimal import Decimal
 
 import psycopg
 
-from overnight.adapters.providers.base import PriceQuote, ProviderError, RatesSnapshot
-from overnight.domain.money import normalize_quote
+from overnight.adapters.providers.base import PriceQuote, ProviderError, RatesSnapshot, normalize_quote
 
 
 class DbRatesProvider:

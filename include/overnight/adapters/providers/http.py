@@ -20,10 +20,16 @@ from zoneinfo import ZoneInfo
 
 import httpx
 
-from overnight.adapters.providers.base import PriceQuote, ProviderClientError, ProviderError, RatesSnapshot
+from overnight.adapters.providers.base import (
+    QUOTED_IN_MINOR_UNITS,
+    PriceQuote,
+    ProviderClientError,
+    ProviderError,
+    RatesSnapshot,
+    normalize_quote,
+)
 from overnight.adapters.providers.ratelimit import RateLimiter
 from overnight.adapters.redaction import redact
-from overnight.domain.money import QUOTED_IN_MINOR_UNITS, normalize_quote
 
 logger = logging.getLogger(__name__)
 
