@@ -362,7 +362,7 @@ tz = str(sessions.timezone("XTKS"))
 markets._check_code("XNYS")
 print(json.dumps({{"opens": opens, "tz": tz, "imported": "exchange_calendars" in sys.modules or "pandas" in sys.modules}}))
 """
-    env = {**os.environ, "OVERNIGHT_CACHE_DIR": str(new_process), "PYTHONPATH": str(Path(sessions.__file__).parents[1])}
+    env = {**os.environ, "OVERNIGHT_CACHE_DIR": str(new_process), "PYTHONPATH": str(Path(sessions.__file__).parents[2])}
     out = json.loads(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                                     check=True).stdout)
     assert out["imported"] is False, "a process with the session table still imported exchange_calendars"
