@@ -17,7 +17,7 @@ import httpx
 import psycopg
 import pytest
 
-from overnight.night import pipeline
+from overnight.night import jobrun
 from tests.support.api_server import SERVICE, ApiServer, auth_env, score_market, token
 
 pytestmark = pytest.mark.e2e
@@ -58,7 +58,7 @@ def test_replay_is_identical_for_those_who_may_read_investors_data(server: dict[
         data = resp.json()["data"]
         assert (data["status"], data["userId"], data["correlationId"], data["jobRunId"]) == (
             "identical", user, job.correlation_id, job.id)
-        assert data["differences"] == [] and data["storedCalcVersion"] == pipeline.CALC_VERSION
+        assert data["differences"] == [] and data["storedCalcVersion"] == jobrun.CALC_VERSION
         assert data["storedDocumentSha256"] == data["replayedDocumentSha256"] and len(data["storedDocumentSha256"]) == 64
 
 

@@ -19,14 +19,14 @@ from overnight.adapters import migrate
 from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
 from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.dev import devenv
-from overnight.night import pipeline
+from overnight.night import jobrun, loading, pipeline, writing
 from tests.conftest import RUN_ID, TEST_ENV
 
 GOLDEN = yaml.safe_load((Path(__file__).parents[1] / "data" / "golden_portfolios.yaml").read_text())
 CASES = GOLDEN["cases"]
 ALL_MARKETS = ["XNYS", "XTKS", "XLON", "BVMF"]
 RUNS = {"default": (date(2026, 11, 30), None),
-        "usd100": (date(2026, 12, 1), pipeline.Contribution(Decimal("100"), "USD"))}
+        "usd100": (date(2026, 12, 1), jobrun.Contribution(Decimal("100"), "USD"))}
 NAMESPACE = uuid.UUID("6f1c1a52-4f0e-4c55-9d1e-0b6c6c1d7a01")
 
 
@@ -82,14 +82,14 @@ def golden() -> Any:
             _load_world(conn)
             for run, (session, contribution) in RUNS.items():
                 users = tuple(_user_id(c["id"]) for c in CASES if c.get("run", "default") == run)
-                job = pipeline.start_job(conn, "XTKS", session, f"golden-{run}")
-                rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn),
+                job = jobrun.start_job(conn, "XTKS", session, f"golden-{run}")
+                rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn),
                                              now=datetime.fromisoformat(GOLDEN["run_now"]))
-                audience = pipeline.Audience("XTKS", (), users)
-                batches = pipeline.plan_batches(conn, audience, 100)
+                audience = jobrun.Audience("XTKS", (), users)
+                batches = loading.plan_batches(conn, audience, 100)
                 results = [pipeline.score_batch(conn, job, audience, rates, b, DbPriceProvider(conn), warm_cache=None,
                                                 contribution=contribution) for b in batches]
-                summaries[run] = pipeline.finalize(conn, job, planned=batches, results=results,
+                summaries[run] = writing.finalize(conn, job, planned=batches, results=results,
                                                    rates=rates.to_xcom())
             docs = {str(u): (d, p) for u, d, p in conn.execute("SELECT user_id, document, portfolio FROM recommendations")}
             events = {(str(u), t): payload for u, t, payload in conn.execute(

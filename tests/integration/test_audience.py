@@ -17,7 +17,7 @@ from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.dev import seed
 from overnight.domain import sessions
 from overnight.domain.markets import load_markets
-from overnight.night import pipeline
+from overnight.night import jobrun, loading, pipeline, writing
 
 CODES = load_markets().codes
 
@@ -29,16 +29,16 @@ def _oracle(markets: list[str], day: date) -> str | None:
 
 
 def _run(conn: psycopg.Connection, market: str, day: date, *, user_ids: tuple[str, ...] | None = None,
-         force: bool = True) -> tuple[pipeline.JobRun, dict]:
-    job = pipeline.start_job(conn, market, day, "test-audience", force=force)
-    rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-    aud = pipeline.Audience(market, tuple(sessions.earlier_markets(market, day, CODES)), user_ids)
-    batches = pipeline.plan_batches(conn, aud, 150)
+         force: bool = True) -> tuple[jobrun.JobRun, dict]:
+    job = jobrun.start_job(conn, market, day, "test-audience", force=force)
+    rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
+    aud = jobrun.Audience(market, tuple(sessions.earlier_markets(market, day, CODES)), user_ids)
+    batches = loading.plan_batches(conn, aud, 150)
     results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=None) for b in batches]
-    return job, pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+    return job, writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
 
 
-def _completed(conn: psycopg.Connection, job: pipeline.JobRun) -> set[str]:
+def _completed(conn: psycopg.Connection, job: jobrun.JobRun) -> set[str]:
     return {str(r[0]) for r in conn.execute(
         "SELECT user_id FROM overnight_job_users WHERE job_run_id = %s AND status = 'completed'", (job.id,))}
 

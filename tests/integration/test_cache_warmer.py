@@ -18,7 +18,7 @@ from overnight.adapters import cache
 from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.domain import sessions
 from overnight.domain.markets import load_markets
-from overnight.night import pipeline
+from overnight.night import jobrun, loading, pipeline, writing
 from overnight.ops import cache_warmer
 
 SESSION = date(2026, 11, 24)
@@ -29,13 +29,13 @@ def documents(pg_dsn: str, seeded: dict[str, int]) -> dict[str, tuple[Any, Any]]
     """Scores XLON for SESSION (no cache warming); returns every recommendations row by user id."""
     codes = load_markets().codes
     with psycopg.connect(pg_dsn) as conn:
-        job = pipeline.start_job(conn, "XLON", SESSION, "test-cache-warmer")
-        rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-        aud = pipeline.Audience("XLON", tuple(sessions.earlier_markets("XLON", SESSION, codes)))
-        batches = pipeline.plan_batches(conn, aud, 250)
+        job = jobrun.start_job(conn, "XLON", SESSION, "test-cache-warmer")
+        rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
+        aud = jobrun.Audience("XLON", tuple(sessions.earlier_markets("XLON", SESSION, codes)))
+        batches = loading.plan_batches(conn, aud, 250)
         results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=None)
                    for b in batches]
-        pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+        writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
         rows = conn.execute("SELECT user_id::text, document, portfolio FROM recommendations").fetchall()
     assert rows
     return {u: (d, p) for u, d, p in rows}

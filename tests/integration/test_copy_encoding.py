@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from overnight.night import pipeline
+from overnight.night import jobrun, writing
 
 ARRAYS = [None, [], ["AAPL"], ["BRK.B", "PETR4", "7203"], ['A"B', "C\\D", "tab\there", "new\nline", "com,ma",
           "{brace}", "sp ace", "ünï", "NULL", ""]]
@@ -14,7 +14,7 @@ PAYLOADS = [{"a": 'quote " back \\ slash', "b": "tab\tnew\nline\r", "c": ["ünï
 def test_arrays_and_json_round_trip(conn):
     conn.execute("CREATE TEMP TABLE t (i int, symbols text[], payload jsonb)")
     with conn.cursor().copy("COPY t (i, symbols, payload) FROM STDIN") as cp:
-        lines = [f"{i}\t{pipeline._copy_array(a)}\t{pipeline._copy_json(pipeline._encode(PAYLOADS[i % 2]))}"
+        lines = [f"{i}\t{writing._copy_array(a)}\t{writing._copy_json(jobrun._encode(PAYLOADS[i % 2]))}"
                  for i, a in enumerate(ARRAYS)]
         cp.write("\n".join(lines) + "\n")
     rows = conn.execute("SELECT symbols, payload FROM t ORDER BY i").fetchall()

@@ -22,7 +22,7 @@ from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.dashboard import store as dashboard
 from overnight.domain import sessions
 from overnight.domain.markets import load_markets
-from overnight.night import pipeline
+from overnight.night import jobrun, loading, pipeline, writing
 
 SESSION = date(2026, 11, 16)  # its next XNYS session (11-17) no other test runs: the miss below is "run_missing"
 T = TypeVar("T")
@@ -30,18 +30,18 @@ HOSTILE_SYMBOLS = ["'", '"', "'; DROP TABLE users;--", "../../etc/passwd", "ÄÖ
                    "' OR '1'='1"]
 
 
-def run_market(pg_dsn: str, redis_url: str, market: str, session: date) -> pipeline.JobRun:
+def run_market(pg_dsn: str, redis_url: str, market: str, session: date) -> jobrun.JobRun:
     """Runs one market's pipeline for a session (as the DAG does, without Airflow), warming the cache."""
     codes = load_markets().codes
     client = redis.Redis.from_url(redis_url)
     with psycopg.connect(pg_dsn) as conn:
-        job = pipeline.start_job(conn, market, session, "test-dashboard")
-        rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-        aud = pipeline.Audience(market, tuple(sessions.earlier_markets(market, session, codes)))
-        batches = pipeline.plan_batches(conn, aud, 200)
+        job = jobrun.start_job(conn, market, session, "test-dashboard")
+        rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
+        aud = jobrun.Audience(market, tuple(sessions.earlier_markets(market, session, codes)))
+        batches = loading.plan_batches(conn, aud, 200)
         results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn),
                                         warm_cache=lambda docs: cache.warm(client, docs)) for b in batches]
-        pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+        writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
     client.close()
     return job
 

@@ -12,7 +12,7 @@ from overnight.adapters import cache
 from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.domain import sessions
 from overnight.domain.markets import load_markets
-from overnight.night import pipeline
+from overnight.night import calculate, jobrun, loading, pipeline, writing
 
 SESSION = date(2026, 12, 1)
 CODES = load_markets().codes
@@ -24,17 +24,17 @@ def _served(conn: psycopg.Connection, market: str, session: date) -> set[str]:
 
 
 def _run(conn, market, session, redis_client, *, force=False, warm=True, batch_size=100):
-    job = pipeline.start_job(conn, market, session, "test-run", force=force)
-    rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-    aud = pipeline.Audience(market, tuple(sessions.earlier_markets(market, session, CODES)))
-    batches = pipeline.plan_batches(conn, aud, batch_size)
+    job = jobrun.start_job(conn, market, session, "test-run", force=force)
+    rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
+    aud = jobrun.Audience(market, tuple(sessions.earlier_markets(market, session, CODES)))
+    batches = loading.plan_batches(conn, aud, batch_size)
 
     def warm_cache(docs):
         return cache.warm(redis_client, docs)
 
     results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn),
                                     warm_cache=warm_cache if warm else None) for b in batches]
-    summary = pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+    summary = writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
     return job, batches, results, summary
 
 
@@ -73,8 +73,8 @@ def test_four_events_per_user_in_order_with_deterministic_ids(conn, batch_run):
         " FROM calculation_events WHERE correlation_id = %s GROUP BY user_id", (job.correlation_id,)).fetchall()
     assert rows
     for user_id, types, ids in rows:
-        assert types == list(pipeline.EVENT_TYPES)
-        assert ids == [pipeline.event_id(job.correlation_id, str(user_id), t) for t in types]
+        assert types == list(jobrun.EVENT_TYPES)
+        assert ids == [writing.event_id(job.correlation_id, str(user_id), t) for t in types]
     scored = conn.execute(
         "SELECT payload, symbols FROM calculation_events WHERE correlation_id = %s AND event_type = 'SCORES_COMPUTED'"
         " LIMIT 1", (job.correlation_id,)).fetchone()
@@ -199,13 +199,13 @@ def test_redis_down_still_completes_in_postgres(conn, seeded, redis_client):
         raise ConnectionError("Redis is down")
 
     session = date(2026, 12, 3)
-    job = pipeline.start_job(conn, "XLON", session, "t", force=True)
-    rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-    aud = pipeline.Audience("XLON", tuple(sessions.earlier_markets("XLON", session, CODES)))
-    batches = pipeline.plan_batches(conn, aud, 500)
+    job = jobrun.start_job(conn, "XLON", session, "t", force=True)
+    rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
+    aud = jobrun.Audience("XLON", tuple(sessions.earlier_markets("XLON", session, CODES)))
+    batches = loading.plan_batches(conn, aud, 500)
     results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=broken)
                for b in batches]
-    summary = pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+    summary = writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
     assert summary["status"] == "completed"
     assert summary["cache_status"] == "not warmed"
     assert "Redis is down" in summary["cache_errors"][0]
@@ -215,10 +215,10 @@ def test_redis_down_still_completes_in_postgres(conn, seeded, redis_client):
 
 def test_a_batch_streams_in_chunks_with_the_same_results(conn, seeded, redis_client):
     session = date(2026, 12, 4)
-    job = pipeline.start_job(conn, "XLON", session, "chunks", force=True)
-    rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-    aud = pipeline.Audience("XLON", tuple(sessions.earlier_markets("XLON", session, CODES)))
-    [batch] = pipeline.plan_batches(conn, aud, 10_000)
+    job = jobrun.start_job(conn, "XLON", session, "chunks", force=True)
+    rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
+    aud = jobrun.Audience("XLON", tuple(sessions.earlier_markets("XLON", session, CODES)))
+    [batch] = loading.plan_batches(conn, aud, 10_000)
     out = pipeline.score_batch(conn, job, aud, rates, batch, DbPriceProvider(conn), warm_cache=None, chunk_size=7)
     expected = _served(conn, "XLON", session)
     assert out["users"] == out["completed"] == len(expected) > 7 * 3
@@ -230,15 +230,15 @@ def test_a_batch_streams_in_chunks_with_the_same_results(conn, seeded, redis_cli
 def test_each_chunk_commits_so_a_crash_keeps_the_users_written_before(pg_dsn, seeded, redis_client, monkeypatch):
     session = date(2026, 12, 3)
     with psycopg.connect(pg_dsn) as conn:
-        job = pipeline.start_job(conn, "XNYS", session, "test-crash")
-        rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-        aud = pipeline.Audience("XNYS", tuple(sessions.earlier_markets("XNYS", session, CODES)))
-        batch = pipeline.plan_batches(conn, aud, 10_000)[0]
+        job = jobrun.start_job(conn, "XNYS", session, "test-crash")
+        rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
+        aud = jobrun.Audience("XNYS", tuple(sessions.earlier_markets("XNYS", session, CODES)))
+        batch = loading.plan_batches(conn, aud, 10_000)[0]
         assert batch["total"] > 25
         symbols = [r[0] for r in conn.execute("SELECT symbol FROM assets")]
-        pipeline.job_quotes(conn, job, DbPriceProvider(conn), symbols)  # no price fetch (and commit) mid-batch
+        loading.job_quotes(conn, job, DbPriceProvider(conn), symbols)  # no price fetch (and commit) mid-batch
         calculated = []
-        real = pipeline.finish_user
+        real = calculate.finish_user
 
         def crash_in_third_chunk(prepared, *args):
             calculated.append(prepared.user.id)
@@ -246,7 +246,7 @@ def test_each_chunk_commits_so_a_crash_keeps_the_users_written_before(pg_dsn, se
                 raise RuntimeError("the task process died")
             return real(prepared, *args)
 
-        monkeypatch.setattr(pipeline, "finish_user", crash_in_third_chunk)
+        monkeypatch.setattr(calculate, "finish_user", crash_in_third_chunk)
         with pytest.raises(RuntimeError):
             pipeline.score_batch(conn, job, aud, rates, batch, DbPriceProvider(conn), warm_cache=None, chunk_size=10)
         with psycopg.connect(pg_dsn) as other:  # what a retry sees while the dead task's connection is still open
@@ -274,10 +274,10 @@ def test_a_job_run_prices_every_user_with_the_same_stored_quote(pg_dsn, seeded, 
 
     session = date(2026, 12, 4)
     with psycopg.connect(pg_dsn) as conn:
-        job = pipeline.start_job(conn, "XNYS", session, "test-prices")
-        rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-        aud = pipeline.Audience("XNYS", tuple(sessions.earlier_markets("XNYS", session, CODES)))
-        first, second, *_ = pipeline.plan_batches(conn, aud, 40)
+        job = jobrun.start_job(conn, "XNYS", session, "test-prices")
+        rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
+        aud = jobrun.Audience("XNYS", tuple(sessions.earlier_markets("XNYS", session, CODES)))
+        first, second, *_ = loading.plan_batches(conn, aud, 40)
         pipeline.score_batch(conn, job, aud, rates, first, DbPriceProvider(conn), warm_cache=None)
         stored = dict(conn.execute("SELECT symbol, price FROM overnight_job_prices WHERE job_run_id = %s", (job.id,)))
         assert stored

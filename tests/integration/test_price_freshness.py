@@ -12,7 +12,7 @@ import pytest
 from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.domain import freshness, sessions
 from overnight.domain.markets import load_markets
-from overnight.night import pipeline
+from overnight.night import jobrun, loading, pipeline, writing
 
 SESSION = date(2026, 12, 15)  # a Tuesday no other test runs; XNYS opens 09:30 EST = 14:30 UTC, runs 12:30 UTC
 MOMENT = datetime(2026, 12, 15, 12, 30, tzinfo=UTC)
@@ -60,13 +60,13 @@ def dated_prices(conn: psycopg.Connection, seeded: dict[str, int]):
 
 def test_stale_quotes_are_flagged_and_unusable_ones_fail_only_their_holders(conn, dated_prices) -> None:
     served, stale, ancient = dated_prices
-    job = pipeline.start_job(conn, "XNYS", SESSION, "test-price-freshness", force=True)
-    rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-    aud = pipeline.Audience("XNYS", tuple(sessions.earlier_markets("XNYS", SESSION, CODES)))
-    batches = pipeline.plan_batches(conn, aud, 100)
+    job = jobrun.start_job(conn, "XNYS", SESSION, "test-price-freshness", force=True)
+    rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
+    aud = jobrun.Audience("XNYS", tuple(sessions.earlier_markets("XNYS", SESSION, CODES)))
+    batches = loading.plan_batches(conn, aud, 100)
     results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=None,
                                     judge_prices=lambda q: freshness.judge_quotes(q, MOMENT)) for b in batches]
-    summary = pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+    summary = writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
 
     holders = _users_of(conn, "holdings", ancient, served)
     assert holders and holders != served

@@ -11,7 +11,7 @@ import pytest
 from overnight.adapters.providers.http import HttpRatesProvider
 from overnight.domain import sessions
 from overnight.domain.markets import get_market
-from overnight.night import pipeline, runtime
+from overnight.night import jobrun, loading, runtime
 from tests.unit.test_freshness import AFTER_HOLIDAYS_2026, HOLIDAYS_2026, MONDAYS_2026, _last_publication_before
 
 MARKETS = ("BVMF", "XLON", "XNYS", "XTKS")
@@ -19,8 +19,8 @@ CURRENCIES = ["BRL", "GBP", "JPY", "USD"]
 LATER = datetime(2027, 6, 1, tzinfo=UTC)  # the runs are replayed later: judged at their scheduled time
 
 
-def _job(code: str, session: date) -> pipeline.JobRun:
-    return pipeline.JobRun("00000000-0000-0000-0000-000000000000", "00000000-0000-0000-0000-000000000001", code,
+def _job(code: str, session: date) -> jobrun.JobRun:
+    return jobrun.JobRun("00000000-0000-0000-0000-000000000000", "00000000-0000-0000-0000-000000000001", code,
                            session.isoformat(), LATER.isoformat())
 
 
@@ -51,7 +51,7 @@ def _replay(conn, provider, fake_provider, days: set[date], wrong: list, stored:
             newest = _last_publication_before(session)
             for served, stale in ((newest, False), (_last_publication_before(newest), True)):
                 fake_provider.rates_date = served.isoformat()
-                snap = pipeline.fetch_rates(conn, provider, CURRENCIES, now=moment)
+                snap = loading.fetch_rates(conn, provider, CURRENCIES, now=moment)
                 stored.add(snap.as_of)
                 if snap.stale is not stale or snap.unavailable or snap.as_of.date() != served:
                     wrong.append((code, session.isoformat(), served.isoformat(), snap.stale, snap.unavailable))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from overnight.adapters.providers.http import HttpRatesProvider
-from overnight.night import pipeline
+from overnight.night import loading
 
 CURRENCIES = ["BRL", "GBP", "JPY", "USD"]
 
@@ -16,7 +16,7 @@ def _provider(fake_provider) -> HttpRatesProvider:
 
 
 def test_http_rates_are_stored_with_their_as_of(conn, seeded, fake_provider):
-    snap = pipeline.fetch_rates(conn, _provider(fake_provider), CURRENCIES, now=datetime(2026, 11, 21, tzinfo=UTC))
+    snap = loading.fetch_rates(conn, _provider(fake_provider), CURRENCIES, now=datetime(2026, 11, 21, tzinfo=UTC))
     assert snap.source == "frankfurter" and not snap.stale
     stored = conn.execute("SELECT count(*) FROM exchange_rates WHERE source = 'frankfurter' AND as_of = %s",
                           (snap.as_of,)).fetchone()[0]
@@ -26,7 +26,7 @@ def test_http_rates_are_stored_with_their_as_of(conn, seeded, fake_provider):
 def test_provider_down_uses_recent_stored_rates_marked_stale(conn, seeded, fake_provider):
     fake_provider.respond("/latest", status=500, times=10)
     latest = conn.execute("SELECT max(as_of) FROM exchange_rates WHERE base = 'USD'").fetchone()[0]
-    snap = pipeline.fetch_rates(conn, _provider(fake_provider), CURRENCIES, now=latest + timedelta(hours=30))
+    snap = loading.fetch_rates(conn, _provider(fake_provider), CURRENCIES, now=latest + timedelta(hours=30))
     assert snap.stale and "fallback" in snap.source
     assert len(fake_provider.requests_for("/latest")) == 2  # bounded retries, then the fallback
 
@@ -37,7 +37,7 @@ def test_provider_down_and_stored_rates_too_old_leaves_the_currencies_out_not_th
     # (four days could span Christmas and the weekend: then the newest rates would still be the expected ones).
     fake_provider.respond("/latest", body=b"<html>not json</html>", times=10)
     latest = conn.execute("SELECT max(as_of) FROM exchange_rates WHERE base = 'USD'").fetchone()[0]
-    snap = pipeline.fetch_rates(conn, _provider(fake_provider), CURRENCIES, now=latest + timedelta(days=10))
+    snap = loading.fetch_rates(conn, _provider(fake_provider), CURRENCIES, now=latest + timedelta(days=10))
     assert snap.rates == {"USD": 1} and snap.stale is True
     assert sorted(snap.unavailable) == ["BRL", "GBP", "JPY"]
     assert all("more than the allowed lag behind the expected ECB publication" in why

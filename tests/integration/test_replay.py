@@ -29,7 +29,7 @@ from overnight.dashboard import store as dashboard
 from overnight.dev import devenv, seed
 from overnight.domain import sessions
 from overnight.domain.markets import load_markets
-from overnight.night import pipeline, replay
+from overnight.night import calculate, jobrun, loading, pipeline, replay, writing
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_ID = os.environ["OVERNIGHT_TEST_RUN_ID"]
@@ -41,17 +41,17 @@ LIVE_TABLES = ("assets", "prices", "criteria_sets", "allocation_targets", "holdi
 
 
 def _run(dsn: str, market: str, session: date, redis_client: Any, judge_prices: Any = None,
-         stale_rates: frozenset[str] | None = None) -> tuple[pipeline.JobRun, list[dict[str, Any]]]:
+         stale_rates: frozenset[str] | None = None) -> tuple[jobrun.JobRun, list[dict[str, Any]]]:
     with psycopg.connect(dsn) as conn:
-        job = pipeline.start_job(conn, market, session, "test-replay")
-        rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
+        job = jobrun.start_job(conn, market, session, "test-replay")
+        rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
         if stale_rates:  # as the ECB calendar would judge rates that missed their publication (docs/freshness.md)
             rates = dataclasses.replace(rates, stale=True, stale_in=stale_rates)
-        aud = pipeline.Audience(market, tuple(sessions.earlier_markets(market, session, CODES)))
-        batches = pipeline.plan_batches(conn, aud, 150)
+        aud = jobrun.Audience(market, tuple(sessions.earlier_markets(market, session, CODES)))
+        batches = loading.plan_batches(conn, aud, 150)
         results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), judge_prices=judge_prices,
                                         warm_cache=lambda docs: cache.warm(redis_client, docs)) for b in batches]
-        pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+        writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
     return job, results
 
 
@@ -77,7 +77,7 @@ def night() -> Iterator[dict[str, Any]]:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def _a_user(conn: psycopg.Connection, job: pipeline.JobRun) -> tuple[str, dict[str, Any]]:
+def _a_user(conn: psycopg.Connection, job: jobrun.JobRun) -> tuple[str, dict[str, Any]]:
     """A user of the job run with at least two recommendations and a held asset, and their stored document."""
     uid, text = conn.execute(
         "SELECT h.user_id::text, h.document FROM recommendation_history h WHERE h.job_run_id = %s"
@@ -146,7 +146,7 @@ def test_a_changed_scoring_rule_gives_a_diff_naming_the_field(night: dict[str, A
     job = night["jobs"]["XNYS"]
     with psycopg.connect(night["dsn"]) as conn:
         uid, doc = _a_user(conn, job)
-        monkeypatch.setattr(pipeline, "parse_rules", _plus_one_point(pipeline.parse_rules))
+        monkeypatch.setattr(calculate, "parse_rules", _plus_one_point(calculate.parse_rules))
         result = replay.replay_user(conn, job.correlation_id, uid)
     rec = next(r for r in doc["recommendations"] if r["breakdown"]["criteriaCount"] > 0)
     stored, count = Decimal(rec["score"]), rec["breakdown"]["criteriaCount"]
@@ -172,10 +172,10 @@ def test_a_calculation_of_another_calc_version_says_so(night: dict[str, Any]) ->
         conn.rollback()
     assert result.status == replay.OTHER_VERSION
     assert result.stored_calc_version == "0.0.9+scoring.0.allocation.1"
-    assert result.replay_calc_version == pipeline.CALC_VERSION
+    assert result.replay_calc_version == jobrun.CALC_VERSION
     assert result.differences == ["INPUTS_CAPTURED.calcVersion: stored \"0.0.9+scoring.0.allocation.1\", replayed "
-                                  f"\"{pipeline.CALC_VERSION}\""]
-    assert "other_version" in result.text() and pipeline.CALC_VERSION in result.text()
+                                  f"\"{jobrun.CALC_VERSION}\""]
+    assert "other_version" in result.text() and jobrun.CALC_VERSION in result.text()
     assert before.status == replay.OTHER_VERSION and before.stored_calc_version is None
     assert "cannot be replayed" in (before.note or "")
 

@@ -13,7 +13,7 @@ from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.dev import cli
 from overnight.domain import sessions
 from overnight.domain.markets import load_markets
-from overnight.night import pipeline
+from overnight.night import jobrun, loading, pipeline, writing
 from tests.support import reliability as R
 
 CODES = load_markets().codes
@@ -23,13 +23,13 @@ def _whole_run(dsn: str, market: str, session, name: str, barrier: threading.Bar
     try:
         with psycopg.connect(dsn) as conn:
             barrier.wait(30)
-            job = pipeline.start_job(conn, market, session, name)
-            rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-            aud = pipeline.Audience(market, tuple(sessions.earlier_markets(market, session, CODES)))
-            batches = pipeline.plan_batches(conn, aud, 25)
+            job = jobrun.start_job(conn, market, session, name)
+            rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
+            aud = jobrun.Audience(market, tuple(sessions.earlier_markets(market, session, CODES)))
+            batches = loading.plan_batches(conn, aud, 25)
             results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=None)
                        for b in batches]
-            out[name] = (job, pipeline.finalize(conn, job, planned=batches, results=results,
+            out[name] = (job, writing.finalize(conn, job, planned=batches, results=results,
                                                 rates=rates.to_xcom()), results)
     except BaseException as exc:  # noqa: BLE001 - reported by the test
         out[name] = exc

@@ -19,7 +19,7 @@ from overnight.adapters.providers.base import RatesSnapshot
 from overnight.adapters.providers.db import DbPriceProvider
 from overnight.dev import seed
 from overnight.domain.markets import get_market, load_markets
-from overnight.night import pipeline, runtime
+from overnight.night import jobrun, pipeline, runtime
 from tests.support import reliability as R
 
 MARKET = "XNYS"
@@ -50,11 +50,11 @@ class RestartingPrices:
         return quotes
 
 
-def _attempt(dsn: str, job: pipeline.JobRun, aud: pipeline.Audience, rates, batch, server, at, calls):
+def _attempt(dsn: str, job: jobrun.JobRun, aud: jobrun.Audience, rates, batch, server, at, calls):
     with psycopg.connect(dsn, connect_timeout=10) as conn:
         return pipeline.score_batch(conn, job, aud, rates, batch, RestartingPrices(conn, server, at, calls),
                                     warm_cache=None,
-                                    contribution=pipeline.Contribution(Decimal("1000"), "USD"))
+                                    contribution=jobrun.Contribution(Decimal("1000"), "USD"))
 
 
 def test_restart_mid_batch_fails_cleanly_is_retried_and_completes(private_pg: R.PrivatePostgres,
@@ -71,9 +71,9 @@ def test_restart_mid_batch_fails_cleanly_is_retried_and_completes(private_pg: R.
     rates_x = runtime.fetch_rates(job_x)
     batches = runtime.plan(market, run, load_markets().codes)
     assert len(batches) >= 4
-    job = pipeline.JobRun.from_xcom(job_x)
+    job = jobrun.JobRun.from_xcom(job_x)
     rates = RatesSnapshot.from_xcom(rates_x)
-    aud = pipeline.Audience.from_xcom(batches[0]["audience"])
+    aud = jobrun.Audience.from_xcom(batches[0]["audience"])
     calls: list[str] = []
     results: list[dict | None] = []
     errors: list[str] = []

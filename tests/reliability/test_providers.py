@@ -1,4 +1,4 @@
-"""HTTP rate and price providers misbehaving, through `pipeline.fetch_rates` and `pipeline.score_batch`.
+"""HTTP rate and price providers misbehaving, through `loading.fetch_rates` and `pipeline.score_batch`.
 
 A real local HTTP server (tests/support/fake_provider.py) answers with 429 + Retry-After, 500s,
 timeouts, malformed and partial bodies. Expected: bounded retries, then either stored rates flagged
@@ -21,7 +21,7 @@ from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.adapters.providers.http import ECB_PUBLICATION_TIME, ECB_TZ, HttpPriceProvider, HttpRatesProvider
 from overnight.domain import sessions
 from overnight.domain.markets import get_market, load_markets
-from overnight.night import pipeline, runtime
+from overnight.night import jobrun, loading, pipeline, runtime, writing
 from tests.support import reliability as R
 from tests.support.fake_provider import QUOTE_PATH, RATES_PATH, FakeProviderServer
 
@@ -42,7 +42,7 @@ def tables(conn: psycopg.Connection, seeded) -> dict[str, Any]:
     """The seeded data set's prices and rates, as the fake provider will serve them."""
     symbols = [r[0] for r in conn.execute("SELECT symbol FROM assets ORDER BY symbol")]
     quotes = DbPriceProvider(conn).fetch_prices(symbols)
-    currencies = pipeline.needed_currencies(conn)
+    currencies = loading.needed_currencies(conn)
     stored = DbRatesProvider(conn).fetch_rates("USD", currencies)
     conn.commit()
     return {"prices": {s: (str(q.price), q.currency) for s, q in quotes.items()},
@@ -73,7 +73,7 @@ def test_429_with_retry_after_is_honoured_then_fresh_rates(conn, server, tables)
     sleeps = Sleeps()
     server.respond(RATES_PATH, 429, {"message": "slow down"}, {"Retry-After": "2"}, times=2)
     with _rates_provider(server, sleeps) as provider:
-        snap = pipeline.fetch_rates(conn, provider, tables["currencies"])
+        snap = loading.fetch_rates(conn, provider, tables["currencies"])
     assert sleeps == [2.0, 2.0] and len(server.requests_for(RATES_PATH)) == 3
     assert snap.source == "frankfurter" and not snap.stale
     assert {c: v for c, v in snap.rates.items() if c != "USD"} == {
@@ -82,11 +82,11 @@ def test_429_with_retry_after_is_honoured_then_fresh_rates(conn, server, tables)
 
 def test_fresh_http_rates_score_usd_users(conn, server, tables) -> None:
     with _rates_provider(server, Sleeps()) as provider:
-        snap = pipeline.fetch_rates(conn, provider, tables["currencies"])
+        snap = loading.fetch_rates(conn, provider, tables["currencies"])
     conn.commit()
-    aud = pipeline.Audience(MARKET, tuple(sessions.earlier_markets(MARKET, SESSION, CODES)))
-    job = pipeline.start_job(conn, MARKET, SESSION, "reliability-http-rates", force=True)
-    batch = pipeline.plan_batches(conn, aud, 50)[0]
+    aud = jobrun.Audience(MARKET, tuple(sessions.earlier_markets(MARKET, SESSION, CODES)))
+    job = jobrun.start_job(conn, MARKET, SESSION, "reliability-http-rates", force=True)
+    batch = loading.plan_batches(conn, aud, 50)[0]
     out = pipeline.score_batch(conn, job, aud, snap, batch, DbPriceProvider(conn), warm_cache=None)
     failed = conn.execute("SELECT stage, error FROM overnight_job_users WHERE job_run_id = %s AND status = 'failed'"
                           " LIMIT 3", (job.id,)).fetchall()
@@ -127,10 +127,10 @@ def test_rates_failure_falls_back_to_stored_rates_flagged_stale(conn, server, ta
     at_most = _script(server, kind, tables)
     sleeps = Sleeps()
     with _rates_provider(server, sleeps) as provider:
-        snap = pipeline.fetch_rates(conn, provider, tables["currencies"])
+        snap = loading.fetch_rates(conn, provider, tables["currencies"])
     assert 1 <= len(server.requests_for(RATES_PATH)) <= at_most
     assert snap.stale is True and snap.source.endswith("(fallback)")
-    newest = pipeline.latest_stored_rates(conn, "USD", tables["currencies"])
+    newest = loading.latest_stored_rates(conn, "USD", tables["currencies"])
     assert snap.rates == newest.rates and snap.as_of == newest.as_of  # the stored ones, whole, not a mix
 
 
@@ -142,14 +142,14 @@ def _needing(conn, users: set[str], currencies: set[str]) -> set[str]:
 
 
 def _run_with_rates(conn, rates_x: dict[str, Any], job_x: dict[str, Any]) -> R.Outcome:
-    job = pipeline.JobRun.from_xcom(job_x)
+    job = jobrun.JobRun.from_xcom(job_x)
     market = job.market
-    rates = pipeline.RatesSnapshot.from_xcom(rates_x)
-    aud = pipeline.Audience(market, tuple(sessions.earlier_markets(market, SESSION, CODES)))
-    batches = pipeline.plan_batches(conn, aud, 100)
+    rates = loading.RatesSnapshot.from_xcom(rates_x)
+    aud = jobrun.Audience(market, tuple(sessions.earlier_markets(market, SESSION, CODES)))
+    batches = loading.plan_batches(conn, aud, 100)
     results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=None)
                for b in batches]
-    pipeline.finalize(conn, job, planned=batches, results=results, rates=rates_x)
+    writing.finalize(conn, job, planned=batches, results=results, rates=rates_x)
     n = conn.execute("SELECT count(*) FROM overnight_job_runs WHERE market = %s AND session_date = %s",
                      (market, SESSION)).fetchone()[0]
     return R.check_invariants(conn, market, SESSION, rows=n)
@@ -201,11 +201,11 @@ def test_a_currency_the_ecb_does_not_publish_affects_only_its_users(conn, server
     conn.commit()
     try:
         with _rates_provider(server, Sleeps()) as provider:
-            snap = pipeline.fetch_rates(conn, provider, pipeline.needed_currencies(conn))
-        assert "ARS" in pipeline.needed_currencies(conn)
+            snap = loading.fetch_rates(conn, provider, loading.needed_currencies(conn))
+        assert "ARS" in loading.needed_currencies(conn)
         assert set(snap.unavailable) == {"ARS"} and "does not publish" in snap.unavailable["ARS"]
         assert set(snap.rates) == set(tables["currencies"]) and snap.source == "frankfurter" and not snap.stale
-        job = pipeline.start_job(conn, MARKET, SESSION, "reliability-ars", force=True)
+        job = jobrun.start_job(conn, MARKET, SESSION, "reliability-ars", force=True)
         out = _run_with_rates(conn, snap.to_xcom(), job.to_xcom())
     finally:
         conn.rollback()
@@ -225,11 +225,11 @@ def test_a_currency_the_ecb_does_not_publish_affects_only_its_users(conn, server
     assert "does not publish" in out.error_details["rates"]["ARS"]
 
 
-def _score(conn, price_provider, *, force: bool = True) -> tuple[pipeline.JobRun, list, list, dict]:
-    job = pipeline.start_job(conn, MARKET, SESSION, "reliability-prices", force=force)
-    rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-    aud = pipeline.Audience(MARKET, tuple(sessions.earlier_markets(MARKET, SESSION, CODES)))
-    batches = pipeline.plan_batches(conn, aud, 100)
+def _score(conn, price_provider, *, force: bool = True) -> tuple[jobrun.JobRun, list, list, dict]:
+    job = jobrun.start_job(conn, MARKET, SESSION, "reliability-prices", force=force)
+    rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
+    aud = jobrun.Audience(MARKET, tuple(sessions.earlier_markets(MARKET, SESSION, CODES)))
+    batches = loading.plan_batches(conn, aud, 100)
     results: list[dict | None] = []
     for b in batches:
         try:
@@ -237,7 +237,7 @@ def _score(conn, price_provider, *, force: bool = True) -> tuple[pipeline.JobRun
         except ProviderError:
             conn.rollback()
             results.append(None)
-    summary = pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+    summary = writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
     return job, batches, results, summary
 
 

@@ -20,7 +20,7 @@ from overnight.adapters import cache
 from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.domain import sessions
 from overnight.domain.markets import load_markets
-from overnight.night import pipeline
+from overnight.night import jobrun, loading, pipeline, writing
 
 ROOT = Path(__file__).resolve().parents[2]
 AUTH_MANAGER = "overnight.dashboard.auth_manager.OvernightSimpleAuthManager"  # what `make airflow` runs (docs/access.md)
@@ -109,17 +109,17 @@ class ApiServer:
         self._log.close()
 
 
-def score_market(pg_dsn: str, redis_url: str, market: str, session: date) -> pipeline.JobRun:
+def score_market(pg_dsn: str, redis_url: str, market: str, session: date) -> jobrun.JobRun:
     """Scores `market` for `session` in-process (every batch), the documents warmed into Redis."""
     codes = load_markets().codes
     client = redis.Redis.from_url(redis_url)
     with psycopg.connect(pg_dsn) as conn:
-        job = pipeline.start_job(conn, market, session, "test-e2e-api")
-        rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-        aud = pipeline.Audience(market, tuple(sessions.earlier_markets(market, session, codes)))
-        batches = pipeline.plan_batches(conn, aud, 300)
+        job = jobrun.start_job(conn, market, session, "test-e2e-api")
+        rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
+        aud = jobrun.Audience(market, tuple(sessions.earlier_markets(market, session, codes)))
+        batches = loading.plan_batches(conn, aud, 300)
         results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn),
                                         warm_cache=lambda docs: cache.warm(client, docs)) for b in batches]
-        pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+        writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
     client.close()
     return job

@@ -10,7 +10,7 @@ import pytest
 from overnight import __version__
 from overnight.domain.recommendations import ALLOCATION_POLICY
 from overnight.domain.scoring import SCORING_VERSION
-from overnight.night import pipeline, replay
+from overnight.night import jobrun, replay
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_calc_version_names_the_package_and_both_rule_versions() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert __version__ == project["version"]
-    assert pipeline.CALC_VERSION == f"{project['version']}+scoring.{SCORING_VERSION}.allocation.{ALLOCATION_POLICY}"
+    assert jobrun.CALC_VERSION == f"{project['version']}+scoring.{SCORING_VERSION}.allocation.{ALLOCATION_POLICY}"
 
 
 @pytest.mark.parametrize(

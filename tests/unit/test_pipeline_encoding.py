@@ -7,15 +7,15 @@ from decimal import Decimal
 
 import pytest
 
-from overnight.night import pipeline
+from overnight.night import jobrun, writing
 
 
 def test_event_id_text_is_the_uuid5_of_the_event():
     for _ in range(200):
         corr, user = str(uuid.uuid4()), str(uuid.uuid4())
-        for etype in pipeline.EVENT_TYPES:
-            text = pipeline._event_id_text(uuid.UUID(corr).bytes, user, etype)
-            assert text == str(pipeline.event_id(corr, user, etype))
+        for etype in jobrun.EVENT_TYPES:
+            text = writing._event_id_text(uuid.UUID(corr).bytes, user, etype)
+            assert text == str(writing.event_id(corr, user, etype))
 
 
 @pytest.mark.parametrize(("value", "text"), [
@@ -23,10 +23,10 @@ def test_event_id_text_is_the_uuid5_of_the_event():
     ("5.350000000000", "5.35"), ("151.2", "151.2"), ("7", "7"), ("-3.50", "-3.5"),
 ])
 def test_num_drops_trailing_zeros_and_keeps_the_value(value, text):
-    assert pipeline._num(Decimal(value)) == text
+    assert jobrun._num(Decimal(value)) == text
     assert Decimal(text) == Decimal(value)
 
 
 def test_copy_json_doubles_backslashes_only():
-    assert pipeline._copy_json('{"a": "x"}') == '{"a": "x"}'
-    assert pipeline._copy_json('{"a": "\\n\\"q"}') == '{"a": "\\\\n\\\\"q"}'
+    assert writing._copy_json('{"a": "x"}') == '{"a": "x"}'
+    assert writing._copy_json('{"a": "\\n\\"q"}') == '{"a": "\\\\n\\\\"q"}'

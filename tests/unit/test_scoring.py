@@ -99,7 +99,7 @@ def test_score_rows_gives_what_score_asset_gives():
     import random
 
     from overnight.domain.scoring import FundamentalsTable, compile_rules, score_rows
-    from overnight.night.pipeline import _decimals
+    from overnight.night.loading import _decimals
 
     rng = random.Random(7)
     checked = vectorised = 0
@@ -140,7 +140,7 @@ def test_score_many_scores_each_user_by_their_own_rules():
     import random
 
     from overnight.domain.scoring import FundamentalsTable, compile_rules, score_many
-    from overnight.night.pipeline import _decimals
+    from overnight.night.loading import _decimals
 
     rng = random.Random(13)
     checked = reasoned = 0

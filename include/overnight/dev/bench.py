@@ -44,7 +44,7 @@ from overnight.dev import devenv, loadgen, seed
 from overnight.dev.devenv import api_host, write_private
 from overnight.domain import sessions
 from overnight.domain.markets import load_markets
-from overnight.night import pipeline
+from overnight.night import jobrun, loading
 
 ROOT = Path(__file__).resolve().parents[3]
 NOOP_DAG = '''"""No-op DAG with the market DAGs' shape: the orchestration floor of `make bench`."""
@@ -313,10 +313,10 @@ class Bench:
         out = {}
         with psycopg.connect(self.dsn) as conn:
             for code in self.codes:
-                aud = pipeline.Audience(code, tuple(sessions.earlier_markets(code, self.session, self.codes)))
+                aud = jobrun.Audience(code, tuple(sessions.earlier_markets(code, self.session, self.codes)))
                 where, params = aud.where()
                 n = _scalar(conn, f"SELECT count(*) FROM users u WHERE {where}", params)
-                size = pipeline.effective_batch_size(n, self.batch_size)
+                size = loading.effective_batch_size(n, self.batch_size)
                 out[code] = math.ceil(n / size) if n else 0
         return out
 

@@ -22,7 +22,7 @@ from typing import IO, Any
 from overnight.adapters import db
 from overnight.domain import sessions
 from overnight.domain.markets import UnknownMarketError, get_market, load_markets
-from overnight.night import pipeline
+from overnight.night import jobrun
 
 ROOT = Path(__file__).resolve().parents[3]
 LOG_DIR = ROOT / ".local" / "logs"
@@ -78,7 +78,7 @@ def run_market(code: str, session: date | None, *, force: bool = False, batch_si
 
 def served_total(code: str, session: date) -> int:
     """How many users `code`'s run serves on `session` (active, none of their markets opening earlier)."""
-    aud = pipeline.Audience(code, tuple(sessions.earlier_markets(code, session, load_markets().codes)))
+    aud = jobrun.Audience(code, tuple(sessions.earlier_markets(code, session, load_markets().codes)))
     where, params = aud.where()
     with db.connect() as conn:
         row = conn.execute(f"SELECT count(*) FROM users u WHERE {where}", params).fetchone()

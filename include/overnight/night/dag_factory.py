@@ -11,7 +11,7 @@ from airflow.sdk import DAG, Param, TriggerRule, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from overnight.domain.markets import Market, format_lead
-from overnight.night import alerts, assets, runtime
+from overnight.night import alerts, assets, jobrun, runtime
 from overnight.night.timetable import MarketSessionTimetable
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ START_DATE = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def _params(market: Market) -> dict[str, Param]:
-    default_bs = market.batch_size or runtime.pipeline.DEFAULT_BATCH_SIZE
+    default_bs = market.batch_size or jobrun.DEFAULT_BATCH_SIZE
     return {
         "session_date": Param(
             None, type=["null", "string"], format="date", title="Session date",

@@ -30,8 +30,9 @@ import psycopg
 
 from overnight.adapters.providers.base import PriceQuote, RatesSnapshot
 from overnight.domain.recommendations import Target
-from overnight.night import pipeline
-from overnight.night.pipeline import CALC_VERSION, EVENT_TYPES, NO_PRICE, AssetRow, Batch, Contribution, JobRun, UserRow
+from overnight.night import calculate, jobrun, loading
+from overnight.night.calculate import NO_PRICE, Batch
+from overnight.night.jobrun import CALC_VERSION, EVENT_TYPES, AssetRow, Contribution, JobRun, UserRow
 
 IDENTICAL, DIFFERENT, OTHER_VERSION = "identical", "different", "other_version"
 NOT_COMPARED = {"CALC_COMPLETED": ("durationMs",)}  # timings of the calculation itself
@@ -282,14 +283,14 @@ def replay(conn: psycopg.Connection, correlation_id: str, user_ids: list[str] | 
     if todo:
         symbols = sorted({sym for s in todo.values() for k in ("holdings", "watchlist")
                           for sym in s.events["INPUTS_CAPTURED"][0][k]})
-        assets = {r[1]: pipeline.snapshot_asset(r) for r in conn.execute(
-            pipeline.SNAPSHOT_SELECT + " AND symbol = ANY(%s)", (job.id, symbols)).fetchall()}
+        assets = {r[1]: loading.snapshot_asset(r) for r in conn.execute(
+            loading.SNAPSHOT_SELECT + " AND symbol = ANY(%s)", (job.id, symbols)).fetchall()}
         quotes = {sym: PriceQuote(sym, price, ccy.strip(), as_of.astimezone(UTC)) for sym, price, ccy, as_of in conn.execute(
             "SELECT symbol, price, currency, as_of FROM overnight_job_prices WHERE job_run_id = %s AND symbol = ANY(%s)",
             (job.id, symbols)).fetchall()}
         rebuilt = [_rebuild(uid, s, assets) for uid, s in todo.items()]
         for batch, users in _batches(job, rebuilt, assets, quotes):
-            calculated, failures = pipeline.calculate_chunk(users, batch)
+            calculated, failures = calculate.calculate_chunk(users, batch)
             for r in calculated:
                 results[r.user_id] = _compare(job, todo[r.user_id], r)
             for uid, stage, message in failures:
@@ -329,7 +330,7 @@ def _result(job: JobRun, uid: str, status: str, version: str | None, stored: _St
                         stored_sha256=sha, **extra)
 
 
-def _compare(job: JobRun, stored: _Stored, result: pipeline.UserResult) -> ReplayResult:
+def _compare(job: JobRun, stored: _Stored, result: jobrun.UserResult) -> ReplayResult:
     """Compares a replayed calculation with the stored one: events field by field, the document by its sha256."""
     differences: list[str] = []
     replayed_events = {etype: json.loads(msgspec.json.encode(payload)) for etype, _, payload, _ in result.events}

@@ -22,7 +22,7 @@ from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.domain import freshness, money, sessions
 from overnight.domain.markets import Market
 from overnight.domain.recommendations import DEFAULT_SCORE_FLOOR
-from overnight.night import pipeline, telemetry
+from overnight.night import jobrun, loading, pipeline, telemetry, writing
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class RunParams:
     session_date: date
     user_ids: tuple[str, ...] | None
     batch_size: int
-    contribution: pipeline.Contribution | None
+    contribution: jobrun.Contribution | None
     force: bool
 
     def to_xcom(self) -> dict[str, Any]:
@@ -64,7 +64,7 @@ class RunParams:
         ids = data.get("user_ids")
         c = data.get("contribution")
         return cls(date.fromisoformat(data["session_date"]), tuple(ids) if ids is not None else None,
-                   int(data["batch_size"]), pipeline.Contribution(Decimal(c["amount"]), c["currency"]) if c else None,
+                   int(data["batch_size"]), jobrun.Contribution(Decimal(c["amount"]), c["currency"]) if c else None,
                    bool(data["force"]))
 
 
@@ -110,13 +110,13 @@ def validate_params(
                 problems.append(f"user_ids: not UUIDs: {bad[:5]}")
             ids = tuple(str(uuid.UUID(str(u))) for u in user_ids if str(u)[:40] not in bad)
     raw_bs = merged.get("batch_size")
-    batch_size = market.batch_size or pipeline.DEFAULT_BATCH_SIZE
+    batch_size = market.batch_size or jobrun.DEFAULT_BATCH_SIZE
     if raw_bs is not None:
         if isinstance(raw_bs, bool) or not isinstance(raw_bs, int) or raw_bs < 1 or raw_bs > 100_000:
             problems.append(f"batch_size: expected an integer from 1 to 100000, got {raw_bs!r}")
         else:
             batch_size = raw_bs
-    contribution: pipeline.Contribution | None = None
+    contribution: jobrun.Contribution | None = None
     raw_c = merged.get("contribution")
     if raw_c not in (None, "", {}):
         try:
@@ -132,7 +132,7 @@ def validate_params(
     return RunParams(session, ids, batch_size, contribution, bool(force))
 
 
-def parse_contribution(raw: Any) -> pipeline.Contribution:
+def parse_contribution(raw: Any) -> jobrun.Contribution:
     """Parses the `contribution` parameter, an amount with its currency; raises ValueError saying what to pass."""
     if not isinstance(raw, dict):
         raise ValueError(f"expected an amount with its currency such as {CONTRIBUTION_EXAMPLE}, got {raw!r}; "
@@ -153,7 +153,7 @@ def parse_contribution(raw: Any) -> pipeline.Contribution:
     value = Decimal(text)
     if value != value.quantize(unit):
         raise ValueError(f"'amount' {text} has more decimals than {currency} has ({-int(unit.as_tuple().exponent)})")
-    return pipeline.Contribution(value, currency)
+    return jobrun.Contribution(value, currency)
 
 
 def score_floor() -> Decimal:
@@ -173,7 +173,7 @@ def score_floor() -> Decimal:
 def start(market: Market, run: RunParams, dag_run_id: str) -> dict[str, Any]:
     """Records the job run (status started) and returns the job for the next tasks."""
     with db.connect() as conn:
-        job = pipeline.start_job(conn, market.code, run.session_date, dag_run_id, force=run.force)
+        job = jobrun.start_job(conn, market.code, run.session_date, dag_run_id, force=run.force)
     return job.to_xcom()
 
 
@@ -227,13 +227,13 @@ def _lead(code: str) -> timedelta:
         return DEFAULT_LEAD
 
 
-def reference_moment(job: pipeline.JobRun, now: datetime | None = None) -> datetime:
+def reference_moment(job: jobrun.JobRun, now: datetime | None = None) -> datetime:
     """The moment the job run is judged at (docs/freshness.md): its session's scheduled run, or now if earlier."""
     scheduled = freshness.scheduled_run(job.market, _lead(job.market), date.fromisoformat(job.session_date))
     return freshness.reference_moment(scheduled, now or datetime.now(UTC))
 
 
-def document_deadline(job: pipeline.JobRun) -> datetime:
+def document_deadline(job: jobrun.JobRun) -> datetime:
     """Until when the job run's documents are fresh: the market's next session's run + the grace period."""
     return freshness.document_deadline(job.market, _lead(job.market), date.fromisoformat(job.session_date),
                                        freshness.grace())
@@ -242,16 +242,16 @@ def document_deadline(job: pipeline.JobRun) -> datetime:
 def fetch_rates(job_x: dict[str, Any]) -> dict[str, Any]:
     """Fetches exchange rates once for the run, judged at the run's reference moment; records a clear error on
     the job run if it cannot."""
-    job = pipeline.JobRun.from_xcom(job_x)
+    job = jobrun.JobRun.from_xcom(job_x)
     t0 = time.perf_counter()
     with db.connect() as conn:
         try:
-            snap = pipeline.fetch_rates(conn, rates_provider(conn), pipeline.needed_currencies(conn),
+            snap = loading.fetch_rates(conn, rates_provider(conn), loading.needed_currencies(conn),
                                         max_age=freshness.max_rates_lag(), now=reference_moment(job),
                                         margin=freshness.rates_margin())
         except Exception as exc:
             conn.rollback()
-            pipeline.record_job_error(conn, job, "fetch_rates", str(exc))
+            jobrun.record_job_error(conn, job, "fetch_rates", str(exc))
             raise
     out = snap.to_xcom()
     out["fetch_ms"] = round((time.perf_counter() - t0) * 1000, 1)
@@ -260,17 +260,17 @@ def fetch_rates(job_x: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def audience(market: Market, run: RunParams, all_codes: list[str]) -> pipeline.Audience:
+def audience(market: Market, run: RunParams, all_codes: list[str]) -> jobrun.Audience:
     """Returns who this market serves on the run's session."""
     earlier = sessions.earlier_markets(market.code, run.session_date, all_codes)
-    return pipeline.Audience(market.code, tuple(earlier), run.user_ids)
+    return jobrun.Audience(market.code, tuple(earlier), run.user_ids)
 
 
 def plan(market: Market, run: RunParams, all_codes: list[str]) -> list[dict[str, Any]]:
     """Plans the user batches of the run (small descriptors)."""
     aud = audience(market, run, all_codes)
     with db.connect() as conn:
-        batches = pipeline.plan_batches(conn, aud, run.batch_size)
+        batches = loading.plan_batches(conn, aud, run.batch_size)
     total = batches[0]["total"] if batches else 0
     log.info("%s %s: %d users in %d batches (earlier markets that day: %s)", market.code, run.session_date,
              total, len(batches), ", ".join(aud.earlier) or "none")
@@ -282,10 +282,10 @@ def plan(market: Market, run: RunParams, all_codes: list[str]) -> list[dict[str,
 def score_batch(batch: dict[str, Any], job_x: dict[str, Any], rates_x: dict[str, Any], run_x: dict[str, Any]
                 ) -> dict[str, Any]:
     """Scores one batch of users and warms their cache entries."""
-    job = pipeline.JobRun.from_xcom(job_x)
+    job = jobrun.JobRun.from_xcom(job_x)
     run = RunParams.from_xcom(run_x)
     rates = RatesSnapshot.from_xcom(rates_x)
-    aud = pipeline.Audience.from_xcom(batch["audience"])
+    aud = jobrun.Audience.from_xcom(batch["audience"])
     from overnight.adapters import cache  # redis is imported by the tasks that use it, not by every task's DAG parse
 
     redis_client = None
@@ -320,9 +320,9 @@ def finalize(job_x: dict[str, Any] | None, planned: list[dict[str, Any]] | None,
     if job_x is None:
         log.error("the start task did not record a job run (bad parameters or database down); nothing to finalize")
         return None
-    job = pipeline.JobRun.from_xcom(job_x)
+    job = jobrun.JobRun.from_xcom(job_x)
     with db.connect() as conn:
-        summary = pipeline.finalize(conn, job, planned=planned, results=results, rates=rates_x,
+        summary = writing.finalize(conn, job, planned=planned, results=results, rates=rates_x,
                                     fetch_rates_ms=(rates_x or {}).get("fetch_ms"))
     attrs = {**summary, "users_success": summary["users_processed"], "market": job.market,
              "session_date": job.session_date, "correlation_id": job.correlation_id}

@@ -1,0 +1,228 @@
+"""Writing a night's results: events, documents and user rows by COPY in one transaction per chunk,
+and the job run's outcome (`finalize`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from typing import Any
+
+import psycopg
+
+from overnight.night.jobrun import MAX_ERROR_DETAILS, JobRun, UserResult, _encode
+
+log = logging.getLogger(__name__)
+
+
+def event_id(correlation_id: str, user_id: str, event_type: str) -> uuid.UUID:
+    """Returns the deterministic id of one of a user's four events in a job run."""
+    return uuid.uuid5(uuid.UUID(correlation_id), f"{user_id}:{event_type}")
+
+
+def _event_id_text(namespace: bytes, user_id: str, event_type: str) -> str:
+    """`str(event_id(...))` without the UUID objects (the writer's hot path); `namespace` is the
+    correlation id's 16 bytes."""
+    h = bytearray(hashlib.sha1(namespace + f"{user_id}:{event_type}".encode()).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50  # version 5
+    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
+def _copy_json(text: str) -> str:
+    """JSON text for COPY: JSON escapes control characters itself, so only backslashes need doubling."""
+    return text.replace("\\", "\\\\") if "\\" in text else text
+
+
+def _copy_array(items: list[str] | None) -> str:
+    """A text[] value for COPY (NULL for None)."""
+    if items is None:
+        return "\\N"
+    if not items:
+        return "{}"
+    arr = '{"' + '","'.join(items) + '"}'
+    if "\\" in arr or arr.count('"') != 2 * len(items) or not arr.isprintable():  # quote, backslash, control
+        arr = _copy_value("{" + ",".join('"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in items) + "}")
+    return arr
+
+
+def _copy_value(v: Any) -> str:
+    if v is None:
+        return "\\N"
+    return str(v).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _write_results(
+    conn: psycopg.Connection, job: JobRun, results: list[UserResult], failures: list[tuple[str, str, str]]
+) -> list[UserResult]:
+    """Writes completed users (events, documents) and failures in one transaction; returns new ones."""
+    conn.commit()  # ends the chunk's read transaction, so each chunk's writes commit on their own
+    with conn.transaction():
+        fresh: set[str] = set()
+        if results:
+            fresh = {
+                str(r[0])
+                for r in conn.execute(
+                    "INSERT INTO overnight_job_users (job_run_id, user_id, status)"
+                    " SELECT %s, unnest(%s::uuid[]), 'completed'"
+                    " ON CONFLICT (job_run_id, user_id) DO UPDATE SET status = 'completed', stage = NULL,"
+                    " error = NULL, updated_at = now() WHERE overnight_job_users.status <> 'completed'"
+                    " RETURNING user_id",
+                    (job.id, [r.user_id for r in results]),
+                )
+            }
+        if failures:
+            conn.execute(
+                "INSERT INTO overnight_job_users (job_run_id, user_id, status, stage, error)"
+                " SELECT %s, u, 'failed', s, e FROM unnest(%s::uuid[], %s::text[], %s::text[]) AS f(u, s, e)"
+                " ON CONFLICT (job_run_id, user_id) DO UPDATE SET status = 'failed', stage = EXCLUDED.stage,"
+                " error = EXCLUDED.error, updated_at = now() WHERE overnight_job_users.status <> 'completed'",
+                (job.id, [f[0] for f in failures], [f[1] for f in failures], [f[2][:1000] for f in failures]),
+            )
+        new = [r for r in results if r.user_id in fresh]
+        if not new:
+            return []
+        with conn.cursor().copy(
+            "COPY calculation_events (event_id, correlation_id, user_id, event_type, payload, symbols, created_at)"
+            " FROM STDIN"
+        ) as cp:
+            lines = []
+            ns = uuid.UUID(job.correlation_id).bytes
+            corr = job.correlation_id
+            for r in new:
+                uid = r.user_id
+                for etype, at, payload, symbols in r.events:
+                    lines.append(f"{_event_id_text(ns, uid, etype)}\t{corr}\t{uid}\t{etype}\t"
+                                 f"{_copy_json(_encode(payload))}\t{_copy_array(symbols)}\t{at.isoformat()}")
+            cp.write("\n".join(lines) + "\n")
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS _recs_in (user_id uuid, job_run_id uuid, correlation_id uuid,"
+            " session_date date, generated_at timestamptz, criteria_version text, rates_stale boolean,"
+            " document text, portfolio text) ON COMMIT DELETE ROWS"
+        )
+        with conn.cursor().copy(
+            "COPY _recs_in (user_id, job_run_id, correlation_id, session_date, generated_at, criteria_version,"
+            " rates_stale, document, portfolio) FROM STDIN"
+        ) as cp:
+            cp.write("\n".join("\t".join(_copy_value(v) for v in (
+                r.user_id, job.id, job.correlation_id, job.session_date, r.generated_at.isoformat(),
+                r.criteria_version, "t" if r.document["ratesStale"] else "f",
+                r.document_json, r.portfolio_json))
+                for r in new) + "\n")
+        # Every document goes to the history as its exact text (CALC_COMPLETED has its sha256); the latest
+        # row of a user is replaced only by a document of the same or a newer session (docs/audit.md).
+        latest = {str(row[0]) for row in conn.execute(
+            "WITH history AS (INSERT INTO recommendation_history (user_id, generated_at, job_run_id, session_date,"
+            " document) SELECT user_id, generated_at, job_run_id, session_date, document FROM _recs_in)"
+            " INSERT INTO recommendations (user_id, job_run_id, correlation_id, generated_at, criteria_version,"
+            " rates_stale, document, portfolio, session_date) SELECT user_id, job_run_id, correlation_id,"
+            " generated_at, criteria_version, rates_stale, document::jsonb, portfolio::jsonb, session_date"
+            " FROM _recs_in ON CONFLICT (user_id) DO UPDATE SET"
+            " job_run_id = EXCLUDED.job_run_id, correlation_id = EXCLUDED.correlation_id,"
+            " generated_at = EXCLUDED.generated_at, criteria_version = EXCLUDED.criteria_version,"
+            " rates_stale = EXCLUDED.rates_stale, document = EXCLUDED.document, portfolio = EXCLUDED.portfolio,"
+            " session_date = EXCLUDED.session_date WHERE recommendations.session_date <= EXCLUDED.session_date"
+            " RETURNING user_id"
+        )}
+        for r in new:
+            r.latest = r.user_id in latest
+    return new
+
+
+# --------------------------------------------------------------------------- finalize
+
+
+def finalize(
+    conn: psycopg.Connection,
+    job: JobRun,
+    *,
+    planned: list[dict[str, Any]] | None,
+    results: list[dict[str, Any] | None],
+    rates: dict[str, Any] | None,
+    fetch_rates_ms: float | None = None,
+) -> dict[str, Any]:
+    """Writes the job-run row's outcome: completed, partial or failed, with counts and metrics."""
+    counts: dict[str, int] = dict(conn.execute(
+        "SELECT status, count(*) FROM overnight_job_users WHERE job_run_id = %s GROUP BY status", (job.id,)
+    ).fetchall())
+    completed, failed_rows = counts.get("completed", 0), counts.get("failed", 0)
+    failures = [
+        {"userId": str(u), "stage": s, "message": e}
+        for u, s, e in conn.execute(
+            "SELECT user_id, stage, error FROM overnight_job_users WHERE job_run_id = %s AND status = 'failed'"
+            " ORDER BY user_id LIMIT %s",
+            (job.id, MAX_ERROR_DETAILS),
+        )
+    ]
+    total = planned[0]["total"] if planned else 0
+    done = [r for r in results if r]
+    done_idx = {r["index"] for r in done}
+    failed_batches = [b["label"] for b in (planned or []) if b["index"] not in done_idx]
+    missing = max(0, total - completed - failed_rows)
+    row = conn.execute("SELECT error_details FROM overnight_job_runs WHERE id = %s", (job.id,)).fetchone()
+    details: dict[str, Any] = dict(row[0] or {}) if row else {}
+    details.pop("users", None)
+    details.pop("batches", None)
+    if failures:
+        details["users"] = failures
+    if failed_batches:
+        details["batches"] = failed_batches
+    stale_prices = sorted(set().union(*(r.get("stale_prices", ()) for r in done)))
+    unusable_prices = sorted(set().union(*(r.get("unusable_prices", ()) for r in done)))
+    rates_missing = dict(sorted(((rates or {}).get("unavailable") or {}).items()))
+    details.pop("rates", None)
+    details.pop("prices", None)
+    if rates_missing:
+        details["rates"] = rates_missing
+    if unusable_prices:
+        details["prices"] = {"unusable": unusable_prices[:MAX_ERROR_DETAILS],
+                             "reason": "quotes older than OVERNIGHT_MAX_PRICE_AGE_HOURS; their holders failed"}
+    if planned is None or rates is None:
+        status = "failed"
+        details.setdefault("run", {"stage": "before fan-out", "message": "a step before the fan-out failed"})
+    elif total and completed == 0:
+        status = "failed"
+    elif failed_rows or missing or failed_batches:
+        status = "partial"
+    else:
+        status = "completed"
+        details.pop("run", None)
+    cache_states = {r["cache_status"] for r in done if r["users"]}
+    cache = ("warmed" if cache_states <= {"warmed", "skipped"} and "warmed" in cache_states
+             else "not warmed" if cache_states == {"failed"}
+             else "partially warmed" if cache_states & {"failed", "partial"} else "nothing to warm")
+    starts = [r["started_at"] for r in done]
+    ends = [r["ended_at"] for r in done]
+    metrics = {
+        "fetch_rates_ms": fetch_rates_ms,
+        "process_users_ms": round((max(ends) - min(starts)) * 1000, 1) if done else 0,
+        "cache_warm_ms": round(sum(r["cache_warm_ms"] for r in done), 1),
+        "users_total": total,
+        "batches": len(planned or []),
+        "batches_failed": len(failed_batches),
+        "assets_scored": sum(r["assets_scored"] for r in done),
+        "recommendations_generated": sum(r["recommendations_generated"] for r in done),
+        "users_with_warnings": sum(r.get("warned", 0) for r in done),
+        "users_skipped_already_done": sum(r["skipped"] for r in done),
+        "cache_status": cache,
+        "cache_errors": sorted({r["cache_error"] for r in done if r.get("cache_error")})[:5],
+        "rates_stale": bool(rates and rates.get("stale")),
+        "rates_as_of": rates.get("as_of") if rates else None,
+        "rates_missing": sorted(rates_missing),
+        "stale_prices": len(stale_prices),
+        "stale_price_symbols": stale_prices[:20],
+        "unusable_prices": len(unusable_prices),
+    }
+    users_failed = failed_rows + missing
+    conn.execute(
+        "UPDATE overnight_job_runs SET status = %s, completed_at = clock_timestamp(), users_processed = %s, users_failed = %s,"
+        " error_details = %s, metrics = %s WHERE id = %s",
+        (status, completed, users_failed, json.dumps(details) if details else None, json.dumps(metrics), job.id),
+    )
+    conn.commit()
+    summary = {"status": status, "users_processed": completed, "users_failed": users_failed, **metrics}
+    log.info("job run %s %s: %d processed, %d failed", job.id, status, completed, users_failed,
+             extra={"correlation_id": job.correlation_id})
+    return summary
