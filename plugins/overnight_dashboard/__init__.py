@@ -56,7 +56,8 @@ class DashboardApp:
     def app(self) -> Any:
         """The dashboard's FastAPI app (every route behind Airflow's auth) behind its `FastPaths` front."""
         if self._app is None:
-            from overnight.dashboard.app import FastPaths, create_app
+            from overnight.dashboard.app import create_app
+            from overnight.dashboard.fastpath import FastPaths
 
             self._app = FastPaths.of(create_app(static_dir=PLUGIN_DIR / "static",
                                                 template_dir=PLUGIN_DIR / "templates"))

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.dashboard import docview
 from overnight.dashboard import store as dashboard
 from overnight.dev import cli
 from overnight.domain import sessions
@@ -57,8 +58,8 @@ def rates_server(pg_dsn: str, seeded: dict[str, int], monkeypatch: pytest.Monkey
         server.stop()
 
 
-def _read(pg_dsn: str, redis_url: str, user_id: str, now: datetime) -> dashboard.DashboardView:
-    async def go() -> dashboard.DashboardView:
+def _read(pg_dsn: str, redis_url: str, user_id: str, now: datetime) -> docview.DashboardView:
+    async def go() -> docview.DashboardView:
         store = dashboard.DashboardStore(pg_dsn=pg_dsn, redis_url=redis_url)
         try:
             return await store.dashboard(user_id, now=now)

@@ -19,6 +19,7 @@ import redis
 
 from overnight.adapters import cache
 from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
+from overnight.dashboard import docview, pgpool
 from overnight.dashboard import store as dashboard
 from overnight.domain import sessions
 from overnight.domain.markets import load_markets
@@ -132,10 +133,10 @@ def _closed_port() -> int:
 )
 def test_parse_user_id(raw: str, ok: bool) -> None:
     if ok:
-        assert dashboard.parse_user_id(raw) == str(uuid.UUID(raw))
+        assert docview.parse_user_id(raw) == str(uuid.UUID(raw))
     else:
-        with pytest.raises(dashboard.InvalidUserId, match="not a UUID"):
-            dashboard.parse_user_id(raw)
+        with pytest.raises(docview.InvalidUserId, match="not a UUID"):
+            docview.parse_user_id(raw)
 
 
 NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
@@ -151,7 +152,7 @@ NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
     ],
 )
 def test_is_stale(generated: datetime | None, rates_stale: bool, stale: bool) -> None:
-    assert dashboard.is_stale(generated, rates_stale, NOW) is stale
+    assert docview.is_stale(generated, rates_stale, NOW) is stale
 
 
 # --------------------------------------------------------------------------- recommendations
@@ -191,7 +192,7 @@ def test_redis_unavailable_falls_back_to_postgres_quickly(scored: dict[str, Any]
     url = silent_redis if kind == "silent" else f"redis://127.0.0.1:{_closed_port()}/0"
     uid = scored["user_id"]
 
-    async def calls(store: dashboard.DashboardStore) -> tuple[list[dashboard.DashboardView], list[float]]:
+    async def calls(store: dashboard.DashboardStore) -> tuple[list[docview.DashboardView], list[float]]:
         views, times = [], []
         for _ in range(10):
             t0 = time.perf_counter()
@@ -217,7 +218,7 @@ def test_a_late_redis_reply_costs_one_request_not_five_seconds_of_postgres(
     pauser = redis.Redis.from_url(scored["redis_url"])
     pauser.set(cache.recs_key(uid), json.dumps(scored["doc"]), ex=cache.TTL_SECONDS)
 
-    async def calls(store: dashboard.DashboardStore) -> list[dashboard.DashboardView]:
+    async def calls(store: dashboard.DashboardStore) -> list[docview.DashboardView]:
         first = await store.dashboard(uid)  # connected, from Redis
         pauser.execute_command("CLIENT", "PAUSE", "500", "ALL")
         late = await store.dashboard(uid)  # times out after 0.2 s: Postgres
@@ -248,9 +249,9 @@ def test_corrupt_cache_value_falls_back_to_postgres(scored: dict[str, Any]) -> N
 
 
 def test_unknown_known_and_malformed_users(scored: dict[str, Any]) -> None:
-    with pytest.raises(dashboard.UnknownUser):
+    with pytest.raises(docview.UnknownUser):
         with_store(scored, lambda s: s.dashboard(str(uuid.uuid4())))
-    with pytest.raises(dashboard.InvalidUserId):
+    with pytest.raises(docview.InvalidUserId):
         with_store(scored, lambda s: s.dashboard("nope"))
     idle = with_store(scored, lambda s: s.dashboard(scored["idle_user"]))
     assert (idle.recommendations, idle.base_currency, idle.stale, idle.from_cache) == ([], "EUR", True, False)
@@ -264,7 +265,7 @@ def test_postgres_down_raises_store_unavailable(scored: dict[str, Any]) -> None:
         finally:
             await store.aclose()
 
-    with pytest.raises(dashboard.StoreUnavailable, match="unavailable"):
+    with pytest.raises(pgpool.StoreUnavailable, match="unavailable"):
         asyncio.run(call())
 
 
@@ -275,7 +276,7 @@ def test_pool_is_reused_across_requests(scored: dict[str, Any]) -> None:
         return len(store._pg._idle)
 
     idle = with_store(scored, many, redis_url="")
-    assert 1 <= idle <= dashboard.PG_POOL_SIZE
+    assert 1 <= idle <= pgpool.PG_POOL_SIZE
 
 
 # --------------------------------------------------------------------------- job runs

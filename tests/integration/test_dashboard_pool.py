@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from overnight.dashboard import store as dashboard
-from overnight.dashboard.store import AsyncPgPool, StoreUnavailable
+from overnight.dashboard import pgpool
+from overnight.dashboard.pgpool import AsyncPgPool, StoreUnavailable
 
 
 def test_a_busy_pool_answers_unavailable_after_its_acquire_timeout(pg_dsn: str) -> None:
@@ -42,7 +42,7 @@ def test_a_busy_pool_answers_unavailable_after_its_acquire_timeout(pg_dsn: str) 
 
 
 def test_a_cancelled_query_is_not_retried(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dashboard, "PG_STATEMENT_TIMEOUT_MS", 200)
+    monkeypatch.setattr(pgpool, "PG_STATEMENT_TIMEOUT_MS", 200)
 
     async def go() -> tuple[str, int, float]:
         pool = AsyncPgPool(pg_dsn)

@@ -16,8 +16,9 @@ import pytest
 from fastapi import Depends, Request
 
 from overnight.dashboard import app as api
+from overnight.dashboard import json_body, models
 from overnight.dashboard.api_auth import Access
-from overnight.dashboard.store import DashboardView, view_from_document
+from overnight.dashboard.docview import DashboardView, view_from_document
 
 UID = "00a41595-d052-5458-a63d-f21b399f9df9"
 DOC: dict[str, Any] = {
@@ -39,7 +40,7 @@ DOC: dict[str, Any] = {
     "market": "XNYS",
     "sessionDate": "2026-11-23",
 }
-RESPONSE = pydantic.TypeAdapter(api.DashboardResponse)
+RESPONSE = pydantic.TypeAdapter(models.DashboardResponse)
 
 
 def _grant_all(request: Request) -> None:
@@ -87,12 +88,12 @@ SAME = [
 @pytest.mark.parametrize("doc", SAME)
 def test_same_bytes_as_the_response_model(doc: dict[str, Any]) -> None:
     data = _data(doc)
-    assert api.dashboard_body(data) == _pydantic(data)
+    assert json_body.dashboard_body(data) == _pydantic(data)
 
 
 def test_same_bytes_for_a_view_built_by_hand() -> None:
     data = DashboardView(UID, [], None, "EUR", None, from_cache=False, stale=True).to_json()
-    assert api.dashboard_body(data) == _pydantic(data)
+    assert json_body.dashboard_body(data) == _pydantic(data)
 
 
 LEFT_TO_PYDANTIC = [
@@ -114,7 +115,7 @@ LEFT_TO_PYDANTIC = [
 @pytest.mark.parametrize("change", LEFT_TO_PYDANTIC)
 def test_values_pydantic_would_coerce_or_refuse_are_left_to_it(change: Callable[[dict[str, Any]], Any]) -> None:
     data = _data(_variant(change))
-    assert api.dashboard_body(data) is None
+    assert json_body.dashboard_body(data) is None
 
 
 class FakeStore:
@@ -172,7 +173,7 @@ def test_json_response_gzips_as_the_api_servers_middleware_would(accept: str, si
 
     body = json.dumps({"data": "x" * (size - 12)}).encode()
     assert len(body) == size
-    resp = api.json_response(body, accept)
+    resp = json_body.json_response(body, accept)
     assert resp.media_type == "application/json"
     if gzipped:
         assert resp.headers["content-encoding"] == "gzip" and resp.headers["vary"] == "Accept-Encoding"
@@ -184,7 +185,7 @@ def test_json_response_gzips_as_the_api_servers_middleware_would(accept: str, si
 
 def test_the_route_gzips_for_a_client_that_takes_it() -> None:
     doc = _variant(lambda d: d["recommendations"].extend(copy.deepcopy(d["recommendations"]) * 2))
-    assert len(api.dashboard_body(_data(doc)) or b"") > 1024
+    assert len(json_body.dashboard_body(_data(doc)) or b"") > 1024
     app = api.create_app(store=FakeStore(doc), dependencies=[Depends(_grant_all)])  # type: ignore[arg-type]
 
     async def go() -> httpx.Response:
@@ -209,7 +210,7 @@ def _general(doc: Any) -> bytes:
 
 @pytest.mark.parametrize("doc", SAME)
 def test_cached_body_is_the_general_paths_bytes(doc: dict[str, Any]) -> None:
-    fast = api.cached_dashboard_body(UID, json.dumps(doc).encode(), now=NOW)
+    fast = json_body.cached_dashboard_body(UID, json.dumps(doc).encode(), now=NOW)
     assert fast is None or fast == _general(doc)
 
 
@@ -219,7 +220,7 @@ TYPED = ["as-written", "no-breakdown", "null-breakdown", "partial-breakdown", "u
 
 @pytest.mark.parametrize("doc", [p for p in SAME if p.id in TYPED])
 def test_documents_as_the_run_writes_them_take_the_typed_path(doc: dict[str, Any]) -> None:
-    assert api.cached_dashboard_body(UID, json.dumps(doc).encode(), now=NOW) == _general(doc)
+    assert json_body.cached_dashboard_body(UID, json.dumps(doc).encode(), now=NOW) == _general(doc)
 
 
 @pytest.mark.parametrize("change", [*LEFT_TO_PYDANTIC,
@@ -228,19 +229,19 @@ def test_documents_as_the_run_writes_them_take_the_typed_path(doc: dict[str, Any
                                     pytest.param(lambda d: d["portfolioSummary"].update(baseCurrency=7),
                                                  id="base-currency-a-number")])
 def test_anything_else_is_left_to_the_general_path(change: Callable[[dict[str, Any]], Any]) -> None:
-    assert api.cached_dashboard_body(UID, json.dumps(_variant(change)).encode(), now=NOW) is None
+    assert json_body.cached_dashboard_body(UID, json.dumps(_variant(change)).encode(), now=NOW) is None
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[]", b'{"recommendations": {}}', b"", b'{"recommendations":[]}x'])
 def test_invalid_json_is_left_to_the_general_path(raw: bytes) -> None:
-    assert api.cached_dashboard_body(UID, raw) is None
+    assert json_body.cached_dashboard_body(UID, raw) is None
 
 
 def test_base_currency_and_freshness_follow_the_view() -> None:
     doc = _variant(lambda d: d["portfolioSummary"].update(baseCurrency=""))
     doc["recommendations"][0]["currency"] = " EUR "
     doc["generatedAt"] = "2026-11-22T09:26:56.196272+01:00"  # another offset: shown in UTC
-    fast = api.cached_dashboard_body(UID, json.dumps(doc).encode(), now=NOW)
+    fast = json_body.cached_dashboard_body(UID, json.dumps(doc).encode(), now=NOW)
     assert fast == _general(doc)
     data = json.loads(fast or b"{}")["data"]
     assert data["baseCurrency"] == "EUR" and data["dataFreshness"]["generatedAt"] == "2026-11-22T08:26:56.196272+00:00"

@@ -11,8 +11,8 @@ from typing import Any
 import pydantic
 import pytest
 
-from overnight.dashboard import app as api
-from overnight.dashboard.store import OVERDUE, view_from_document
+from overnight.dashboard import json_body, models
+from overnight.dashboard.docview import OVERDUE, view_from_document
 
 UID = "00a41595-d052-5458-a63d-f21b399f9df9"
 FRIDAY_DOC: dict[str, Any] = {
@@ -32,7 +32,7 @@ FRIDAY_DOC: dict[str, Any] = {
     "market": "XNYS",
     "sessionDate": "2026-11-20",
 }
-RESPONSE = pydantic.TypeAdapter(api.DashboardResponse)
+RESPONSE = pydantic.TypeAdapter(models.DashboardResponse)
 
 
 def _at(text: str) -> datetime:
@@ -53,7 +53,7 @@ def test_a_friday_document_is_fresh_over_the_weekend(moment: str) -> None:
     now = _at(moment)
     view = view_from_document(UID, FRIDAY_DOC, from_cache=False, now=now)  # a Postgres fallback
     assert (view.stale, view.stale_reason) == (False, None)
-    fast = api.cached_dashboard_body(UID, json.dumps(FRIDAY_DOC).encode(), now=now)
+    fast = json_body.cached_dashboard_body(UID, json.dumps(FRIDAY_DOC).encode(), now=now)
     assert fast == _general(FRIDAY_DOC, now)
     assert (json.loads(fast or b"{}")["data"]["stale"], json.loads(fast or b"{}")["data"]["staleReason"]) == (
         False, None)
@@ -63,7 +63,7 @@ def test_overdue_after_mondays_run_plus_grace_goes_to_the_general_path() -> None
     now = _at("2026-11-23T14:31")
     view = view_from_document(UID, FRIDAY_DOC, from_cache=True, now=now)
     assert (view.stale, view.stale_reason) == (True, OVERDUE)  # the store then says why (run missing, failed...)
-    assert api.cached_dashboard_body(UID, json.dumps(FRIDAY_DOC).encode(), now=now) is None
+    assert json_body.cached_dashboard_body(UID, json.dumps(FRIDAY_DOC).encode(), now=now) is None
 
 
 @pytest.mark.parametrize(("change", "moment", "reason"), [
@@ -78,5 +78,5 @@ def test_other_reasons(change: dict[str, Any], moment: str, reason: str | None) 
     doc = copy.deepcopy(FRIDAY_DOC) | change
     view = view_from_document(UID, doc, from_cache=True, now=_at(moment))
     assert (view.stale, view.stale_reason) == (reason is not None, reason)
-    fast = api.cached_dashboard_body(UID, json.dumps(doc).encode(), now=_at(moment))
+    fast = json_body.cached_dashboard_body(UID, json.dumps(doc).encode(), now=_at(moment))
     assert fast == _general(doc, _at(moment))

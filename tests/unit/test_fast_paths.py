@@ -13,8 +13,10 @@ import pytest
 from fastapi import Depends, HTTPException, Request
 
 from overnight.dashboard import app as api
+from overnight.dashboard import fastpath, json_body
 from overnight.dashboard.api_auth import NO_PERSONAL_DATA, Access, AuthCache, cached_auth
-from overnight.dashboard.store import DashboardView, StoreUnavailable, UnknownUser, parse_user_id, view_from_document
+from overnight.dashboard.docview import DashboardView, UnknownUser, parse_user_id, view_from_document
+from overnight.dashboard.pgpool import StoreUnavailable
 
 SECRET = "k" * 64
 T0 = 1_800_000_000.0
@@ -94,11 +96,11 @@ def stack() -> tuple[FastPathsUnderTest, Airflow]:
                          dependencies=[Depends(cached_auth(airflow.authenticate, airflow.grants, cache))],
                          auth_cache=cache)
     inner = Counting(app)
-    return FastPathsUnderTest(api.FastPaths(inner, app.state.store, cache), inner), airflow
+    return FastPathsUnderTest(fastpath.FastPaths(inner, app.state.store, cache), inner), airflow
 
 
 class FastPathsUnderTest:
-    def __init__(self, front: api.FastPaths, inner: Counting) -> None:
+    def __init__(self, front: fastpath.FastPaths, inner: Counting) -> None:
         self.front, self.inner = front, inner
 
     def get(self, path: str, headers: dict[str, str], query: bytes = b"") -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -143,7 +145,7 @@ def test_a_remembered_token_is_answered_without_the_app_with_the_apps_own_bytes(
         assert fast[2] == b'{"status":"ok"}'
     elif encoding:
         assert (b"content-encoding", b"gzip") in fast[1]
-        assert zlib.decompress(fast[2], 16 + zlib.MAX_WBITS) == api.dashboard_body(
+        assert zlib.decompress(fast[2], 16 + zlib.MAX_WBITS) == json_body.dashboard_body(
             view_from_document(UID, under.front.store.doc, from_cache=True).to_json())  # type: ignore[attr-defined]
 
 
@@ -198,9 +200,9 @@ def test_a_remembered_token_without_personal_data_gets_the_apps_403(stack: tuple
 
 
 def test_route_path_below_the_mount_point() -> None:
-    assert api._route_path({"path": "/overnight/api/v1/ping", "root_path": "/overnight"}) == "/api/v1/ping"
-    assert api._route_path({"path": "/api/v1/ping", "root_path": ""}) == "/api/v1/ping"
-    assert api._route_path({"path": "/overnightx/api", "root_path": "/overnight"}) == "/overnightx/api"
+    assert fastpath._route_path({"path": "/overnight/api/v1/ping", "root_path": "/overnight"}) == "/api/v1/ping"
+    assert fastpath._route_path({"path": "/api/v1/ping", "root_path": ""}) == "/api/v1/ping"
+    assert fastpath._route_path({"path": "/overnightx/api", "root_path": "/overnight"}) == "/overnightx/api"
 
 
 def test_postgres_down_is_the_apps_503_and_postgres_is_asked_once(stack: tuple[FastPathsUnderTest, Airflow]) -> None:

@@ -5,7 +5,8 @@ authentication (`get_user`: bearer token or the UI's `_token` cookie) and the au
 declared once on the app so no route can ship open (`overnight.dashboard.api_auth`, docs/access.md): operations
 routes need "may read DAGs", personal data (a user's dashboard, user ids) the "Overnight
 recommendations" permission. Anonymous API calls get 401 JSON; a browser opening the page without a
-session is sent to Airflow's login page. Data access lives in `overnight.dashboard.store`.
+session is sent to Airflow's login page. Data access lives in `store`; the response models in `models`,
+the pre-encoded dashboard JSON in `json_body`, the hot routes' ASGI front in `fastpath`.
 """
 
 from __future__ import annotations
@@ -16,433 +17,48 @@ import hmac
 import json
 import logging
 import os
-import zlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-import msgspec
 import swagger_ui_bundle
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
-from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from overnight.dashboard.api_auth import (
     AuthCache,
     airflow_auth,
-    bearer_token,
     may_read_personal_data,
     requires_operations,
     requires_personal_data,
     ttl_from_env,
 )
-from overnight.dashboard.store import (
-    HISTORY_PER_MARKET,
-    MAX_LIMIT,
-    OVERDUE,
-    DashboardStore,
-    InvalidUserId,
-    StoreUnavailable,
-    UnknownUser,
-    parse_time,
-    parse_user_id,
-    staleness,
+from overnight.dashboard.docview import InvalidUserId, UnknownUser
+from overnight.dashboard.json_body import dashboard_answer, json_response
+from overnight.dashboard.models import (
+    AssetEventsResponse,
+    DashboardResponse,
+    JobRunsResponse,
+    MarketsResponse,
+    ReplayResponse,
 )
+from overnight.dashboard.pgpool import StoreUnavailable
+from overnight.dashboard.store import HISTORY_PER_MARKET, MAX_LIMIT, DashboardStore
 
 log = logging.getLogger(__name__)
+
 
 API_PREFIX = "/api/v1"
 AUDIT_CONCURRENCY = 2  # /audit queries at once per worker, of the Postgres pool's 8: the dashboard keeps the rest
 AUDIT_WAIT_S = 2.0  # an /audit call waiting longer than this for its turn gets 503
 _SYMBOL_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # any printable text; control characters (NUL) are refused
-
-# --------------------------------------------------------------------------- response models
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class Breakdown(_Model):
-    """Why an asset was recommended."""
-
-    criteriaCount: int | None = None
-    topContributor: str | None = None
-
-
-class Recommendation(_Model):
-    """One recommendation, as the overnight run wrote it (decimals as strings)."""
-
-    assetId: str
-    symbol: str
-    score: str
-    amount: str
-    currency: str
-    allocationGap: str
-    breakdown: Breakdown | None = None
-    allocationGapAfter: str | None = None
-
-
-class Unallocated(_Model):
-    """The part of the contribution the allocation policy did not place (docs/allocation.md)."""
-
-    amount: str
-    reason: str | None = None
-    message: str | None = None
-
-
-class DataFreshness(_Model):
-    """When the document was generated (`generatedAt`) and the as-of times of the inputs it used."""
-
-    generatedAt: str | None = None
-    pricesAsOf: str | None = None
-    ratesAsOf: str | None = None
-    criteriaVersion: str | None = None
-
-
-class Dashboard(BaseModel):
-    """A user's recommendations. `fromCache`: served from Redis (else Postgres); `stale`: built on stale
-    exchange rates, or its market's next run + grace has passed without replacing it (docs/freshness.md);
-    `staleReason` says why (rates_stale, run_failed, run_missing, run_unfinished, user_not_updated, ...).
-    A known user not calculated yet has no recommendations and is stale (not_calculated)."""
-
-    userId: str
-    recommendations: list[Recommendation]
-    totalInvestable: str | None
-    baseCurrency: str | None
-    dataFreshness: DataFreshness | None
-    fromCache: bool
-    stale: bool
-    correlationId: str | None = None
-    portfolioSummary: dict[str, Any] | None = None
-    unallocated: Unallocated | None = None
-    unpricedHoldings: list[dict[str, Any]] | None = None
-    staleReason: str | None = None
-
-
-class DashboardResponse(BaseModel):
-    """`GET /api/v1/dashboard/{user_id}`."""
-
-    data: Dashboard
-
-
-class JobRun(BaseModel):
-    """One `overnight_job_runs` row with its duration and freshness (`ageSeconds` since completion;
-    `stale` with `staleReason` when it used stale rates, failed, has not completed, or its market's next
-    run + grace has passed; docs/freshness.md)."""
-
-    id: str
-    jobType: str
-    market: str
-    sessionDate: str
-    status: str
-    startedAt: str
-    completedAt: str | None
-    durationSeconds: float | None
-    usersProcessed: int
-    usersFailed: int
-    usersTotal: int | None
-    correlationId: str
-    dagRunId: str | None
-    ratesStale: bool
-    ratesAsOf: str | None
-    cacheStatus: str | None
-    ageSeconds: float | None
-    stale: bool
-    staleReason: str | None = None
-    ratesMissing: list[str] = []
-    stalePrices: int = 0
-
-
-class JobRunsResponse(BaseModel):
-    """`GET /api/v1/job-runs`: newest first."""
-
-    data: list[JobRun]
-
-
-class MarketHistory(BaseModel):
-    """A market's latest job run and its last runs, oldest first."""
-
-    market: str
-    latest: JobRun
-    history: list[JobRun]
-
-
-class MarketsResponse(BaseModel):
-    """`GET /api/v1/markets`: per market, the last runs (the page's table and chart)."""
-
-    data: list[MarketHistory]
-
-
-class JobRunRef(BaseModel):
-    """The job run an event belongs to."""
-
-    id: str
-    market: str
-    sessionDate: str
-    status: str
-
-
-class AssetEvent(BaseModel):
-    """A calculation event that scored the asset; `score` is the asset's score in it (null: unscored).
-    `userId` is shown only to holders of the "Overnight recommendations" permission (else null);
-    `userRef` is the user's pseudonym for everyone: stable, not reversible (docs/access.md)."""
-
-    eventId: str
-    eventType: str
-    userId: str | None
-    userRef: str
-    correlationId: str
-    createdAt: str
-    symbol: str
-    score: str | None
-    jobRun: JobRunRef | None
-
-
-class Cursor(BaseModel):
-    """Pass both back as `before` and `before_id` for the next (older) page."""
-
-    before: str
-    beforeId: str
-
-
-class AssetEventsResponse(BaseModel):
-    """`GET /api/v1/audit/assets/{symbol}`: newest first; `next` is null on the last page."""
-
-    data: list[AssetEvent]
-    next: Cursor | None
-
-
-class ReplayResult(BaseModel):
-    """A calculation recomputed from its audit events and its job run's snapshots alone (docs/audit.md).
-    `status`: `identical` (every event field and the document's sha256 match), `different` (`differences` names
-    each field: `path: stored X, replayed Y`) or `other_version` (recorded by another `calcVersion`: the
-    differences may be the rules', and the answer does not pretend otherwise)."""
-
-    userId: str
-    correlationId: str
-    jobRunId: str
-    market: str
-    sessionDate: str
-    status: Literal["identical", "different", "other_version"]
-    storedCalcVersion: str | None
-    replayCalcVersion: str
-    storedDocumentSha256: str | None
-    replayedDocumentSha256: str | None
-    differences: list[str]
-    note: str | None
-
-
-class ReplayResponse(BaseModel):
-    """`GET /api/v1/audit/calculations/{correlation_id}/{user_id}/replay`."""
-
-    data: ReplayResult
-
-
-# --------------------------------------------------------------------------- the dashboard's JSON, pre-encoded
-
-_JSON = msgspec.json.Encoder()
-_REC_STR_FIELDS = ("assetId", "symbol", "score", "amount", "currency", "allocationGap")
-_REC_FIELDS = frozenset(Recommendation.model_fields)
-_UNALLOCATED_FIELDS = {"amount": str, "reason": str, "message": str}
-_BREAKDOWN_FIELDS = {"criteriaCount": int, "topContributor": str}
-_FRESHNESS_FIELDS = dict.fromkeys(DataFreshness.model_fields, str)
-_INT64 = 2**63
-_GZIP_MIN_BYTES = 1024  # Airflow's GZipMiddleware(minimum_size=1024)
-
-
-def _plain(value: Any) -> bool:
-    """True for JSON that msgspec and pydantic write byte for byte alike: str, 64-bit int, bool, null, lists, objects."""
-    kind = type(value)
-    if kind is str or kind is bool or value is None:
-        return True
-    if kind is int:
-        return -_INT64 <= value < _INT64
-    if kind is list:
-        return all(_plain(v) for v in value)
-    if kind is dict:
-        return all(type(k) is str and _plain(v) for k, v in value.items())
-    return False  # floats (formatting differs), anything else
-
-
-def _as_model(obj: Any, fields: Mapping[str, type]) -> dict[str, Any] | None:
-    """`obj` as an `extra="allow"` model of optional `fields` serialises it (declared fields first, then the
-    extras); None when a field holds another type or an extra is not plain JSON."""
-    if type(obj) is not dict:
-        return None
-    out: dict[str, Any] = {}
-    for name, kind in fields.items():
-        value = obj.get(name)
-        if value is not None and type(value) is not kind:
-            return None
-        out[name] = value
-    return out if _add_extras(obj, out, out) else None
-
-
-def _add_extras(obj: dict[str, Any], declared: Any, out: dict[str, Any]) -> bool:
-    """Copies `obj`'s keys not in `declared` into `out`; False when one is not plain JSON."""
-    for key, value in obj.items():
-        if key not in declared:
-            if not _plain(value):
-                return False
-            out[key] = value
-    return True
-
-
-def _recommendation(rec: Any) -> dict[str, Any] | None:
-    if type(rec) is not dict:
-        return None
-    out: dict[str, Any] = {}
-    for name in _REC_STR_FIELDS:
-        if type(value := rec.get(name)) is not str:
-            return None
-        out[name] = value
-    breakdown = rec.get("breakdown")
-    if breakdown is not None and (breakdown := _as_model(breakdown, _BREAKDOWN_FIELDS)) is None:
-        return None
-    out["breakdown"] = breakdown
-    after = rec.get("allocationGapAfter")
-    if after is not None and type(after) is not str:
-        return None
-    out["allocationGapAfter"] = after
-    return out if _add_extras(rec, _REC_FIELDS, out) else None
-
-
-def dashboard_body(data: dict[str, Any]) -> bytes | None:
-    """Returns `{"data": data}` as `DashboardResponse` validates and serialises it (the same bytes, ~10x
-    cheaper), or None when a value is not already of its declared type (then pydantic must coerce or refuse)."""
-    recs = [_recommendation(r) for r in data["recommendations"]]
-    freshness = data["dataFreshness"]
-    if freshness is not None and (freshness := _as_model(freshness, _FRESHNESS_FIELDS)) is None:
-        return None
-    summary = data["portfolioSummary"]
-    unallocated, unpriced = data.get("unallocated"), data.get("unpricedHoldings")
-    if unallocated is not None and ((unallocated := _as_model(unallocated, _UNALLOCATED_FIELDS)) is None
-                                    or unallocated["amount"] is None):
-        return None
-    if unpriced is not None and not (type(unpriced) is list and _plain(unpriced)
-                                     and all(type(u) is dict for u in unpriced)):
-        return None
-    if (None in recs or type(data["userId"]) is not str or type(data["fromCache"]) is not bool
-            or type(data["stale"]) is not bool or (data.get("staleReason") is not None and type(data.get("staleReason")) is not str)
-            or (summary is not None and not (type(summary) is dict and _plain(summary)))
-            or any(data[k] is not None and type(data[k]) is not str
-                   for k in ("totalInvestable", "baseCurrency", "correlationId"))):
-        return None
-    return _JSON.encode({"data": {
-        "userId": data["userId"], "recommendations": recs, "totalInvestable": data["totalInvestable"],
-        "baseCurrency": data["baseCurrency"], "dataFreshness": freshness, "fromCache": data["fromCache"],
-        "stale": data["stale"], "correlationId": data["correlationId"], "portfolioSummary": summary,
-        "unallocated": unallocated, "unpricedHoldings": unpriced,
-        "staleReason": data.get("staleReason"),
-    }})
-
-
-def _typed(model: type[BaseModel], name: str, nested: Mapping[str, Any] | None = None) -> Any:
-    """A msgspec struct with `model`'s declared fields in its order (types as declared, or `nested`'s), which
-    refuses extra fields: it decodes exactly the objects the response model serialises as they are."""
-    fields = [(field, (nested or {}).get(field, info.annotation)) if info.is_required()
-              else (field, (nested or {}).get(field, info.annotation), info.default)
-              for field, info in model.model_fields.items()]
-    return msgspec.defstruct(name, fields, forbid_unknown_fields=True)
-
-
-_CachedBreakdown = _typed(Breakdown, "CachedBreakdown")
-_CachedRecommendation = _typed(Recommendation, "CachedRecommendation", {"breakdown": _CachedBreakdown | None})
-_CachedUnallocated = _typed(Unallocated, "CachedUnallocated")
-
-
-class _CachedDocument(msgspec.Struct):
-    """The fields of a cached `CachedRecommendations` document that the dashboard shows, typed."""
-
-    recommendations: list[_CachedRecommendation]  # type: ignore[valid-type]  # built from the response model
-    generatedAt: str | None = None
-    dataFreshness: dict[str, Any] | None = None
-    portfolioSummary: dict[str, Any] | None = None
-    totalInvestable: str | None = None
-    ratesStale: bool | None = None
-    correlationId: str | None = None
-    market: str | None = None
-    sessionDate: str | None = None
-    unallocated: _CachedUnallocated | None = None  # type: ignore[valid-type]  # built from the response model
-    unpricedHoldings: list[dict[str, Any]] | None = None
-
-
-_decode_cached = msgspec.json.Decoder(_CachedDocument).decode
-
-
-def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None) -> bytes | None:
-    """`dashboard_body` of the view of a cached document, straight from its JSON: typed and validated by
-    msgspec in one pass, with the same bytes; None for anything but a document as the overnight run writes
-    it (extras, other types, invalid JSON), which then takes the general path."""
-    try:
-        doc = _decode_cached(raw)
-    except msgspec.DecodeError:  # ValidationError included
-        return None
-    generated = parse_time(doc.generatedAt)
-    given = dict(doc.dataFreshness or {})
-    given["generatedAt"] = generated.isoformat() if generated else doc.generatedAt
-    if (freshness := _as_model(given, _FRESHNESS_FIELDS)) is None:
-        return None
-    summary = doc.portfolioSummary or None
-    if summary is not None and not _plain(summary):
-        return None
-    unpriced = doc.unpricedHoldings
-    if unpriced is not None and not (_plain(unpriced) and all(type(u) is dict for u in unpriced)):
-        return None
-    recs = doc.recommendations
-    base = (summary or {}).get("baseCurrency") or (recs[0].currency if recs else None)  # type: ignore[attr-defined]
-    if base is not None and type(base) is not str:
-        return None
-    reason = staleness(generated, bool(doc.ratesStale), doc.market, doc.sessionDate, now)
-    if reason == OVERDUE:  # why needs a query: the general path asks Postgres
-        return None
-    return _JSON.encode({"data": {
-        "userId": user_id, "recommendations": recs, "totalInvestable": doc.totalInvestable,
-        "baseCurrency": base.strip() if base is not None else None, "dataFreshness": freshness, "fromCache": True,
-        "stale": reason is not None, "correlationId": doc.correlationId,
-        "portfolioSummary": summary, "unallocated": doc.unallocated, "unpricedHoldings": unpriced,
-        "staleReason": reason,
-    }})
-
-
-async def dashboard_answer(store: DashboardStore, user_id: str) -> bytes | dict[str, Any]:
-    """A user's dashboard as `DashboardResponse` writes it (pre-encoded bytes), or, for a value pydantic must
-    coerce or refuse, the `data` object to hand to it. The cached document is decoded typed when it is as the
-    overnight run writes it; a miss asks Postgres without asking Redis again. Raises InvalidUserId,
-    UnknownUser, StoreUnavailable."""
-    uid = parse_user_id(user_id)
-    raw = await store.cached_raw(uid)
-    if raw is not None and (body := cached_dashboard_body(uid, raw)) is not None:
-        return body
-    data = (await store.dashboard(uid, ask_cache=raw is not None)).to_json()
-    return dashboard_body(data) or data
-
-
-def _encoded(body: bytes, accept_encoding: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """`body` gzipped when the client takes gzip and the api-server's GZipMiddleware would, with the headers
-    that say so. The middleware builds a compressor with a 32 KB window for every response (~110 us); one
-    sized to the body, at level 1, takes ~25 us (4% larger), and the middleware passes a gzipped body through."""
-    if len(body) < _GZIP_MIN_BYTES or "gzip" not in accept_encoding:  # the middleware's own test
-        return body, []
-    window_bits = max(9, min(15, (len(body) - 1).bit_length()))
-    gz = zlib.compressobj(1, zlib.DEFLATED, 16 + window_bits, 4)
-    return gz.compress(body) + gz.flush(), [(b"content-encoding", b"gzip"), (b"vary", b"Accept-Encoding")]
-
-
-def json_response(body: bytes, accept_encoding: str) -> Response:
-    """A JSON response of pre-encoded `body`, gzipped as `_encoded` says."""
-    content, headers = _encoded(body, accept_encoding)
-    response = Response(content, media_type="application/json")
-    response.raw_headers[:0] = headers  # where Starlette puts the headers it is given
-    return response
 
 
 # --------------------------------------------------------------------------- auth
@@ -731,89 +347,3 @@ def create_app(
         )
 
     return app
-
-
-# --------------------------------------------------------------------------- the hot routes, without FastAPI
-
-_PING_PATH = f"{API_PREFIX}/ping"
-_DASHBOARD_PATH = f"{API_PREFIX}/dashboard/"
-_PING_BODY = b'{"status":"ok"}'  # what the app's JSONResponse writes for {"status": "ok"}
-_MAX_USER_ID = 64  # the route's max_length
-
-
-def _route_path(scope: Mapping[str, Any]) -> str:
-    """The request's path below the app's mount point (`root_path`), as Starlette's router reads it."""
-    path, root = scope["path"], scope.get("root_path", "")
-    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-        return path[len(root):]
-    return path
-
-
-class FastPaths:
-    """ASGI front of the dashboard app for the two routes that are called at every login of every user
-    (`GET /api/v1/dashboard/{user_id}`) and by the benchmark beside it (`GET /api/v1/ping`).
-
-    It answers them itself, with the same status, headers and bytes as the app, when the request has no
-    query string and a bearer token that Airflow accepted within the auth cache's TTL (the entry the
-    app's own auth dependency wrote, with the token's permissions: exactly the tokens the app would let
-    through without asking Airflow; a dashboard also needs that entry's personal-data permission). Everything else goes to the FastAPI app, which stays the one place that defines the
-    routes, their errors and their OpenAPI schema: a token's first call, session cookies, query
-    strings, an invalid or unknown user (422/404), a document pydantic must coerce. Postgres down gets the
-    app's 503 from here, so a hung database is not asked twice.
-    FastAPI's routing, dependency solving and response objects cost about a quarter of a dashboard hit.
-    """
-
-    def __init__(self, app: Any, store: DashboardStore, cache: AuthCache | None) -> None:
-        self.app, self.store, self.cache = app, store, cache
-
-    @classmethod
-    def of(cls, app: FastAPI) -> FastPaths:
-        """The front of an app from `create_app` (its store and auth cache)."""
-        return cls(app, app.state.store, app.state.auth_cache)
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if (scope["type"] == "http" and scope["method"] == "GET" and not scope["query_string"]
-                and self.cache is not None and self.cache.ttl_s > 0):
-            try:
-                answer = await self._answer(scope)
-            except StoreUnavailable as exc:  # the app's answer, without asking Postgres a second time
-                await store_unavailable(exc)(scope, receive, send)
-                return
-            if answer is not None:
-                body, headers = answer
-                headers.append((b"content-length", str(len(body)).encode()))
-                headers.append((b"content-type", b"application/json"))
-                await send({"type": "http.response.start", "status": 200, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
-
-    async def _answer(self, scope: dict[str, Any]) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
-        """The body and headers of a 200 answer, or None for "let the app answer"."""
-        path = _route_path(scope)
-        ping = path == _PING_PATH
-        user_id = path[len(_DASHBOARD_PATH):] if path.startswith(_DASHBOARD_PATH) else ""
-        if not ping and (not user_id or "/" in user_id or len(user_id) > _MAX_USER_ID):
-            return None
-        authorization = accept_encoding = None
-        for name, value in scope["headers"]:  # the first of each, as Starlette's Headers.get reads them
-            if name == b"authorization" and authorization is None:
-                authorization = value.decode("latin-1")
-            elif name == b"accept-encoding" and accept_encoding is None:
-                accept_encoding = value.decode("latin-1")
-        token = bearer_token(authorization)
-        assert self.cache is not None
-        access = None if token is None else self.cache.get(AuthCache.key(token, "bearer"))
-        if access is None:
-            return None
-        if ping:
-            return _PING_BODY, []
-        if not access.personal_data:  # the app answers its 403
-            return None
-        try:
-            answer = await dashboard_answer(self.store, user_id)
-        except StoreUnavailable:
-            raise
-        except Exception:  # noqa: BLE001 - 404, 422 and the rest: the app gives its own answer
-            return None
-        return None if isinstance(answer, dict) else _encoded(answer, accept_encoding or "")

@@ -1,0 +1,198 @@
+"""What the dashboard shows of a stored document: user ids, times, freshness (`staleness`) and the
+view (`DashboardView`). Pure helpers, no I/O."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from overnight.domain import freshness
+
+log = logging.getLogger(__name__)
+
+
+STALE_AFTER = timedelta(hours=24)
+
+
+class InvalidUserId(ValueError):
+    """The user id is not a UUID."""
+
+
+class UnknownUser(LookupError):
+    """Neither the users table nor any recommendations know this user id."""
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def parse_user_id(raw: str) -> str:
+    """Returns the canonical UUID string of `raw`; raises InvalidUserId when it is not a UUID."""
+    if type(raw) is str and _CANONICAL_UUID.fullmatch(raw):  # already canonical: as uuid.UUID would write it
+        return raw
+    try:
+        return str(uuid.UUID(str(raw)))
+    except (ValueError, AttributeError, TypeError):
+        raise InvalidUserId(f"user id {str(raw)[:80]!r} is not a UUID (e.g. 3f2b1c9e-...-...)") from None
+
+
+def parse_time(value: Any) -> datetime | None:
+    """Returns an aware UTC datetime from an ISO string or datetime (naive ones taken as UTC); None if unusable."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        dt = value
+    else:
+        try:
+            dt = datetime.fromisoformat(str(value))
+        except ValueError:
+            return None
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+OVERDUE = "overdue"  # past its deadline; the store says why (run failed, missing, unfinished, user not updated)
+
+
+@functools.lru_cache(maxsize=64)
+def _lead(code: str) -> timedelta | None:
+    """The lead of a market in markets.yaml, None when it is not listed (its documents use the 24 h rule)."""
+    from overnight.domain.markets import get_market
+
+    try:
+        return get_market(code).lead
+    except (LookupError, ValueError):
+        return None
+
+
+def _grace() -> timedelta:
+    """The grace period setting; a bad value is logged and the default used (a request never fails on it)."""
+    try:
+        return freshness.grace()
+    except freshness.FreshnessConfigError as exc:
+        log.warning("dashboard: %s; using %s", exc, freshness.DEFAULT_GRACE)
+        return freshness.DEFAULT_GRACE
+
+
+def _deadline(market: Any, session_date: Any, generated_at: datetime | None) -> tuple[datetime | None, bool]:
+    """(`fresh_until`, whether it comes from the market's calendar)."""
+    if type(market) is str and type(session_date) is str:
+        lead = _lead(market)
+        if lead is not None:
+            try:
+                return freshness.document_deadline(market, lead, date.fromisoformat(session_date),
+                                                   _grace()), True
+            except ValueError as exc:  # not a session, outside the calendar's data: the 24 h rule
+                log.warning("dashboard: %s session %s: %s; judging its documents by age", market, session_date, exc)
+    return (generated_at + STALE_AFTER if generated_at is not None else None), False
+
+
+def fresh_until(market: Any, session_date: Any, generated_at: datetime | None) -> datetime | None:
+    """Until when a document is fresh (docs/freshness.md): its market's next session's run + the grace period;
+    24 h after `generated_at` for a document without a known market and session."""
+    return _deadline(market, session_date, generated_at)[0]
+
+
+def staleness(generated_at: datetime | None, rates_stale: bool, market: Any = None, session_date: Any = None,
+              now: datetime | None = None) -> str | None:
+    """Why a document is stale, None when fresh: `rates_stale`, `unknown_age`, `expired` (no market, over 24 h)
+    or OVERDUE (its market's next run + grace has passed; `DashboardStore.overdue_reason` says why)."""
+    if generated_at is None:
+        return freshness.UNKNOWN_AGE
+    if rates_stale:
+        return freshness.RATES_STALE
+    until, from_calendar = _deadline(market, session_date, generated_at)
+    if until is None or (now or datetime.now(UTC)) <= until:
+        return None
+    return OVERDUE if from_calendar else freshness.EXPIRED
+
+
+def is_stale(generated_at: datetime | None, rates_stale: bool, now: datetime | None = None,
+             market: Any = None, session_date: Any = None) -> bool:
+    """Returns True when a document is stale by `staleness`."""
+    return staleness(generated_at, rates_stale, market, session_date, now) is not None
+
+
+@dataclass(frozen=True)
+class DashboardView:
+    """What the dashboard shows for one user; `recommendations` are the document's items, unchanged."""
+
+    user_id: str
+    recommendations: list[dict[str, Any]]
+    total_investable: str | None
+    base_currency: str | None
+    data_freshness: dict[str, Any] | None
+    from_cache: bool
+    stale: bool
+    correlation_id: str | None = None
+    portfolio_summary: dict[str, Any] | None = None
+    unallocated: dict[str, Any] | None = None
+    unpriced_holdings: list[dict[str, Any]] | None = None
+    stale_reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Returns the API's camelCase `data` object."""
+        return {
+            "userId": self.user_id,
+            "recommendations": self.recommendations,
+            "totalInvestable": self.total_investable,
+            "baseCurrency": self.base_currency,
+            "dataFreshness": self.data_freshness,
+            "fromCache": self.from_cache,
+            "stale": self.stale,
+            "correlationId": self.correlation_id,
+            "portfolioSummary": self.portfolio_summary,
+            "unallocated": self.unallocated,
+            "unpricedHoldings": self.unpriced_holdings,
+            "staleReason": self.stale_reason,
+        }
+
+
+def view_from_document(
+    user_id: str, doc: dict[str, Any], *, from_cache: bool, base_currency: str | None = None,
+    now: datetime | None = None,
+) -> DashboardView:
+    """Builds the view of a `CachedRecommendations` document (from Redis or the recommendations row).
+
+    `dataFreshness` is the document's own object (pricesAsOf, ratesAsOf, criteriaVersion) with the
+    document's `generatedAt` added, so the client sees both when it was built and on what inputs.
+    """
+    generated = parse_time(doc.get("generatedAt"))
+    freshness = dict(doc.get("dataFreshness") or {})
+    freshness["generatedAt"] = generated.isoformat() if generated else doc.get("generatedAt")
+    summary = doc.get("portfolioSummary") or None
+    recs = doc.get("recommendations")
+    if not isinstance(recs, list):
+        raise ValueError(f"recommendations document of user {user_id}: 'recommendations' is not a list")
+    base = (summary or {}).get("baseCurrency") or base_currency
+    if base is None and recs:
+        base = recs[0].get("currency")
+    reason = staleness(generated, bool(doc.get("ratesStale")), doc.get("market"), doc.get("sessionDate"), now)
+    return DashboardView(
+        user_id=user_id,
+        recommendations=recs,
+        total_investable=doc.get("totalInvestable"),
+        base_currency=base.strip() if isinstance(base, str) else base,
+        data_freshness=freshness,
+        from_cache=from_cache,
+        stale=reason is not None,
+        correlation_id=doc.get("correlationId"),
+        portfolio_summary=summary,
+        unallocated=doc.get("unallocated"),
+        unpriced_holdings=doc.get("unpricedHoldings"),
+        stale_reason=reason,
+    )
+
+
+def _iso(v: Any) -> Any:
+    if isinstance(v, datetime | date):
+        return v.isoformat()
+    if isinstance(v, uuid.UUID):
+        return str(v)
+    return v
