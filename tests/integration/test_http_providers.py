@@ -19,7 +19,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from overnight.adapters.providers.base import ProviderError
-from overnight.adapters.providers.http import HttpPriceProvider, HttpRatesProvider, parse_retry_after, redact
+from overnight.adapters.providers.http import parse_retry_after, redact
+from overnight.adapters.providers.http_prices import HttpPriceProvider
+from overnight.adapters.providers.http_rates import HttpRatesProvider
 from overnight.adapters.providers.ratelimit import LocalRateLimiter, RateLimitTimeout, RedisRateLimiter
 from tests.support.fake_provider import QUOTE_PATH, RATES_PATH, FakeProviderServer
 

@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from overnight.adapters.providers.http import HttpRatesProvider
+from overnight.adapters.providers.http_rates import HttpRatesProvider
 from overnight.domain import sessions
 from overnight.domain.markets import get_market
 from overnight.night import jobrun, loading, runtime

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from overnight.adapters.providers.http import HttpRatesProvider
+from overnight.adapters.providers.http_rates import HttpRatesProvider
 from overnight.night import loading
 
 CURRENCIES = ["BRL", "GBP", "JPY", "USD"]

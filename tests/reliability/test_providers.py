@@ -18,7 +18,8 @@ import pytest
 
 from overnight.adapters.providers.base import ProviderError
 from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
-from overnight.adapters.providers.http import ECB_PUBLICATION_TIME, ECB_TZ, HttpPriceProvider, HttpRatesProvider
+from overnight.adapters.providers.http_prices import HttpPriceProvider
+from overnight.adapters.providers.http_rates import ECB_PUBLICATION_TIME, ECB_TZ, HttpRatesProvider
 from overnight.domain import sessions
 from overnight.domain.markets import get_market, load_markets
 from overnight.night import jobrun, loading, pipeline, runtime, writing

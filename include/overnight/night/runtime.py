@@ -198,7 +198,7 @@ def rates_provider(conn: Any) -> RatesProvider:
     http = _http_conn(RATES_CONN_ID)
     if http is None:
         return DbRatesProvider(conn)
-    from overnight.adapters.providers.http import HttpRatesProvider
+    from overnight.adapters.providers.http_rates import HttpRatesProvider
 
     return HttpRatesProvider(http[0], api_key=http[1])
 
@@ -209,7 +209,7 @@ def price_provider(conn: Any) -> PriceProvider:
     if http is None:
         return DbPriceProvider(conn)
     from overnight.adapters import cache
-    from overnight.adapters.providers.http import HttpPriceProvider
+    from overnight.adapters.providers.http_prices import HttpPriceProvider
     from overnight.adapters.providers.ratelimit import RedisRateLimiter
 
     limiter = RedisRateLimiter(cache.connect(), "ratelimit:prices", rate_per_s=float(

@@ -98,7 +98,8 @@ def check_redis(info: ConnInfo | None = None, timeout_s: float = TIMEOUT_S) -> l
 
 def check_http_providers(timeout_s: float = TIMEOUT_S) -> tuple[list[str], list[str]]:
     """(problems, notes) for the optional HTTP providers: one cheap request each, skipped when not configured."""
-    from overnight.adapters.providers.http import HttpPriceProvider, HttpRatesProvider
+    from overnight.adapters.providers.http_prices import HttpPriceProvider
+    from overnight.adapters.providers.http_rates import HttpRatesProvider
     from overnight.night import runtime
 
     problems: list[str] = []

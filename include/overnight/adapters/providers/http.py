@@ -1,4 +1,5 @@
-"""HTTP adapters: exchange rates from a Frankfurter (ECB) API, prices from a Yahoo Finance v7 quote API."""
+"""HTTP adapters, what they share: a JSON source with retries, backoff, Retry-After, a rate limiter and
+redacted errors and logs (`_HttpJsonSource`). The providers: `http_rates` (ECB rates), `http_prices` (quotes)."""
 
 from __future__ import annotations
 
@@ -10,23 +11,16 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, date, datetime
-from datetime import time as dtime
+from datetime import UTC, datetime
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any, Self
-from zoneinfo import ZoneInfo
 
 import httpx
 
 from overnight.adapters.providers.base import (
-    QUOTED_IN_MINOR_UNITS,
-    PriceQuote,
     ProviderClientError,
     ProviderError,
-    RatesSnapshot,
-    normalize_quote,
 )
 from overnight.adapters.providers.ratelimit import RateLimiter
 from overnight.adapters.redaction import redact
@@ -35,10 +29,6 @@ logger = logging.getLogger(__name__)
 
 USER_AGENT = "overnight-providers/1.0"
 SNIPPET_CHARS = 200
-
-# The ECB publishes its reference rates for a day at about 16:00 CET/CEST.
-ECB_PUBLICATION_TIME = dtime(16, 0)
-ECB_TZ = ZoneInfo("Europe/Berlin")
 
 
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
@@ -358,287 +348,3 @@ class _HttpJsonSource:
             f"{self.source}: GET {shown} returned an unexpected body: {problem}; body starts with "
             f"{_snippet(text, self._secrets)!r}. Check that base_url points at a {self.source}-compatible API"
         )
-
-
-class HttpRatesProvider(_HttpJsonSource):
-    """RatesProvider for the Frankfurter (ECB reference rates) JSON API: GET {base_url}/latest?base=..&symbols=.."""
-
-    source = "frankfurter"
-
-    def fetch_rates(self, base: str, symbols: list[str]) -> RatesSnapshot:
-        """Returns 1 `base` in each requested currency the provider publishes; missing or invalid ones are left
-        out and listed in `unavailable` (a ProviderError only when none is usable)."""
-        base_code = _currency_code(base, "base")
-        wanted = _dedupe(_currency_code(s, "symbol") for s in symbols)
-        remote = [s for s in wanted if s != base_code]
-        rates: dict[str, Decimal] = (
-            {base_code: Decimal(1)} if base_code in wanted else {}
-        )
-        if not remote:
-            return RatesSnapshot(
-                base=base_code, rates=rates, as_of=datetime.now(UTC), source=self.source
-            )
-        try:
-            body, shown = self._get_json(
-                "/latest", {"base": base_code, "symbols": ",".join(remote)}
-            )
-        except ProviderClientError as exc:
-            if exc.status not in (404, 422) or len(remote) < 2:
-                raise
-            # The API refuses the whole request for one symbol it does not know: ask one by one, so one
-            # unpublished currency never blocks the others.
-            return self._one_by_one(base_code, remote, rates, exc)
-        if not isinstance(body, dict):
-            raise self._shape_error(
-                shown, f"expected a JSON object, got {type(body).__name__}", body
-            )
-        got_base = body.get("base")
-        if not isinstance(got_base, str) or got_base.upper() != base_code:
-            raise self._shape_error(
-                shown, f"base is {got_base!r}, expected {base_code!r}", body
-            )
-        amount = body.get("amount", 1)
-        if _number(amount) != 1:
-            raise self._shape_error(shown, f"amount is {amount!r}, expected 1", body)
-        raw_date = body.get("date")
-        try:
-            day = (
-                date.fromisoformat(str(raw_date)) if isinstance(raw_date, str) else None
-            )
-        except ValueError:
-            day = None
-        if day is None:
-            raise self._shape_error(
-                shown, f"date {raw_date!r} is not an ISO date (YYYY-MM-DD)", body
-            )
-        raw_rates = body.get("rates")
-        if not isinstance(raw_rates, dict):
-            raise self._shape_error(shown, "'rates' is missing or not an object", body)
-        # One currency the provider does not publish (or sends broken) never blocks the others: it is
-        # left out and reported, so only the users who need it are affected (docs/freshness.md).
-        unavailable: dict[str, str] = {}
-        for s in remote:
-            if s not in raw_rates:
-                unavailable[s] = (f"{self.source}: GET {shown} returned no rate for {s} (base {base_code}, date "
-                                  f"{day.isoformat()}); the provider does not publish it: use a provider that covers it")
-                continue
-            rate = _positive_finite(raw_rates[s])
-            if rate is None:
-                unavailable[s] = (f"{self.source}: GET {shown} returned an invalid rate for {s}: {raw_rates[s]!r} "
-                                  "(must be a positive finite number); the provider's data is broken")
-                continue
-            rates[s] = rate
-        if unavailable:
-            logger.warning("rates not delivered provider=%s currencies=%s", self.source, ",".join(unavailable),
-                           extra={"provider": self.source, "unavailable": sorted(unavailable)})
-        if not any(s in rates for s in remote):
-            raise ProviderError(
-                f"{self.source}: GET {shown} delivered no usable rate for any of {', '.join(remote)} (base "
-                f"{base_code}): {'; '.join(unavailable.values())}"
-            )
-        as_of = datetime.combine(day, ECB_PUBLICATION_TIME, tzinfo=ECB_TZ).astimezone(
-            UTC
-        )
-        logger.info(
-            "rates fetched provider=%s base=%s currencies=%d date=%s",
-            self.source,
-            base_code,
-            len(rates),
-            day.isoformat(),
-            extra={
-                "provider": self.source,
-                "base": base_code,
-                "currencies": len(rates),
-                "rates_date": day.isoformat(),
-            },
-        )
-        return RatesSnapshot(
-            base=base_code, rates=rates, as_of=as_of, source=self.source, unavailable=unavailable
-        )
-
-
-    def _one_by_one(self, base: str, remote: list[str], rates: dict[str, Decimal],
-                    refused: ProviderClientError) -> RatesSnapshot:
-        """The rates of `remote` asked one currency at a time; refused ones are listed in `unavailable`."""
-        unavailable: dict[str, str] = {}
-        dated: dict[str, datetime] = {}
-        for s in remote:
-            try:
-                one = self.fetch_rates(base, [s])
-            except ProviderError as exc:
-                unavailable[s] = str(exc)
-                continue
-            rates.update(one.rates)
-            dated.update(dict.fromkeys(one.rates, one.as_of))
-            unavailable.update(one.unavailable)
-        if not dated:
-            raise ProviderError(f"{refused}; asked one by one, no currency was delivered either")
-        logger.warning("rates asked one by one after %s provider=%s unavailable=%s", refused.status, self.source,
-                       ",".join(unavailable))
-        return RatesSnapshot(base=base, rates=rates, as_of=min(dated.values()), source=self.source,
-                             unavailable=unavailable, dated=dated)
-
-
-@dataclass(frozen=True)
-class PriceFetchStats:
-    """Counts of one fetch_prices call."""
-
-    requested: int = 0
-    priced: int = 0
-    missing: int = 0
-    skipped_invalid: int = 0
-    requests: int = 0
-
-
-class HttpPriceProvider(_HttpJsonSource):
-    """PriceProvider for Yahoo Finance's v7 quote JSON API: GET {base_url}/v7/finance/quote?symbols=..."""
-
-    source = "yahoo"
-
-    def __init__(self, base_url: str, *, chunk_size: int = 50, **source: Any) -> None:
-        """`chunk_size` symbols per request; `source` are `_HttpJsonSource`'s settings (api_key, timeout_s, ...)."""
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
-        super().__init__(base_url, **source)
-        self.chunk_size = int(chunk_size)
-        self.last_stats = PriceFetchStats()
-
-    def fetch_prices(self, symbols: list[str]) -> dict[str, PriceQuote]:
-        """Returns a quote per priced symbol (keyed as requested); unknown or invalid symbols are absent."""
-        wanted = _dedupe(s.strip() for s in symbols)
-        bad = [s for s in wanted if not s or "," in s]
-        if bad:
-            raise ValueError(
-                f"symbols must be non-empty and contain no comma, got {bad!r}"
-            )
-        result: dict[str, PriceQuote] = {}
-        skipped = 0
-        requests = 0
-        for start in range(0, len(wanted), self.chunk_size):
-            chunk = wanted[start : start + self.chunk_size]
-            body, shown = self._get_json(
-                "/v7/finance/quote", {"symbols": ",".join(chunk)}
-            )
-            requests += 1
-            by_key = {s.upper(): s for s in chunk}
-            for entry in self._entries(body, shown):
-                outcome = self._quote(entry, by_key, result)
-                if outcome is not None:
-                    skipped += 1
-                    logger.warning(
-                        "price quote skipped provider=%s symbol=%s reason=%s",
-                        self.source,
-                        entry.get("symbol"),
-                        outcome,
-                        extra={
-                            "provider": self.source,
-                            "symbol": str(entry.get("symbol")),
-                            "reason": outcome,
-                        },
-                    )
-        missing = len(wanted) - len(result)
-        self.last_stats = PriceFetchStats(
-            requested=len(wanted),
-            priced=len(result),
-            missing=missing,
-            skipped_invalid=skipped,
-            requests=requests,
-        )
-        logger.info(
-            "prices fetched provider=%s requested=%d priced=%d unpriced=%d skipped_invalid=%d requests=%d",
-            self.source,
-            len(wanted),
-            len(result),
-            missing,
-            skipped,
-            requests,
-            extra={
-                "provider": self.source,
-                "requested": len(wanted),
-                "priced": len(result),
-                "unpriced": missing,
-                "skipped_invalid": skipped,
-                "requests": requests,
-            },
-        )
-        return result
-
-    def _entries(self, body: Any, shown: str) -> list[dict[str, Any]]:
-        """Returns quoteResponse.result, or raises ProviderError if the body does not have that shape."""
-        response = body.get("quoteResponse") if isinstance(body, dict) else None
-        if not isinstance(response, dict):
-            raise self._shape_error(
-                shown, "expected an object with a 'quoteResponse' object", body
-            )
-        error = response.get("error")
-        if error is not None:
-            raise ProviderError(
-                f"{self.source}: GET {shown} reported an error: "
-                f"{_snippet(json.dumps(error, default=str), self._secrets)!r}; check the symbols and the API key"
-            )
-        entries = response.get("result")
-        if not isinstance(entries, list) or not all(
-            isinstance(e, dict) for e in entries
-        ):
-            raise self._shape_error(
-                shown, "quoteResponse.result must be a list of objects", body
-            )
-        return entries
-
-    def _quote(
-        self,
-        entry: dict[str, Any],
-        by_key: dict[str, str],
-        result: dict[str, PriceQuote],
-    ) -> str | None:
-        """Adds the entry's quote to `result`; returns why it was skipped as invalid, or None."""
-        raw_symbol = entry.get("symbol")
-        if not isinstance(raw_symbol, str):
-            return "missing symbol"
-        symbol = by_key.get(raw_symbol.upper())
-        if symbol is None:
-            logger.debug(
-                "unrequested symbol ignored provider=%s symbol=%s",
-                self.source,
-                raw_symbol,
-            )
-            return None
-        if symbol in result:
-            logger.debug(
-                "duplicate quote ignored provider=%s symbol=%s", self.source, symbol
-            )
-            return None
-        raw_price = entry.get("regularMarketPrice")
-        price = _positive_finite(raw_price)
-        if price is None:
-            return f"regularMarketPrice {raw_price!r} is missing or not a positive finite number"
-        currency = entry.get("currency")
-        if not isinstance(currency, str):
-            return f"currency {currency!r} is missing"
-        extra = {"source": self.source}
-        if currency in QUOTED_IN_MINOR_UNITS:  # Yahoo quotes some exchanges in pence, cents, agorot
-            extra.update(quoted_currency=currency, quoted_price=str(price))
-            price, currency = normalize_quote(price, currency)
-        currency = currency.upper()
-        if not _CURRENCY.match(currency):
-            return f"currency {entry.get('currency')!r} is not a 3-letter code"
-        epoch = _number(entry.get("regularMarketTime"))
-        if epoch is None or not epoch.is_finite() or epoch <= 0:
-            return f"regularMarketTime {entry.get('regularMarketTime')!r} is missing or invalid"
-        try:
-            as_of = datetime.fromtimestamp(int(epoch), UTC)
-        except (OverflowError, OSError, ValueError):
-            return (
-                f"regularMarketTime {entry.get('regularMarketTime')!r} is out of range"
-            )
-        for field_name, key in (
-            ("exchange", "exchange"),
-            ("marketState", "market_state"),
-        ):
-            value = entry.get(field_name)
-            if isinstance(value, str):
-                extra[key] = value
-        result[symbol] = PriceQuote(
-            symbol=symbol, price=price, currency=currency, as_of=as_of, extra=extra
-        )
-        return None
