@@ -10,7 +10,8 @@ dag-processor (LocalExecutor, or CeleryExecutor with two workers), and measures 
 - per-batch p50/p95, the peak RSS of one task process, rows and keys written;
 - the dashboard through the api-server: 8 concurrent clients for 20 s, cache hit, miss and a no-op route.
 
-Its last line is one JSON object.
+Its last line is one JSON object. One module (~550 lines) on purpose: a developer tool whose steps share the
+run's processes and files; it is not shipped (.dockerignore leaves out overnight/dev).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Exchange session maths from exchange_calendars (no Airflow): opens in UTC, run times, market per user."""
+"""Exchange session maths from exchange_calendars (no Airflow): opens in UTC, run times, market per user.
+
+Longer than ~400 lines on purpose: the session table (the parse-time cache file of computed sessions) and the
+calendar rules it answers for must change together, and each public function is a few lines over them.
+"""
 
 from __future__ import annotations
 

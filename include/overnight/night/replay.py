@@ -11,6 +11,8 @@ whose sha256 `CALC_COMPLETED` records): `identical`, or the fields that differ. 
 recorded by another `calcVersion` is answered `other_version`, never passed off as a match. docs/audit.md.
 
 No Airflow import: `python -m overnight.night.replay` (`make replay`) and the API route use it as it is.
+One module (~430 lines) on purpose: what the trail stored, its rebuilt inputs and their comparison are read
+together when a replay differs; the calculation itself is the pipeline's (`calculate`).
 """
 
 from __future__ import annotations
