@@ -38,7 +38,7 @@ def test_default_file_loads_the_four_markets_with_default_lead() -> None:
         Market("XNYS", timedelta(hours=2)),
         Market("XTKS", timedelta(hours=2)),
     ]
-    assert DEFAULT_MARKETS_PATH == Path(__file__).resolve().parents[2] / "include" / "markets.yaml"
+    assert DEFAULT_MARKETS_PATH == Path(__file__).resolve().parents[3] / "include" / "markets.yaml"
     assert [m.dag_id for m in loaded.markets] == [
         "overnight_scoring_bvmf",
         "overnight_scoring_xlon",

@@ -22,7 +22,7 @@ from overnight.dev import devenv
 from overnight.night import jobrun, loading, pipeline, writing
 from tests.conftest import RUN_ID, TEST_ENV
 
-GOLDEN = yaml.safe_load((Path(__file__).parents[1] / "data" / "golden_portfolios.yaml").read_text())
+GOLDEN = yaml.safe_load((Path(__file__).parents[2] / "data" / "golden_portfolios.yaml").read_text())
 CASES = GOLDEN["cases"]
 ALL_MARKETS = ["XNYS", "XTKS", "XLON", "BVMF"]
 RUNS = {"default": (date(2026, 11, 30), None),

@@ -12,7 +12,7 @@ from overnight.domain.recommendations import ALLOCATION_POLICY
 from overnight.domain.scoring import SCORING_VERSION
 from overnight.night import jobrun, replay
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_calc_version_names_the_package_and_both_rule_versions() -> None:

@@ -12,7 +12,7 @@ from overnight.adapters.providers.http_rates import HttpRatesProvider
 from overnight.domain import sessions
 from overnight.domain.markets import get_market
 from overnight.night import jobrun, loading, runtime
-from tests.unit.test_freshness import AFTER_HOLIDAYS_2026, HOLIDAYS_2026, MONDAYS_2026, _last_publication_before
+from tests.unit.domain.test_freshness import AFTER_HOLIDAYS_2026, HOLIDAYS_2026, MONDAYS_2026, _last_publication_before
 
 MARKETS = ("BVMF", "XLON", "XNYS", "XTKS")
 CURRENCIES = ["BRL", "GBP", "JPY", "USD"]

@@ -12,7 +12,7 @@ import pytest
 from overnight.domain import freshness, sessions
 from overnight.domain.markets import get_market
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "ecb_target_closing_days_2026_2027.txt"
+DATA = Path(__file__).resolve().parents[2] / "data" / "ecb_target_closing_days_2026_2027.txt"
 BERLIN = ZoneInfo("Europe/Berlin")
 MARKETS = ("BVMF", "XLON", "XNYS", "XTKS")
 

@@ -163,7 +163,7 @@ def test_the_dag_reads_the_market_dags_through_the_task_sdk(pg_dsn: str, airflow
     if stuck_at(datetime.now(UTC)) != stuck_at(datetime.now(UTC) + timedelta(minutes=2)):
         time.sleep(125)  # a grace ends within the test: wait until the answer is settled
     stuck = stuck_at(datetime.now(UTC))
-    module = runpy.run_path(str(Path(__file__).resolve().parents[2] / "dags" / "overnight_preflight.py"))
+    module = runpy.run_path(str(Path(__file__).resolve().parents[3] / "dags" / "overnight_preflight.py"))
     dag_run = module["overnight_preflight"]().test()
     with create_session() as s:
         value = s.scalars(select(XComModel.value).where(

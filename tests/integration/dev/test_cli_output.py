@@ -20,7 +20,7 @@ from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_con
 from overnight.dev import devenv
 from overnight.domain import sessions
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MARKETS = ["BVMF", "XLON", "XNYS", "XTKS"]
 PROGRESS = re.compile(r"^(?P<code>[A-Z]{4})\s+\d{4}-\d{2}-\d{2} (?P<done>[\d,]+)/(?P<total>[\d,]+) users\s+[\d,]+ users/s"
                       r"\s+done in \d+\.\d s$")

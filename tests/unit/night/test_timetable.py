@@ -18,7 +18,7 @@ from overnight.night.timetable import MarketSessionTimetable
 
 pytestmark = pytest.mark.filterwarnings("ignore:Series.values returning an ndarray")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DEFAULT_CODES = ("BVMF", "XLON", "XNYS", "XTKS")
 TWO_HOURS = timedelta(hours=2)
 NINETY_MINUTES = timedelta(minutes=90)

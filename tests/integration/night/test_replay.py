@@ -31,7 +31,7 @@ from overnight.domain import sessions
 from overnight.domain.markets import load_markets
 from overnight.night import calculate, jobrun, loading, pipeline, replay, writing
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RUN_ID = os.environ["OVERNIGHT_TEST_RUN_ID"]
 SESSION = date(2026, 12, 1)  # every market trades
 OLDER, NEWER = date(2026, 11, 30), date(2026, 12, 2)
