@@ -33,7 +33,8 @@ import redis
 
 from overnight import cache
 from overnight.api_auth import NO_PERSONAL_DATA
-from tests.support.api_server import SERVICE, ApiServer, auth_env, score_market, token
+from tests.support.api_server import SERVICE, ApiServer, auth_env, token
+from tests.support.pipeline_run import run_market
 
 pytestmark = pytest.mark.e2e
 
@@ -79,7 +80,7 @@ def stack(airflow_db: None, pg_dsn: str, seeded: dict[str, int]) -> Iterator[dic
     """Scored data, and the two api-servers (normal, hung Redis) with tokens for admin, viewer, the service
     login overnight_app and norole (authenticated, no role), under the auth manager `make airflow` runs."""
     redis_url = os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"]
-    job = score_market(pg_dsn, redis_url, "XNYS", SESSION)
+    job = run_market(pg_dsn, "XNYS", SESSION, "test-e2e-api", redis_url=redis_url, batch_size=300).job
     with psycopg.connect(pg_dsn) as conn:
         user_id, doc = conn.execute(
             "SELECT user_id::text, document FROM recommendations WHERE correlation_id = %s"

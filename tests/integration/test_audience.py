@@ -13,9 +13,9 @@ import exchange_calendars as xcals
 import psycopg
 import pytest
 
-from overnight import pipeline, seed, sessions
+from overnight import pipeline, seed
 from overnight.markets import load_markets
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from tests.support.pipeline_run import run_pipeline
 
 CODES = load_markets().codes
 
@@ -28,12 +28,8 @@ def _oracle(markets: list[str], day: date) -> str | None:
 
 def _run(conn: psycopg.Connection, market: str, day: date, *, user_ids: tuple[str, ...] | None = None,
          force: bool = True) -> tuple[pipeline.JobRun, dict]:
-    job = pipeline.start_job(conn, market, day, "test-audience", force=force)
-    rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-    aud = pipeline.Audience(market, tuple(sessions.earlier_markets(market, day, CODES)), user_ids)
-    batches = pipeline.plan_batches(conn, aud, 150)
-    results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=None) for b in batches]
-    return job, pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+    run = run_pipeline(conn, market, day, "test-audience", force=force, user_ids=user_ids, batch_size=150)
+    return run.job, run.summary
 
 
 def _completed(conn: psycopg.Connection, job: pipeline.JobRun) -> set[str]:

@@ -14,9 +14,8 @@ import psycopg
 import pytest
 import redis
 
-from overnight import cache, cache_warmer, pipeline, sessions
-from overnight.markets import load_markets
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from overnight import cache, cache_warmer
+from tests.support.pipeline_run import run_pipeline
 
 SESSION = date(2026, 11, 24)
 
@@ -24,15 +23,8 @@ SESSION = date(2026, 11, 24)
 @pytest.fixture(scope="module")
 def documents(pg_dsn: str, seeded: dict[str, int]) -> dict[str, tuple[Any, Any]]:
     """Scores XLON for SESSION (no cache warming); returns every recommendations row by user id."""
-    codes = load_markets().codes
     with psycopg.connect(pg_dsn) as conn:
-        job = pipeline.start_job(conn, "XLON", SESSION, "test-cache-warmer")
-        rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-        aud = pipeline.Audience("XLON", tuple(sessions.earlier_markets("XLON", SESSION, codes)))
-        batches = pipeline.plan_batches(conn, aud, 250)
-        results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=None)
-                   for b in batches]
-        pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+        run_pipeline(conn, "XLON", SESSION, "test-cache-warmer", batch_size=250)
         rows = conn.execute("SELECT user_id::text, document, portfolio FROM recommendations").fetchall()
     assert rows
     return {u: (d, p) for u, d, p in rows}

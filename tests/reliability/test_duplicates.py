@@ -9,26 +9,17 @@ import threading
 
 import psycopg
 
-from overnight import cli, pipeline, sessions
-from overnight.markets import load_markets
-from overnight.providers.db import DbPriceProvider, DbRatesProvider
+from overnight import cli
 from tests.support import reliability as R
-
-CODES = load_markets().codes
+from tests.support.pipeline_run import run_pipeline
 
 
 def _whole_run(dsn: str, market: str, session, name: str, barrier: threading.Barrier, out: dict) -> None:
     try:
         with psycopg.connect(dsn) as conn:
             barrier.wait(30)
-            job = pipeline.start_job(conn, market, session, name)
-            rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))
-            aud = pipeline.Audience(market, tuple(sessions.earlier_markets(market, session, CODES)))
-            batches = pipeline.plan_batches(conn, aud, 25)
-            results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=None)
-                       for b in batches]
-            out[name] = (job, pipeline.finalize(conn, job, planned=batches, results=results,
-                                                rates=rates.to_xcom()), results)
+            run = run_pipeline(conn, market, session, name, batch_size=25)
+            out[name] = (run.job, run.summary, run.results)
     except BaseException as exc:  # noqa: BLE001 - reported by the test
         out[name] = exc
 
