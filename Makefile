@@ -10,6 +10,7 @@ DATE ?=
 JOB ?=
 SESSION ?=
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 2
 WITH_ENV := set -a && . .local/env.sh && set +a &&
 
 .PHONY: install env migrate airflow-setup seed demo test run replay airflow stop lint bench
@@ -52,8 +53,9 @@ BATCH ?= 10000
 bench: env  ## the benchmark on fresh databases: USERS=N [EXECUTOR=celery] [BATCH=users per task]
 	@$(WITH_ENV) $(PY) -m overnight.bench --users $(USERS) --executor $(EXECUTOR) --batch-size $(BATCH)
 
-test: env  ## the whole test suite, on fresh databases of its own
-	@$(WITH_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+# PYTEST_WORKERS: pytest-xdist processes (0: one process); each has databases and a Redis database of its own.
+test: env  ## the whole test suite, on fresh databases of its own (PYTEST_WORKERS=2 processes)
+	@$(WITH_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 airflow: airflow-setup  ## api-server on 127.0.0.1:8080 (OVERNIGHT_API_HOST/PORT), scheduler, dag-processor, triggerer; restarted when settings change (stop: make stop)
 	@$(WITH_ENV) $(PY) -m overnight.services start
