@@ -272,12 +272,18 @@ class Bench:
 
     def _sample_processes(self, stop: threading.Event, peak: dict[str, int], figure: str = "cpu_s_by_process") -> None:
         """Peak RSS of any one task process, and CPU seconds per kind of process (where the time goes) as
-        the figure `figure`."""
+        the figure `figure`. Airflow's processes count only when they are this benchmark's (its components and
+        their children): another Airflow on the machine (a test suite's, a second benchmark) is not its load."""
         last: dict[int, float] = {}
         cpu: dict[str, float] = {}
         api = self.procs.get("api-server")
         api_pid = api.pid if api is not None else -1
+        airflow_kinds = {"tasks", "scheduler", "dag-processor", "api-server"}
         while not stop.is_set():
+            ours: set[int] = set()
+            for proc in self.procs.values():
+                with suppress(psutil.Error):
+                    ours |= {proc.pid} | {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
             for p in psutil.process_iter(["cmdline", "memory_info", "cpu_times", "name"]):
                 with suppress(psutil.Error, TypeError):
                     cmd = " ".join(p.info["cmdline"] or [])
@@ -292,6 +298,8 @@ class Bench:
                             "loadgen" if "overnight.loadgen" in cmd else None)
                     if kind is None and "multiprocessing" in cmd and api_pid in {q.pid for q in p.parents()}:
                         kind = "api-server"  # its workers (AIRFLOW__API__WORKERS > 1) are spawned children
+                    if kind in airflow_kinds and p.pid not in ours:
+                        continue
                     if kind:
                         t = p.info["cpu_times"].user + p.info["cpu_times"].system
                         cpu[kind] = cpu.get(kind, 0.0) + t - last.get(p.pid, t)
