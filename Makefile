@@ -65,4 +65,4 @@ stop:  ## stop what the make targets started (Airflow, embedded servers)
 	@if [ -x $(PY) ]; then PYTHONPATH=include $(PY) -m overnight.devenv down; fi
 
 lint: install
-	@$(VENV)/bin/ruff check . && $(VENV)/bin/mypy include/overnight
+	@$(VENV)/bin/ruff check . && $(VENV)/bin/mypy include/overnight && PYTHONPATH=include $(VENV)/bin/lint-imports

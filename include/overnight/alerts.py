@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -127,7 +128,7 @@ def record_alert(conn: psycopg.Connection, job_id: str, kind: str, message: str,
 # --------------------------------------------------------------------------- DAG failure callback
 
 
-def _failed_tasks(dag_id: str, run_id: str | None, context: dict[str, Any]) -> list[str]:
+def _failed_tasks(dag_id: str, run_id: str | None, context: Mapping[str, Any]) -> list[str]:
     """The run's failed and upstream-failed tasks (through the Task SDK), else the task in the context."""
     if run_id:
         try:
@@ -144,7 +145,7 @@ def _failed_tasks(dag_id: str, run_id: str | None, context: dict[str, Any]) -> l
     return [str(task_id)] if task_id else []
 
 
-def _start_job_id(context: dict[str, Any]) -> str | None:
+def _start_job_id(context: Mapping[str, Any]) -> str | None:
     """The job id the run's `start` task returned ({"job": {"id": ...}}), if the context can read XComs."""
     ti = context.get("ti")
     if ti is None or not hasattr(ti, "xcom_pull"):
@@ -159,7 +160,7 @@ def _start_job_id(context: dict[str, Any]) -> str | None:
     return str(job_id) if job_id else None
 
 
-def handle_dag_failure(context: dict[str, Any], dsn: str | None = None) -> dict[str, Any]:
+def handle_dag_failure(context: Mapping[str, Any], dsn: str | None = None) -> dict[str, Any]:
     """Logs the failure and, for a market run, records it on its job run; returns what it found and did."""
     dag_run = context.get("dag_run")
     dag_id = str(_get(context.get("dag"), "dag_id") or _get(dag_run, "dag_id") or "?")
@@ -195,7 +196,7 @@ def handle_dag_failure(context: dict[str, Any], dsn: str | None = None) -> dict[
     return out
 
 
-def on_dag_failure(context: dict[str, Any]) -> None:
+def on_dag_failure(context: Mapping[str, Any]) -> None:
     """DAG-level on_failure_callback: logs one structured line, records the alert on the job run; never raises."""
     try:
         handle_dag_failure(context)

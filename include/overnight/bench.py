@@ -106,6 +106,13 @@ def calibration_s(rounds: int = 3) -> float:
     return round(best, 3)
 
 
+
+def _scalar(conn: psycopg.Connection[Any], query: str, params: Any = ()) -> Any:
+    """The first column of the one row `query` returns."""
+    row = conn.execute(query, params).fetchone()
+    assert row is not None, query
+    return row[0]
+
 class Bench:
     """One benchmark run: its databases, Airflow home, processes and figures."""
 
@@ -313,7 +320,7 @@ class Bench:
             for code in self.codes:
                 aud = pipeline.Audience(code, tuple(sessions.earlier_markets(code, self.session, self.codes)))
                 where, params = aud.where()
-                n = conn.execute(f"SELECT count(*) FROM users u WHERE {where}", params).fetchone()[0]
+                n = _scalar(conn, f"SELECT count(*) FROM users u WHERE {where}", params)
                 size = pipeline.effective_batch_size(n, self.batch_size)
                 out[code] = math.ceil(n / size) if n else 0
         return out
@@ -353,12 +360,14 @@ class Bench:
         self.figures["batch_p50_s"] = round(loadgen.percentile(durations, 50), 2)
         self.figures["batch_p95_s"] = round(loadgen.percentile(durations, 95), 2)
         with psycopg.connect(self.dsn) as conn:
-            processed = conn.execute(
-                "SELECT coalesce(sum(users_processed), 0), coalesce(sum(users_failed), 0) FROM overnight_job_runs"
-                " WHERE session_date = %s", (self.session,)).fetchone()
-            self.figures["users_processed"], self.figures["users_failed"] = int(processed[0]), int(processed[1])
-            self.figures["events_written"] = conn.execute("SELECT count(*) FROM calculation_events").fetchone()[0]
-            self.figures["documents_written"] = conn.execute("SELECT count(*) FROM recommendations").fetchone()[0]
+            self.figures["users_processed"] = int(_scalar(
+                conn, "SELECT coalesce(sum(users_processed), 0) FROM overnight_job_runs WHERE session_date = %s",
+                (self.session,)))
+            self.figures["users_failed"] = int(_scalar(
+                conn, "SELECT coalesce(sum(users_failed), 0) FROM overnight_job_runs WHERE session_date = %s",
+                (self.session,)))
+            self.figures["events_written"] = _scalar(conn, "SELECT count(*) FROM calculation_events")
+            self.figures["documents_written"] = _scalar(conn, "SELECT count(*) FROM recommendations")
         rc = redis.Redis.from_url(self.redis_url)
         self.figures["redis_keys"] = sum(1 for _ in rc.scan_iter("recs:*", count=10_000)) * 2
         self.figures["users_per_s"] = round(self.figures["users_processed"] / wall, 1) if wall else 0

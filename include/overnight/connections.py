@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
+from overnight.redaction import REDACTED, redact
+
 POSTGRES_CONN_ID = "overnight_postgres"
 REDIS_CONN_ID = "overnight_redis"
 
@@ -37,7 +39,7 @@ class ConnInfo:
         """Returns a URI for messages and logs, password masked."""
         auth = ""
         if self.login or self.password:
-            auth = f"{self.login or ''}{':***' if self.password else ''}@"
+            auth = f"{self.login or ''}{':' + REDACTED if self.password else ''}@"
         port = f":{self.port}" if self.port else ""
         return f"{self.conn_type}://{auth}{self.host or ''}{port}/{self.schema or ''}"
 
@@ -146,3 +148,34 @@ def redis_url(info: ConnInfo | None = None) -> str:
         auth = f"{quote(info.login or '', safe='')}:{quote(info.password, safe='')}@"
     scheme = "rediss" if info.extra.get("ssl", "").lower() == "true" or info.conn_type == "rediss" else "redis"
     return f"{scheme}://{auth}{info.host or 'localhost'}:{info.port or 6379}/{db}"
+
+
+# --------------------------------------------------------------------------- reachability
+
+
+def failure_line(exc: BaseException, info: ConnInfo | None = None) -> str:
+    """An exception as one line ("Type: first line"), the connection's password masked."""
+    text = str(exc).strip()
+    line = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    return redact(line, [info.password] if info else [])
+
+
+def reach_postgres(info: ConnInfo, timeout_s: float, application_name: str = "overnight-check") -> None:
+    """Connects to the connection's database and runs SELECT 1; raises the driver's error if it cannot."""
+    import psycopg
+
+    with psycopg.connect(postgres_dsn(info), connect_timeout=max(1, round(timeout_s)),
+                         application_name=application_name) as conn:
+        conn.execute("SELECT 1").fetchone()
+
+
+def reach_redis(info: ConnInfo, timeout_s: float) -> None:
+    """PINGs the connection's Redis; raises the client's error (or ConnectionError without PONG)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url(info), socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        if not client.ping():
+            raise ConnectionError("PING did not answer PONG")
+    finally:
+        client.close()

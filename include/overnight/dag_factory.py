@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -108,7 +109,7 @@ or `make run MARKET={market.code} DATE=YYYY-MM-DD`.
 """
 
 
-def _context_session(ctx: dict[str, Any]) -> tuple[datetime | None, datetime | None]:
+def _context_session(ctx: Mapping[str, Any]) -> tuple[datetime | None, datetime | None]:
     dag_run = ctx["dag_run"]
     end = getattr(dag_run, "data_interval_end", None)
     run_after = getattr(dag_run, "run_after", None)
@@ -165,7 +166,7 @@ def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
               execution_timeout=timedelta(hours=1))
         def score_batch(batch: dict[str, Any], started: dict[str, Any], rates: dict[str, Any]) -> dict[str, Any]:
             """Scores one batch of users (one user's failure never stops the others)."""
-            get_current_context()["batch_label"] = batch["label"]  # type: ignore[literal-required]
+            get_current_context()["batch_label"] = batch["label"]  # type: ignore[typeddict-unknown-key]
             return runtime.score_batch(batch, started["job"], rates, started["run"])
 
         @task(trigger_rule=TriggerRule.ALL_DONE, retries=3, outlets=[recommendations], multiple_outputs=False)
@@ -185,8 +186,8 @@ def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
             return summary
 
         started = start()
-        rates = fetch_rates(started)
-        batches = plan_batches(started)
+        rates = fetch_rates(started)  # type: ignore[arg-type]  # an XComArg stands for the dict at run time
+        batches = plan_batches(started)  # type: ignore[arg-type]
         results = score_batch.partial(started=started, rates=rates).expand(batch=batches)
         results >> finalize()
 

@@ -25,9 +25,11 @@ from overnight.connections import (
     REDIS_CONN_ID,
     ConnectionNotConfigured,
     ConnInfo,
+    failure_line,
     parse_connection,
     postgres_dsn,
-    redis_url,
+    reach_postgres,
+    reach_redis,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -194,16 +196,14 @@ def check_postgres(info: ConnInfo, create: bool = True) -> None:
     """Connects to the application database (creating it when missing); raises SetupError if not."""
     import psycopg
 
-    dsn = postgres_dsn(info)
     try:
-        psycopg.connect(dsn, connect_timeout=5).close()
+        reach_postgres(info, 5, application_name="overnight-setup")
         return
     except psycopg.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         missing_db = "does not exist" in str(exc) and "database" in str(exc)
         if not (create and missing_db):
             raise SetupError(
-                f"connection '{POSTGRES_CONN_ID}' ({info.redacted()}): cannot connect: {first}. "
+                f"connection '{POSTGRES_CONN_ID}' ({info.redacted()}): cannot connect: {failure_line(exc, info)}. "
                 "Fix AIRFLOW_CONN_OVERNIGHT_POSTGRES (host, port, user, password, database) "
                 "or unset it to use the embedded Postgres."
             ) from None
@@ -233,10 +233,10 @@ def check_redis(info: ConnInfo) -> None:
     import redis
 
     try:
-        redis.Redis.from_url(redis_url(info), socket_connect_timeout=3, socket_timeout=3).ping()
-    except redis.RedisError as exc:
+        reach_redis(info, 3)
+    except (redis.RedisError, ConnectionError) as exc:
         raise SetupError(
-            f"connection '{REDIS_CONN_ID}' ({info.redacted()}): cannot connect: {exc}. "
+            f"connection '{REDIS_CONN_ID}' ({info.redacted()}): cannot connect: {failure_line(exc, info)}. "
             "Fix AIRFLOW_CONN_OVERNIGHT_REDIS or unset it to use the embedded Redis."
         ) from None
 

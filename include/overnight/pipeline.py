@@ -696,6 +696,7 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     candidates = []
     for _, symbol, j, asset in shortlist(buyable, _asset_class):
         sc = slow.get(j) or found.score(j)
+        assert sc.score is not None  # buyable holds scored assets only
         candidates.append(Candidate(asset.id, symbol, asset.class_name, sc.score, sc.criteria_count,
                                     sc.top_contributor))
     started = stamps[0]
@@ -1117,7 +1118,7 @@ def finalize(
     fetch_rates_ms: float | None = None,
 ) -> dict[str, Any]:
     """Writes the job-run row's outcome: completed, partial or failed, with counts and metrics."""
-    counts = dict(conn.execute(
+    counts: dict[str, int] = dict(conn.execute(
         "SELECT status, count(*) FROM overnight_job_users WHERE job_run_id = %s GROUP BY status", (job.id,)
     ).fetchall())
     completed, failed_rows = counts.get("completed", 0), counts.get("failed", 0)

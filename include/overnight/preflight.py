@@ -25,11 +25,13 @@ from overnight.connections import (
     REDIS_CONN_ID,
     ConnectionNotConfigured,
     ConnInfo,
+    failure_line,
     get_connection,
-    postgres_dsn,
-    redis_url,
+    reach_postgres,
+    reach_redis,
 )
 from overnight.markets import Market
+from overnight.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +58,6 @@ class Report:
         return f"preflight: {len(self.problems)} problem(s):\n" + "\n".join(f"- {p}" for p in self.problems)
 
 
-def _mask(text: str, *secrets: str | None) -> str:
-    """`text` with every given secret replaced by ***."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception as one line: its type and first message line."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
 # --------------------------------------------------------------------------- connections
 
 
@@ -84,37 +72,26 @@ def _info(conn_id: str, info: ConnInfo | None) -> tuple[ConnInfo | None, list[st
 
 def check_postgres(info: ConnInfo | None = None, timeout_s: float = TIMEOUT_S) -> list[str]:
     """Problems reaching the `overnight_postgres` connection with `select 1` (password masked)."""
-    import psycopg
-
     info, problems = _info(POSTGRES_CONN_ID, info)
     if info is None:
         return problems
     try:
-        with psycopg.connect(postgres_dsn(info), connect_timeout=max(1, round(timeout_s)),
-                             application_name="overnight-preflight") as conn:
-            conn.execute("SELECT 1").fetchone()
+        reach_postgres(info, timeout_s, application_name="overnight-preflight")
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
-        return [f"{info.conn_id} ({info.redacted()}): {_mask(_one_line(exc), info.password)}; check host, port, "
+        return [f"{info.conn_id} ({info.redacted()}): {failure_line(exc, info)}; check host, port, "
                 "database and credentials, and that the server is up"]
     return []
 
 
 def check_redis(info: ConnInfo | None = None, timeout_s: float = TIMEOUT_S) -> list[str]:
     """Problems reaching the `overnight_redis` connection with PING (password masked)."""
-    import redis
-
     info, problems = _info(REDIS_CONN_ID, info)
     if info is None:
         return problems
     try:
-        client = redis.Redis.from_url(redis_url(info), socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
-        try:
-            if not client.ping():
-                raise ConnectionError("PING did not answer PONG")
-        finally:
-            client.close()
+        reach_redis(info, timeout_s)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
-        return [f"{info.conn_id} ({info.redacted()}): {_mask(_one_line(exc), info.password)}; check host, port, "
+        return [f"{info.conn_id} ({info.redacted()}): {failure_line(exc, info)}; check host, port, "
                 "database number and password, and that the server is up"]
     return []
 
@@ -122,7 +99,7 @@ def check_redis(info: ConnInfo | None = None, timeout_s: float = TIMEOUT_S) -> l
 def check_http_providers(timeout_s: float = TIMEOUT_S) -> tuple[list[str], list[str]]:
     """(problems, notes) for the optional HTTP providers: one cheap request each, skipped when not configured."""
     from overnight import runtime
-    from overnight.providers.http import HttpPriceProvider, HttpRatesProvider, redact
+    from overnight.providers.http import HttpPriceProvider, HttpRatesProvider
 
     problems: list[str] = []
     notes: list[str] = []
@@ -141,7 +118,7 @@ def check_http_providers(timeout_s: float = TIMEOUT_S) -> tuple[list[str], list[
             with cls(base, api_key=key, timeout_s=timeout_s, max_attempts=1) as provider:
                 probe(provider)
         except Exception as exc:  # noqa: BLE001 - every failure becomes one line
-            problems.append(f"{conn_id} ({redact(base, [key])}): {redact(_one_line(exc), [key])}")
+            problems.append(f"{conn_id} ({redact(base, [key])}): {redact(failure_line(exc), [key])}")
         else:
             notes.append(f"{conn_id}: answered")
     return problems, notes
@@ -170,8 +147,8 @@ def check_pools(required: Mapping[str, list[str]], existing: Iterable[str]) -> l
     have = set(existing)
     return [
         f"pool '{name}' does not exist (needed by {', '.join(users)}); create it with "
-        f"`airflow pools set {name} <slots> '<description>'` or load airflow_settings.yaml "
-        "(`python -m overnight.airflow_setup`)"
+        f"`airflow pools set {name} <slots> '<description>'` (its size is in airflow_settings.yaml; "
+        "`make airflow-setup` loads that file in a checkout)"
         for name, users in sorted(required.items()) if name not in have
     ]
 
@@ -306,7 +283,7 @@ def dags_info_from_sdk(dag_ids: Iterable[str]) -> dict[str, dict[str, Any] | Non
             if "404" in text or "not found" in text.lower():
                 out[dag_id] = None
                 continue
-            raise RuntimeError(f"{dag_id}: {_one_line(exc)}") from exc
+            raise RuntimeError(f"{dag_id}: {failure_line(exc)}") from exc
         out[dag_id] = {"is_paused": dag.is_paused, "next_dagrun": dag.next_dagrun}
     return out
 
@@ -348,7 +325,7 @@ def run_in_task(now: datetime | None = None) -> Report:
         dags_info = dags_info_from_sdk([m.dag_id for m in loaded.markets])
     except Exception as exc:  # noqa: BLE001 - outside a task (no supervisor) this check cannot run
         dags_info = None
-        skipped.append(f"market DAG state: skipped: the Task SDK could not be asked ({_one_line(exc)})")
+        skipped.append(f"market DAG state: skipped: the Task SDK could not be asked ({failure_line(exc)})")
     pools: list[str] | None = None
     access = api_access()
     if access is None:
@@ -363,7 +340,7 @@ def run_in_task(now: datetime | None = None) -> Report:
         except Exception as exc:  # noqa: BLE001 - every failure becomes one line
             secrets = [access[1], access[3]]
             extra_problems.append(f"pools: the Airflow API at {access[0]} did not list the pools: "
-                                  f"{_mask(_one_line(exc), *secrets)}; check {API_CONN_ID}")
+                                  f"{redact(failure_line(exc), secrets)}; check {API_CONN_ID}")
     report = run_checks(loaded.markets, now=now, dags_info=dags_info, pools=pools, skipped=skipped)
     report.problems = extra_problems + report.problems
     return report

@@ -150,7 +150,7 @@ def parse_contribution(raw: Any) -> pipeline.Contribution:
         raise ValueError(f"'amount' must be a non-negative amount such as \"1500.00\", got {amount!r}")
     value = Decimal(text)
     if value != value.quantize(unit):
-        raise ValueError(f"'amount' {text} has more decimals than {currency} has ({-unit.as_tuple().exponent})")
+        raise ValueError(f"'amount' {text} has more decimals than {currency} has ({-int(unit.as_tuple().exponent)})")
     return pipeline.Contribution(value, currency)
 
 

@@ -217,10 +217,10 @@ def seed(
                                              contribution, markets_literal, key)))
             remaining = 90.0
             for cid in ASSET_CLASSES:
-                lo = round(urng.uniform(0, min(remaining, 40)), 1)
-                remaining -= lo
-                hi = round(min(100.0, lo + urng.uniform(10, 40)), 1)
-                bufs["allocation_targets"].append(f"{uid}\t{cid}\t{lo}\t{hi}")
+                low = round(urng.uniform(0, min(remaining, 40)), 1)
+                remaining -= low
+                high = round(min(100.0, low + urng.uniform(10, 40)), 1)
+                bufs["allocation_targets"].append(f"{uid}\t{cid}\t{low}\t{high}")
             pool = [a for m in chosen for a in by_market[m]]
             n_hold = urng.randint(10, 50)
             n_watch = urng.randint(0, 50)

@@ -327,12 +327,13 @@ def _nearest_sessions(code: str, d: date) -> tuple[date | None, date | None]:
     return before, after
 
 
-def _not_a_session(code: str, d: date) -> ValueError:
-    """The error for a date that is not a session of `code`, naming the nearest sessions."""
+def _not_a_session(code: str, d: date, advice: str = "") -> ValueError:
+    """The error for a date that is not a session of `code`, naming the nearest sessions (then `advice`)."""
     before, after = _nearest_sessions(code, d)
     return ValueError(
         f"{d.isoformat()} is not a {code} session (weekend or exchange holiday); nearest sessions: "
         f"{before.isoformat() if before else 'none'} before, {after.isoformat() if after else 'none'} after"
+        + (f"; {advice}" if advice else "")
     )
 
 
@@ -422,12 +423,7 @@ def validate_session_date(code: str, value: str) -> date:
     except ValueError as exc:
         raise ValueError(f"session date {value!r} is not a real calendar date ({exc}); expected YYYY-MM-DD") from exc
     if not is_session(code, d):
-        before, after = _nearest_sessions(code, d)
-        raise ValueError(
-            f"{d.isoformat()} is not a {code} session (weekend or exchange holiday); nearest sessions: "
-            f"{before.isoformat() if before else 'none'} before, {after.isoformat() if after else 'none'} after; "
-            "pass one of those"
-        )
+        raise _not_a_session(code, d, "pass one of those")
     return d
 
 

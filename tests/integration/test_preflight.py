@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -94,7 +96,7 @@ def test_pools_from_the_rest_api(fake_provider: FakeProviderServer) -> None:
 
 
 def test_run_checks_with_everything_fed(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from datetime import UTC, datetime
+
 
     from overnight import sessions
     from overnight.markets import load_markets
@@ -125,8 +127,14 @@ def test_run_in_task_outside_airflow_skips_what_it_cannot_ask(pg_dsn: str, monke
 
 
 def test_the_dag_reads_the_market_dags_through_the_task_sdk(pg_dsn: str, airflow_db: None,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """dag.test() runs the task under a real Task SDK supervisor: the market DAGs' state is read, not skipped."""
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capfd: pytest.CaptureFixture[str]) -> None:
+    """dag.test() runs the task under a real Task SDK supervisor: the market DAGs' state is read, not skipped.
+
+    No scheduler runs here. Inside a market's lead window (XLON from 06:00 UTC, ...) the DAG's next run is
+    that session's run, already due; a scheduler would create it at once and move on, but here nothing
+    does, so once the grace has passed the preflight rightly reports that DAG as stuck, and fails.
+    """
     import json
     import runpy
     from pathlib import Path
@@ -137,14 +145,33 @@ def test_the_dag_reads_the_market_dags_through_the_task_sdk(pg_dsn: str, airflow
 
     for name in ("AIRFLOW_CONN_OVERNIGHT_RATES_HTTP", "AIRFLOW_CONN_OVERNIGHT_PRICES_HTTP"):
         monkeypatch.delenv(name, raising=False)
+    from overnight import sessions
+    from overnight.markets import load_markets
+
+    def stuck_at(now: datetime) -> list[str]:
+        """DAGs whose run fell due more than the grace ago: the calendar's word, not the preflight's."""
+        return [m.dag_id for m in load_markets().markets
+                if sessions.next_run(m.code, timedelta(0), now, inclusive=False)[1] - m.lead
+                < now - preflight.NEXT_RUN_GRACE]
+
+    if stuck_at(datetime.now(UTC)) != stuck_at(datetime.now(UTC) + timedelta(minutes=2)):
+        time.sleep(125)  # a grace ends within the test: wait until the answer is settled
+    stuck = stuck_at(datetime.now(UTC))
     module = runpy.run_path(str(Path(__file__).resolve().parents[2] / "dags" / "overnight_preflight.py"))
     dag_run = module["overnight_preflight"]().test()
     with create_session() as s:
         value = s.scalars(select(XComModel.value).where(
             XComModel.dag_id == "overnight_preflight", XComModel.run_id == dag_run.run_id,
             XComModel.task_id == "preflight", XComModel.key == "return_value")).one_or_none()
+    if stuck:
+        out = capfd.readouterr().out
+        assert str(dag_run.state).endswith("failed"), out[-3000:]
+        assert f"preflight: {len(stuck)} problem(s):" in out
+        assert all(f"- {dag_id}: Airflow's next run is " in out for dag_id in stuck), out[-3000:]
+        return
     assert str(dag_run.state).endswith("success"), "the preflight task failed: see its log above"
     report = json.loads(value) if isinstance(value, str) else value
     assert report["problems"] == 0
     assert not any(w.startswith("market DAG state") for w in report["warnings"])  # asked, not skipped
     assert any(w.startswith("pools: skipped") for w in report["warnings"])
+

@@ -16,7 +16,6 @@ from datetime import time as dtime
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from typing import Any, Self
-from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -24,35 +23,19 @@ import httpx
 from overnight.money import QUOTED_IN_MINOR_UNITS, normalize_quote
 from overnight.providers.base import PriceQuote, ProviderClientError, ProviderError, RatesSnapshot
 from overnight.providers.ratelimit import RateLimiter
+from overnight.redaction import redact
 
 logger = logging.getLogger(__name__)
 
 USER_AGENT = "overnight-providers/1.0"
 SNIPPET_CHARS = 200
-REDACTED = "***"
 
 # The ECB publishes its reference rates for a day at about 16:00 CET/CEST.
 ECB_PUBLICATION_TIME = dtime(16, 0)
 ECB_TZ = ZoneInfo("Europe/Berlin")
 
 
-_SENSITIVE_QUERY = re.compile(
-    r"(?i)([?&;](?:api[_-]?key|apikey|access[_-]?key|key|token|access[_-]?token|secret|password|sig|signature)=)"
-    r"[^&;#\s'\"]*"
-)
-_USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
-
-
-def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """Returns `text` with the given secrets, credential-like query values and URL user-info replaced by ***."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED).replace(
-                quote(secret, safe=""), REDACTED
-            )
-    text = _SENSITIVE_QUERY.sub(lambda m: m.group(1) + REDACTED, text)
-    return _USERINFO.sub(lambda m: m.group(1) + REDACTED + "@", text)
 
 
 class _RedactingFilter(logging.Filter):
@@ -506,39 +489,11 @@ class HttpPriceProvider(_HttpJsonSource):
 
     source = "yahoo"
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        api_key: str | None = None,
-        api_key_param: str = "apikey",
-        timeout_s: float = 5.0,
-        max_attempts: int = 4,
-        backoff_base_s: float = 0.5,
-        backoff_max_s: float = 8.0,
-        retry_after_max_s: float = 30.0,
-        rate_limiter: RateLimiter | None = None,
-        client: httpx.Client | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-        jitter: Callable[[], float] = random.random,
-        chunk_size: int = 50,
-    ) -> None:
+    def __init__(self, base_url: str, *, chunk_size: int = 50, **source: Any) -> None:
+        """`chunk_size` symbols per request; `source` are `_HttpJsonSource`'s settings (api_key, timeout_s, ...)."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
-        super().__init__(
-            base_url,
-            api_key=api_key,
-            api_key_param=api_key_param,
-            timeout_s=timeout_s,
-            max_attempts=max_attempts,
-            backoff_base_s=backoff_base_s,
-            backoff_max_s=backoff_max_s,
-            retry_after_max_s=retry_after_max_s,
-            rate_limiter=rate_limiter,
-            client=client,
-            sleep=sleep,
-            jitter=jitter,
-        )
+        super().__init__(base_url, **source)
         self.chunk_size = int(chunk_size)
         self.last_stats = PriceFetchStats()
 
