@@ -66,7 +66,8 @@ def _prepare_environment() -> dict[str, str]:
 
 def _xdist_controller(config: pytest.Config) -> bool:
     """Whether this process only hands tests to xdist workers (it runs none: it needs no databases)."""
-    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+    distributes = bool(getattr(config.option, "numprocesses", None)) and getattr(config.option, "dist", "no") != "no"
+    return distributes and not config.option.collectonly and not hasattr(config, "workerinput")
 
 
 def pytest_configure(config: pytest.Config) -> None:
