@@ -154,17 +154,13 @@ def _module(item: pytest.Item) -> str:
     return item.nodeid.split("::", 1)[0]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under xdist (`make test`: PYTEST_WORKERS), each module's tests go to one worker (`--dist loadgroup`: its
-    module-scoped servers and data are made once), but for tests marked `xdist_group` themselves; the modules
-    with a slow test go first, so the longest tests do not start last.
+    """Under xdist (`make test`: PYTEST_WORKERS) each module's tests go to one worker (`--dist loadfile`: its
+    module-scoped servers and data are made once); the modules with a slow test go first, so that the longest
+    tests do not start last.
 
     Measurements (`@pytest.mark.measurement`: timings to read, not behaviour to check; speed targets live in
     `make bench`) are left out unless OVERNIGHT_MEASURE_LATENCY=1 asks for them: deselected, never skipped."""
-    for item in items:
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(_module(item)))
     slow = {_module(item) for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: _module(item) not in slow)  # stable: the order within stays
     if os.environ.get("OVERNIGHT_MEASURE_LATENCY"):

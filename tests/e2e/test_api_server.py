@@ -80,7 +80,8 @@ def stack(airflow_db: None, pg_dsn: str, seeded: dict[str, int]) -> Iterator[dic
     """Scored data, and the two api-servers (normal, hung Redis) with tokens for admin, viewer, the service
     login overnight_app and norole (authenticated, no role), under the auth manager `make airflow` runs."""
     redis_url = os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"]
-    scored = run_market(pg_dsn, "XNYS", SESSION, "test-e2e-api", redis_url=redis_url, batch_size=300)
+    scored = run_market(pg_dsn, "XNYS", SESSION, "test-e2e-api", redis_url=redis_url, batch_size=300,
+                    latest=True)
     job = scored.job
     with psycopg.connect(pg_dsn) as conn:
         user_id, doc = conn.execute(

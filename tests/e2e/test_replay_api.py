@@ -30,7 +30,7 @@ API = "/overnight/api/v1"
 @pytest.fixture(scope="module")
 def server(airflow_db: None, pg_dsn: str, seeded: dict[str, int]) -> Iterator[dict[str, Any]]:
     job = run_market(pg_dsn, "XNYS", SESSION, "test-e2e-api", redis_url=os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"],
-                     batch_size=300).job
+                     batch_size=300, latest=True).job
     with psycopg.connect(pg_dsn) as conn:
         user = conn.execute("SELECT user_id::text FROM calculation_events WHERE correlation_id = %s"
                             " AND event_type = 'CALC_COMPLETED' ORDER BY user_id LIMIT 1",

@@ -31,10 +31,7 @@ HOSTILE_SYMBOLS = ["'", '"', "'; DROP TABLE users;--", "../../etc/passwd", "ÄÖ
 def scored(pg_dsn: str, seeded: dict[str, int]) -> dict[str, Any]:
     """XNYS and BVMF scored for SESSION; a user with recommendations and a known user without any."""
     redis_url = os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"]
-    with psycopg.connect(pg_dsn) as conn:  # SESSION's documents must be the dashboard's: the latest rows of newer
-        # sessions other tests left go first (an older session never replaces a newer document, docs/audit.md)
-        conn.execute("DELETE FROM recommendations WHERE session_date > %s", (SESSION,))
-    jobs = {m: run_market(pg_dsn, m, SESSION, "test-dashboard", redis_url=redis_url, batch_size=200).job
+    jobs = {m: run_market(pg_dsn, m, SESSION, "test-dashboard", redis_url=redis_url, batch_size=200, latest=True).job
             for m in ("XNYS", "BVMF")}
     with psycopg.connect(pg_dsn) as conn:
         user_id, doc = conn.execute(

@@ -11,21 +11,14 @@ import pytest
 from overnight import cache, pipeline
 from overnight.providers.db import DbPriceProvider
 from tests.support import reliability as R
-from tests.support.pipeline_run import run_pipeline, start
+from tests.support.pipeline_run import make_latest, run_pipeline, start
 
 SESSION = date(2026, 12, 1)
 
 
-def _make_session_latest(conn, session) -> None:
-    """This module's documents must be the dashboard's: the latest rows of newer sessions other tests left behind
-    go first (a re-run of an older session never replaces a newer document, docs/audit.md)."""
-    conn.execute("DELETE FROM recommendations WHERE session_date > %s", (session,))
-    conn.commit()
-
-
 @pytest.fixture
 def batch_run(conn, seeded, redis_client):
-    _make_session_latest(conn, SESSION)
+    make_latest(conn, SESSION)
     run = run_pipeline(conn, "XNYS", SESSION, redis_client=redis_client)
     return run.job, run.batches, run.results, run.summary
 

@@ -49,6 +49,14 @@ def warm_into(client: redis.Redis) -> Warmer:
     return lambda docs: cache.warm(client, docs)
 
 
+def make_latest(conn: psycopg.Connection, session: date) -> None:
+    """Makes `session`'s documents the ones `recommendations` (the dashboard's table) will hold: the rows of newer
+    sessions other tests left in the shared database go first (a run of an older session never replaces a newer
+    document, docs/audit.md)."""
+    conn.execute("DELETE FROM recommendations WHERE session_date > %s", (session,))
+    conn.commit()
+
+
 def start(conn: psycopg.Connection, market: str, session: date, name: str = "test-run", *, force: bool = False,
           batch_size: int = 100, user_ids: tuple[str, ...] | None = None,
           earlier: tuple[str, ...] | None = None, job: pipeline.JobRun | None = None,
@@ -94,11 +102,14 @@ def run_pipeline(conn: psycopg.Connection, market: str, session: date, name: str
 
 
 def run_market(dsn: str, market: str, session: date, name: str = "test-run", *, redis_url: str | None = None,
-               **kw: Any) -> Run:
-    """`run_pipeline` on a connection of its own to `dsn`, warming `redis_url`'s database when given."""
+               latest: bool = False, **kw: Any) -> Run:
+    """`run_pipeline` on a connection of its own to `dsn`, warming `redis_url`'s database when given; with `latest`,
+    its documents become the dashboard's (`make_latest`)."""
     client = redis.Redis.from_url(redis_url) if redis_url else None
     try:
         with psycopg.connect(dsn) as conn:
+            if latest:
+                make_latest(conn, session)
             return run_pipeline(conn, market, session, name, redis_client=client, **kw)
     finally:
         if client is not None:
