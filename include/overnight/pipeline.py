@@ -869,6 +869,35 @@ def _copy_value(v: Any) -> str:
     return str(v).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
+# The audit rows go through temporary staging tables (docs/audit.md, migration 0007). Postgres compresses a value
+# only in a row over TOAST_TUPLE_THRESHOLD (about 2 kB, fixed at build time), which most events and documents are
+# not; a staging row is, by a pad column (compressed to a few bytes with the rest and deleted at commit), and with
+# toast_tuple_target = 128 and storage MAIN every value of it is compressed in the row. INSERT ... SELECT moves
+# the values into the audit tables as they are, compressed. The staging columns copy the audit columns' storage
+# and compression (lz4 where the server has it); the pad is lz4 too when it can be (pglz costs 7 µs a row).
+# Created once per connection, emptied at each commit.
+_STAGE_PAD_BYTES = 2100  # over TOAST_TUPLE_THRESHOLD (2032 B with 8 kB pages) by itself
+_STAGING_TABLES = f"""DO $$
+BEGIN
+    IF to_regclass('pg_temp._events_in') IS NOT NULL THEN
+        RETURN;
+    END IF;
+    CREATE TEMP TABLE _events_in (LIKE calculation_events INCLUDING STORAGE INCLUDING COMPRESSION,
+        _pad text DEFAULT repeat(' ', {_STAGE_PAD_BYTES})) WITH (toast_tuple_target = 128) ON COMMIT DELETE ROWS;
+    CREATE TEMP TABLE _recs_in (LIKE {HISTORY_TABLE} INCLUDING STORAGE INCLUDING COMPRESSION,
+        correlation_id uuid, criteria_version text, rates_stale boolean, portfolio text,
+        _pad text DEFAULT repeat(' ', {_STAGE_PAD_BYTES})) WITH (toast_tuple_target = 128) ON COMMIT DELETE ROWS;
+    ALTER TABLE _events_in ALTER _pad SET STORAGE MAIN;
+    ALTER TABLE _recs_in ALTER _pad SET STORAGE MAIN, ALTER portfolio SET STORAGE MAIN;
+    BEGIN
+        ALTER TABLE _events_in ALTER _pad SET COMPRESSION lz4;
+        ALTER TABLE _recs_in ALTER _pad SET COMPRESSION lz4, ALTER portfolio SET COMPRESSION lz4;
+    EXCEPTION WHEN feature_not_supported THEN
+        NULL;
+    END;
+END $$"""
+
+
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
     """Pauses the cyclic garbage collector (reference counting still frees nearly everything at once).
@@ -914,9 +943,9 @@ def _write_results(
         new = [r for r in results if r.user_id in fresh]
         if not new:
             return []
+        conn.execute(_STAGING_TABLES)
         with conn.cursor().copy(
-            "COPY calculation_events (event_id, correlation_id, user_id, event_type, payload, symbols, created_at)"
-            " FROM STDIN"
+            "COPY _events_in (event_id, correlation_id, user_id, event_type, payload, symbols, created_at) FROM STDIN"
         ) as cp:
             lines = []
             ns = uuid.UUID(job.correlation_id).bytes
@@ -928,9 +957,9 @@ def _write_results(
                                  f"{_copy_json(_encode(payload))}\t{_copy_array(symbols)}\t{at.isoformat()}")
             cp.write("\n".join(lines) + "\n")
         conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS _recs_in (user_id uuid, job_run_id uuid, correlation_id uuid,"
-            " session_date date, generated_at timestamptz, criteria_version text, rates_stale boolean,"
-            " document text, portfolio text) ON COMMIT DELETE ROWS"
+            "INSERT INTO calculation_events (event_id, correlation_id, user_id, event_type, payload, symbols,"
+            " created_at) SELECT event_id, correlation_id, user_id, event_type, payload, symbols, created_at"
+            " FROM _events_in"
         )
         with conn.cursor().copy(
             "COPY _recs_in (user_id, job_run_id, correlation_id, session_date, generated_at, criteria_version,"

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -328,8 +328,39 @@ def test_the_command_line_prints_identical(night: dict[str, Any]) -> None:
     assert bad.returncode == 2 and "give both a session date and a market" in bad.stderr
 
 
+# Issue 16: the replay may cost at most 15 % more bytes per user per night than the events took before it
+# (about 4.1 KB): row data, after compression (docs/scaling.md).
+ROW_BYTES_PER_USER_BOUND = 4_715
+
+
+def _compressed(conn: psycopg.Connection, corrs: list[str], ids: list[str]) -> dict[str, tuple[int, int]]:
+    """(values, values stored compressed) of the events' payloads by type, of `symbols` and of the documents."""
+    out: dict[str, tuple[int, int]] = {}
+    for etype, n, payloads, symbols in conn.execute(
+            "SELECT event_type, count(*), count(*) FILTER (WHERE pg_column_compression(payload) IS NOT NULL),"
+            " count(*) FILTER (WHERE pg_column_compression(symbols) IS NOT NULL) FROM calculation_events"
+            " WHERE correlation_id = ANY(%s::uuid[]) GROUP BY 1", (corrs,)):
+        out[etype] = (n, payloads)
+        if etype == "SCORES_COMPUTED":
+            out["symbols"] = (n, symbols)
+    out["document"] = conn.execute(
+        "SELECT count(*), count(*) FILTER (WHERE pg_column_compression(document) IS NOT NULL)"
+        " FROM recommendation_history WHERE job_run_id = ANY(%s::uuid[])", (ids,)).fetchone()
+    return out
+
+
+def _assert_compressed(found: dict[str, tuple[int, int]]) -> None:
+    """The values that are too small to be compressed by Postgres on their own are (docs/audit.md). pglz (`symbols`,
+    and everything on a server without lz4) leaves a value that compresses by less than 25 % as it is: short
+    `symbols` arrays, some documents, CALC_COMPLETED."""
+    for kind, share in (("INPUTS_CAPTURED", 0.95), ("SCORES_COMPUTED", 0.95), ("symbols", 0.8), ("document", 0.8)):
+        n, compressed = found[kind]
+        assert n > 0 and compressed >= share * n, f"{kind}: {compressed} of {n} values stored compressed"
+
+
 def test_storage_per_user_per_night(night: dict[str, Any]) -> None:
-    """Events, history row and the user's share of the snapshots, as stored (pg_column_size: after compression)."""
+    """Events, history row and the user's share of the snapshots, as stored (pg_column_size: after compression):
+    within issue 16's bound, and compressed."""
     with psycopg.connect(night["dsn"]) as conn:
         ids = [j.id for j in night["jobs"].values()]
         corrs = [j.correlation_id for j in night["jobs"].values()]
@@ -342,8 +373,47 @@ def test_storage_per_user_per_night(night: dict[str, Any]) -> None:
         snapshot = conn.execute("SELECT (SELECT sum(pg_column_size(a.*)) FROM overnight_job_assets a WHERE job_run_id = ANY(%(j)s::uuid[]))"
                                 " + (SELECT sum(pg_column_size(p.*)) FROM overnight_job_prices p WHERE job_run_id = ANY(%(j)s::uuid[]))",
                                 {"j": ids}).fetchone()[0]
+        found = _compressed(conn, corrs, ids)
     per_user = (events + history) / users
     print(f"\nbytes per user per night ({users} users, {len(ids)} job runs): events {events / users:.0f}, history"
-          f" {history / users:.0f}, together {per_user:.0f}; snapshots (assets and quotes) {snapshot:,} a night"
-          f" ({snapshot / users:.0f} per user at this size); row data, before indexes")
-    assert per_user < 6500 and snapshot < 4_000_000  # the snapshots grow with assets, not users
+          f" {history / users:.0f}, together {per_user:.0f} (bound {ROW_BYTES_PER_USER_BOUND:,}); snapshots (assets"
+          f" and quotes) {snapshot:,} a night ({snapshot / users:.0f} per user at this size); row data, before indexes;"
+          f" values stored compressed: {found}")
+    _assert_compressed(found)
+    assert per_user <= ROW_BYTES_PER_USER_BOUND, f"{per_user:.0f} B of rows per user per night"
+    assert snapshot < 4_000_000  # the snapshots grow with assets, not users
+
+
+def test_a_partition_made_after_the_migrations_stores_compressed_rows(night: dict[str, Any], monkeypatch) -> None:
+    """A month no migration made: the partition maintenance of a job run's start makes it (toast_tuple_target is
+    a setting of each partition, not inherited), and a night written into it is stored compressed alike."""
+    now = datetime.now(UTC)
+    month = (now.replace(day=1) + timedelta(days=5 * 31)).replace(day=1)  # the migrations made 1 back to 2 on
+    later = datetime(month.year, month.month, 10, tzinfo=UTC)
+    parts = [f"{t}_{month:%Y_%m}" for t in ("calculation_events", "recommendation_history")]
+
+    class Later(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return datetime.now(tz) + (later - now)
+
+    with psycopg.connect(night["dsn"]) as conn:
+        assert conn.execute("SELECT to_regclass(%s), to_regclass(%s)", parts).fetchone() == (None, None)
+        rates = pipeline.fetch_rates(conn, DbRatesProvider(conn), pipeline.needed_currencies(conn))  # judged now
+        monkeypatch.setattr(pipeline, "datetime", Later)  # the job run's start and its events' times
+        job = pipeline.start_job(conn, "XTKS", date(2026, 12, 4), "test-replay")
+        aud = pipeline.Audience("XTKS", ())
+        batches = pipeline.plan_batches(conn, aud, 150)
+        results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn),
+                                        warm_cache=lambda docs: cache.warm(night["redis"], docs)) for b in batches]
+        pipeline.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+        monkeypatch.undo()
+        options = dict(conn.execute("SELECT relname, reloptions FROM pg_class WHERE relname = ANY(%s)", (parts,)))
+        where = {r[0] for r in conn.execute(
+            "SELECT tableoid::regclass::text FROM calculation_events WHERE correlation_id = %s UNION"
+            " SELECT tableoid::regclass::text FROM recommendation_history WHERE job_run_id = %s",
+            (job.correlation_id, job.id))}
+        found = _compressed(conn, [job.correlation_id], [job.id])
+    assert where == set(parts)
+    assert all(options[p] == ["toast_tuple_target=128"] for p in parts), options
+    _assert_compressed(found)
