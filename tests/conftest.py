@@ -157,7 +157,8 @@ def _module(item: pytest.Item) -> str:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under xdist (`make test`: PYTEST_WORKERS) each module's tests go to one worker (`--dist loadfile`: its
     module-scoped servers and data are made once); the modules with a slow test go first, so that the longest
-    tests do not start last.
+    tests do not start last (`--no-loadscope-reorder` keeps this order: xdist would send the modules with the
+    most tests first, and the slow ones, which have few, last).
 
     Measurements (`@pytest.mark.measurement`: timings to read, not behaviour to check; speed targets live in
     `make bench`) are left out unless OVERNIGHT_MEASURE_LATENCY=1 asks for them: deselected, never skipped."""

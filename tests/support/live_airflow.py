@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from cryptography.fernet import Fernet
 
 from overnight.connections import ConnInfo, postgres_dsn
 from overnight.markets import Market, load_markets
@@ -127,6 +128,11 @@ def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live", scheduled: 
         AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
         AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{api_port}",
         AIRFLOW__API_AUTH__JWT_SECRET=uuid.uuid4().hex,
+        # One key for all four: each would otherwise write its own airflow.cfg with a random one at start (the
+        # metadata DB is a template's clone, no `airflow db migrate` writes it first), and the triggerer could not
+        # decrypt the triggers the scheduler wrote.
+        AIRFLOW__CORE__FERNET_KEY=Fernet.generate_key().decode(),
+        AIRFLOW__API__SECRET_KEY=uuid.uuid4().hex,
         AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE=str(scheduled),
         AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="1",
         AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_SEC="2",
