@@ -10,9 +10,10 @@ DATE ?=
 JOB ?=
 SESSION ?=
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 2
 WITH_ENV := set -a && . .local/env.sh && set +a &&
 
-.PHONY: install env migrate airflow-setup seed demo test run replay airflow stop lint bench
+.PHONY: install env browser migrate airflow-setup seed demo test run replay airflow stop lint bench
 
 $(VENV)/.installed: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,8 +53,16 @@ BATCH ?= 10000
 bench: env  ## the benchmark on fresh databases: USERS=N [EXECUTOR=celery] [BATCH=users per task]
 	@$(WITH_ENV) $(PY) -m overnight.dev.bench --users $(USERS) --executor $(EXECUTOR) --batch-size $(BATCH)
 
-test: env  ## the whole test suite, on fresh databases of its own
-	@$(WITH_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+browser:  ## Chromium for the browser test of the Overnight page (apt-get as root; otherwise says what to run)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Chromium for the browser test (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "warning: no Chromium: the browser test will skip (fail in CI); as root: apt-get update && apt-get install -y chromium"; fi
+
+# PYTEST_WORKERS: pytest-xdist processes (0: one process); each has databases and a Redis database of its own.
+test: env browser  ## the whole test suite, on fresh databases of its own (PYTEST_WORKERS=2 processes)
+	@$(WITH_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 airflow: airflow-setup  ## api-server on 127.0.0.1:8080 (OVERNIGHT_API_HOST/PORT), scheduler, dag-processor, triggerer; restarted when settings change (stop: make stop)
 	@$(WITH_ENV) $(PY) -m overnight.dev.services start

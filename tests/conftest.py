@@ -22,16 +22,18 @@ from overnight.dev import devenv  # noqa: E402
 
 pytest_plugins = ["tests.support.fixtures_provider"]
 
-RUN_ID = uuid.uuid4().hex[:10]
+# A suite run is one `pytest`; with xdist each worker is a process of it with databases of its own.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ... in an xdist worker
+if not WORKER:
+    os.environ["OVERNIGHT_TEST_SUITE_ID"] = uuid.uuid4().hex[:10]
+SUITE_ID = os.environ["OVERNIGHT_TEST_SUITE_ID"]
+RUN_ID = f"{SUITE_ID}{WORKER.replace('gw', 'w')}"
+TEST_ENV: dict[str, str] = {}
 
 
 def _prepare_environment() -> dict[str, str]:
-    if not os.environ.get("AIRFLOW_CONN_OVERNIGHT_POSTGRES") or not os.environ.get("AIRFLOW_CONN_OVERNIGHT_REDIS"):
-        os.environ.update(devenv.environment())  # started outside make: bring the servers up
     base = parse_connection(POSTGRES_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
     app_db, meta_db = f"ovt_{RUN_ID}", f"ovt_{RUN_ID}_af"
-    for name in (app_db, meta_db):
-        devenv.create_database(base, name)
     app = ConnInfo(**{**base.__dict__, "schema": app_db})
     meta = ConnInfo(**{**base.__dict__, "schema": meta_db})
     redis_test_url = devenv.pick_redis_db(os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"], f"test-{RUN_ID}")
@@ -53,41 +55,56 @@ def _prepare_environment() -> dict[str, str]:
         "OVERNIGHT_TEST_RUN_ID": RUN_ID,
     }
     os.environ.update(env)
+    # The application database: a clone of the migrated template with the shared data set (the `seeded`
+    # fixture's 600 users, seed 7); Airflow's metadata database is cloned when a test asks (`airflow_db`).
+    from tests.support import databases
+
+    databases.clone(databases.app_template(databases.SEEDED_USERS, databases.SEED), app_db)
+    databases.drop(meta_db)
     return env
 
 
-TEST_ENV = _prepare_environment()
+def _xdist_controller(config: pytest.Config) -> bool:
+    """Whether this process only hands tests to xdist workers (it runs none: it needs no databases)."""
+    distributes = bool(getattr(config.option, "numprocesses", None)) and getattr(config.option, "dist", "no") != "no"
+    return distributes and not config.option.collectonly and not hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Sets the environment before any test module imports Airflow (collection comes after)."""
+    if not os.environ.get("AIRFLOW_CONN_OVERNIGHT_POSTGRES") or not os.environ.get("AIRFLOW_CONN_OVERNIGHT_REDIS"):
+        os.environ.update(devenv.environment())  # started outside make: bring the servers up (workers inherit them)
+    if not _xdist_controller(config):
+        TEST_ENV.update(_prepare_environment())
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Drops this run's databases and flushes its Redis database (kept with OVERNIGHT_KEEP_TEST_DATA=1)."""
+    """Drops this process's databases and flushes its Redis database; the suite's first process drops what is
+    left of the suite run (its templates). All kept with OVERNIGHT_KEEP_TEST_DATA=1."""
     if os.environ.get("OVERNIGHT_KEEP_TEST_DATA"):
         return
-    import psycopg
     import redis
+
+    from tests.support import databases
 
     if "airflow.settings" in sys.modules:
         sys.modules["airflow.settings"].dispose_orm()
-    base = parse_connection(POSTGRES_CONN_ID, TEST_ENV["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
-    admin = ConnInfo(**{**base.__dict__, "schema": "postgres"})
     try:
-        with psycopg.connect(postgres_dsn(admin), autocommit=True) as conn:
+        if TEST_ENV:
             for name in (f"ovt_{RUN_ID}", f"ovt_{RUN_ID}_af"):
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        client = redis.Redis.from_url(TEST_ENV["AIRFLOW_CONN_OVERNIGHT_REDIS"])
-        client.flushdb()
+                databases.drop(name)
+            client = redis.Redis.from_url(TEST_ENV["AIRFLOW_CONN_OVERNIGHT_REDIS"])
+            client.flushdb()
+        if not WORKER:
+            databases.drop_like(f"ovt_{SUITE_ID}")
     except Exception as exc:  # noqa: BLE001 - clean-up must not mask the test result
         print(f"test clean-up incomplete: {exc}")
 
 
 @pytest.fixture(scope="session")
 def pg_dsn() -> str:
-    """The migrated application database of this test run."""
-    from overnight.adapters import migrate
-
-    dsn = TEST_ENV["AIRFLOW_CONN_OVERNIGHT_POSTGRES"]
-    migrate.migrate(dsn)
-    return dsn
+    """This process's application database: migrated, with the shared data set (see `seeded`)."""
+    return TEST_ENV["AIRFLOW_CONN_OVERNIGHT_POSTGRES"]
 
 
 @pytest.fixture
@@ -111,9 +128,11 @@ def redis_client():
 
 @pytest.fixture(scope="session")
 def airflow_db() -> None:
-    """Airflow's metadata database of this run, migrated (once per run)."""
+    """Airflow's metadata database of this process, migrated (a clone of the suite run's template)."""
     from overnight.dev import airflow_setup
+    from tests.support import databases
 
+    databases.clone(databases.airflow_template(), f"ovt_{RUN_ID}_af")
     airflow_setup.migrate_metadata()
     airflow_setup.write_passwords()
     airflow_setup.protect_airflow_files()
@@ -121,19 +140,30 @@ def airflow_db() -> None:
 
 @pytest.fixture(scope="session")
 def seeded(pg_dsn: str) -> dict[str, int]:
-    """600 synthetic users (seed 7) in this run's database."""
-    import psycopg
+    """The shared data set in this process's database: 600 synthetic users (seed 7), from the template.
 
-    from overnight.dev import seed
+    Tests that change it put it back (`seed.seed(conn, 600, 7)`); returns the row count of each table."""
+    import json
 
-    with psycopg.connect(pg_dsn) as c:
-        counts = seed.seed(c, 600, 7, dsn=pg_dsn)
-    return counts
+    from tests.support import databases
+
+    return json.loads(databases.note(databases.app_template(databases.SEEDED_USERS, databases.SEED)) or "{}")
+
+
+def _module(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Measurements (`@pytest.mark.measurement`: timings to read, not behaviour to check; speed targets live in
+    """Under xdist (`make test`: PYTEST_WORKERS) each module's tests go to one worker (`--dist loadfile`: its
+    module-scoped servers and data are made once); the modules with a slow test go first, so that the longest
+    tests do not start last (`--no-loadscope-reorder` keeps this order: xdist would send the modules with the
+    most tests first, and the slow ones, which have few, last).
+
+    Measurements (`@pytest.mark.measurement`: timings to read, not behaviour to check; speed targets live in
     `make bench`) are left out unless OVERNIGHT_MEASURE_LATENCY=1 asks for them: deselected, never skipped."""
+    slow = {_module(item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: _module(item) not in slow)  # stable: the order within stays
     if os.environ.get("OVERNIGHT_MEASURE_LATENCY"):
         return
     left_out = [item for item in items if item.get_closest_marker("measurement")]

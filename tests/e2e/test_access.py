@@ -38,8 +38,10 @@ import redis
 from overnight.adapters import cache
 from overnight.dashboard.api_auth import NO_ACCESS, NO_PERSONAL_DATA
 from overnight.dashboard.app import AUDIT_CONCURRENCY, AUDIT_WAIT_S
-from tests.support.api_server import ROOT, SERVICE, ApiServer, auth_env, free_port, score_market, token
+from tests.support.api_server import ROOT, SERVICE, ApiServer, auth_env, token
 from tests.support.per_dag_auth_manager import DAG_ONLY_LOGIN, ITS_DAG
+from tests.support.pipeline_run import run_market
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +55,8 @@ API = "/overnight/api/v1"
 def server(airflow_db: None, pg_dsn: str, seeded: dict[str, int]) -> Iterator[dict[str, Any]]:
     """Scored XNYS data and the api-server, with a token per login."""
     redis_url = os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"]
-    job = score_market(pg_dsn, redis_url, "XNYS", SESSION)
+    job = run_market(pg_dsn, "XNYS", SESSION, "test-e2e-api", redis_url=redis_url, batch_size=300,
+                    latest=True).job
     with psycopg.connect(pg_dsn) as conn:
         # every user of the run (the allocation policy may leave one with fewer than two buys), those with two first
         rows = conn.execute("SELECT user_id::text, document FROM recommendations WHERE correlation_id = %s"

@@ -46,7 +46,7 @@ def _job(pg_dsn: str, market: str, session: date) -> tuple:
 def test_each_completed_run_records_one_asset_event_with_its_session_and_counts(pg_dsn, seeded, airflow_db):
     session = date(2026, 11, 30)
     uri = "overnight://recommendations/XTKS"
-    assert _events(uri) == []
+    before, others = _events(uri), _events("overnight://recommendations/XNYS")  # other tests' XTKS runs, if any
     first = cli.run_market("XTKS", session, quiet=True)
     job = _job(pg_dsn, "XTKS", session)
     assert first["status"] == "completed" and job[3] > 0
@@ -55,16 +55,16 @@ def test_each_completed_run_records_one_asset_event_with_its_session_and_counts(
         "users_failed": 0, "users_total": job[3], "recommendations_generated": job[6]["recommendations_generated"],
         "cache_status": "warmed", "correlation_id": job[1], "job_run_id": job[0], "dag_run_id": job[5],
     }
-    assert _events(uri) == [(job[5], expected)]
+    assert _events(uri) == [*before, (job[5], expected)]
 
     cli.run_market("XTKS", session, quiet=True)  # a second DAG run continues the job run: a second event
     again = _job(pg_dsn, "XTKS", session)
     assert again[5] != job[5]
     # the job run's totals, and this DAG run's own work: every user was already done, nothing new to cache
     resumed = {**expected, "dag_run_id": again[5], "recommendations_generated": 0, "cache_status": "nothing to warm"}
-    assert _events(uri) == [(job[5], expected), (again[5], resumed)]
+    assert _events(uri) == [*before, (job[5], expected), (again[5], resumed)]
     assert expected["recommendations_generated"] > 0
-    assert _events("overnight://recommendations/XNYS") == []  # only the market that ran
+    assert _events("overnight://recommendations/XNYS") == others  # only the market that ran
 
 
 def test_a_failed_run_records_no_asset_event(pg_dsn, seeded, airflow_db):

@@ -24,7 +24,7 @@ def _bench(executor: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "include")}
     proc = subprocess.run(
         [sys.executable, "-m", "overnight.dev.bench", "--users", str(USERS), "--executor", executor,
-         "--batch-size", "60", "--api-seconds", "2"],
+         "--batch-size", "60", "--api-seconds", "2", "--quiet-wait", "10"],  # other tests run beside it
         capture_output=True, text=True, env=env, timeout=900, cwd=ROOT,
     )
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]

@@ -9,6 +9,7 @@ import pytest
 
 from overnight.dev import cli, seed
 from overnight.domain import sessions
+from tests.support.pipeline_run import make_latest
 
 pytestmark = pytest.mark.e2e
 
@@ -31,6 +32,8 @@ def _events(conn, corr) -> int:
 
 def test_run_counts_match_the_served_users_and_rerun_adds_nothing(pg_dsn, seeded, airflow_db, redis_client):
     session = date(2026, 11, 23)  # a Monday: every market trades
+    with psycopg.connect(pg_dsn) as conn:
+        make_latest(conn, session)  # its documents are the ones to cache
     result = cli.run_market("XLON", session, quiet=True)
     with psycopg.connect(pg_dsn) as conn:
         expected = _served(conn, "XLON", session)

@@ -18,7 +18,8 @@ import psycopg
 import pytest
 
 from overnight.night import jobrun
-from tests.support.api_server import SERVICE, ApiServer, auth_env, score_market, token
+from tests.support.api_server import SERVICE, ApiServer, auth_env, token
+from tests.support.pipeline_run import run_market
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +29,8 @@ API = "/overnight/api/v1"
 
 @pytest.fixture(scope="module")
 def server(airflow_db: None, pg_dsn: str, seeded: dict[str, int]) -> Iterator[dict[str, Any]]:
-    job = score_market(pg_dsn, os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"], "XNYS", SESSION)
+    job = run_market(pg_dsn, "XNYS", SESSION, "test-e2e-api", redis_url=os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"],
+                     batch_size=300, latest=True).job
     with psycopg.connect(pg_dsn) as conn:
         user = conn.execute("SELECT user_id::text FROM calculation_events WHERE correlation_id = %s"
                             " AND event_type = 'CALC_COMPLETED' ORDER BY user_id LIMIT 1",

@@ -9,28 +9,17 @@ import threading
 
 import psycopg
 
-from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.dev import cli
-from overnight.domain import sessions
-from overnight.domain.markets import load_markets
-from overnight.night import jobrun, loading, pipeline, writing
 from tests.support import reliability as R
-
-CODES = load_markets().codes
+from tests.support.pipeline_run import run_pipeline
 
 
 def _whole_run(dsn: str, market: str, session, name: str, barrier: threading.Barrier, out: dict) -> None:
     try:
         with psycopg.connect(dsn) as conn:
             barrier.wait(30)
-            job = jobrun.start_job(conn, market, session, name)
-            rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
-            aud = jobrun.Audience(market, tuple(sessions.earlier_markets(market, session, CODES)))
-            batches = loading.plan_batches(conn, aud, 25)
-            results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=None)
-                       for b in batches]
-            out[name] = (job, writing.finalize(conn, job, planned=batches, results=results,
-                                                rates=rates.to_xcom()), results)
+            run = run_pipeline(conn, market, session, name, batch_size=25)
+            out[name] = (run.job, run.summary, run.results)
     except BaseException as exc:  # noqa: BLE001 - reported by the test
         out[name] = exc
 

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -28,19 +27,6 @@ pytestmark = pytest.mark.slow
 MARKET = "XTKS"
 
 
-def _kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
 def test_cli_run_killed_mid_way_then_rerun_continues_the_same_job(airflow_db, tmp_path: Path) -> None:
     with R.scratch_database("kill_cli", users=3000) as dsn:
         env = R.subprocess_env(AIRFLOW_CONN_OVERNIGHT_POSTGRES=dsn)
@@ -55,9 +41,9 @@ def test_cli_run_killed_mid_way_then_rerun_continues_the_same_job(airflow_db, tm
             try:
                 R.wait_until(lambda: written() > 0 or first.poll() is not None, 180, 0.05, "a first batch")
                 assert first.poll() is None, f"the run ended before it could be killed:\n{(tmp_path / 'first.log').read_text()[-3000:]}"
-                _kill_group(first)  # SIGKILL: no clean-up code of ours or Airflow's runs
+                R.stop_group(first, signal.SIGKILL)  # SIGKILL: no clean-up code of ours or Airflow's runs
             finally:
-                _kill_group(first)
+                R.stop_group(first, signal.SIGKILL)
             done_at_kill = written()
             assert 0 < done_at_kill < len(expected), "killed too late to prove anything"
             killed = R.check_invariants(conn, MARKET, R.S_KILL_CLI, finished=False)

@@ -20,15 +20,14 @@ from overnight.adapters.providers.base import ProviderError
 from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.adapters.providers.http_prices import HttpPriceProvider
 from overnight.adapters.providers.http_rates import ECB_PUBLICATION_TIME, ECB_TZ, HttpRatesProvider
-from overnight.domain import sessions
-from overnight.domain.markets import get_market, load_markets
-from overnight.night import jobrun, loading, pipeline, runtime, writing
+from overnight.domain.markets import get_market
+from overnight.night import jobrun, loading, pipeline, runtime
 from tests.support import reliability as R
 from tests.support.fake_provider import QUOTE_PATH, RATES_PATH, FakeProviderServer
+from tests.support.pipeline_run import run_pipeline, start
 
 MARKET = "XNYS"
 SESSION = R.S_PROVIDERS
-CODES = load_markets().codes
 
 
 class Sleeps(list):
@@ -85,10 +84,9 @@ def test_fresh_http_rates_score_usd_users(conn, server, tables) -> None:
     with _rates_provider(server, Sleeps()) as provider:
         snap = loading.fetch_rates(conn, provider, tables["currencies"])
     conn.commit()
-    aud = jobrun.Audience(MARKET, tuple(sessions.earlier_markets(MARKET, SESSION, CODES)))
-    job = jobrun.start_job(conn, MARKET, SESSION, "reliability-http-rates", force=True)
-    batch = loading.plan_batches(conn, aud, 50)[0]
-    out = pipeline.score_batch(conn, job, aud, snap, batch, DbPriceProvider(conn), warm_cache=None)
+    run = start(conn, MARKET, SESSION, "reliability-http-rates", force=True, rates=snap, batch_size=50)
+    job = run.job
+    out = pipeline.score_batch(conn, job, run.audience, snap, run.batches[0], DbPriceProvider(conn), warm_cache=None)
     failed = conn.execute("SELECT stage, error FROM overnight_job_users WHERE job_run_id = %s AND status = 'failed'"
                           " LIMIT 3", (job.id,)).fetchall()
     assert out["failed"] == 0 and out["completed"] == out["users"] > 0, failed
@@ -145,12 +143,7 @@ def _needing(conn, users: set[str], currencies: set[str]) -> set[str]:
 def _run_with_rates(conn, rates_x: dict[str, Any], job_x: dict[str, Any]) -> R.Outcome:
     job = jobrun.JobRun.from_xcom(job_x)
     market = job.market
-    rates = loading.RatesSnapshot.from_xcom(rates_x)
-    aud = jobrun.Audience(market, tuple(sessions.earlier_markets(market, SESSION, CODES)))
-    batches = loading.plan_batches(conn, aud, 100)
-    results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=None)
-               for b in batches]
-    writing.finalize(conn, job, planned=batches, results=results, rates=rates_x)
+    run_pipeline(conn, market, SESSION, job=job, rates=loading.RatesSnapshot.from_xcom(rates_x))
     n = conn.execute("SELECT count(*) FROM overnight_job_runs WHERE market = %s AND session_date = %s",
                      (market, SESSION)).fetchone()[0]
     return R.check_invariants(conn, market, SESSION, rows=n)
@@ -227,19 +220,9 @@ def test_a_currency_the_ecb_does_not_publish_affects_only_its_users(conn, server
 
 
 def _score(conn, price_provider, *, force: bool = True) -> tuple[jobrun.JobRun, list, list, dict]:
-    job = jobrun.start_job(conn, MARKET, SESSION, "reliability-prices", force=force)
-    rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
-    aud = jobrun.Audience(MARKET, tuple(sessions.earlier_markets(MARKET, SESSION, CODES)))
-    batches = loading.plan_batches(conn, aud, 100)
-    results: list[dict | None] = []
-    for b in batches:
-        try:
-            results.append(pipeline.score_batch(conn, job, aud, rates, b, price_provider, warm_cache=None))
-        except ProviderError:
-            conn.rollback()
-            results.append(None)
-    summary = writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
-    return job, batches, results, summary
+    run = run_pipeline(conn, MARKET, SESSION, "reliability-prices", force=force, prices=price_provider,
+                       tolerate=(ProviderError,))
+    return run.job, run.batches, run.results, run.summary
 
 
 def _holders(conn, symbols: set[str], users: set[str]) -> set[str]:

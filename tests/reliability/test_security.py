@@ -28,6 +28,7 @@ from overnight.domain.markets import get_market
 from overnight.night import runtime
 from tests.support import reliability as R
 from tests.support.fake_provider import QUOTE_PATH, RATES_PATH, FakeProviderServer
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -165,7 +166,7 @@ def test_wrong_port_with_a_secret_password_fails_without_showing_it() -> None:
     from overnight.adapters.connections import parse_connection
     from overnight.dev import devenv
 
-    port = R.free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     dsn = f"postgresql://someone:{PG_SECRET}@127.0.0.1:{port}/overnight"
     with pytest.raises(devenv.SetupError) as setup:
         devenv.check_postgres(parse_connection("overnight_postgres", dsn))

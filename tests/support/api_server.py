@@ -4,33 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import httpx
-import psycopg
-import redis
 
-from overnight.adapters import cache
-from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
-from overnight.domain import sessions
-from overnight.domain.markets import load_markets
-from overnight.night import jobrun, loading, pipeline, writing
+from tests.support import reliability as R
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 AUTH_MANAGER = "overnight.dashboard.auth_manager.OvernightSimpleAuthManager"  # what `make airflow` runs (docs/access.md)
 SERVICE = "overnight_app"  # the app team's backend: holds "Overnight recommendations"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def auth_env(tmp: Path, jwt_secret: str, *, extra_users: dict[str, str] | None = None,
@@ -99,27 +85,5 @@ class ApiServer:
         return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        R.stop_group(self.proc)
         self._log.close()
-
-
-def score_market(pg_dsn: str, redis_url: str, market: str, session: date) -> jobrun.JobRun:
-    """Scores `market` for `session` in-process (every batch), the documents warmed into Redis."""
-    codes = load_markets().codes
-    client = redis.Redis.from_url(redis_url)
-    with psycopg.connect(pg_dsn) as conn:
-        job = jobrun.start_job(conn, market, session, "test-e2e-api")
-        rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
-        aud = jobrun.Audience(market, tuple(sessions.earlier_markets(market, session, codes)))
-        batches = loading.plan_batches(conn, aud, 300)
-        results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn),
-                                        warm_cache=lambda docs: cache.warm(client, docs)) for b in batches]
-        writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
-    client.close()
-    return job

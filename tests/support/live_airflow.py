@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -26,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from cryptography.fernet import Fernet
 
 from overnight.adapters.connections import ConnInfo, postgres_dsn
-from overnight.dev.devenv import create_database
 from overnight.domain.markets import Market, load_markets
 from overnight.domain.sessions import next_run
+from tests.support import databases
 from tests.support import reliability as R
+from tests.support.ports import free_port
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
@@ -102,19 +103,6 @@ class LiveAirflow:
             return ""
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
 @contextmanager
 def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live", scheduled: bool = False,
                  **extra_env: str) -> Iterator[LiveAirflow]:
@@ -124,9 +112,9 @@ def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live", scheduled: 
     """
     base = R.base_info()
     meta_name = f"{base.schema}_{tag}_af"
-    create_database(base, meta_name)
+    databases.clone(databases.airflow_template(), meta_name)  # `airflow db migrate` done once per suite run
     meta = ConnInfo(**{**base.__dict__, "schema": meta_name})
-    api_port = R.free_port()
+    api_port = free_port()
     home = tmp_path / "airflow-home"
     home.mkdir(parents=True, exist_ok=True)
     env = R.subprocess_env(
@@ -140,6 +128,11 @@ def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live", scheduled: 
         AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
         AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{api_port}",
         AIRFLOW__API_AUTH__JWT_SECRET=uuid.uuid4().hex,
+        # One key for all four: each would otherwise write its own airflow.cfg with a random one at start (the
+        # metadata DB is a template's clone, no `airflow db migrate` writes it first), and the triggerer could not
+        # decrypt the triggers the scheduler wrote.
+        AIRFLOW__CORE__FERNET_KEY=Fernet.generate_key().decode(),
+        AIRFLOW__API__SECRET_KEY=uuid.uuid4().hex,
         AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE=str(scheduled),
         AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC="1",
         AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_SEC="2",
@@ -151,8 +144,6 @@ def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live", scheduled: 
     )
     stack = LiveAirflow(env=env, af_dsn=postgres_dsn(meta), logs=tmp_path)
     try:
-        mig = stack.airflow("db", "migrate", timeout=300)
-        assert mig.returncode == 0, mig.stderr[-3000:]
         for name in COMPONENTS:
             args = ["api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"] \
                 if name == "api-server" else [name]
@@ -163,8 +154,6 @@ def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live", scheduled: 
         yield stack
     finally:
         for proc in reversed(stack.procs):
-            _stop(proc)
+            R.stop_group(proc)
         if not os.environ.get("OVERNIGHT_KEEP_TEST_DATA"):
-            admin = postgres_dsn(ConnInfo(**{**base.__dict__, "schema": "postgres"}))
-            with psycopg.connect(admin, autocommit=True) as c:
-                c.execute(f'DROP DATABASE IF EXISTS "{meta_name}" WITH (FORCE)')
+            databases.drop(meta_name)

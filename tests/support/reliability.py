@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,8 +24,9 @@ from typing import Any
 
 import psycopg
 
-from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection
 from overnight.domain import sessions
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EVENT_TYPES = ("CALC_STARTED", "INPUTS_CAPTURED", "SCORES_COMPUTED", "CALC_COMPLETED")
@@ -43,11 +44,19 @@ S_SECURITY = date(2027, 1, 21)
 S_HOSTILE = date(2027, 1, 26)
 
 
-def free_port() -> int:
-    """Returns a TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Sends `sig` to the process group `proc` leads (started with `start_new_session`) and waits for it;
+    SIGKILL when it has not ended 30 s later."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
@@ -152,26 +161,17 @@ def base_info() -> ConnInfo:
 
 @contextmanager
 def scratch_database(tag: str, *, users: int = 0, seed_value: int = 7) -> Iterator[str]:
-    """A migrated (and optionally seeded) application database of its own on the test server; dropped after."""
-    from overnight.adapters import migrate
-    from overnight.dev import seed
-    from overnight.dev.devenv import create_database
+    """A migrated (and optionally seeded) application database of its own on the test server, cloned from the
+    suite run's template of that data set; dropped after."""
+    from tests.support import databases
 
-    info = base_info()
-    name = f"{info.schema}_{tag}"
-    create_database(info, name)
-    dsn = postgres_dsn(ConnInfo(**{**info.__dict__, "schema": name}))
-    migrate.migrate(dsn)
-    if users:
-        with psycopg.connect(dsn) as c:
-            seed.seed(c, users, seed_value, dsn=dsn)
+    name = f"{base_info().schema}_{tag}"
+    dsn = databases.clone(databases.app_template(users, seed_value), name)
     try:
         yield dsn
     finally:
         if not os.environ.get("OVERNIGHT_KEEP_TEST_DATA"):
-            admin = postgres_dsn(ConnInfo(**{**info.__dict__, "schema": "postgres"}))
-            with psycopg.connect(admin, autocommit=True) as c:
-                c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            databases.drop(name)
 
 
 def subprocess_env(**overrides: str) -> dict[str, str]:

@@ -18,12 +18,10 @@ import pytest
 import redis
 
 from overnight.adapters import cache
-from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.dashboard import docview, pgpool
 from overnight.dashboard import store as dashboard
-from overnight.domain import sessions
-from overnight.domain.markets import load_markets
-from overnight.night import jobrun, loading, pipeline, writing
+from tests.support.pipeline_run import run_market
+from tests.support.ports import free_port
 
 SESSION = date(2026, 11, 16)  # its next XNYS session (11-17) no other test runs: the miss below is "run_missing"
 T = TypeVar("T")
@@ -31,30 +29,12 @@ HOSTILE_SYMBOLS = ["'", '"', "'; DROP TABLE users;--", "../../etc/passwd", "ÄÖ
                    "' OR '1'='1"]
 
 
-def run_market(pg_dsn: str, redis_url: str, market: str, session: date) -> jobrun.JobRun:
-    """Runs one market's pipeline for a session (as the DAG does, without Airflow), warming the cache."""
-    codes = load_markets().codes
-    client = redis.Redis.from_url(redis_url)
-    with psycopg.connect(pg_dsn) as conn:
-        job = jobrun.start_job(conn, market, session, "test-dashboard")
-        rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
-        aud = jobrun.Audience(market, tuple(sessions.earlier_markets(market, session, codes)))
-        batches = loading.plan_batches(conn, aud, 200)
-        results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn),
-                                        warm_cache=lambda docs: cache.warm(client, docs)) for b in batches]
-        writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
-    client.close()
-    return job
-
-
 @pytest.fixture(scope="module")
 def scored(pg_dsn: str, seeded: dict[str, int]) -> dict[str, Any]:
     """XNYS and BVMF scored for SESSION; a user with recommendations and a known user without any."""
     redis_url = os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"]
-    with psycopg.connect(pg_dsn) as conn:  # SESSION's documents must be the dashboard's: the latest rows of newer
-        # sessions other tests left go first (an older session never replaces a newer document, docs/audit.md)
-        conn.execute("DELETE FROM recommendations WHERE session_date > %s", (SESSION,))
-    jobs = {m: run_market(pg_dsn, redis_url, m, SESSION) for m in ("XNYS", "BVMF")}
+    jobs = {m: run_market(pg_dsn, m, SESSION, "test-dashboard", redis_url=redis_url, batch_size=200, latest=True).job
+            for m in ("XNYS", "BVMF")}
     with psycopg.connect(pg_dsn) as conn:
         user_id, doc = conn.execute(
             "SELECT user_id, document FROM recommendations WHERE correlation_id = %s"
@@ -110,12 +90,6 @@ def silent_redis() -> Iterator[str]:
     for s in held:
         s.close()
     srv.close()
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -189,7 +163,7 @@ def test_stale_when_generated_more_than_24h_ago(scored: dict[str, Any]) -> None:
                                   pytest.param("silent", id="redis-hung")])
 def test_redis_unavailable_falls_back_to_postgres_quickly(scored: dict[str, Any], silent_redis: str,
                                                           kind: str) -> None:
-    url = silent_redis if kind == "silent" else f"redis://127.0.0.1:{_closed_port()}/0"
+    url = silent_redis if kind == "silent" else f"redis://127.0.0.1:{free_port()}/0"
     uid = scored["user_id"]
 
     async def calls(store: dashboard.DashboardStore) -> tuple[list[docview.DashboardView], list[float]]:
@@ -259,7 +233,7 @@ def test_unknown_known_and_malformed_users(scored: dict[str, Any]) -> None:
 
 def test_postgres_down_raises_store_unavailable(scored: dict[str, Any]) -> None:
     async def call() -> None:
-        store = dashboard.DashboardStore(f"postgresql://postgres@127.0.0.1:{_closed_port()}/x", "")
+        store = dashboard.DashboardStore(f"postgresql://postgres@127.0.0.1:{free_port()}/x", "")
         try:
             await store.dashboard(str(uuid.uuid4()))
         finally:

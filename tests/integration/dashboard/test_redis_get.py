@@ -14,6 +14,7 @@ import redis
 
 from overnight.dashboard.redis_get import RedisGet, RedisGetError
 from tests.conftest import TEST_ENV
+from tests.support.ports import free_port
 
 URL = TEST_ENV["AIRFLOW_CONN_OVERNIGHT_REDIS"]
 PREFIX = "test:redis_get:"
@@ -139,14 +140,8 @@ def test_a_refused_auth_is_an_error_that_says_what_redis_answered() -> None:
         asyncio.run(RedisGet(f"redis://:wrong@{host_part}").get("k"))
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_nothing_listening_is_an_error_that_names_the_address() -> None:
-    port = _closed_port()
+    port = free_port()
     with pytest.raises(RedisGetError, match=f"cannot connect to Redis at 127.0.0.1:{port}"):
         asyncio.run(RedisGet(f"redis://127.0.0.1:{port}/0").get("k"))
 

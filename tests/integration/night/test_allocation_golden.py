@@ -15,14 +15,12 @@ import psycopg
 import pytest
 import yaml
 
-from overnight.adapters import migrate
-from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
-from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
-from overnight.dev import devenv
-from overnight.night import jobrun, loading, pipeline, writing
-from tests.conftest import RUN_ID, TEST_ENV
+from overnight.night import jobrun
+from tests.conftest import RUN_ID
+from tests.support import databases
+from tests.support.pipeline_run import run_pipeline
 
-GOLDEN = yaml.safe_load((Path(__file__).parents[2] / "data" / "golden_portfolios.yaml").read_text())
+GOLDEN = yaml.safe_load((Path(__file__).parents[1] / "data" / "golden_portfolios.yaml").read_text())
 CASES = GOLDEN["cases"]
 ALL_MARKETS = ["XNYS", "XTKS", "XLON", "BVMF"]
 RUNS = {"default": (date(2026, 11, 30), None),
@@ -71,34 +69,23 @@ def _load_world(conn: psycopg.Connection) -> None:
 @pytest.fixture(scope="module")
 def golden() -> Any:
     """Runs the pipeline over the golden investors; yields (documents, portfolios, events, summaries) by user."""
-    base = parse_connection(POSTGRES_CONN_ID, TEST_ENV["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
     name = f"ovt_{RUN_ID}_golden"
-    devenv.create_database(base, name)
-    dsn = postgres_dsn(ConnInfo(**{**base.__dict__, "schema": name}))
-    migrate.migrate(dsn)
+    dsn = databases.clone(databases.app_template(), name)
     summaries = {}
     try:
         with psycopg.connect(dsn) as conn:
             _load_world(conn)
             for run, (session, contribution) in RUNS.items():
                 users = tuple(_user_id(c["id"]) for c in CASES if c.get("run", "default") == run)
-                job = jobrun.start_job(conn, "XTKS", session, f"golden-{run}")
-                rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn),
-                                             now=datetime.fromisoformat(GOLDEN["run_now"]))
-                audience = jobrun.Audience("XTKS", (), users)
-                batches = loading.plan_batches(conn, audience, 100)
-                results = [pipeline.score_batch(conn, job, audience, rates, b, DbPriceProvider(conn), warm_cache=None,
-                                                contribution=contribution) for b in batches]
-                summaries[run] = writing.finalize(conn, job, planned=batches, results=results,
-                                                   rates=rates.to_xcom())
+                summaries[run] = run_pipeline(conn, "XTKS", session, f"golden-{run}", user_ids=users, earlier=(),
+                                              rates_now=datetime.fromisoformat(GOLDEN["run_now"]),
+                                              contribution=contribution).summary
             docs = {str(u): (d, p) for u, d, p in conn.execute("SELECT user_id, document, portfolio FROM recommendations")}
             events = {(str(u), t): payload for u, t, payload in conn.execute(
                 "SELECT user_id, event_type, payload FROM calculation_events")}
         yield docs, events, summaries
     finally:
-        admin = ConnInfo(**{**base.__dict__, "schema": "postgres"})
-        with psycopg.connect(postgres_dsn(admin), autocommit=True) as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        databases.drop(name)
 
 
 def inputs_ok(inputs: dict[str, Any], case: dict[str, Any]) -> bool:

@@ -13,11 +13,10 @@ import exchange_calendars as xcals
 import psycopg
 import pytest
 
-from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.dev import seed
-from overnight.domain import sessions
 from overnight.domain.markets import load_markets
-from overnight.night import jobrun, loading, pipeline, writing
+from overnight.night import jobrun
+from tests.support.pipeline_run import run_pipeline
 
 CODES = load_markets().codes
 
@@ -30,12 +29,8 @@ def _oracle(markets: list[str], day: date) -> str | None:
 
 def _run(conn: psycopg.Connection, market: str, day: date, *, user_ids: tuple[str, ...] | None = None,
          force: bool = True) -> tuple[jobrun.JobRun, dict]:
-    job = jobrun.start_job(conn, market, day, "test-audience", force=force)
-    rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
-    aud = jobrun.Audience(market, tuple(sessions.earlier_markets(market, day, CODES)), user_ids)
-    batches = loading.plan_batches(conn, aud, 150)
-    results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=None) for b in batches]
-    return job, writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+    run = run_pipeline(conn, market, day, "test-audience", force=force, user_ids=user_ids, batch_size=150)
+    return run.job, run.summary
 
 
 def _completed(conn: psycopg.Connection, job: jobrun.JobRun) -> set[str]:

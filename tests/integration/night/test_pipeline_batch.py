@@ -9,51 +9,24 @@ import psycopg
 import pytest
 
 from overnight.adapters import cache
-from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
-from overnight.domain import sessions
-from overnight.domain.markets import load_markets
+from overnight.adapters.providers.db import DbPriceProvider
 from overnight.night import calculate, jobrun, loading, pipeline, writing
+from tests.support import reliability as R
+from tests.support.pipeline_run import make_latest, run_pipeline, start
 
 SESSION = date(2026, 12, 1)
-CODES = load_markets().codes
-
-
-def _served(conn: psycopg.Connection, market: str, session: date) -> set[str]:
-    rows = conn.execute("SELECT id, markets FROM users WHERE active").fetchall()
-    return {str(uid) for uid, markets in rows if sessions.serving_market(markets, session) == market}
-
-
-def _run(conn, market, session, redis_client, *, force=False, warm=True, batch_size=100):
-    job = jobrun.start_job(conn, market, session, "test-run", force=force)
-    rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
-    aud = jobrun.Audience(market, tuple(sessions.earlier_markets(market, session, CODES)))
-    batches = loading.plan_batches(conn, aud, batch_size)
-
-    def warm_cache(docs):
-        return cache.warm(redis_client, docs)
-
-    results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn),
-                                    warm_cache=warm_cache if warm else None) for b in batches]
-    summary = writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
-    return job, batches, results, summary
-
-
-def _make_session_latest(conn, session) -> None:
-    """This module's documents must be the dashboard's: the latest rows of newer sessions other tests left behind
-    go first (a re-run of an older session never replaces a newer document, docs/audit.md)."""
-    conn.execute("DELETE FROM recommendations WHERE session_date > %s", (session,))
-    conn.commit()
 
 
 @pytest.fixture
 def batch_run(conn, seeded, redis_client):
-    _make_session_latest(conn, SESSION)
-    return _run(conn, "XNYS", SESSION, redis_client)
+    make_latest(conn, SESSION)
+    run = run_pipeline(conn, "XNYS", SESSION, redis_client=redis_client)
+    return run.job, run.batches, run.results, run.summary
 
 
 def test_batches_cover_exactly_the_served_users(conn, batch_run):
     job, batches, results, summary = batch_run
-    expected = _served(conn, "XNYS", SESSION)
+    expected = R.served(conn, "XNYS", SESSION)
     assert batches and batches[0]["total"] == len(expected)
     sizes = [b["last"] - b["first"] + 1 for b in batches]
     assert len(batches) == -(-len(expected) // 100) and max(sizes) <= 100 and max(sizes) - min(sizes) <= 1
@@ -109,22 +82,22 @@ def test_rerun_continues_the_same_job_and_adds_nothing(conn, batch_run, redis_cl
     job, _, _, summary = batch_run
     count = conn.execute("SELECT count(*) FROM calculation_events WHERE correlation_id = %s",
                          (job.correlation_id,)).fetchone()[0]
-    job2, _, results2, summary2 = _run(conn, "XNYS", SESSION, redis_client)
-    assert (job2.id, job2.correlation_id, job2.resumed) == (job.id, job.correlation_id, True)
-    assert sum(r["completed"] for r in results2) == 0
+    again = run_pipeline(conn, "XNYS", SESSION, redis_client=redis_client)
+    assert (again.job.id, again.job.correlation_id, again.job.resumed) == (job.id, job.correlation_id, True)
+    assert sum(r["completed"] for r in again.results) == 0
     assert conn.execute("SELECT count(*) FROM calculation_events WHERE correlation_id = %s",
                         (job.correlation_id,)).fetchone()[0] == count
-    assert summary2["users_processed"] == summary["users_processed"]
+    assert again.summary["users_processed"] == summary["users_processed"]
     assert conn.execute("SELECT count(*) FROM overnight_job_runs WHERE market = 'XNYS' AND session_date = %s",
                         (SESSION,)).fetchone()[0] == 1
 
 
 def test_force_starts_a_new_calculation(conn, batch_run, redis_client):
     job, *_ = batch_run
-    job2, _, _, summary2 = _run(conn, "XNYS", SESSION, redis_client, force=True)
-    assert job2.correlation_id != job.correlation_id and not job2.resumed
+    forced = run_pipeline(conn, "XNYS", SESSION, redis_client=redis_client, force=True)
+    assert forced.job.correlation_id != job.correlation_id and not forced.job.resumed
     assert conn.execute("SELECT count(*) FROM calculation_events WHERE correlation_id = %s",
-                        (job2.correlation_id,)).fetchone()[0] == 4 * summary2["users_processed"]
+                        (forced.job.correlation_id,)).fetchone()[0] == 4 * forced.summary["users_processed"]
 
 
 @pytest.mark.parametrize(
@@ -149,12 +122,13 @@ def test_a_bad_user_fails_with_a_reason_and_the_others_complete(pg_dsn, seeded, 
 
     session = date(2026, 12, 2)
     with psycopg.connect(pg_dsn) as conn:
-        served = sorted(_served(conn, "XNYS", session))
+        served = sorted(R.served(conn, "XNYS", session))
         victim = served[len(served) // 2]
         conn.execute(corrupt_sql, {"u": victim})
         conn.commit()
         try:
-            job, _, _, summary = _run(conn, "XNYS", session, redis_client, force=True)
+            run = run_pipeline(conn, "XNYS", session, redis_client=redis_client, force=True)
+            job, summary = run.job, run.summary
             details = conn.execute("SELECT status, error_details FROM overnight_job_runs WHERE id = %s",
                                    (job.id,)).fetchone()
         finally:
@@ -173,7 +147,7 @@ def test_a_holding_without_a_price_is_named_and_its_holder_still_calculated(pg_d
 
     session = date(2026, 12, 2)
     with psycopg.connect(pg_dsn) as conn:
-        served = sorted(_served(conn, "XNYS", session))
+        served = sorted(R.served(conn, "XNYS", session))
         victim = served[len(served) // 2]
         asset, symbol = conn.execute(
             "SELECT a.id, a.symbol FROM holdings h JOIN assets a ON a.id = h.asset_id WHERE h.user_id = %s"
@@ -181,7 +155,8 @@ def test_a_holding_without_a_price_is_named_and_its_holder_still_calculated(pg_d
         conn.execute("UPDATE prices SET price = 'NaN' WHERE asset_id = %s", (asset,))
         conn.commit()
         try:
-            job, _, _, summary = _run(conn, "XNYS", session, redis_client, force=True)
+            run = run_pipeline(conn, "XNYS", session, redis_client=redis_client, force=True)
+            job, summary = run.job, run.summary
             doc = conn.execute("SELECT document::jsonb FROM recommendation_history WHERE user_id = %s AND job_run_id = %s",
                                (victim, job.id)).fetchone()
         finally:
@@ -199,13 +174,8 @@ def test_redis_down_still_completes_in_postgres(conn, seeded, redis_client):
         raise ConnectionError("Redis is down")
 
     session = date(2026, 12, 3)
-    job = jobrun.start_job(conn, "XLON", session, "t", force=True)
-    rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
-    aud = jobrun.Audience("XLON", tuple(sessions.earlier_markets("XLON", session, CODES)))
-    batches = loading.plan_batches(conn, aud, 500)
-    results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=broken)
-               for b in batches]
-    summary = writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+    run = run_pipeline(conn, "XLON", session, "t", force=True, batch_size=500, warm_cache=broken)
+    job, summary = run.job, run.summary
     assert summary["status"] == "completed"
     assert summary["cache_status"] == "not warmed"
     assert "Redis is down" in summary["cache_errors"][0]
@@ -215,12 +185,11 @@ def test_redis_down_still_completes_in_postgres(conn, seeded, redis_client):
 
 def test_a_batch_streams_in_chunks_with_the_same_results(conn, seeded, redis_client):
     session = date(2026, 12, 4)
-    job = jobrun.start_job(conn, "XLON", session, "chunks", force=True)
-    rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
-    aud = jobrun.Audience("XLON", tuple(sessions.earlier_markets("XLON", session, CODES)))
-    [batch] = loading.plan_batches(conn, aud, 10_000)
-    out = pipeline.score_batch(conn, job, aud, rates, batch, DbPriceProvider(conn), warm_cache=None, chunk_size=7)
-    expected = _served(conn, "XLON", session)
+    run = start(conn, "XLON", session, "chunks", force=True, batch_size=10_000)
+    job, [batch] = run.job, run.batches
+    out = pipeline.score_batch(conn, job, run.audience, run.rates, batch, DbPriceProvider(conn), warm_cache=None,
+                               chunk_size=7)
+    expected = R.served(conn, "XLON", session)
     assert out["users"] == out["completed"] == len(expected) > 7 * 3
     rows = conn.execute("SELECT user_id, count(*) FROM calculation_events WHERE correlation_id = %s GROUP BY 1",
                         (job.correlation_id,)).fetchall()
@@ -230,10 +199,8 @@ def test_a_batch_streams_in_chunks_with_the_same_results(conn, seeded, redis_cli
 def test_each_chunk_commits_so_a_crash_keeps_the_users_written_before(pg_dsn, seeded, redis_client, monkeypatch):
     session = date(2026, 12, 3)
     with psycopg.connect(pg_dsn) as conn:
-        job = jobrun.start_job(conn, "XNYS", session, "test-crash")
-        rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
-        aud = jobrun.Audience("XNYS", tuple(sessions.earlier_markets("XNYS", session, CODES)))
-        batch = loading.plan_batches(conn, aud, 10_000)[0]
+        run = start(conn, "XNYS", session, "test-crash", batch_size=10_000)
+        job, rates, aud, batch = run.job, run.rates, run.audience, run.batches[0]
         assert batch["total"] > 25
         symbols = [r[0] for r in conn.execute("SELECT symbol FROM assets")]
         loading.job_quotes(conn, job, DbPriceProvider(conn), symbols)  # no price fetch (and commit) mid-batch
@@ -274,10 +241,8 @@ def test_a_job_run_prices_every_user_with_the_same_stored_quote(pg_dsn, seeded, 
 
     session = date(2026, 12, 4)
     with psycopg.connect(pg_dsn) as conn:
-        job = jobrun.start_job(conn, "XNYS", session, "test-prices")
-        rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
-        aud = jobrun.Audience("XNYS", tuple(sessions.earlier_markets("XNYS", session, CODES)))
-        first, second, *_ = loading.plan_batches(conn, aud, 40)
+        run = start(conn, "XNYS", session, "test-prices", batch_size=40)
+        job, rates, aud, (first, second, *_) = run.job, run.rates, run.audience, run.batches
         pipeline.score_batch(conn, job, aud, rates, first, DbPriceProvider(conn), warm_cache=None)
         stored = dict(conn.execute("SELECT symbol, price FROM overnight_job_prices WHERE job_run_id = %s", (job.id,)))
         assert stored

@@ -9,22 +9,15 @@ from datetime import UTC, date, datetime
 import psycopg
 import pytest
 
-from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
-from overnight.domain import freshness, sessions
-from overnight.domain.markets import load_markets
-from overnight.night import jobrun, loading, pipeline, writing
+from overnight.domain import freshness
+from tests.support import reliability as R
+from tests.support.pipeline_run import run_pipeline
 
 SESSION = date(2026, 12, 15)  # a Tuesday no other test runs; XNYS opens 09:30 EST = 14:30 UTC, runs 12:30 UTC
 MOMENT = datetime(2026, 12, 15, 12, 30, tzinfo=UTC)
 MONDAY_CLOSE = datetime(2026, 12, 14, 21, 0, tzinfo=UTC)  # NYSE closes 16:00 EST
 BEFORE_CLOSE = datetime(2026, 12, 14, 20, 59, tzinfo=UTC)
 TWO_WEEKS_OLD = datetime(2026, 12, 1, 21, 0, tzinfo=UTC)  # 13.6 days: beyond the 240 h default
-CODES = load_markets().codes
-
-
-def _served(conn: psycopg.Connection) -> set[str]:
-    rows = conn.execute("SELECT id, markets FROM users WHERE active").fetchall()
-    return {str(uid) for uid, markets in rows if sessions.serving_market(markets, SESSION) == "XNYS"}
 
 
 def _users_of(conn: psycopg.Connection, table: str, symbol: str, users: set[str]) -> set[str]:
@@ -37,7 +30,7 @@ def _users_of(conn: psycopg.Connection, table: str, symbol: str, users: set[str]
 def dated_prices(conn: psycopg.Connection, seeded: dict[str, int]):
     """Every price at Monday's NYSE close, but one a minute before it and one two weeks old; restored after."""
     saved = conn.execute("SELECT asset_id, as_of FROM prices").fetchall()
-    served = _served(conn)
+    served = R.served(conn, "XNYS", SESSION)
     held = conn.execute(
         "SELECT a.symbol, count(DISTINCT h.user_id) FROM holdings h JOIN assets a ON a.id = h.asset_id"
         " WHERE h.user_id = ANY(%s::uuid[]) AND a.market = 'XNYS' GROUP BY a.symbol ORDER BY 2, 1",
@@ -60,13 +53,9 @@ def dated_prices(conn: psycopg.Connection, seeded: dict[str, int]):
 
 def test_stale_quotes_are_flagged_and_unusable_ones_fail_only_their_holders(conn, dated_prices) -> None:
     served, stale, ancient = dated_prices
-    job = jobrun.start_job(conn, "XNYS", SESSION, "test-price-freshness", force=True)
-    rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
-    aud = jobrun.Audience("XNYS", tuple(sessions.earlier_markets("XNYS", SESSION, CODES)))
-    batches = loading.plan_batches(conn, aud, 100)
-    results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=None,
-                                    judge_prices=lambda q: freshness.judge_quotes(q, MOMENT)) for b in batches]
-    summary = writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+    run = run_pipeline(conn, "XNYS", SESSION, "test-price-freshness", force=True,
+                       judge_prices=lambda q: freshness.judge_quotes(q, MOMENT))
+    job, summary = run.job, run.summary
 
     holders = _users_of(conn, "holdings", ancient, served)
     assert holders and holders != served

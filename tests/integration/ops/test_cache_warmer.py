@@ -15,11 +15,8 @@ import pytest
 import redis
 
 from overnight.adapters import cache
-from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
-from overnight.domain import sessions
-from overnight.domain.markets import load_markets
-from overnight.night import jobrun, loading, pipeline, writing
 from overnight.ops import cache_warmer
+from tests.support.pipeline_run import run_pipeline
 
 SESSION = date(2026, 11, 24)
 
@@ -27,15 +24,8 @@ SESSION = date(2026, 11, 24)
 @pytest.fixture(scope="module")
 def documents(pg_dsn: str, seeded: dict[str, int]) -> dict[str, tuple[Any, Any]]:
     """Scores XLON for SESSION (no cache warming); returns every recommendations row by user id."""
-    codes = load_markets().codes
     with psycopg.connect(pg_dsn) as conn:
-        job = jobrun.start_job(conn, "XLON", SESSION, "test-cache-warmer")
-        rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))
-        aud = jobrun.Audience("XLON", tuple(sessions.earlier_markets("XLON", SESSION, codes)))
-        batches = loading.plan_batches(conn, aud, 250)
-        results = [pipeline.score_batch(conn, job, aud, rates, b, DbPriceProvider(conn), warm_cache=None)
-                   for b in batches]
-        writing.finalize(conn, job, planned=batches, results=results, rates=rates.to_xcom())
+        run_pipeline(conn, "XLON", SESSION, "test-cache-warmer", batch_size=250)
         rows = conn.execute("SELECT user_id::text, document, portfolio FROM recommendations").fetchall()
     assert rows
     return {u: (d, p) for u, d, p in rows}
@@ -108,7 +98,7 @@ def test_bad_user_ids_are_refused_with_a_reason(bad: Any) -> None:
 def test_dag_is_well_formed() -> None:
     from airflow.dag_processing.dagbag import DagBag
 
-    path = Path(__file__).resolve().parents[3] / "dags" / "cache_warmer.py"
+    path = Path(__file__).resolve().parents[2] / "dags" / "cache_warmer.py"
     bag = DagBag(dag_folder=str(path))
     assert not bag.import_errors
     dag = bag.dags["overnight_cache_warmer"]

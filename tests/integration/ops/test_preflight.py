@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -12,14 +11,9 @@ import pytest
 from overnight.adapters.connections import POSTGRES_CONN_ID, REDIS_CONN_ID, ConnInfo, parse_connection
 from overnight.ops import preflight
 from tests.support.fake_provider import FakeProviderServer
+from tests.support.ports import free_port
 
 SECRET = "pa55-w0rd-XYZ"
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _real(conn_id: str) -> ConnInfo:
@@ -34,7 +28,7 @@ def test_real_servers_answer(pg_dsn: str) -> None:
 
 
 def test_closed_ports_name_the_connection_and_mask_the_password() -> None:
-    port = _closed_port()
+    port = free_port()
     pg = ConnInfo(POSTGRES_CONN_ID, "postgres", "127.0.0.1", port, "app", SECRET, "overnight")
     rd = ConnInfo(REDIS_CONN_ID, "redis", "127.0.0.1", port, None, SECRET, "0")
     for lines in (preflight.check_postgres(pg, timeout_s=2), preflight.check_redis(rd, timeout_s=2)):
@@ -73,7 +67,7 @@ def test_http_providers_answer(fake_provider: FakeProviderServer, monkeypatch: p
 
 
 def test_http_provider_down_is_one_line_without_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    port = _closed_port()
+    port = free_port()
     monkeypatch.setenv("AIRFLOW_CONN_OVERNIGHT_RATES_HTTP",
                        f'{{"conn_type": "http", "host": "http://127.0.0.1:{port}", "password": "{SECRET}"}}')
     monkeypatch.delenv("AIRFLOW_CONN_OVERNIGHT_PRICES_HTTP", raising=False)
