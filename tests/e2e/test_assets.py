@@ -31,8 +31,9 @@ def _events(uri: str) -> list[tuple[str | None, dict]]:
             .join(AssetModel, AssetModel.id == AssetEvent.asset_id)
             .where(AssetModel.uri == uri).order_by(AssetEvent.id)
         ).all()
-    for _, _, dag_id, task_id in rows:
-        assert (dag_id, task_id) == ("overnight_scoring_xtks", "finalize")
+    market = uri.rsplit("/", 1)[1]
+    for _, _, dag_id, task_id in rows:  # only that market's DAG, by its finalize task, updates its asset
+        assert (dag_id, task_id) == (f"overnight_scoring_{market.lower()}", "finalize")
     return [(run_id, dict(extra)) for run_id, extra, _, _ in rows]
 
 

@@ -20,7 +20,7 @@ from tests.conftest import RUN_ID
 from tests.support import databases
 from tests.support.pipeline_run import run_pipeline
 
-GOLDEN = yaml.safe_load((Path(__file__).parents[1] / "data" / "golden_portfolios.yaml").read_text())
+GOLDEN = yaml.safe_load((Path(__file__).parents[2] / "data" / "golden_portfolios.yaml").read_text())
 CASES = GOLDEN["cases"]
 ALL_MARKETS = ["XNYS", "XTKS", "XLON", "BVMF"]
 RUNS = {"default": (date(2026, 11, 30), None),

@@ -98,7 +98,7 @@ def test_bad_user_ids_are_refused_with_a_reason(bad: Any) -> None:
 def test_dag_is_well_formed() -> None:
     from airflow.dag_processing.dagbag import DagBag
 
-    path = Path(__file__).resolve().parents[2] / "dags" / "cache_warmer.py"
+    path = Path(__file__).resolve().parents[3] / "dags" / "cache_warmer.py"
     bag = DagBag(dag_folder=str(path))
     assert not bag.import_errors
     dag = bag.dags["overnight_cache_warmer"]
