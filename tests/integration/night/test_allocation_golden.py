@@ -15,6 +15,7 @@ import psycopg
 import pytest
 import yaml
 
+from overnight.domain import freshness
 from overnight.night import jobrun
 from tests.conftest import RUN_ID
 from tests.support import databases
@@ -23,8 +24,10 @@ from tests.support.pipeline_run import run_pipeline
 GOLDEN = yaml.safe_load((Path(__file__).parents[2] / "data" / "golden_portfolios.yaml").read_text())
 CASES = GOLDEN["cases"]
 ALL_MARKETS = ["XNYS", "XTKS", "XLON", "BVMF"]
-RUNS = {"default": (date(2026, 11, 30), None),
-        "usd100": (date(2026, 12, 1), jobrun.Contribution(Decimal("100"), "USD"))}
+RUNS = {"default": (date.fromisoformat(GOLDEN["sessions"]["default"]), None),
+        "usd100": (date.fromisoformat(GOLDEN["sessions"]["usd100"]), jobrun.Contribution(Decimal("100"), "USD"))}
+RUN_NOW = datetime.fromisoformat(GOLDEN["run_now"])
+ASSET_IDS = {symbol: i for i, symbol in enumerate(GOLDEN["assets"], 1)}  # the ids _load_world gives the assets
 NAMESPACE = uuid.UUID("6f1c1a52-4f0e-4c55-9d1e-0b6c6c1d7a01")
 
 
@@ -50,7 +53,7 @@ def _load_world(conn: psycopg.Connection) -> None:
     rules = [{"metric": "grade", "op": "==", "value": g, "points": g} for g in (-1, 0, 1, 2, 3)]
     conn.execute("INSERT INTO criteria_sets (id, criteria_key, version, name, rules) VALUES (%s, 'golden', 1,"
                  " 'grade', %s)", (uuid.uuid4(), json.dumps(rules)))
-    ids = {s: i for i, s in enumerate(GOLDEN["assets"], 1)}
+    ids = ASSET_IDS
     for case in CASES:
         uid = _user_id(case["id"])
         conn.execute("INSERT INTO users (id, email, base_currency, default_contribution, markets, criteria_key)"
@@ -68,22 +71,25 @@ def _load_world(conn: psycopg.Connection) -> None:
 
 @pytest.fixture(scope="module")
 def golden() -> Any:
-    """Runs the pipeline over the golden investors; yields (documents, portfolios, events, summaries) by user."""
+    """Runs the pipeline over the golden investors; yields (documents and portfolios, events, runs by name)."""
     name = f"ovt_{RUN_ID}_golden"
     dsn = databases.clone(databases.app_template(), name)
-    summaries = {}
+    runs = {}
+
+    def judge_prices(quotes):  # the DAG's judge (runtime.score_batch), at the golden run's moment
+        return freshness.judge_quotes(quotes, RUN_NOW, freshness.DEFAULT_MAX_PRICE_AGE)
     try:
         with psycopg.connect(dsn) as conn:
             _load_world(conn)
             for run, (session, contribution) in RUNS.items():
                 users = tuple(_user_id(c["id"]) for c in CASES if c.get("run", "default") == run)
-                summaries[run] = run_pipeline(conn, "XTKS", session, f"golden-{run}", user_ids=users, earlier=(),
-                                              rates_now=datetime.fromisoformat(GOLDEN["run_now"]),
-                                              contribution=contribution).summary
+                runs[run] = run_pipeline(conn, GOLDEN["market"], session, f"golden-{run}", user_ids=users,
+                                         earlier=(), rates_now=RUN_NOW, contribution=contribution,
+                                         judge_prices=judge_prices)
             docs = {str(u): (d, p) for u, d, p in conn.execute("SELECT user_id, document, portfolio FROM recommendations")}
             events = {(str(u), t): payload for u, t, payload in conn.execute(
                 "SELECT user_id, event_type, payload FROM calculation_events")}
-        yield docs, events, summaries
+        yield docs, events, runs
     finally:
         databases.drop(name)
 
@@ -94,7 +100,8 @@ def inputs_ok(inputs: dict[str, Any], case: dict[str, Any]) -> bool:
 
 
 def test_every_golden_investor_is_calculated_none_failed(golden):
-    _, _, summaries = golden
+    _, _, runs = golden
+    summaries = {run: r.summary for run, r in runs.items()}
     assert len(CASES) >= 15
     for run, summary in summaries.items():
         expected = sum(1 for c in CASES if c.get("run", "default") == run)
@@ -106,11 +113,21 @@ def test_every_golden_investor_is_calculated_none_failed(golden):
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_golden_document(golden, case):
-    docs, events, _ = golden
+    docs, events, runs = golden
     uid = _user_id(case["id"])
     doc, portfolio = docs[uid]
     want = case["expect"]
     base = case.get("base", "USD")
+    run = case.get("run", "default")
+    assert set(doc) == set(GOLDEN["documentKeys"]), "the document's keys: none missing, none unexpected"
+    assert doc["userId"] == uid
+    assert (doc["market"], doc["sessionDate"]) == (GOLDEN["market"], GOLDEN["sessions"][run])
+    assert doc["correlationId"] == runs[run].job.correlation_id
+    assert datetime.fromisoformat(doc["generatedAt"]).utcoffset() is not None
+    for r in doc["recommendations"]:
+        assert set(r) == set(GOLDEN["recommendationKeys"]), r["symbol"]
+        assert r["assetId"] == str(ASSET_IDS[r["symbol"]]), r["symbol"]
+        assert r["breakdown"] == GOLDEN["breakdown"], r["symbol"]
     got_recs = [[r["symbol"], r["score"], r["amount"], r["allocationGap"], r["allocationGapAfter"]]
                 for r in doc["recommendations"]]
     assert got_recs == want["recommendations"], "recommendations: [symbol, score, amount, gap, gap after]"
@@ -126,7 +143,10 @@ def test_golden_document(golden, case):
     assert doc["unpricedHoldings"] == want.get("unpricedHoldings", [])
     assert doc["ratesStale"] is case.get("ratesStale", False)
     assert inputs_ok(events[(uid, "INPUTS_CAPTURED")], case)
+    assert doc["stalePrices"] == want.get("stalePrices", [])
+    assert set(doc["dataFreshness"]) == set(GOLDEN["dataFreshnessKeys"])
     assert doc["dataFreshness"]["pricesAsOf"] == want.get("pricesAsOf", GOLDEN["price_as_of"])
+    assert doc["dataFreshness"]["criteriaVersion"] == GOLDEN["criteriaVersion"]
     assert portfolio == {
         "totalValue": want["totalValue"], "assetCount": want["assetCount"],
         "allocations": [{"className": n, "currentPercent": p, "targetMin": lo, "targetMax": hi}
@@ -137,6 +157,7 @@ def test_golden_document(golden, case):
     inputs = events[(uid, "INPUTS_CAPTURED")]
     assert doc["dataFreshness"]["ratesAsOf"] == GOLDEN["rates_as_of_by"]["JPY"]  # the oldest rate of the run
     assert inputs["contribution"] == doc["totalInvestable"]
+    assert inputs.get("stalePrices", []) == want.get("stalePrices", [])  # the night's judgement, for the replay
     if case.get("run") == "usd100":
         assert inputs["contributionGiven"] == {"amount": "100", "currency": "USD"}
     else:
