@@ -4,10 +4,15 @@
   error_details with its stage and reason, everyone else completes.
 - Bad markets.yaml entries (unknown code, duplicate, negative lead), bad run parameters (not a session,
   batch_size 0, unknown keys, ...) and bad command lines: a clear error, nothing written.
+- The trigger form's `contribution`: its schema takes an amount with its currency and refuses anything else
+  naming the problem (and the run refuses it too, for conf that skips the form); its description says how the
+  amount is converted.
 """
 
 from __future__ import annotations
 
+import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +180,68 @@ def test_several_bad_params_are_all_named_at_once() -> None:
                                 interval_end=None, run_after=None)
     for word in ("session_date", "batch_size", "force", "unknown --conf keys"):
         assert word in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def contribution_param():
+    """The market DAG's `contribution` param, as the trigger form and the REST API validate it."""
+    return cli._load_dag("overnight_scoring_xnys").params.get_param("contribution")
+
+
+def test_the_trigger_form_explains_the_contribution_and_its_currency(contribution_param) -> None:
+    param = contribution_param
+    assert param.value is None  # empty: each user's own default contribution
+    assert param.schema["type"] == ["null", "object"]
+    assert set(param.schema["properties"]) == set(param.schema["required"]) == {"amount", "currency"}
+    assert param.schema["additionalProperties"] is False
+    assert "currency" in param.schema["title"].lower()
+    text = " ".join(param.description.split())
+    for words in ('{"amount": "1500", "currency": "USD"}', "converted at the run's exchange rates",
+                  "each user's base currency", "rounded down to its minor unit", "each user's own default"):
+        assert words in text, words
+
+
+@pytest.mark.parametrize(
+    "value",
+    [pytest.param(None, id="empty"), pytest.param({"amount": "1500", "currency": "USD"}, id="dollars"),
+     pytest.param({"amount": "200000", "currency": "JPY"}, id="yen"),
+     pytest.param({"amount": "12.345", "currency": "KWD"}, id="dinar-three-decimals")],
+)
+def test_the_trigger_form_accepts_an_amount_with_its_currency(contribution_param, value) -> None:
+    assert copy.deepcopy(contribution_param).resolve(value) == value
+    if value is not None:  # and the run accepts what the form let through
+        run = runtime.validate_params(get_market(MARKET), {}, {"session_date": "2027-01-05", "contribution": value},
+                                      interval_end=None, run_after=None)
+        assert run.contribution is not None and run.contribution.to_json() == value
+
+
+@pytest.mark.parametrize(
+    ("value", "form", "run"),
+    [  # (what is given, what the form says, what the run says if it gets past the form, e.g. from the CLI)
+        pytest.param("1500", "'1500' is not of type 'null', 'object'", "a bare number is ambiguous", id="bare-text"),
+        pytest.param(1500, "1500 is not of type 'null', 'object'", "a bare number is ambiguous", id="bare-number"),
+        pytest.param({"amount": "1500"}, "'currency' is a required property", "'currency' must be a 3-letter",
+                     id="no-currency"),
+        pytest.param({"currency": "USD"}, "'amount' is a required property", "'amount' must be a non-negative",
+                     id="no-amount"),
+        pytest.param({"amount": "-5", "currency": "USD"}, "'-5' does not match", "'amount' must be a non-negative",
+                     id="negative"),
+        pytest.param({"amount": "1,500", "currency": "USD"}, "'1,500' does not match",
+                     "'amount' must be a non-negative", id="thousands-separator"),
+        pytest.param({"amount": "1500", "currency": "usd"}, "'usd' does not match", "'currency' must be a 3-letter",
+                     id="lower-case-currency"),
+        pytest.param({"amount": "1500", "currency": "USD", "x": 1}, "('x' was unexpected)", r"unknown keys ['x']",
+                     id="extra-key"),
+    ],
+)
+def test_the_trigger_form_refuses_a_bad_contribution_naming_the_problem(contribution_param, value, form, run) -> None:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError, match=re.escape(form)):
+        copy.deepcopy(contribution_param).resolve(value)
+    with pytest.raises(runtime.ParamError, match="contribution: .*" + re.escape(run)):
+        runtime.validate_params(get_market(MARKET), {}, {"session_date": "2027-01-05", "contribution": value},
+                                interval_end=None, run_after=None)
 
 
 @pytest.mark.parametrize(
