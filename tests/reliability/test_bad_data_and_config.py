@@ -205,6 +205,7 @@ def test_the_trigger_form_explains_the_contribution_and_its_currency(contributio
     "value",
     [pytest.param(None, id="empty"), pytest.param({"amount": "1500", "currency": "USD"}, id="dollars"),
      pytest.param({"amount": "200000", "currency": "JPY"}, id="yen"),
+     pytest.param({"amount": 200000, "currency": "JPY"}, id="yen-as-a-whole-number"),
      pytest.param({"amount": "12.345", "currency": "KWD"}, id="dinar-three-decimals")],
 )
 def test_the_trigger_form_accepts_an_amount_with_its_currency(contribution_param, value) -> None:
@@ -226,6 +227,10 @@ def test_the_trigger_form_accepts_an_amount_with_its_currency(contribution_param
                      id="no-amount"),
         pytest.param({"amount": "-5", "currency": "USD"}, "'-5' does not match", "'amount' must be a non-negative",
                      id="negative"),
+        pytest.param({"amount": -5, "currency": "USD"}, "-5 is less than the minimum of 0",
+                     "'amount' must be a non-negative", id="negative-number"),
+        pytest.param({"amount": 1.5, "currency": "USD"}, "1.5 is not of type 'string', 'integer'",
+                     "'amount' must be a non-negative", id="fractional-number"),
         pytest.param({"amount": "1,500", "currency": "USD"}, "'1,500' does not match",
                      "'amount' must be a non-negative", id="thousands-separator"),
         pytest.param({"amount": "1500", "currency": "usd"}, "'usd' does not match", "'currency' must be a 3-letter",

@@ -46,7 +46,8 @@ def _params(market: Market) -> dict[str, Param]:
         ),
         "contribution": Param(
             None, type=["null", "object"], title="Contribution (amount and currency)",
-            properties={"amount": {"type": "string", "pattern": r"^\d{1,12}(\.\d{1,4})?$"},
+            properties={"amount": {"type": ["string", "integer"], "pattern": r"^\d{1,12}(\.\d{1,4})?$",
+                                   "minimum": 0, "maximum": 10**12 - 1},  # text, or a whole number as the run takes
                         "currency": {"type": "string", "pattern": "^[A-Z]{3}$"}},
             required=["amount", "currency"], additionalProperties=False,
             description="Amount every served user invests this run, with its currency, e.g. "
