@@ -134,12 +134,17 @@ def previous_close(code: str, moment: datetime) -> datetime:
 
 
 @functools.lru_cache(maxsize=4096)
-def document_deadline(code: str, lead: timedelta, session_date: date, grace: timedelta = DEFAULT_GRACE) -> datetime:
-    """Until when a document of `code`'s `session_date` session is fresh: the next session's run + `grace`."""
+def next_run_time(code: str, lead: timedelta, session_date: date) -> datetime:
+    """The scheduled time (aware UTC) of `code`'s run for the session after `session_date`."""
     from overnight.domain import sessions
 
-    _, next_run_at = sessions.next_run(code, lead, sessions.run_time(code, lead, session_date), inclusive=False)
-    return next_run_at + grace
+    return sessions.next_run(code, lead, sessions.run_time(code, lead, session_date), inclusive=False)[1]
+
+
+@functools.lru_cache(maxsize=4096)
+def document_deadline(code: str, lead: timedelta, session_date: date, grace: timedelta = DEFAULT_GRACE) -> datetime:
+    """Until when a document of `code`'s `session_date` session is fresh: the next session's run + `grace`."""
+    return next_run_time(code, lead, session_date) + grace
 
 
 @functools.lru_cache(maxsize=4096)
