@@ -422,6 +422,7 @@ def test_page_in_chromium(stack: dict[str, Any]) -> None:
         cdp = Cdp(next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"])
         cdp.call("Page.enable")
         base = stack["main"].url
+        _insert_runs(stack["pg_dsn"], BADGE_RUNS)  # the newest runs of XLON, XTKS and BVMF, for the table's badges
         # No session: the page sends the browser to Airflow's login, which comes back to the page.
         cdp.call("Page.navigate", url=f"{base}/overnight/")
         cdp.wait("location.pathname.startsWith('/auth/login') && !!document.querySelector('input[type=password]')")
@@ -435,6 +436,14 @@ def test_page_in_chromium(stack: dict[str, Any]) -> None:
         assert "XNYS" in markets
         row = cdp.js("document.querySelector('#runs tr[data-market=XNYS]').innerText")
         assert "completed" in row or "partial" in row
+        # The table's freshness badges (docs/freshness.md): class and text, with the reason when stale.
+        badges = cdp.js("Object.fromEntries(['XLON', 'XTKS', 'BVMF'].map(m => [m, [...document.querySelectorAll("
+                        "`#runs tr[data-market=${m}] td:last-child .badge`)].map(b => [b.className, b.innerText])]))")
+        assert badges == {
+            "XLON": [["badge fresh", "fresh"]],
+            "XTKS": [["badge stale", "stale: run failed"]],
+            "BVMF": [["badge stale", "stale: rates stale"], ["badge stale", "stale rates"]],
+        }
         assert cdp.js("document.querySelectorAll('#charts svg rect').length") >= 1
         assert cdp.js("document.querySelectorAll('#charts svg polyline').length") >= 1
         # Look a user up: the cached recommendations, then (key deleted) the same from Postgres.
@@ -459,6 +468,20 @@ def test_page_in_chromium(stack: dict[str, Any]) -> None:
         assert cdp.js("document.getElementById('lookup-unallocated').innerText") == (
             f"Unallocated: 123.45 {stack['doc']['portfolioSummary']['baseCurrency']}"
             " (Stocks reached the maximum of their target range)")
+        # The lookup's freshness badge: a document built on stale rates says so, with the reason; one whose
+        # market's next run is far ahead (session 2027-06-15) is fresh.
+        for change, shown in (({"ratesStale": True}, ("badge stale", "stale: rates stale")),
+                              ({"ratesStale": False, "sessionDate": "2027-06-15"}, ("badge fresh", "fresh"))):
+            stack["redis"].set(cache.recs_key(uid), json.dumps({**stack["doc"], **change}), ex=cache.TTL_SECONDS)
+            api = _get(stack, _dash(uid)).json()["data"]
+            assert (api["stale"], api["staleReason"]) == (
+                (True, "rates_stale") if change["ratesStale"] else (False, None))
+            cdp.js("document.getElementById('lookup-result').textContent = ''")
+            cdp.js("document.querySelector('#lookup button').click()")
+            cdp.wait("!!document.querySelector('#recs tbody tr')")
+            badge = cdp.js("[...document.querySelectorAll('#lookup-summary .badge')]"
+                           ".filter(b => b.classList.contains('stale') || b.classList.contains('fresh')).map(b => [b.className, b.innerText])")
+            assert badge == [list(shown)], badge
         ARTIFACTS.mkdir(exist_ok=True)
         shot = cdp.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
         (ARTIFACTS / "overnight-page.png").write_bytes(base64.b64decode(shot["data"]))
@@ -482,6 +505,28 @@ def test_page_in_chromium(stack: dict[str, Any]) -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(profile, ignore_errors=True)
         stack["redis"].set(cache.recs_key(stack["user_id"]), json.dumps(stack["doc"]), ex=cache.TTL_SECONDS)
+        with psycopg.connect(stack["pg_dsn"]) as conn:
+            conn.execute("DELETE FROM overnight_job_runs WHERE id = ANY(%s)", ([r[0] for r in BADGE_RUNS],))
+
+
+# Job runs for the table's badges, newer than any other of their market: (id, market, status, metrics).
+# Session 2027-06-15 (a Tuesday all three trade): its next session's run + 2 h is still ahead, so only the
+# status and the rates make a row stale.
+BADGE_RUNS = [
+    (uuid.uuid4(), "XLON", "completed", {"rates_stale": False}),
+    (uuid.uuid4(), "XTKS", "failed", {"rates_stale": False}),
+    (uuid.uuid4(), "BVMF", "completed", {"rates_stale": True}),
+]
+
+
+def _insert_runs(pg_dsn: str, runs: list[tuple[uuid.UUID, str, str, dict[str, Any]]]) -> None:
+    with psycopg.connect(pg_dsn) as conn:
+        for run_id, market, status, metrics in runs:
+            conn.execute(
+                "INSERT INTO overnight_job_runs (id, job_type, status, started_at, completed_at, correlation_id,"
+                " market, session_date, users_processed, users_failed, metrics) VALUES (%s, 'scoring', %s,"
+                " clock_timestamp(), clock_timestamp(), %s, %s, '2027-06-15', 10, 0, %s)",
+                (run_id, status, uuid.uuid4(), market, json.dumps(metrics)))
 
 
 @pytest.mark.measurement  # a measuring tool, not a check: collected only with OVERNIGHT_MEASURE_LATENCY=1

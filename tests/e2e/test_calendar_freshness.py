@@ -3,7 +3,8 @@ real publication pattern: rates of 2026-04-01 before Thursday's publication, the
 16:00 Berlin (no publication on Good Friday 04-03 and Easter Monday 04-06). docs/freshness.md.
 
 Every run completes; no rates are stale because of the weekend or the ECB's holidays; the dashboard says
-fresh over the weekend, and stale (with the reason) once a market's next run is due and missing or failed.
+fresh over the weekend and on Easter Monday (London's Thursday documents until its Tuesday run + 2 h), stale
+(with the reason) once a market's next run + 2 h has passed without it, and at once when that run failed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,23 @@ RUNS = [
     (date(2026, 4, 6), "2026-04-02", ("BVMF", "XNYS", "XTKS")),
     (date(2026, 4, 7), "2026-04-02", ALL),
 ]
+
+
+# Reads on and after Easter Monday, with no run for Tuesday 04-07 yet: market -> (stale, staleReason), by hand
+# from the calendars (each document is fresh until its market's next run + 2 h; docs/freshness.md):
+# - XLON (04-02's document): next session Tue 04-07, open 08:00 BST = 07:00 UTC, run 05:00 UTC: fresh until
+#   07:00 UTC; from 05:00 its run is due, and no row says it failed.
+# - XTKS (04-06's): next session Tue 04-07, open 09:00 JST = 00:00 UTC, run Mon 22:00 UTC: fresh until Tue
+#   00:00 UTC, then stale, its Tuesday run missing.
+# - XNYS (04-06's): next open Tue 09:30 EDT = 13:30 UTC, run 11:30: fresh until 13:30 UTC.
+# - BVMF (04-06's): next open Tue 10:00 BRT = 13:00 UTC, run 11:00: fresh until 13:00 UTC.
+FRESH = (False, None)
+EASTER_MONDAY_READS = {
+    "2026-04-06T12:00": {"XLON": FRESH, "XTKS": FRESH, "XNYS": FRESH, "BVMF": FRESH},
+    "2026-04-07T06:59": {"XLON": FRESH, "XTKS": (True, "run_missing"), "XNYS": FRESH, "BVMF": FRESH},
+    "2026-04-07T07:01": {"XLON": (True, "run_missing"), "XTKS": (True, "run_missing"), "XNYS": FRESH,
+                         "BVMF": FRESH},
+}
 
 
 @pytest.fixture
@@ -103,6 +121,21 @@ def test_easter_2026_all_four_markets(pg_dsn: str, seeded: dict[str, int], airfl
                     redis_client.delete(f"recs:{uid}")  # the key expired: the Postgres fallback is as fresh
                     view = _read(pg_dsn, redis_url, uid, now)
                     assert (code, moment, view.from_cache, view.stale) == (code, moment, False, False)
+        if session == date(2026, 4, 6):
+            # Easter Monday, after its runs (New York, Sao Paulo, Tokyo) and before any of Tuesday's. London is
+            # closed: its latest documents are still Thursday 04-02's, fresh until its Tuesday run is due.
+            with psycopg.connect(pg_dsn) as conn:
+                users = {code: _a_user_served_by(conn, code, date(2026, 4, 2 if code == "XLON" else 6))
+                         for code in MARKETS}
+            for moment, answers in EASTER_MONDAY_READS.items():
+                now = datetime.fromisoformat(moment).replace(tzinfo=UTC)
+                for code, uid in users.items():
+                    view = _read(pg_dsn, redis_url, uid, now)  # from Redis while the key lives
+                    assert (code, moment, view.stale, view.stale_reason) == (code, moment, *answers[code])
+                    redis_client.delete(f"recs:{uid}")  # the key expired: the Postgres fallback says the same
+                    view = _read(pg_dsn, redis_url, uid, now)
+                    assert (code, moment, view.from_cache, view.stale, view.stale_reason) == (
+                        code, moment, False, *answers[code])
 
     assert len(results) == 4 + 1 + 3 + 4
     summary = {k: (r["status"], r["metrics"]["rates_stale"], r["metrics"]["rates_missing"], r["failed"])
@@ -125,16 +158,21 @@ def test_easter_2026_all_four_markets(pg_dsn: str, seeded: dict[str, int], airfl
         xnys = _a_user_served_by(conn, "XNYS", date(2026, 4, 7))
     before = datetime(2026, 4, 8, 13, 29, tzinfo=UTC)  # XNYS opens 13:30 UTC (EDT): run 11:30 + 2 h
     after = datetime(2026, 4, 8, 13, 31, tzinfo=UTC)
+    failed_at = datetime(2026, 4, 8, 11, 35, tzinfo=UTC)  # the run is due at 11:30 and fails at 11:35
+    assert _read(pg_dsn, redis_url, xnys, failed_at).stale is False  # due, no row yet: fresh
     assert _read(pg_dsn, redis_url, xnys, before).stale is False
     view = _read(pg_dsn, redis_url, xnys, after)
     assert (view.stale, view.stale_reason) == (True, "run_missing")
     with psycopg.connect(pg_dsn) as conn:
         conn.execute("INSERT INTO overnight_job_runs (id, job_type, status, started_at, completed_at, correlation_id,"
                      " market, session_date, users_processed, users_failed) VALUES (%s, 'scoring', 'failed',"
-                     " %s, %s, %s, 'XNYS', '2026-04-08', 0, 0)", (uuid.uuid4(), before, before, uuid.uuid4()))
+                     " %s, %s, %s, 'XNYS', '2026-04-08', 0, 0)",
+                     (uuid.uuid4(), failed_at, failed_at, uuid.uuid4()))
         conn.commit()
-    view = _read(pg_dsn, redis_url, xnys, after)
-    assert (view.stale, view.stale_reason) == (True, "run_failed")
+    # Stale at once, not only from 13:30 (docs/freshness.md: a failed run makes its documents stale at once)
+    for now in (failed_at, before, after):
+        view = _read(pg_dsn, redis_url, xnys, now)
+        assert (now, view.stale, view.stale_reason) == (now, True, "run_failed")
 
 
 def test_cache_ttl_until_the_next_run(pg_dsn: str, seeded: dict[str, int], airflow_db: None, redis_client: Any,

@@ -270,6 +270,25 @@ def test_bad_params_in_a_dag_run_write_nothing(pg_dsn, seeded, airflow_db, conf)
         assert _counts(conn) == before
 
 
+def test_a_bad_freshness_setting_fails_the_dag_run_at_its_first_task_naming_it(
+        pg_dsn, seeded, airflow_db, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Not found mid-run (after the rates, or in every batch): the start task refuses it, nothing is written.
+    monkeypatch.setenv("OVERNIGHT_MAX_RATES_AGE_HOURS", "3 days")
+    dag = cli._load_dag("overnight_scoring_xnys")
+    with psycopg.connect(pg_dsn) as conn:
+        before = _counts(conn)
+    dag_run = dag.test(run_conf={"session_date": SESSION.isoformat()})
+    assert str(dag_run.state).endswith("failed")
+    states = {t.task_id: str(t.state).rsplit(".", 1)[-1] for t in dag_run.get_task_instances()}
+    assert states["start"] == "failed" and states["fetch_rates"] == "upstream_failed", states
+    out = capfd.readouterr()
+    said = out.out + out.err + caplog.text
+    assert "OVERNIGHT_MAX_RATES_AGE_HOURS='3 days': expected a finite number of hours >= 0" in said
+    with psycopg.connect(pg_dsn) as conn:
+        assert _counts(conn) == before
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

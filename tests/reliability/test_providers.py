@@ -104,8 +104,9 @@ def _script(server: FakeProviderServer, kind: str, tables: dict[str, Any]) -> in
     if kind == "malformed":
         server.respond(RATES_PATH, 200, b"<html>502 Bad Gateway</html>")
         return 1
-    if kind == "partial":
+    if kind == "invalid":  # rates sent as JSON strings, not numbers: none is usable, the provider refuses them all
         some = dict(list(tables["rates"]["USD"].items())[:1])
+        assert all(isinstance(v, str) for v in some.values())
         server.respond(RATES_PATH, 200, {"amount": 1, "base": "USD", "date": "2026-11-20", "rates": some})
         return 1
     if kind == "nan":
@@ -118,7 +119,7 @@ def _script(server: FakeProviderServer, kind: str, tables: dict[str, Any]) -> in
     raise AssertionError(kind)
 
 
-FAILURES = ["500s", "timeouts", "malformed", "partial", "nan", "retry-after-too-long"]
+FAILURES = ["500s", "timeouts", "malformed", "invalid", "nan", "retry-after-too-long"]
 
 
 @pytest.mark.parametrize("kind", FAILURES)
@@ -131,6 +132,47 @@ def test_rates_failure_falls_back_to_stored_rates_flagged_stale(conn, server, ta
     assert snap.stale is True and snap.source.endswith("(fallback)")
     newest = loading.latest_stored_rates(conn, "USD", tables["currencies"])
     assert snap.rates == newest.rates and snap.as_of == newest.as_of  # the stored ones, whole, not a mix
+
+
+# A partial answer, judged on Wednesday 2027-01-13 13:00 UTC. By hand from the TARGET calendar: Wednesday's
+# publication (16:00 CET = 15:00 UTC) is not out yet, so the expected one is Tuesday 2027-01-12 15:00 UTC.
+PARTIAL_MOMENT = datetime(2027, 1, 13, 13, 0, tzinfo=UTC)
+TUESDAY = datetime(2027, 1, 12, 15, 0, tzinfo=UTC)  # the expected publication
+MONDAY = datetime(2027, 1, 11, 15, 0, tzinfo=UTC)  # one publication behind: stale, still usable
+FRIDAY = datetime(2027, 1, 8, 15, 0, tzinfo=UTC)  # 96 h behind the expected one (more than 72 h): unusable
+STORED = {"GBP": ("0.801", TUESDAY), "JPY": ("152.5", MONDAY), "EUR": ("0.931", FRIDAY)}
+
+
+def test_partial_answer_others_come_from_stored_rates_each_judged_by_its_own_date(
+        conn, server, tables, request: pytest.FixtureRequest) -> None:
+    # docs/freshness.md: "when it delivers some currencies but not others, stored rates of the others stand
+    # in, each judged by its own date". The provider sends BRL (a real JSON number) and nothing for EUR, GBP
+    # and JPY; the stored rates of those are the newest ones in exchange_rates (the seed's are from today).
+    server.respond(RATES_PATH, 200, b'{"amount": 1, "base": "USD", "date": "2027-01-12", "rates": {"BRL": 5.41}}')
+
+    def forget() -> None:
+        conn.rollback()
+        conn.execute("DELETE FROM exchange_rates WHERE as_of = ANY(%s)", ([TUESDAY, MONDAY, FRIDAY],))
+        conn.commit()
+
+    request.addfinalizer(forget)
+    conn.cursor().executemany(
+        "INSERT INTO exchange_rates (base, quote, rate, as_of, source) VALUES ('USD', %s, %s, %s, 'stored-test')",
+        [(q, Decimal(r), at) for q, (r, at) in STORED.items()])
+    conn.commit()
+    with _rates_provider(server, Sleeps()) as provider:
+        snap = loading.fetch_rates(conn, provider, ["BRL", "EUR", "GBP", "JPY", "USD"], now=PARTIAL_MOMENT)
+    assert len(server.requests_for(RATES_PATH)) == 1
+    assert snap.source == "frankfurter"  # not a fallback: the provider answered
+    assert snap.rates == {"USD": Decimal(1), "BRL": Decimal("5.41"), "GBP": Decimal("0.801"),
+                          "JPY": Decimal("152.5")}
+    assert snap.stale_in == {"JPY"} and snap.stale is True  # GBP (Tuesday's) is fresh, BRL came fresh
+    assert set(snap.unavailable) == {"EUR"}
+    assert "more than the allowed lag behind the expected ECB publication" in snap.unavailable["EUR"]
+    assert snap.as_of == MONDAY  # the oldest rate used
+    # The delivered rate was kept with its publication date.
+    assert conn.execute("SELECT rate FROM exchange_rates WHERE quote = 'BRL' AND source = 'frankfurter'"
+                        " AND as_of = %s", (TUESDAY,)).fetchone() == (Decimal("5.41"),)
 
 
 def _needing(conn, users: set[str], currencies: set[str]) -> set[str]:
@@ -149,7 +191,7 @@ def _run_with_rates(conn, rates_x: dict[str, Any], job_x: dict[str, Any]) -> R.O
     return R.check_invariants(conn, market, SESSION, rows=n)
 
 
-@pytest.mark.parametrize("kind", ["500s", "malformed", "partial"])
+@pytest.mark.parametrize("kind", ["500s", "malformed", "invalid"])
 def test_rates_failure_without_usable_stored_rates_fails_only_the_users_who_need_them(
         conn, server, tables, kind, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     # docs/freshness.md: the run never fails because of rates; only users needing a currency without a usable
@@ -217,6 +259,60 @@ def test_a_currency_the_ecb_does_not_publish_affects_only_its_users(conn, server
                for u in holders)
     assert out.metrics["rates_missing"] == ["ARS"] and not out.metrics["rates_stale"]
     assert "does not publish" in out.error_details["rates"]["ARS"]
+
+
+def test_database_provider_without_a_stored_ars_rate_affects_only_ars_users(
+        conn, tables, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    # No overnight_rates_http: the run reads rates from exchange_rates (the database provider). ARS is in the
+    # assets table but no ARS rate is stored: ARS is reported unavailable, the run completes; holders of the
+    # ARS asset get it listed in unpricedHoldings, a user counting in ARS fails at stage convert.
+    monkeypatch.delenv("AIRFLOW_CONN_OVERNIGHT_RATES_HTTP", raising=False)
+    served = sorted(R.served(conn, MARKET, SESSION))
+    holders, ars_user = served[:3], served[3]
+    base = conn.execute("SELECT base_currency FROM users WHERE id = %s", (ars_user,)).fetchone()[0]
+
+    def put_back() -> None:
+        conn.rollback()
+        conn.execute("DELETE FROM holdings WHERE asset_id = 999002")
+        conn.execute("DELETE FROM prices WHERE asset_id = 999002")
+        conn.execute("DELETE FROM assets WHERE id = 999002")
+        conn.execute("UPDATE users SET base_currency = %s WHERE id = %s", (base, ars_user))
+        conn.commit()
+
+    request.addfinalizer(put_back)
+    class_id = conn.execute("SELECT class_id FROM assets WHERE market = %s LIMIT 1", (MARKET,)).fetchone()[0]
+    conn.execute("INSERT INTO assets (id, symbol, name, market, class_id, currency) VALUES (999002, 'BMA.BA',"
+                 " 'Banco Macro', %s, %s, 'ARS')", (MARKET, class_id))
+    conn.execute("INSERT INTO prices (asset_id, price, currency, as_of) VALUES (999002, 7000, 'ARS', now())")
+    conn.cursor().executemany("INSERT INTO holdings (user_id, asset_id, quantity) VALUES (%s, 999002, 4)",
+                              [(u,) for u in holders])
+    conn.execute("UPDATE users SET base_currency = 'ARS' WHERE id = %s", (ars_user,))
+    conn.commit()
+    assert conn.execute("SELECT count(*) FROM exchange_rates WHERE quote = 'ARS'").fetchone()[0] == 0
+    market = get_market(MARKET)
+    run = runtime.validate_params(market, {}, {"session_date": SESSION.isoformat(), "force": True},
+                                  interval_end=None, run_after=None)
+    assert isinstance(runtime.rates_provider(conn), DbRatesProvider)
+    job_x = runtime.start(market, run, "reliability-db-ars")
+    rates_x = runtime.fetch_rates(job_x)
+    assert rates_x["source"] == "database"
+    assert rates_x["unavailable"] == {"ARS": "exchange_rates: no stored USD rate for ARS"}
+    assert sorted(rates_x["rates"]) == ["BRL", "GBP", "JPY", "USD"]  # the seeded data set's others, as stored
+    out = _run_with_rates(conn, rates_x, job_x)
+    # The run completes (partial: one user failed); everyone but the ARS user is calculated.
+    assert out.status == "partial"
+    assert out.completed == set(served) - {ars_user}
+    assert set(out.failed) == {ars_user}
+    stage, message = out.failed[ars_user]
+    assert stage == "convert" and "'ARS'" in message
+    assert out.error_details["users"] == [{"userId": ars_user, "stage": "convert", "message": message}]
+    assert out.error_details["rates"] == {"ARS": "exchange_rates: no stored USD rate for ARS"}
+    assert out.metrics["rates_missing"] == ["ARS"]
+    unpriced = dict(conn.execute("SELECT user_id::text, document::jsonb->'unpricedHoldings' FROM recommendation_history"
+                                 " WHERE job_run_id = %s", (out.job_id,)).fetchall())
+    assert {u for u, h in unpriced.items() if h} == set(holders)
+    assert all(unpriced[u] == [{"symbol": "BMA.BA", "quantity": "4", "reason": "no exchange rate for ARS"}]
+               for u in holders)
 
 
 def _score(conn, price_provider, *, force: bool = True) -> tuple[jobrun.JobRun, list, list, dict]:

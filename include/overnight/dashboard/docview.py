@@ -58,6 +58,7 @@ def parse_time(value: Any) -> datetime | None:
 
 
 OVERDUE = "overdue"  # past its deadline; the store says why (run failed, missing, unfinished, user not updated)
+DUE = "due"  # its market's next run is due (past its scheduled time, not its deadline): fresh unless it failed
 
 
 @functools.lru_cache(maxsize=64)
@@ -80,17 +81,19 @@ def _grace() -> timedelta:
         return freshness.DEFAULT_GRACE
 
 
-def _deadline(market: Any, session_date: Any, generated_at: datetime | None) -> tuple[datetime | None, bool]:
-    """(`fresh_until`, whether it comes from the market's calendar)."""
+def _deadline(market: Any, session_date: Any,
+              generated_at: datetime | None) -> tuple[datetime | None, datetime | None]:
+    """(`fresh_until`, the scheduled time of the market's next run; None for the 24 h rule)."""
     if type(market) is str and type(session_date) is str:
         lead = _lead(market)
         if lead is not None:
             try:
-                return freshness.document_deadline(market, lead, date.fromisoformat(session_date),
-                                                   _grace()), True
+                session = date.fromisoformat(session_date)
+                return (freshness.document_deadline(market, lead, session, _grace()),
+                        freshness.next_run_time(market, lead, session))
             except ValueError as exc:  # not a session, outside the calendar's data: the 24 h rule
                 log.warning("dashboard: %s session %s: %s; judging its documents by age", market, session_date, exc)
-    return (generated_at + STALE_AFTER if generated_at is not None else None), False
+    return (generated_at + STALE_AFTER if generated_at is not None else None), None
 
 
 def fresh_until(market: Any, session_date: Any, generated_at: datetime | None) -> datetime | None:
@@ -102,21 +105,34 @@ def fresh_until(market: Any, session_date: Any, generated_at: datetime | None) -
 def staleness(generated_at: datetime | None, rates_stale: bool, market: Any = None, session_date: Any = None,
               now: datetime | None = None) -> str | None:
     """Why a document is stale, None when fresh: `rates_stale`, `unknown_age`, `expired` (no market, over 24 h)
-    or OVERDUE (its market's next run + grace has passed; `DashboardStore.overdue_reason` says why)."""
+    or OVERDUE (its market's next run + grace has passed; `DashboardStore.overdue_reason` says why); DUE when
+    that next run's scheduled time has passed but not its deadline: fresh unless that run failed (`resolved`)."""
     if generated_at is None:
         return freshness.UNKNOWN_AGE
     if rates_stale:
         return freshness.RATES_STALE
-    until, from_calendar = _deadline(market, session_date, generated_at)
-    if until is None or (now or datetime.now(UTC)) <= until:
-        return None
-    return OVERDUE if from_calendar else freshness.EXPIRED
+    until, next_run_at = _deadline(market, session_date, generated_at)
+    now = now or datetime.now(UTC)
+    if until is None or now <= until:
+        return DUE if next_run_at is not None and now >= next_run_at else None
+    return OVERDUE if next_run_at is not None else freshness.EXPIRED
+
+
+def resolved(reason: str | None, next_run: str) -> str | None:
+    """The final `staleReason` of a document judged `reason` (OVERDUE or DUE), given what happened to its market's
+    next run (`next_run`: `DashboardStore.overdue_reason`): after the deadline that is the reason; before it, only
+    a failed run makes the document stale (docs/freshness.md)."""
+    if reason == OVERDUE:
+        return next_run
+    if reason == DUE:
+        return freshness.RUN_FAILED if next_run == freshness.RUN_FAILED else None
+    return reason
 
 
 def is_stale(generated_at: datetime | None, rates_stale: bool, now: datetime | None = None,
              market: Any = None, session_date: Any = None) -> bool:
-    """Returns True when a document is stale by `staleness`."""
-    return staleness(generated_at, rates_stale, market, session_date, now) is not None
+    """Returns True when a document is stale by `staleness` (its market's due next run not looked up)."""
+    return staleness(generated_at, rates_stale, market, session_date, now) not in (None, DUE)
 
 
 @dataclass(frozen=True)
@@ -135,6 +151,7 @@ class DashboardView:
     unallocated: dict[str, Any] | None = None
     unpriced_holdings: list[dict[str, Any]] | None = None
     stale_reason: str | None = None
+    next_run_due: bool = False  # fresh unless its market's next run, due now, failed: the store looks (not shown)
 
     def to_json(self) -> dict[str, Any]:
         """Returns the API's camelCase `data` object."""
@@ -174,6 +191,9 @@ def view_from_document(
     if base is None and recs:
         base = recs[0].get("currency")
     reason = staleness(generated, bool(doc.get("ratesStale")), doc.get("market"), doc.get("sessionDate"), now)
+    due = reason == DUE
+    if due:
+        reason = None
     return DashboardView(
         user_id=user_id,
         recommendations=recs,
@@ -187,6 +207,7 @@ def view_from_document(
         unallocated=doc.get("unallocated"),
         unpriced_holdings=doc.get("unpricedHoldings"),
         stale_reason=reason,
+        next_run_due=due,
     )
 
 

@@ -4,7 +4,7 @@ model would encode it, without pydantic on the hot path (gzip when it pays)."""
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -12,7 +12,7 @@ import msgspec
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from overnight.dashboard.docview import OVERDUE, parse_time, parse_user_id, staleness
+from overnight.dashboard.docview import DUE, OVERDUE, parse_time, parse_user_id, resolved, staleness
 from overnight.dashboard.models import Breakdown, DataFreshness, Recommendation, Unallocated
 from overnight.dashboard.store import DashboardStore
 
@@ -148,10 +148,13 @@ class _CachedDocument(msgspec.Struct):
 _decode_cached = msgspec.json.Decoder(_CachedDocument).decode
 
 
-def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None) -> bytes | None:
+def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None,
+                          next_run: Callable[[str, str], str | None] | None = None) -> bytes | None:
     """`dashboard_body` of the view of a cached document, straight from its JSON: typed and validated by
     msgspec in one pass, with the same bytes; None for anything but a document as the overnight run writes
-    it (extras, other types, invalid JSON), which then takes the general path."""
+    it (extras, other types, invalid JSON), which then takes the general path. A document whose market's next
+    run is due or overdue needs to know what happened to that run: `next_run(market, sessionDate)`
+    (`DashboardStore.known_next_run`) says it when recently read, else None also sends it to the general path."""
     try:
         doc = _decode_cached(raw)
     except msgspec.DecodeError:  # ValidationError included
@@ -172,8 +175,12 @@ def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None)
     if base is not None and type(base) is not str:
         return None
     reason = staleness(generated, bool(doc.ratesStale), doc.market, doc.sessionDate, now)
-    if reason == OVERDUE:  # why needs a query: the general path asks Postgres
-        return None
+    if reason == OVERDUE or reason == DUE:  # what happened to the next run: known, or the general path asks Postgres
+        market, session = doc.market, doc.sessionDate
+        known = next_run(market, session) if next_run is not None and market and session else None
+        if known is None:
+            return None
+        reason = resolved(reason, known)
     return _JSON.encode({"data": {
         "userId": user_id, "recommendations": recs, "totalInvestable": doc.totalInvestable,
         "baseCurrency": base.strip() if base is not None else None, "dataFreshness": freshness, "fromCache": True,
@@ -190,7 +197,8 @@ async def dashboard_answer(store: DashboardStore, user_id: str) -> bytes | dict[
     UnknownUser, StoreUnavailable."""
     uid = parse_user_id(user_id)
     raw = await store.cached_raw(uid)
-    if raw is not None and (body := cached_dashboard_body(uid, raw)) is not None:
+    if raw is not None and (body := cached_dashboard_body(
+            uid, raw, next_run=lambda market, session: store.known_next_run(market, session))) is not None:
         return body
     data = (await store.dashboard(uid, ask_cache=raw is not None)).to_json()
     return dashboard_body(data) or data

@@ -26,6 +26,7 @@ import psycopg
 
 from overnight.adapters import cache
 from overnight.dashboard.docview import (
+    DUE,
     OVERDUE,
     DashboardView,
     UnknownUser,
@@ -34,6 +35,7 @@ from overnight.dashboard.docview import (
     fresh_until,
     parse_time,
     parse_user_id,
+    resolved,
     view_from_document,
 )
 from overnight.dashboard.pgpool import (
@@ -55,6 +57,8 @@ REDIS_SILENT_S = 1.0  # a call times out and Redis has said nothing for this lon
 JOB_STATUSES = ("started", "completed", "partial", "failed")
 MAX_LIMIT = 500
 HISTORY_PER_MARKET = 30
+STATUS_TTL_S = 5.0  # how long a process trusts what it read of a market's next run (docs/freshness.md)
+STATUS_MAX_ENTRIES = 1024
 
 
 # --------------------------------------------------------------------------- the store
@@ -86,6 +90,8 @@ class DashboardStore:
     _redis: Any = field(default=None, init=False, repr=False)
     _redis_skip_until: float = field(default=0.0, init=False, repr=False)
     _lock: asyncio.Lock | None = field(default=None, init=False, repr=False)
+    # (market, session_date of a document) -> (monotonic time read, what happened to that market's next run)
+    _next_runs: dict[tuple[str, str], tuple[float, str]] = field(default_factory=dict, init=False, repr=False)
 
     def __repr__(self) -> str:
         return (f"DashboardStore(pg={_redacted(self.pg_dsn, 'postgres')}, redis={_redacted(self.redis_url, 'redis')}, "
@@ -201,28 +207,41 @@ class DashboardStore:
                              from_cache=False, stale=True, stale_reason=freshness.NOT_CALCULATED)
 
     async def _explained(self, view: DashboardView, doc: dict[str, Any]) -> DashboardView:
-        """The view with an overdue document's reason found: what happened to its market's next run."""
-        if view.stale_reason != OVERDUE:
+        """The view with its market's next run looked up when it matters: why an overdue document was not
+        replaced, or whether the due next run already failed (docs/freshness.md)."""
+        if not view.next_run_due and view.stale_reason != OVERDUE:
             return view
-        reason = await self.overdue_reason(doc["market"], doc["sessionDate"])
-        return dataclasses.replace(view, stale_reason=reason)
+        market, session = doc["market"], doc["sessionDate"]
+        next_run = self.known_next_run(market, session) or await self.overdue_reason(market, session)
+        reason = resolved(DUE if view.next_run_due else OVERDUE, next_run)
+        return dataclasses.replace(view, stale=reason is not None, stale_reason=reason, next_run_due=False)
+
+    def known_next_run(self, market: str, session_date: str) -> str | None:
+        """What `overdue_reason` said of this (market, session)'s next run within the last STATUS_TTL_S, else None
+        (then ask `overdue_reason`). Lets the fast path answer a document whose next run is due without a query."""
+        entry = self._next_runs.get((market, session_date))
+        if entry is None or time.monotonic() - entry[0] > STATUS_TTL_S:
+            return None
+        return entry[1]
 
     async def overdue_reason(self, market: str, session_date: str) -> str:
-        """Why a document of `market`'s `session_date` session was not replaced in time: the next session's
-        job run failed, is missing, has not finished, or finished without this user's document."""
+        """What happened to the run of `market`'s session after `session_date` (the one that must replace its
+        documents): failed, missing, not finished, or finished (`user_not_updated`: a document still of
+        `session_date` was not replaced by it). Kept STATUS_TTL_S for `known_next_run`."""
         lead = _lead(market) or timedelta(0)
         nxt = freshness.next_session(market, lead, date.fromisoformat(session_date))
         rows = await (await self._pool()).fetch(
             "SELECT status FROM overnight_job_runs WHERE market = %(m)s AND session_date = %(d)s"
             " ORDER BY started_at DESC LIMIT 1", {"m": market, "d": nxt})
-        if not rows:
-            return freshness.RUN_MISSING
-        status = rows[0][0]
-        if status == "failed":
-            return freshness.RUN_FAILED
-        if status == "started":
-            return freshness.RUN_UNFINISHED
-        return freshness.USER_NOT_UPDATED
+        status = rows[0][0] if rows else None
+        reason = (freshness.RUN_MISSING if status is None
+                  else freshness.RUN_FAILED if status == "failed"
+                  else freshness.RUN_UNFINISHED if status == "started"
+                  else freshness.USER_NOT_UPDATED)
+        if len(self._next_runs) >= STATUS_MAX_ENTRIES:
+            self._next_runs.clear()
+        self._next_runs[(market, session_date)] = (time.monotonic(), reason)
+        return reason
 
     # ---------------------------------------------------------------- job runs
 

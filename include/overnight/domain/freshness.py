@@ -6,6 +6,7 @@ against their market's sessions. Pure functions of dates and moments; the market
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -134,12 +135,17 @@ def previous_close(code: str, moment: datetime) -> datetime:
 
 
 @functools.lru_cache(maxsize=4096)
-def document_deadline(code: str, lead: timedelta, session_date: date, grace: timedelta = DEFAULT_GRACE) -> datetime:
-    """Until when a document of `code`'s `session_date` session is fresh: the next session's run + `grace`."""
+def next_run_time(code: str, lead: timedelta, session_date: date) -> datetime:
+    """The scheduled time (aware UTC) of `code`'s run for the session after `session_date`."""
     from overnight.domain import sessions
 
-    _, next_run_at = sessions.next_run(code, lead, sessions.run_time(code, lead, session_date), inclusive=False)
-    return next_run_at + grace
+    return sessions.next_run(code, lead, sessions.run_time(code, lead, session_date), inclusive=False)[1]
+
+
+@functools.lru_cache(maxsize=4096)
+def document_deadline(code: str, lead: timedelta, session_date: date, grace: timedelta = DEFAULT_GRACE) -> datetime:
+    """Until when a document of `code`'s `session_date` session is fresh: the next session's run + `grace`."""
+    return next_run_time(code, lead, session_date) + grace
 
 
 @functools.lru_cache(maxsize=4096)
@@ -179,11 +185,13 @@ def _duration(name: str, default: timedelta, unit: str) -> timedelta:
         return default
     try:
         value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise FreshnessConfigError(f"{name}={raw!r}: expected a number of {unit} >= 0; unset it for the default")
-    return timedelta(**{unit: value})
+        if math.isfinite(value) and value >= 0:
+            return timedelta(**{unit: value})
+    except (ValueError, OverflowError):
+        pass
+    default_value = default / timedelta(**{unit: 1})
+    raise FreshnessConfigError(f"{name}={raw!r}: expected a finite number of {unit} >= 0 (the default is "
+                               f"{name}={default_value:g}); fix it or unset it for the default")
 
 
 def rates_margin() -> timedelta:
@@ -210,6 +218,30 @@ def grace() -> timedelta:
 def cache_ttl_setting() -> str | None:
     """`OVERNIGHT_CACHE_TTL`: seconds, or "next-run"; unset for 24 h."""
     return os.environ.get("OVERNIGHT_CACHE_TTL")
+
+
+def settings_problems() -> list[str]:
+    """One line per freshness setting (environment variable) that is not usable, naming it and what to set:
+    checked before a run starts (the market DAG's first task, the preflight DAG), not found mid-run."""
+    problems: list[str] = []
+    for read in (rates_margin, max_rates_lag, max_price_age, grace):
+        try:
+            read()
+        except FreshnessConfigError as exc:
+            problems.append(str(exc))
+    try:
+        cache_ttl_seconds(cache_ttl_setting(), None, datetime.now(UTC))
+    except FreshnessConfigError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def check_settings() -> None:
+    """Raises FreshnessConfigError naming every unusable freshness setting (`settings_problems`)."""
+    problems = settings_problems()
+    if problems:
+        raise FreshnessConfigError(f"{len(problems)} bad freshness setting(s) (docs/freshness.md): "
+                                   + "; ".join(problems))
 
 
 def _utc(value: datetime, name: str) -> datetime:

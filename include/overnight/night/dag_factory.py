@@ -10,6 +10,7 @@ from typing import Any
 from airflow.sdk import DAG, Param, TriggerRule, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from overnight.domain import freshness
 from overnight.domain.markets import Market, format_lead
 from overnight.night import alerts, assets, jobrun, runtime
 from overnight.night.timetable import MarketSessionTimetable
@@ -144,9 +145,10 @@ def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
             ctx = get_current_context()
             end, run_after = _context_session(ctx)
             try:
+                freshness.check_settings()  # a bad setting fails the run here, before anything is written
                 run = runtime.validate_params(market, dict(ctx["params"]), dict(ctx["dag_run"].conf or {}),
                                               interval_end=end, run_after=run_after)
-            except runtime.ParamError as exc:
+            except (runtime.ParamError, freshness.FreshnessConfigError) as exc:
                 raise AirflowFailException(str(exc)) from None
             job = runtime.start(market, run, ctx["dag_run"].run_id)
             log.info("job run %s for %s session %s (correlation %s, resumed=%s)", job["id"], market.code,

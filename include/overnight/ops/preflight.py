@@ -1,4 +1,5 @@
-"""Pre-flight checks: is everything the night needs in place? Each check returns one line per problem.
+"""Pre-flight checks: is everything the night needs in place? Each check returns one line per problem
+(the freshness settings, the connections, the HTTP providers, the pools, the calendars, the market DAGs).
 
 Problems fail the `overnight_preflight` DAG (one line each); warnings are only logged. The checks that
 need Airflow's own state take it as data (`check_pools(required, existing)`, `check_next_runs(dags, ...)`),
@@ -30,7 +31,7 @@ from overnight.adapters.connections import (
     reach_redis,
 )
 from overnight.adapters.redaction import redact
-from overnight.domain import sessions
+from overnight.domain import freshness, sessions
 from overnight.domain.markets import Market
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,7 @@ def run_checks(markets: list[Market], *, now: datetime | None = None,
     """Runs every check; `dags_info` / `pools` None means that check could not be fed (a warning, not a problem)."""
     now = now or datetime.now(UTC)
     report = Report()
+    report.problems += freshness.settings_problems()
     report.problems += check_postgres()
     report.problems += check_redis()
     http_problems, http_notes = check_http_providers()

@@ -125,8 +125,25 @@ NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
         pytest.param(None, False, True, id="unknown-age"),
     ],
 )
-def test_is_stale(generated: datetime | None, rates_stale: bool, stale: bool) -> None:
+def test_is_stale_without_market_and_session_uses_the_24h_rule(generated: datetime | None, rates_stale: bool,
+                                                                stale: bool) -> None:
+    # a document written before the calendar rule (no market/sessionDate): fresh for 24 h (docs/freshness.md)
     assert docview.is_stale(generated, rates_stale, NOW) is stale
+
+
+@pytest.mark.parametrize(
+    ("now", "stale"),
+    [
+        # XNYS's Friday 2026-11-20 document, built at its run (12:30 UTC). By hand: the NYSE next opens Monday
+        # 2026-11-23 09:30 EST = 14:30 UTC; that run is due at 12:30 UTC, + 2 h grace = 14:30 UTC.
+        pytest.param(datetime(2026, 11, 22, 12, 40, tzinfo=UTC), False, id="sunday-48h-old"),
+        pytest.param(datetime(2026, 11, 23, 14, 30, tzinfo=UTC), False, id="monday-at-the-deadline"),
+        pytest.param(datetime(2026, 11, 23, 14, 31, tzinfo=UTC), True, id="monday-after-the-deadline"),
+    ],
+)
+def test_is_stale_with_market_and_session_follows_the_calendar_not_the_age(now: datetime, stale: bool) -> None:
+    generated = datetime(2026, 11, 20, 12, 40, tzinfo=UTC)
+    assert docview.is_stale(generated, False, now, "XNYS", "2026-11-20") is stale
 
 
 # --------------------------------------------------------------------------- recommendations
@@ -152,11 +169,92 @@ def test_cache_hit_and_miss_serve_the_same_recommendations(scored: dict[str, Any
     assert miss.stale is True and miss.stale_reason == "run_missing"
 
 
-def test_stale_when_generated_more_than_24h_ago(scored: dict[str, Any]) -> None:
+# SESSION (Monday 2026-11-16)'s XNYS document, built at its run. By hand from the NYSE calendar: the next
+# session is Tuesday 2026-11-17, open 09:30 EST = 14:30 UTC; its run is due at 12:30 UTC (lead 2 h) and the
+# document is fresh until 14:30 UTC (grace 2 h).
+BUILT = datetime(2026, 11, 16, 12, 40, tzinfo=UTC)
+NEXT_RUN_DUE = datetime(2026, 11, 17, 12, 30, tzinfo=UTC)
+DEADLINE = datetime(2026, 11, 17, 14, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+def dated_doc(scored: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The user's cached document as built at SESSION's run (generatedAt BUILT); put back afterwards."""
     uid = scored["user_id"]
-    later = datetime.fromisoformat(scored["doc"]["generatedAt"]) + timedelta(hours=25)
-    view = with_store(scored, lambda s: s.dashboard(uid, now=later))
-    assert view.stale is True
+    doc = {**scored["doc"], "generatedAt": BUILT.isoformat()}
+    assert (doc["market"], doc["sessionDate"]) == ("XNYS", SESSION.isoformat())
+    client = redis.Redis.from_url(scored["redis_url"])
+    client.set(cache.recs_key(uid), json.dumps(doc), ex=cache.TTL_SECONDS)
+    yield doc
+    client.set(cache.recs_key(uid), json.dumps(scored["doc"]), ex=cache.TTL_SECONDS)
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("now", "stale", "reason"),
+    [
+        pytest.param(BUILT + timedelta(hours=25), False, None, id="25h-old-before-the-deadline"),
+        pytest.param(DEADLINE, False, None, id="at-the-deadline"),
+        pytest.param(DEADLINE + timedelta(minutes=1), True, "run_missing", id="after-the-deadline"),
+    ],
+)
+def test_stale_once_the_next_run_plus_grace_has_passed_not_after_24h(
+        scored: dict[str, Any], dated_doc: dict[str, Any], now: datetime, stale: bool, reason: str | None) -> None:
+    view = with_store(scored, lambda s: s.dashboard(scored["user_id"], now=now))
+    assert view.from_cache is True
+    assert (view.stale, view.stale_reason) == (stale, reason)
+
+
+def test_a_failed_next_run_makes_the_document_stale_before_the_deadline(
+        scored: dict[str, Any], dated_doc: dict[str, Any]) -> None:
+    # docs/freshness.md: from the next run's scheduled time, a failed run of it makes the document stale at once.
+    from overnight.dashboard import json_body
+
+    uid = scored["user_id"]
+    row = uuid.uuid4()
+
+    def read(now: datetime, *, ask_cache: bool = True) -> docview.DashboardView:
+        return with_store(scored, lambda s: s.dashboard(uid, now=now, ask_cache=ask_cache))
+
+    before_due, failed_at = NEXT_RUN_DUE - timedelta(minutes=1), NEXT_RUN_DUE + timedelta(minutes=5)
+    assert (read(failed_at).stale, read(failed_at).stale_reason) == (False, None)  # due, not started: fresh
+    with psycopg.connect(scored["pg_dsn"]) as conn:
+        conn.execute("INSERT INTO overnight_job_runs (id, job_type, status, started_at, completed_at, correlation_id,"
+                     " market, session_date, users_processed, users_failed) VALUES (%s, 'scoring', 'failed', %s,"
+                     " %s, %s, 'XNYS', '2026-11-17', 0, 0)", (row, NEXT_RUN_DUE, failed_at, uuid.uuid4()))
+        conn.commit()
+    try:
+        for now, expected in ((before_due, (False, None)), (failed_at, (True, "run_failed")),
+                              (DEADLINE, (True, "run_failed")), (DEADLINE + timedelta(minutes=1), (True, "run_failed"))):
+            for ask_cache in (True, False):  # from Redis, and the Postgres fallback alike
+                view = read(now, ask_cache=ask_cache)
+                assert (now, view.from_cache, view.stale, view.stale_reason) == (now, ask_cache, *expected)
+
+        # Once a process has read the run's status, its Redis hits answer from the fast path without a query.
+        async def fast(store: dashboard.DashboardStore) -> tuple[bytes | None, bytes | None]:
+            raw = await store.cached_raw(uid)
+            assert raw is not None
+            unknown = json_body.cached_dashboard_body(uid, raw, failed_at, next_run=store.known_next_run)
+            await store.dashboard(uid, now=failed_at)
+            return unknown, json_body.cached_dashboard_body(uid, raw, failed_at, next_run=store.known_next_run)
+
+        unknown, known = with_store(scored, fast)
+        assert unknown is None  # not read yet: the general path
+        data = json.loads(known or b"{}")["data"]
+        assert (data["stale"], data["staleReason"]) == (True, "run_failed")
+
+        # Cleared and retried: the run is going again, the document is fresh until the deadline.
+        with psycopg.connect(scored["pg_dsn"]) as conn:
+            conn.execute("UPDATE overnight_job_runs SET status = 'started', completed_at = NULL WHERE id = %s", (row,))
+            conn.commit()
+        view = read(failed_at + timedelta(minutes=10))
+        assert (view.stale, view.stale_reason) == (False, None)
+        view = read(DEADLINE + timedelta(minutes=1))
+        assert (view.stale, view.stale_reason) == (True, "run_unfinished")
+    finally:
+        with psycopg.connect(scored["pg_dsn"]) as conn:
+            conn.execute("DELETE FROM overnight_job_runs WHERE id = %s", (row,))
+            conn.commit()
 
 
 @pytest.mark.parametrize("kind", [pytest.param("closed-port", id="redis-down"),

@@ -44,19 +44,55 @@ def _general(doc: dict[str, Any], now: datetime) -> bytes:
     return RESPONSE.dump_json(RESPONSE.validate_python({"data": data}))
 
 
+def _never_asked(market: str, session: str) -> str | None:
+    raise AssertionError(f"the fast path asked about {market}'s run after {session}: no run is due yet")
+
+
 @pytest.mark.parametrize("moment", [
     pytest.param("2026-11-21T09:00", id="saturday"),
     pytest.param("2026-11-22T23:59", id="sunday"),
-    pytest.param("2026-11-23T14:30", id="monday-run-plus-2h"),
+    pytest.param("2026-11-23T12:29", id="monday-before-its-run"),
 ])
 def test_a_friday_document_is_fresh_over_the_weekend(moment: str) -> None:
     now = _at(moment)
     view = view_from_document(UID, FRIDAY_DOC, from_cache=False, now=now)  # a Postgres fallback
-    assert (view.stale, view.stale_reason) == (False, None)
-    fast = json_body.cached_dashboard_body(UID, json.dumps(FRIDAY_DOC).encode(), now=now)
+    assert (view.stale, view.stale_reason, view.next_run_due) == (False, None, False)
+    # Before Monday's run is due nothing is looked up: the Redis hit costs no query.
+    fast = json_body.cached_dashboard_body(UID, json.dumps(FRIDAY_DOC).encode(), now=now, next_run=_never_asked)
     assert fast == _general(FRIDAY_DOC, now)
     assert (json.loads(fast or b"{}")["data"]["stale"], json.loads(fast or b"{}")["data"]["staleReason"]) == (
         False, None)
+
+
+# Monday 2026-11-23: XNYS opens 09:30 EST = 14:30 UTC; its run is due at 12:30 UTC (lead 2 h) and the Friday
+# document is fresh until 14:30 UTC (grace 2 h), unless that run fails: then stale at once (docs/freshness.md).
+@pytest.mark.parametrize(("moment", "next_run", "expected"), [
+    pytest.param("2026-11-23T12:30", "run_failed", (True, "run_failed"), id="due-failed-at-once"),
+    pytest.param("2026-11-23T12:35", "run_failed", (True, "run_failed"), id="failed-at-12:35"),
+    pytest.param("2026-11-23T14:30", "run_failed", (True, "run_failed"), id="failed-at-the-deadline"),
+    pytest.param("2026-11-23T12:35", "run_unfinished", (False, None), id="still-running"),
+    pytest.param("2026-11-23T12:35", "run_missing", (False, None), id="not-started-yet"),
+    pytest.param("2026-11-23T14:30", "user_not_updated", (False, None), id="finished-doc-on-its-way"),
+    pytest.param("2026-11-23T14:31", "run_missing", (True, "run_missing"), id="after-the-deadline-missing"),
+    pytest.param("2026-11-23T14:31", "run_failed", (True, "run_failed"), id="after-the-deadline-failed"),
+])
+def test_a_failed_next_run_makes_the_document_stale_at_once(moment: str, next_run: str,
+                                                            expected: tuple[bool, str | None]) -> None:
+    now = _at(moment)
+    asked: list[tuple[str, str]] = []
+
+    def known(market: str, session: str) -> str | None:
+        asked.append((market, session))
+        return next_run
+
+    fast = json_body.cached_dashboard_body(UID, json.dumps(FRIDAY_DOC).encode(), now=now, next_run=known)
+    assert asked == [("XNYS", "2026-11-20")]
+    data = json.loads(fast or b"{}")["data"]
+    assert (data["stale"], data["staleReason"]) == expected
+    # not known yet (not read in the last seconds): the general path asks Postgres
+    assert json_body.cached_dashboard_body(UID, json.dumps(FRIDAY_DOC).encode(), now=now,
+                                           next_run=lambda m, s: None) is None
+    assert json_body.cached_dashboard_body(UID, json.dumps(FRIDAY_DOC).encode(), now=now) is None
 
 
 def test_overdue_after_mondays_run_plus_grace_goes_to_the_general_path() -> None:

@@ -172,8 +172,38 @@ def test_settings_and_their_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (freshness.max_price_age(), freshness.rates_margin()) == (timedelta(hours=48), timedelta(minutes=30))
     monkeypatch.setenv("OVERNIGHT_FRESHNESS_GRACE_MINUTES", "two hours")
     with pytest.raises(freshness.FreshnessConfigError,
-                       match=r"OVERNIGHT_FRESHNESS_GRACE_MINUTES='two hours': expected a number of minutes >= 0"):
+                       match=r"OVERNIGHT_FRESHNESS_GRACE_MINUTES='two hours': expected a finite number of minutes "
+                             r">= 0 \(the default is OVERNIGHT_FRESHNESS_GRACE_MINUTES=120\)"):
         freshness.grace()
     monkeypatch.setenv("OVERNIGHT_MAX_RATES_AGE_HOURS", "-1")
     with pytest.raises(freshness.FreshnessConfigError, match="OVERNIGHT_MAX_RATES_AGE_HOURS='-1'"):
         freshness.max_rates_lag()
+    for endless in ("inf", "nan", "1e300"):  # not a duration (1e300 h overflows timedelta)
+        monkeypatch.setenv("OVERNIGHT_MAX_PRICE_AGE_HOURS", endless)
+        with pytest.raises(freshness.FreshnessConfigError, match=f"OVERNIGHT_MAX_PRICE_AGE_HOURS='{endless}'"):
+            freshness.max_price_age()
+
+
+def test_settings_problems_name_every_bad_setting_before_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OVERNIGHT_CACHE_TTL", "OVERNIGHT_RATES_MARGIN_MINUTES", "OVERNIGHT_MAX_RATES_AGE_HOURS",
+                 "OVERNIGHT_MAX_PRICE_AGE_HOURS", "OVERNIGHT_FRESHNESS_GRACE_MINUTES"):
+        monkeypatch.delenv(name, raising=False)
+    assert freshness.settings_problems() == []
+    freshness.check_settings()  # nothing to say
+    monkeypatch.setenv("OVERNIGHT_CACHE_TTL", "next-run")
+    monkeypatch.setenv("OVERNIGHT_MAX_PRICE_AGE_HOURS", "240")
+    assert freshness.settings_problems() == []
+    monkeypatch.setenv("OVERNIGHT_CACHE_TTL", "1 day")
+    monkeypatch.setenv("OVERNIGHT_RATES_MARGIN_MINUTES", "-5")
+    monkeypatch.setenv("OVERNIGHT_MAX_PRICE_AGE_HOURS", "ten days")
+    assert freshness.settings_problems() == [
+        "OVERNIGHT_RATES_MARGIN_MINUTES='-5': expected a finite number of minutes >= 0 (the default is "
+        "OVERNIGHT_RATES_MARGIN_MINUTES=120); fix it or unset it for the default",
+        "OVERNIGHT_MAX_PRICE_AGE_HOURS='ten days': expected a finite number of hours >= 0 (the default is "
+        "OVERNIGHT_MAX_PRICE_AGE_HOURS=240); fix it or unset it for the default",
+        "OVERNIGHT_CACHE_TTL='1 day': expected a positive number of seconds or 'next-run' (unset for the default 24 h)",
+    ]
+    with pytest.raises(freshness.FreshnessConfigError, match=r"^3 bad freshness setting\(s\)") as info:
+        freshness.check_settings()
+    for name in ("OVERNIGHT_RATES_MARGIN_MINUTES", "OVERNIGHT_MAX_PRICE_AGE_HOURS", "OVERNIGHT_CACHE_TTL"):
+        assert name in str(info.value)

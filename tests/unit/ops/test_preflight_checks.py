@@ -122,3 +122,22 @@ def test_api_access(env: dict[str, str], expected: tuple[Any, ...] | None, monke
         if key.startswith("AIRFLOW_CONN_"):
             monkeypatch.setenv(key, value)
     assert preflight.api_access(env) == expected
+
+
+def test_bad_freshness_settings_are_preflight_problems(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found before the night, not mid-run: each bad setting is one problem line naming it and what to do.
+    for name, reason in (("check_postgres", []), ("check_redis", [])):
+        monkeypatch.setattr(preflight, name, lambda reason=reason: reason)
+    monkeypatch.setattr(preflight, "check_http_providers", lambda: ([], []))
+    monkeypatch.setenv("OVERNIGHT_FRESHNESS_GRACE_MINUTES", "2h")
+    monkeypatch.setenv("OVERNIGHT_CACHE_TTL", "0")
+    report = preflight.run_checks([XNYS], now=NOW)
+    assert report.problems == [
+        "OVERNIGHT_FRESHNESS_GRACE_MINUTES='2h': expected a finite number of minutes >= 0 (the default is "
+        "OVERNIGHT_FRESHNESS_GRACE_MINUTES=120); fix it or unset it for the default",
+        "OVERNIGHT_CACHE_TTL='0': expected a positive number of seconds or 'next-run' (unset for the default 24 h)",
+    ]
+    assert "- OVERNIGHT_CACHE_TTL='0'" in report.failure_message()
+    monkeypatch.delenv("OVERNIGHT_FRESHNESS_GRACE_MINUTES")
+    monkeypatch.delenv("OVERNIGHT_CACHE_TTL")
+    assert preflight.run_checks([XNYS], now=NOW).problems == []
