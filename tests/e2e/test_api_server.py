@@ -444,7 +444,8 @@ def test_page_in_chromium(stack: dict[str, Any]) -> None:
             "XTKS": [["badge stale", "stale: run failed"]],
             "BVMF": [["badge stale", "stale: rates stale"], ["badge stale", "stale rates"]],
         }
-        assert cdp.js("document.querySelectorAll('#charts svg rect').length") >= 1
+        # The charts are drawn by the page's script, which may still be loading when the table is there.
+        cdp.wait("document.querySelectorAll('#charts svg rect').length >= 1")
         assert cdp.js("document.querySelectorAll('#charts svg polyline').length") >= 1
         # Look a user up: the cached recommendations, then (key deleted) the same from Postgres.
         uid = stack["user_id"]
