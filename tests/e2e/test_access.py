@@ -86,23 +86,32 @@ def _get(server: dict[str, Any], path: str, who: str | None = None, *, bearer: s
     return httpx.get(server["url"] + path, headers=headers, cookies=cookies, timeout=timeout, trust_env=False)
 
 
-def _signed(claims: dict[str, Any], secret: str = JWT_SECRET) -> str:
-    """A HS512 JWT of `claims` written as Python's json writes them (`Infinity`, `NaN`, 400-digit integers)."""
+def _signed(claims: dict[str, Any], secret: str = JWT_SECRET, raw_exp: str | None = None) -> str:
+    """A HS512 JWT of `claims` written as Python's json writes them (`Infinity`, `NaN`, 400-digit integers);
+    `raw_exp` is written as the `exp` claim's JSON exactly as given (e.g. `-1e309`, which json reads as -inf)."""
     def b64(data: bytes) -> bytes:
         return base64.urlsafe_b64encode(data).rstrip(b"=")
 
-    signing = b64(b'{"alg":"HS512","typ":"JWT"}') + b"." + b64(json.dumps(claims).encode())
+    text = json.dumps(claims if raw_exp is None else {**claims, "exp": "@raw-exp@"})
+    if raw_exp is not None:
+        text = text.replace('"@raw-exp@"', raw_exp)
+    signing = b64(b'{"alg":"HS512","typ":"JWT"}') + b"." + b64(text.encode())
     return (signing + b"." + b64(hmac.new(secret.encode(), signing, hashlib.sha512).digest())).decode()
 
 
 def _hostile_tokens(server: dict[str, Any]) -> dict[str, str]:
     """Tokens with the service login's claims: forged (another key), and validly signed ones whose `exp`
-    is absurd: an integer no float holds, infinity, NaN, a finite float centuries ahead."""
+    is absurd: an integer no float holds (either sign), infinity, NaN, `-1e309` (json reads -inf), a number
+    or string centuries away."""
     claims = jwt.decode(server["tokens"][SERVICE], options={"verify_signature": False})
     fresh = {**claims, "jti": uuid.uuid4().hex}
     return {
         "forged": _signed(fresh, "not-the-secret-" * 5),
         "exp-10**400": _signed({**fresh, "exp": 10**400}),
+        "exp--10**400": _signed({**fresh, "exp": -10**400}),  # was OverflowError: a 500
+        "exp--1e309": _signed(fresh, raw_exp="-1e309"),
+        "exp-string--1e309": _signed({**fresh, "exp": "-1e309"}),
+        "exp--1e300": _signed({**fresh, "exp": -1e300}),
         "exp-inf": _signed({**fresh, "exp": math.inf}),
         "exp-nan": _signed({**fresh, "exp": math.nan}),
         "exp-1e300": _signed({**fresh, "exp": 1e300}),
