@@ -248,15 +248,18 @@ def may_read_personal_data(request: Request) -> bool:
 
 
 def airflow_grants(user: Any) -> Access:
-    """Asks Airflow's auth manager both questions, with fixed details (docs/access.md)."""
+    """Asks Airflow's auth manager both questions, with fixed details (docs/access.md). Fails closed under
+    the stock SimpleAuthManager, which says yes to every custom view for every viewer: personal data then
+    goes to ADMIN and the service logins only, with a warning (`auth_manager.personal_data_granted`)."""
     from airflow.api_fastapi.app import get_auth_manager
+
+    from overnight.dashboard.auth_manager import personal_data_granted
 
     manager = get_auth_manager()
     return Access(
         user=user,
         operations=bool(manager.is_authorized_dag(method="GET", user=user)),
-        personal_data=bool(manager.is_authorized_custom_view(method="GET", resource_name=PERSONAL_DATA_RESOURCE,
-                                                             user=user)),
+        personal_data=personal_data_granted(manager, user),
     )
 
 
