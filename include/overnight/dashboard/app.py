@@ -290,15 +290,15 @@ def create_app(
         if (busy := await take_audit_slot()) is not None:
             return busy
         try:
-            return {"data": await store.replay(str(correlation_id), user_id)}
+            # the store gives the slot back when its thread ends (not when this request does: a cancelled
+            # request leaves the replay running, and the slot with it)
+            return {"data": await store.replay(str(correlation_id), user_id, done=audit_slots.release)}
         except InvalidUserId as exc:
             raise HTTPException(422, str(exc)) from None
         except UnknownCalculation as exc:
             raise HTTPException(404, str(exc)) from None
         except IncompleteCalculation as exc:
             raise HTTPException(409, str(exc)) from None
-        finally:
-            audit_slots.release()
 
     # ------------------------------------------------------------------ page, assets, docs
 
