@@ -297,6 +297,57 @@ def test_audit_calls_cannot_starve_the_dashboards_postgres_fallback(server: dict
     assert all("too many audit queries" in body["detail"] and took < AUDIT_WAIT_S + 1 for body, took in busy)
 
 
+def test_an_exhausted_postgres_pool_is_a_quick_503_through_the_app(server: dict[str, Any]) -> None:
+    """Dashboards that miss Redis while their table is locked: the pool's 8 connections wait in Postgres, every
+    other request gets the app's 503 after the pool's 2 s acquire timeout (not a hang, not a 500), and once the
+    lock goes the waiting ones answer and the pool serves again."""
+    from overnight.dashboard.pgpool import PG_ACQUIRE_TIMEOUT_S, PG_POOL_SIZE
+
+    users = server["users"][:2 * PG_POOL_SIZE]
+    for uid in users:
+        server["redis"].delete(cache.recs_key(uid))
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with psycopg.connect(server["pg_dsn"]) as conn:
+            conn.execute("LOCK TABLE recommendations IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            release.wait(15)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    assert locked.wait(10)
+
+    async def go() -> list[tuple[int, Any, float]]:
+        async with httpx.AsyncClient(base_url=server["url"], timeout=20, trust_env=False,
+                                     headers={"Authorization": f"Bearer {server['tokens'][SERVICE]}"}) as client:
+
+            async def dashboard(uid: str) -> tuple[int, Any, float]:
+                t0 = time.monotonic()
+                r = await client.get(f"{API}/dashboard/{uid}")
+                return r.status_code, r.json(), time.monotonic() - t0
+
+            calls = [asyncio.create_task(dashboard(uid)) for uid in users]
+            await asyncio.sleep(PG_ACQUIRE_TIMEOUT_S + 1.5)  # the pool's waiters have timed out by now
+            release.set()
+            return list(await asyncio.gather(*calls))
+
+    try:
+        answers = asyncio.run(go())
+    finally:
+        release.set()
+        holder.join(15)
+    busy = [(body, took) for status, body, took in answers if status == 503]
+    served = [body for status, body, _ in answers if status == 200]
+    assert sorted(status for status, _, _ in answers) == [200] * len(served) + [503] * len(busy), answers
+    assert len(busy) >= len(users) - PG_POOL_SIZE and len(served) >= 1, answers  # the pool's connections waited
+    assert all(body == {"detail": "the overnight database is unavailable; try again shortly"}
+               and took < PG_ACQUIRE_TIMEOUT_S + 1.5 for body, took in busy), busy
+    assert all(not body["data"]["fromCache"] for body in served)
+    again = _get(server, f"{API}/dashboard/{users[0]}", SERVICE)
+    assert again.status_code == 200  # the pool serves again
+
+
 # --------------------------------------------------------------------------- make airflow: address, restart
 
 
