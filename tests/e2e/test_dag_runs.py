@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import date
 
 import psycopg
@@ -58,7 +59,7 @@ def test_run_counts_match_the_served_users_and_rerun_adds_nothing(pg_dsn, seeded
     assert again["status"] == "completed"
 
 
-def test_a_corrupted_user_makes_the_run_partial_and_is_named(pg_dsn, seeded, airflow_db, capfd):
+def test_a_corrupted_user_makes_the_run_partial_and_is_named(pg_dsn, seeded, airflow_db, capfd, caplog):
     """The failed user is named by id in the job run's row (Postgres: holders of personal data) and by pseudonym
     only in the run's task logs, which every viewer of Airflow reads (docs/access.md). The victim is the first
     user served, so also its batch's first user: the boundary the batch plan carries."""
@@ -69,9 +70,11 @@ def test_a_corrupted_user_makes_the_run_partial_and_is_named(pg_dsn, seeded, air
         conn.execute("UPDATE holdings SET quantity = -1 WHERE user_id = %s", (victim,))
         conn.commit()
     capfd.readouterr()
+    caplog.set_level(logging.INFO)
     try:
         cli.run_market("XNYS", session)  # not quiet: every task log line Airflow writes
-        logs = "".join(capfd.readouterr())
+        # wherever Airflow's logging sends them in this process (fds 1 and 2, or the log records)
+        logs = "".join(capfd.readouterr()) + "\n".join(r.getMessage() for r in caplog.records)
         with psycopg.connect(pg_dsn) as conn:
             job = _job(conn, "XNYS", session)
     finally:
