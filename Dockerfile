@@ -11,5 +11,6 @@ ENV PYTHONPATH=/opt/airflow/include
 #   AIRFLOW_CONN_OVERNIGHT_POSTGRES=postgresql://user:pass@host:5432/overnight
 #   AIRFLOW_CONN_OVERNIGHT_REDIS=redis://host:6379/0
 # Auth: investors' data needs the "Overnight recommendations" permission (docs/access.md). Use a real auth
-# manager (FAB, Keycloak) and grant it to the roles that may read it; Airflow's stock SimpleAuthManager would
-# give it to every viewer.
+# manager (FAB, Keycloak: AIRFLOW__CORE__AUTH_MANAGER) and grant it to the roles that may read it. Left on this
+# image's default, Airflow's stock SimpleAuthManager (which says yes to every viewer), the plugin fails closed:
+# personal data for ADMIN and [overnight] personal_data_logins only, and a warning naming the setting.

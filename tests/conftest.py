@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -26,6 +27,7 @@ pytest_plugins = ["tests.support.fixtures_provider"]
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ... in an xdist worker
 if not WORKER:
     os.environ["OVERNIGHT_TEST_SUITE_ID"] = uuid.uuid4().hex[:10]
+    os.environ["OVERNIGHT_TEST_SUITE_STARTED"] = str(time.time())  # what this suite run wrote under .local: newer
 SUITE_ID = os.environ["OVERNIGHT_TEST_SUITE_ID"]
 RUN_ID = f"{SUITE_ID}{WORKER.replace('gw', 'w')}"
 TEST_ENV: dict[str, str] = {}

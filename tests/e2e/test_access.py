@@ -36,12 +36,15 @@ import pytest
 import redis
 
 from overnight.adapters import cache
+from overnight.adapters.connections import ConnInfo, postgres_dsn
 from overnight.dashboard.api_auth import NO_ACCESS, NO_PERSONAL_DATA
 from overnight.dashboard.app import AUDIT_CONCURRENCY, AUDIT_WAIT_S
+from tests.support import databases
+from tests.support import reliability as R
 from tests.support.api_server import ROOT, SERVICE, ApiServer, auth_env, token
 from tests.support.per_dag_auth_manager import DAG_ONLY_LOGIN, ITS_DAG
 from tests.support.pipeline_run import run_market
-from tests.support.ports import free_port
+from tests.support.ports import free_port, is_loopback, listeners
 
 pytestmark = pytest.mark.e2e
 
@@ -86,23 +89,32 @@ def _get(server: dict[str, Any], path: str, who: str | None = None, *, bearer: s
     return httpx.get(server["url"] + path, headers=headers, cookies=cookies, timeout=timeout, trust_env=False)
 
 
-def _signed(claims: dict[str, Any], secret: str = JWT_SECRET) -> str:
-    """A HS512 JWT of `claims` written as Python's json writes them (`Infinity`, `NaN`, 400-digit integers)."""
+def _signed(claims: dict[str, Any], secret: str = JWT_SECRET, raw_exp: str | None = None) -> str:
+    """A HS512 JWT of `claims` written as Python's json writes them (`Infinity`, `NaN`, 400-digit integers);
+    `raw_exp` is written as the `exp` claim's JSON exactly as given (e.g. `-1e309`, which json reads as -inf)."""
     def b64(data: bytes) -> bytes:
         return base64.urlsafe_b64encode(data).rstrip(b"=")
 
-    signing = b64(b'{"alg":"HS512","typ":"JWT"}') + b"." + b64(json.dumps(claims).encode())
+    text = json.dumps(claims if raw_exp is None else {**claims, "exp": "@raw-exp@"})
+    if raw_exp is not None:
+        text = text.replace('"@raw-exp@"', raw_exp)
+    signing = b64(b'{"alg":"HS512","typ":"JWT"}') + b"." + b64(text.encode())
     return (signing + b"." + b64(hmac.new(secret.encode(), signing, hashlib.sha512).digest())).decode()
 
 
 def _hostile_tokens(server: dict[str, Any]) -> dict[str, str]:
     """Tokens with the service login's claims: forged (another key), and validly signed ones whose `exp`
-    is absurd: an integer no float holds, infinity, NaN, a finite float centuries ahead."""
+    is absurd: an integer no float holds (either sign), infinity, NaN, `-1e309` (json reads -inf), a number
+    or string centuries away."""
     claims = jwt.decode(server["tokens"][SERVICE], options={"verify_signature": False})
     fresh = {**claims, "jti": uuid.uuid4().hex}
     return {
         "forged": _signed(fresh, "not-the-secret-" * 5),
         "exp-10**400": _signed({**fresh, "exp": 10**400}),
+        "exp--10**400": _signed({**fresh, "exp": -10**400}),  # was OverflowError: a 500
+        "exp--1e309": _signed(fresh, raw_exp="-1e309"),
+        "exp-string--1e309": _signed({**fresh, "exp": "-1e309"}),
+        "exp--1e300": _signed({**fresh, "exp": -1e300}),
         "exp-inf": _signed({**fresh, "exp": math.inf}),
         "exp-nan": _signed({**fresh, "exp": math.nan}),
         "exp-1e300": _signed({**fresh, "exp": 1e300}),
@@ -285,6 +297,57 @@ def test_audit_calls_cannot_starve_the_dashboards_postgres_fallback(server: dict
     assert all("too many audit queries" in body["detail"] and took < AUDIT_WAIT_S + 1 for body, took in busy)
 
 
+def test_an_exhausted_postgres_pool_is_a_quick_503_through_the_app(server: dict[str, Any]) -> None:
+    """Dashboards that miss Redis while their table is locked: the pool's 8 connections wait in Postgres, every
+    other request gets the app's 503 after the pool's 2 s acquire timeout (not a hang, not a 500), and once the
+    lock goes the waiting ones answer and the pool serves again."""
+    from overnight.dashboard.pgpool import PG_ACQUIRE_TIMEOUT_S, PG_POOL_SIZE
+
+    users = server["users"][:2 * PG_POOL_SIZE]
+    for uid in users:
+        server["redis"].delete(cache.recs_key(uid))
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with psycopg.connect(server["pg_dsn"]) as conn:
+            conn.execute("LOCK TABLE recommendations IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            release.wait(15)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    assert locked.wait(10)
+
+    async def go() -> list[tuple[int, Any, float]]:
+        async with httpx.AsyncClient(base_url=server["url"], timeout=20, trust_env=False,
+                                     headers={"Authorization": f"Bearer {server['tokens'][SERVICE]}"}) as client:
+
+            async def dashboard(uid: str) -> tuple[int, Any, float]:
+                t0 = time.monotonic()
+                r = await client.get(f"{API}/dashboard/{uid}")
+                return r.status_code, r.json(), time.monotonic() - t0
+
+            calls = [asyncio.create_task(dashboard(uid)) for uid in users]
+            await asyncio.sleep(PG_ACQUIRE_TIMEOUT_S + 1.5)  # the pool's waiters have timed out by now
+            release.set()
+            return list(await asyncio.gather(*calls))
+
+    try:
+        answers = asyncio.run(go())
+    finally:
+        release.set()
+        holder.join(15)
+    busy = [(body, took) for status, body, took in answers if status == 503]
+    served = [body for status, body, _ in answers if status == 200]
+    assert sorted(status for status, _, _ in answers) == [200] * len(served) + [503] * len(busy), answers
+    assert len(busy) >= len(users) - PG_POOL_SIZE and len(served) >= 1, answers  # the pool's connections waited
+    assert all(body == {"detail": "the overnight database is unavailable; try again shortly"}
+               and took < PG_ACQUIRE_TIMEOUT_S + 1.5 for body, took in busy), busy
+    assert all(not body["data"]["fromCache"] for body in served)
+    again = _get(server, f"{API}/dashboard/{users[0]}", SERVICE)
+    assert again.status_code == 200  # the pool serves again
+
+
 # --------------------------------------------------------------------------- make airflow: address, restart
 
 
@@ -339,6 +402,52 @@ def test_make_airflow_listens_on_loopback_and_restarts_on_new_settings(server: d
     assert not pidfile.exists() and _listening(port) == set()
 
 
+def test_make_airflow_starts_nothing_listening_beyond_loopback(server: dict[str, Any]) -> None:
+    """All four components as `make airflow` starts them, on a metadata database of their own: once the
+    scheduler and the triggerer run (and for 5 s more), no process of theirs, nor any of their children
+    (Airflow's `serve-logs` would be one, on 0.0.0.0:8793 and 8794), listens on anything but loopback."""
+    base = R.base_info()
+    meta_name = f"{base.schema}_listen_af"
+    databases.clone(databases.airflow_template(), meta_name)
+    meta = postgres_dsn(ConnInfo(**{**base.__dict__, "schema": meta_name}))
+    run_dir = server["tmp"] / "run-all"
+    port = free_port()
+    env = {k: v for k, v in server["env"].items() if k not in ("OVERNIGHT_API_HOST", "OVERNIGHT_COMPONENTS")}
+    env.update({
+        "OVERNIGHT_RUN_DIR": str(run_dir), "OVERNIGHT_API_PORT": str(port), "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": meta.replace("postgresql://", "postgresql+psycopg2://", 1),
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",  # its log server is the one the scheduler would start
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True", "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        # ports of their own for the log servers, so one would bind here even beside another Airflow's
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+    })
+
+    def running_jobs() -> set[str] | None:
+        with psycopg.connect(meta) as conn:
+            jobs = {r[0] for r in conn.execute("SELECT job_type FROM job WHERE state = 'running'")}
+        return jobs if {"SchedulerJob", "TriggererJob"} <= jobs else None
+
+    try:
+        started = _services(env, "start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        pids = {f.stem: int(f.read_text()) for f in run_dir.glob("*.pid")}
+        assert set(pids) == {"api-server", "scheduler", "dag-processor", "triggerer"}, pids
+        R.wait_until(running_jobs, 120, 1, "the scheduler and the triggerer to run")
+        seen: set[tuple[str, int, str]] = set()
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            seen |= listeners(list(pids.values()))
+            time.sleep(0.25)
+        assert ("127.0.0.1", port) in {(ip, p) for ip, p, _ in seen}, seen  # the api-server, found by the same look
+        wide = sorted(entry for entry in seen if not is_loopback(entry[0]))
+        assert not wide, f"listening beyond loopback: {wide}"
+    finally:
+        _services(env, "stop")
+        databases.drop(meta_name)
+
+
 # --------------------------------------------------------------------------- files and secrets
 
 
@@ -365,6 +474,29 @@ def test_files_holding_secrets_are_private(server: dict[str, Any]) -> None:
     leaky = [str(p) for p in home.rglob("*") if p.is_file() and p.stat().st_size < 2_000_000
              and p.stat().st_mode & 0o077 and any(s in p.read_text(errors="replace") for s in secrets)]
     assert not leaky, f"files holding a secret readable by others: {leaky}"
+
+
+def _files(top: Path) -> Iterator[Path]:
+    """Every regular file under `top` (symbolic links not followed)."""
+    for folder, _, names in os.walk(top):
+        for name in names:
+            path = Path(folder, name)
+            if path.is_file() and not path.is_symlink():
+                yield path
+
+
+def test_every_file_the_stack_wrote_under_local_is_private(server: dict[str, Any]) -> None:
+    """Logs carry Airflow's and the tasks' output, so every file is the owner's only, secret or not: all of
+    this run's Airflow home, the `make airflow` tests' run folders (pid files, component logs), and every
+    file under `.local/` written since this suite run started (the make targets' logs, env.sh, the
+    benchmark's home, other test processes' homes), whatever it holds."""
+    started = float(os.environ["OVERNIGHT_TEST_SUITE_STARTED"])
+    home = Path(os.environ["AIRFLOW_HOME"])
+    ours = [*_files(home), *(p for run in server["tmp"].glob("run*") for p in _files(run))]
+    assert any(p.name == "passwords.json" for p in ours), ours
+    written = [p for p in _files(ROOT / ".local") if p.stat().st_mtime >= started]
+    shared = {str(p): oct(p.stat().st_mode & 0o777) for p in {*ours, *written} if p.stat().st_mode & 0o077}
+    assert not shared, f"files readable or writable by others: {shared}"
 
 
 def test_no_secret_in_logs_or_reprs(server: dict[str, Any]) -> None:

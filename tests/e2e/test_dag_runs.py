@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import date
 
 import psycopg
 import pytest
 
+from overnight.adapters.pseudonyms import user_ref
 from overnight.dev import cli, seed
 from overnight.domain import sessions
 from tests.support.pipeline_run import make_latest
@@ -57,15 +59,22 @@ def test_run_counts_match_the_served_users_and_rerun_adds_nothing(pg_dsn, seeded
     assert again["status"] == "completed"
 
 
-def test_a_corrupted_user_makes_the_run_partial_and_is_named(pg_dsn, seeded, airflow_db):
+def test_a_corrupted_user_makes_the_run_partial_and_is_named(pg_dsn, seeded, airflow_db, capfd, caplog):
+    """The failed user is named by id in the job run's row (Postgres: holders of personal data) and by pseudonym
+    only in the run's task logs, which every viewer of Airflow reads (docs/access.md). The victim is the first
+    user served, so also its batch's first user: the boundary the batch plan carries."""
     session = date(2026, 11, 24)
     with psycopg.connect(pg_dsn) as conn:
         served = sorted(_served(conn, "XNYS", session))
         victim = served[0]
         conn.execute("UPDATE holdings SET quantity = -1 WHERE user_id = %s", (victim,))
         conn.commit()
+    capfd.readouterr()
+    caplog.set_level(logging.INFO)
     try:
-        cli.run_market("XNYS", session, quiet=True)
+        cli.run_market("XNYS", session)  # not quiet: every task log line Airflow writes
+        # wherever Airflow's logging sends them in this process (fds 1 and 2, or the log records)
+        logs = "".join(capfd.readouterr()) + "\n".join(r.getMessage() for r in caplog.records)
         with psycopg.connect(pg_dsn) as conn:
             job = _job(conn, "XNYS", session)
     finally:
@@ -75,6 +84,9 @@ def test_a_corrupted_user_makes_the_run_partial_and_is_named(pg_dsn, seeded, air
     assert (job[2], job[3]) == (len(served) - 1, 1)
     assert job[5]["users"] == [{"userId": victim, "stage": "load", "message": job[5]["users"][0]["message"]}]
     assert "quantity" in job[5]["users"][0]["message"]
+    assert f"user {user_ref(victim)} failed at load" in logs, logs[-3000:]
+    leaked = [line[:300] for line in logs.splitlines() if any(uid in line for uid in served)]
+    assert not leaked, f"user ids in the task logs: {leaked[:5]}"
 
 
 def test_redis_unreachable_still_completes_in_postgres(pg_dsn, seeded, airflow_db, monkeypatch):

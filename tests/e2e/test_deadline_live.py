@@ -24,6 +24,7 @@ from overnight.domain.markets import Market
 from overnight.night import alerts
 from tests.support import reliability as R
 from tests.support.live_airflow import live_airflow, quiet_market
+from tests.support.ports import is_loopback
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 LATE_SESSION = date(2026, 11, 16)  # past sessions: their own deadlines (open - 15 min) have passed
@@ -97,6 +98,12 @@ def test_deadline_alert_fires_for_a_late_run_and_not_for_one_in_time(airflow_db,
             served_in_time = len(R.served(c, market.code, IN_TIME_SESSION))
         assert _job(dsn, market, IN_TIME_SESSION) == ("completed", served_in_time, 0)
         assert _alerts(dsn, market, IN_TIME_SESSION) == []
+        # The scheduler and the triggerer run without their log servers (which would listen on every
+        # interface): the task logs are still there, read by the api-server from the files (the UI's source).
+        log = af.task_log(DAG_ID, "deadline_in_time", "start")
+        assert f"for {market.code} session {IN_TIME_SESSION.isoformat()}" in log, log[-2000:]
+        wide = sorted(entry for entry in af.listeners() if not is_loopback(entry[0]))
+        assert not wide, f"the stack listens beyond loopback: {wide}"
         # The dag-processor re-parsed the DAG every 5 s across both runs: still one DAG version.
         with psycopg.connect(af.af_dsn) as c:
             assert c.execute("SELECT count(*) FROM dag_version WHERE dag_id = %s", (DAG_ID,)).fetchone()[0] == 1

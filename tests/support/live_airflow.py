@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 from cryptography.fernet import Fernet
 
@@ -96,6 +97,30 @@ class LiveAirflow:
 
         return R.wait_until(done, timeout, 1, f"{dag_id} {run_id} to finish")
 
+    def token(self, login: str = "admin") -> str:
+        """A JWT of a dev login (its password from the simple auth manager's file) from the api-server."""
+        passwords = json.loads(Path(self.env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]).read_text())
+        resp = httpx.post(f"{self.env['AIRFLOW__API__BASE_URL']}/auth/token", trust_env=False, timeout=30,
+                          json={"username": login, "password": passwords[login]})
+        assert resp.status_code == 201, f"token for {login}: {resp.status_code} {resp.text[:300]}"
+        return str(resp.json()["access_token"])
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, login: str = "admin") -> str:
+        """A finished task's log as the api-server's REST API serves it (the UI's source), as text."""
+        resp = httpx.get(
+            f"{self.env['AIRFLOW__API__BASE_URL']}/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
+            f"/logs/{try_number}", params={"full_content": "true"}, trust_env=False, timeout=60,
+            headers={"Authorization": f"Bearer {self.token(login)}", "Accept": "application/json"})
+        assert resp.status_code == 200, f"log of {dag_id}/{run_id}/{task_id}: {resp.status_code} {resp.text[:300]}"
+        content = resp.json()["content"]
+        return "\n".join(line if isinstance(line, str) else json.dumps(line) for line in content)
+
+    def listeners(self) -> set[tuple[str, int, str]]:
+        """(address, port, command) of every TCP socket listening in the stack's processes and their children."""
+        from tests.support.ports import listeners
+
+        return listeners([p.pid for p in self.procs])
+
     def log_tail(self, component: str, chars: int = 3000) -> str:
         try:
             return (self.logs / f"{component}.log").read_text(errors="replace")[-chars:]
@@ -145,8 +170,11 @@ def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live", scheduled: 
     stack = LiveAirflow(env=env, af_dsn=postgres_dsn(meta), logs=tmp_path)
     try:
         for name in COMPONENTS:
+            # as `make airflow`: no log server (it would listen on every interface, and on the port of the
+            # stack beside it); the api-server reads the task logs from the files
             args = ["api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"] \
-                if name == "api-server" else [name]
+                if name == "api-server" else [name, "--skip-serve-logs"] if name in ("scheduler", "triggerer") \
+                else [name]
             log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
             stack.procs.append(subprocess.Popen([str(Path(sys.executable).with_name("airflow")), *args], env=env,
                                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

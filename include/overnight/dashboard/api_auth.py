@@ -15,8 +15,8 @@ seconds (`OVERNIGHT_AUTH_CACHE_TTL_S`, default 5; 0 turns the memory off):
 - the key is a SHA-256 of where the credential came from and the credential, exactly as `get_user`
   chooses it: the bearer token when the request has one (even beside a valid cookie), else the
   `_token` cookie; no token is kept in memory;
-- a token whose `exp` is not a number, not finite, or more than `MAX_TOKEN_LIFETIME_S` ahead is
-  refused (403 "Invalid JWT token"), before Airflow is asked;
+- a token whose `exp` is not a number, not finite, or more than `MAX_TOKEN_LIFETIME_S` from now (ahead
+  or behind: `-10**400` too) is refused (403 "Invalid JWT token"), before Airflow is asked;
 - an entry lives `ttl_s` seconds on the monotonic clock and never past the token's own `exp`, so an
   expired token is refused on time and a revoked one (logout) within `ttl_s`;
 - refusals (401, 403) are never remembered: every bad or missing credential gets Airflow's own answer;
@@ -80,13 +80,14 @@ def ttl_from_env() -> float:
 
 
 class InvalidExpiry(ValueError):
-    """A token's `exp` claim is not a finite time within `MAX_TOKEN_LIFETIME_S`."""
+    """A token's `exp` claim is not a finite time within `MAX_TOKEN_LIFETIME_S` of now (either way)."""
 
 
 def token_expiry(token: str, now: float | None = None) -> float | None:
     """Returns the `exp` claim (epoch seconds) of a JWT, unverified; None when it has none or is not a JWT
     (Airflow refuses those). Raises InvalidExpiry for an `exp` that is not a finite number of seconds
-    within `MAX_TOKEN_LIFETIME_S` from `now`."""
+    within `MAX_TOKEN_LIFETIME_S` of `now`, before or after (never OverflowError: huge integers are compared,
+    not converted)."""
     import jwt
 
     try:
@@ -96,13 +97,14 @@ def token_expiry(token: str, now: float | None = None) -> float | None:
     if not isinstance(claims, dict) or "exp" not in claims:
         return None
     exp = claims["exp"]
-    limit = (time.time() if now is None else now) + MAX_TOKEN_LIFETIME_S
+    at = time.time() if now is None else now
     if isinstance(exp, bool) or not isinstance(exp, int | float):
         raise InvalidExpiry(f"exp is a {type(exp).__name__}, not a number")
     if isinstance(exp, float) and not math.isfinite(exp):
         raise InvalidExpiry("exp is not finite")
-    if exp > limit:  # compared before any conversion: 10**400 is an int no float holds
-        raise InvalidExpiry("exp is more than a year ahead")
+    # compared before any conversion, both bounds: +-10**400 is an int no float holds (float() would raise)
+    if not at - MAX_TOKEN_LIFETIME_S <= exp <= at + MAX_TOKEN_LIFETIME_S:
+        raise InvalidExpiry("exp is more than a year away")
     return float(exp)
 
 
@@ -246,15 +248,18 @@ def may_read_personal_data(request: Request) -> bool:
 
 
 def airflow_grants(user: Any) -> Access:
-    """Asks Airflow's auth manager both questions, with fixed details (docs/access.md)."""
+    """Asks Airflow's auth manager both questions, with fixed details (docs/access.md). Fails closed under
+    the stock SimpleAuthManager, which says yes to every custom view for every viewer: personal data then
+    goes to ADMIN and the service logins only, with a warning (`auth_manager.personal_data_granted`)."""
     from airflow.api_fastapi.app import get_auth_manager
+
+    from overnight.dashboard.auth_manager import personal_data_granted
 
     manager = get_auth_manager()
     return Access(
         user=user,
         operations=bool(manager.is_authorized_dag(method="GET", user=user)),
-        personal_data=bool(manager.is_authorized_custom_view(method="GET", resource_name=PERSONAL_DATA_RESOURCE,
-                                                             user=user)),
+        personal_data=personal_data_granted(manager, user),
     )
 
 

@@ -12,11 +12,8 @@ the pre-encoded dashboard JSON in `json_body`, the hot routes' ASGI front in `fa
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -32,6 +29,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from overnight.adapters.pseudonyms import pseudonym, pseudonym_key
 from overnight.dashboard.api_auth import (
     AuthCache,
     airflow_auth,
@@ -68,27 +66,6 @@ def store_unavailable(exc: StoreUnavailable) -> JSONResponse:
     """The 503 answer when Postgres cannot serve; the store's reason goes to the log, not to the caller."""
     log.error("overnight dashboard: %s", exc)
     return JSONResponse({"detail": "the overnight database is unavailable; try again shortly"}, status_code=503)
-
-
-def _pseudonym_key() -> bytes:
-    """The key of the audit's user pseudonyms: derived from Airflow's JWT secret (the same in every api-server
-    worker, never shown), else random per process."""
-    secret = os.environ.get("AIRFLOW__API_AUTH__JWT_SECRET", "")
-    if not secret:
-        try:
-            from airflow.configuration import conf
-
-            secret = conf.get("api_auth", "jwt_secret", fallback="") or ""
-        except Exception:  # noqa: BLE001 - no Airflow config: a key of this process
-            secret = ""
-    if not secret:
-        return os.urandom(32)
-    return hmac.new(secret.encode(), b"overnight audit user pseudonym v1", hashlib.sha256).digest()
-
-
-def pseudonym(key: bytes, user_id: str) -> str:
-    """A user's pseudonym in the audit: `u_` and 16 hex digits of HMAC-SHA256(key, user id)."""
-    return "u_" + hmac.new(key, user_id.encode(), hashlib.sha256).hexdigest()[:16]
 
 
 def _declare_security(app: FastAPI) -> None:
@@ -168,7 +145,7 @@ def create_app(
         _declare_security(app)
     app.state.store = store
     app.state.auth_cache = auth_cache
-    pseudonym_key = _pseudonym_key()
+    audit_key = pseudonym_key()
     audit_slots = asyncio.Semaphore(AUDIT_CONCURRENCY)
 
     async def take_audit_slot() -> JSONResponse | None:
@@ -266,7 +243,7 @@ def create_app(
             audit_slots.release()
         show_ids = may_read_personal_data(request)
         for event in events:
-            event["userRef"] = pseudonym(pseudonym_key, event["userId"])
+            event["userRef"] = pseudonym(audit_key, event["userId"])
             if not show_ids:
                 event["userId"] = None
         return {"data": events, "next": cursor}
@@ -290,15 +267,15 @@ def create_app(
         if (busy := await take_audit_slot()) is not None:
             return busy
         try:
-            return {"data": await store.replay(str(correlation_id), user_id)}
+            # the store gives the slot back when its thread ends (not when this request does: a cancelled
+            # request leaves the replay running, and the slot with it)
+            return {"data": await store.replay(str(correlation_id), user_id, done=audit_slots.release)}
         except InvalidUserId as exc:
             raise HTTPException(422, str(exc)) from None
         except UnknownCalculation as exc:
             raise HTTPException(404, str(exc)) from None
         except IncompleteCalculation as exc:
             raise HTTPException(409, str(exc)) from None
-        finally:
-            audit_slots.release()
 
     # ------------------------------------------------------------------ page, assets, docs
 

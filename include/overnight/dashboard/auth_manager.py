@@ -6,10 +6,17 @@ simple auth manager unchanged, except that the custom view `PERSONAL_DATA_RESOUR
 ("Overnight recommendations") is granted only to the ADMIN role and to the logins listed in
 `[overnight] personal_data_logins` (`AIRFLOW__OVERNIGHT__PERSONAL_DATA_LOGINS`, comma-separated,
 default `overnight_app`: the app team's backend). See docs/access.md.
+
+Fail closed: when the configured auth manager answers custom views with the stock `SimpleAuthManager`'s
+blanket yes (the stock class, as the official image runs it, or a subclass that keeps that answer),
+`personal_data_granted` does not ask it: it applies the rule above itself and logs one warning per
+process naming `[core] auth_manager` (`AIRFLOW__CORE__AUTH_MANAGER`).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from functools import cached_property
 from typing import Any
 
@@ -19,7 +26,54 @@ from airflow.configuration import conf
 
 from overnight.dashboard.api_auth import PERSONAL_DATA_RESOURCE
 
+log = logging.getLogger(__name__)
+
 SERVICE_LOGIN = "overnight_app"
+STOCK_SIMPLE_WARNING = (
+    "overnight dashboard: the auth manager answers custom views as Airflow's stock SimpleAuthManager does "
+    "(yes to every role from VIEWER up), so investors' data ('" + PERSONAL_DATA_RESOURCE + "') is granted "
+    "only to the ADMIN role and the logins in [overnight] personal_data_logins (%s), never to viewer, user or op. "
+    "Set [core] auth_manager (AIRFLOW__CORE__AUTH_MANAGER) to "
+    "overnight.dashboard.auth_manager.OvernightSimpleAuthManager (development) or to a production auth "
+    "manager (FAB, Keycloak) that grants that permission to the roles that may read it (docs/access.md)"
+)
+_warned = threading.Lock()  # acquired once, never released: the warning is logged once per process
+
+
+def personal_data_logins() -> frozenset[str]:
+    """The logins granted personal data besides ADMIN (`[overnight] personal_data_logins`, default overnight_app)."""
+    raw = conf.get("overnight", "personal_data_logins", fallback=SERVICE_LOGIN) or ""
+    return frozenset(name.strip() for name in raw.split(",") if name.strip())
+
+
+def simple_personal_data(user: Any, logins: frozenset[str], method: Any = "GET") -> bool:
+    """The simple auth managers' rule for "Overnight recommendations": the ADMIN role, or reading as one of `logins`;
+    an authenticated user with no role (or a user not of the simple auth manager) gets nothing."""
+    role = getattr(user, "role", None)
+    if not role or not isinstance(role, str):
+        return False
+    try:
+        admin = SimpleAuthManager._is_admin(user)
+    except KeyError:  # a role the simple auth manager does not know
+        admin = False
+    return admin or (method == "GET" and getattr(user, "username", None) in logins)
+
+
+def answers_like_stock_simple(manager: Any) -> bool:
+    """Whether `manager` answers custom views with the stock SimpleAuthManager's blanket yes."""
+    answer = getattr(type(manager), "is_authorized_custom_view", None)
+    return isinstance(manager, SimpleAuthManager) and answer is SimpleAuthManager.is_authorized_custom_view
+
+
+def personal_data_granted(manager: Any, user: Any) -> bool:
+    """May `user` read investors' data: asked of `manager` with fixed details, except under the stock
+    SimpleAuthManager's answer (fail closed: ADMIN and `[overnight] personal_data_logins` only, one warning)."""
+    if not answers_like_stock_simple(manager):
+        return bool(manager.is_authorized_custom_view(method="GET", resource_name=PERSONAL_DATA_RESOURCE, user=user))
+    logins = personal_data_logins()
+    if _warned.acquire(blocking=False):
+        log.warning(STOCK_SIMPLE_WARNING, ", ".join(sorted(logins)) or "none")
+    return simple_personal_data(user, logins)
 
 
 class OvernightSimpleAuthManager(SimpleAuthManager):
@@ -28,12 +82,9 @@ class OvernightSimpleAuthManager(SimpleAuthManager):
     @cached_property
     def personal_data_logins(self) -> frozenset[str]:
         """The logins granted personal data besides ADMIN (`[overnight] personal_data_logins`)."""
-        raw = conf.get("overnight", "personal_data_logins", fallback=SERVICE_LOGIN) or ""
-        return frozenset(name.strip() for name in raw.split(",") if name.strip())
+        return personal_data_logins()
 
     def is_authorized_custom_view(self, *, method: Any, resource_name: str, user: SimpleAuthManagerUser) -> bool:
         if resource_name != PERSONAL_DATA_RESOURCE:
             return bool(super().is_authorized_custom_view(method=method, resource_name=resource_name, user=user))
-        if not user.role:  # authenticated, but no role: nothing
-            return False
-        return self._is_admin(user) or (method == "GET" and user.username in self.personal_data_logins)
+        return simple_personal_data(user, self.personal_data_logins, method)

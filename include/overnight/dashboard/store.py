@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -284,27 +286,49 @@ class DashboardStore:
 
     # ---------------------------------------------------------------- audit
 
-    async def replay(self, correlation_id: str, user_id: str) -> dict[str, Any]:
+    async def replay(self, correlation_id: str, user_id: str, *,
+                     done: Callable[[], None] | None = None) -> dict[str, Any]:
         """Replays a user's calculation (`overnight.night.replay`) on a read-only connection of its own, off the event
         loop; returns the result's JSON. Raises replay.UnknownCalculation, replay.IncompleteCalculation,
-        StoreUnavailable."""
-        uid = parse_user_id(user_id)
-        await self._ensure()
-        dsn = self.pg_dsn
-        assert dsn is not None
+        StoreUnavailable.
 
-        def run() -> dict[str, Any]:
-            from overnight.night import replay
-
-            with psycopg.connect(dsn, connect_timeout=PG_CONNECT_TIMEOUT_S, application_name="overnight-replay",
-                                 options=f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}") as conn:
-                conn.read_only = True
-                return replay.replay_user(conn, correlation_id, uid).to_json()
-
+        `done` is called exactly once, on the event loop, when nothing this call started still runs: when the
+        thread ends, not when the caller stops waiting. A cancelled request does not stop a thread (nor its
+        query, up to the statement timeout), so a concurrency slot released at cancellation would let more
+        replays run than it allows (the /audit cap)."""
+        loop = asyncio.get_running_loop()
+        handed_over = False
         try:
-            return await asyncio.to_thread(run)
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"Postgres (overnight_postgres) is unavailable: {exc}".strip()) from exc
+            uid = parse_user_id(user_id)
+            await self._ensure()
+            dsn = self.pg_dsn
+            assert dsn is not None
+
+            def run() -> dict[str, Any]:
+                from overnight.night import replay
+
+                try:
+                    with psycopg.connect(dsn, connect_timeout=PG_CONNECT_TIMEOUT_S,
+                                         application_name="overnight-replay",
+                                         options=f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}") as conn:
+                        conn.read_only = True
+                        return replay.replay_user(conn, correlation_id, uid).to_json()
+                finally:
+                    if done is not None:
+                        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for the slot
+                            loop.call_soon_threadsafe(done)
+
+            # shielded: a cancelled caller must not cancel a thread still queued (its `done` would never come)
+            thread = loop.run_in_executor(None, contextvars.copy_context().run, run)
+            handed_over = True
+            thread.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even with no waiter
+            try:
+                return await asyncio.shield(thread)
+            except psycopg.OperationalError as exc:
+                raise StoreUnavailable(f"Postgres (overnight_postgres) is unavailable: {exc}".strip()) from exc
+        finally:
+            if not handed_over and done is not None:
+                done()
 
     async def asset_events(
         self, symbol: str, *, limit: int = 50, before: datetime | None = None, before_id: str | None = None,

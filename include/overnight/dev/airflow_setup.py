@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from overnight.dev.devenv import make_private, write_private
+from overnight.dev.devenv import make_private, private_umask, write_private
 
 ROOT = Path(__file__).resolve().parents[3]
 SETTINGS = ROOT / "airflow_settings.yaml"
@@ -34,7 +34,7 @@ def migrate_metadata() -> None:
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"error: `airflow db migrate` failed for the metadata database (exit {proc.returncode})")
-    marker.write_text("ok\n")
+    write_private(marker, "ok\n")
 
 
 def dev_logins() -> list[str]:
@@ -102,6 +102,7 @@ def load_pools(settings: Path = SETTINGS) -> list[str]:
 
 def main() -> int:
     """Command line: migrate the metadata database, load pools, write dev logins."""
+    private_umask()  # Airflow's logs and files under .local: the owner's only
     migrate_metadata()
     write_passwords()
     protect_airflow_files()

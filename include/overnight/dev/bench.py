@@ -210,17 +210,24 @@ class Bench:
             conn.execute("ANALYZE")
         self.figures["seed_s"] = round(time.perf_counter() - t0, 1)
 
-    def start_airflow(self) -> None:
-        """Starts api-server, scheduler, dag-processor (and Celery workers); waits for the DAGs."""
-        airflow = str(Path(sys.executable).with_name("airflow"))
+    def commands(self) -> dict[str, list[str]]:
+        """The components' `airflow` arguments: api-server, scheduler, dag-processor (and Celery workers)."""
         commands = {
             "api-server": ["api-server", "--host", api_host(), "--port", str(self.port)],
-            "scheduler": ["scheduler"],
+            # no log server (`airflow serve-logs` listens on every interface): the task logs are files on this host
+            "scheduler": ["scheduler", "--skip-serve-logs"],
             "dag-processor": ["dag-processor"],
         }
         if self.executor == "celery":
-            commands["worker-1"] = ["celery", "worker", "--concurrency", "1", "--celery-hostname", f"w1-{self.id}@%h"]
-            commands["worker-2"] = ["celery", "worker", "--concurrency", "1", "--celery-hostname", f"w2-{self.id}@%h"]
+            for n in (1, 2):
+                commands[f"worker-{n}"] = ["celery", "worker", "--concurrency", "1", "--skip-serve-logs",
+                                           "--celery-hostname", f"w{n}-{self.id}@%h"]
+        return commands
+
+    def start_airflow(self) -> None:
+        """Starts api-server, scheduler, dag-processor (and Celery workers); waits for the DAGs."""
+        airflow = str(Path(sys.executable).with_name("airflow"))
+        commands = self.commands()
         logs = self.home / "logs-components"
         logs.mkdir(exist_ok=True)
         for name, args in commands.items():
@@ -533,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                              "also waits on task start-up and Postgres)")
     parser.add_argument("--keep", action="store_true", help="keep the databases and Airflow home afterwards")
     args = parser.parse_args(argv)
+    devenv.private_umask()  # its Airflow home, component and task logs under .local: the owner's only
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stopped benchmark still stops its Airflow
     bench = Bench(args.users, args.executor, args.batch_size, args.seed, None, api_workers=args.api_workers,
                   parallelism=args.parallelism)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from overnight.adapters import db
+from overnight.dev.devenv import private_umask
 from overnight.domain import sessions
 from overnight.domain.markets import UnknownMarketError, get_market, load_markets
 from overnight.night import jobrun
@@ -178,7 +179,9 @@ def logs_to_file(name: str) -> Iterator[tuple[IO[str], Path | None]]:
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
     screen = os.fdopen(os.dup(saved_out), "w", buffering=1, encoding="utf-8", errors="replace")
-    with open(path, "ab", buffering=0) as log_file:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)  # Airflow's and the tasks' output: the owner's only, even in a file chosen or kept
+    with open(fd, "ab", buffering=0) as log_file:
         os.dup2(log_file.fileno(), 1)
         os.dup2(log_file.fileno(), 2)
         try:
@@ -293,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--batch-size", type=int, default=None)
     sub.add_parser("demo", help="run every market's DAG once for its next session and print a table")
     args = parser.parse_args(argv)
+    private_umask()  # the log tee and the task logs under .local: the owner's only
     os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
     if args.cmd == "run":
         try:

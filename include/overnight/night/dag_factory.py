@@ -139,7 +139,9 @@ def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
         deadline=alerts.market_deadline(market),
     )
     def overnight_scoring() -> None:
-        @task(multiple_outputs=False)  # one XCom row per task, not one more per key
+        # start's and plan_batches' return values carry user ids (the run's `user_ids`, each batch's first and
+        # last user): kept out of their task logs ("Done. Returned value was: ..."), which every viewer reads
+        @task(multiple_outputs=False, show_return_value_in_logs=False)  # one XCom row per task, not one per key
         def start() -> dict[str, Any]:
             """Validates the parameters, then records the job run (status started)."""
             ctx = get_current_context()
@@ -160,7 +162,7 @@ def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
             """Fetches exchange rates once; every batch uses the same ones."""
             return runtime.fetch_rates(started["job"])
 
-        @task
+        @task(show_return_value_in_logs=False)
         def plan_batches(started: dict[str, Any]) -> list[dict[str, Any]]:
             """Plans the batches of users this market serves on the session."""
             return runtime.plan(market, runtime.RunParams.from_xcom(started["run"]), all_codes)

@@ -25,6 +25,7 @@ from overnight.adapters.providers.base import (
     PriceQuote,
     RatesSnapshot,
 )
+from overnight.adapters.pseudonyms import user_ref
 from overnight.domain.recommendations import (
     DEFAULT_SCORE_FLOOR,
 )
@@ -134,7 +135,8 @@ def score_batch(
                 except Exception as exc:  # noqa: BLE001 - the cache is optional: Postgres holds the results
                     cache_states.add("failed")
                     cache_error = f"{type(exc).__name__}: {exc}"
-                    log.warning("cache not warmed for %s (chunk after %s): %s", batch.get("label"), after, cache_error)
+                    log.warning("cache not warmed for %s (chunk after user %s): %s", batch.get("label"),
+                                user_ref(after), cache_error)  # a pseudonym: viewers read task logs
             timings["cache_warm"] += time.perf_counter() - t
             counts["users"] += len(users)
             counts["completed"] += len(new)

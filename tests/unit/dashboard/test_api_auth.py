@@ -29,8 +29,22 @@ def _token(sub: str, exp: Any = T0 + 3600, **claims: Any) -> str:
     return jwt.encode(payload, SECRET, algorithm="HS512")
 
 
+class RawJson(str):
+    """A claim value written into the claims JSON exactly as given (e.g. `-1e309`, which json reads as -inf)."""
+
+
+def _claims_json(claims: dict[str, Any]) -> bytes:
+    """The claims as Python's json writes them, with each RawJson value spliced in as written."""
+    raw = {f"@raw{i}@": v for i, v in enumerate(v for v in claims.values() if isinstance(v, RawJson))}
+    text = json.dumps({k: (next(m for m, r in raw.items() if r is v) if isinstance(v, RawJson) else v)
+                       for k, v in claims.items()})
+    for marker, value in raw.items():
+        text = text.replace(f'"{marker}"', value)
+    return text.encode()
+
+
 def _raw_token(claims: dict[str, Any]) -> str:
-    """A token whose claims JSON is written as given (e.g. `Infinity`, `NaN`, a 400-digit integer)."""
+    """A token whose claims JSON is written as given (e.g. `Infinity`, `NaN`, a 400-digit integer, `-1e309`)."""
     import base64
     import hashlib
     import hmac
@@ -38,7 +52,7 @@ def _raw_token(claims: dict[str, Any]) -> str:
     def b64(data: bytes) -> bytes:
         return base64.urlsafe_b64encode(data).rstrip(b"=")
 
-    signing = b64(b'{"alg":"HS512","typ":"JWT"}') + b"." + b64(json.dumps(claims).encode())
+    signing = b64(b'{"alg":"HS512","typ":"JWT"}') + b"." + b64(_claims_json(claims))
     return (signing + b"." + b64(hmac.new(SECRET.encode(), signing, hashlib.sha512).digest())).decode()
 
 
@@ -241,6 +255,12 @@ def test_cookie_is_used_without_a_bearer_and_a_bearer_wins_over_it(get: Any, fak
 
 ABSURD_EXPIRIES = [
     pytest.param({"exp": 10**400}, id="int-beyond-float"),
+    pytest.param({"exp": -10**400}, id="negative-int-beyond-float"),  # was OverflowError: a 500
+    pytest.param({"exp": RawJson("-1e309")}, id="float-literal-below-float"),  # json reads it as -inf
+    pytest.param({"exp": RawJson("1e309")}, id="float-literal-beyond-float"),
+    pytest.param({"exp": "-1e309"}, id="string-minus-1e309"),
+    pytest.param({"exp": -1e300}, id="finite-float-centuries-ago"),
+    pytest.param({"exp": T0 - 3 * 366 * 86400 - 10**8}, id="years-ago"),
     pytest.param({"exp": math.inf}, id="infinity"),
     pytest.param({"exp": -math.inf}, id="minus-infinity"),
     pytest.param({"exp": math.nan}, id="nan"),
@@ -264,11 +284,13 @@ def test_fifty_concurrent_absurd_and_forged_tokens_are_all_answered(fake: FakeAi
     fake.delay = 0.01
     app = _app(fake, cache)
     tokens = [_raw_token({"sub": "admin", "exp": 10**400}), _raw_token({"sub": "admin", "exp": math.inf}),
+              _raw_token({"sub": "admin", "exp": -10**400}), _raw_token({"sub": "admin", "exp": RawJson("-1e309")}),
               jwt.encode({"sub": "admin", "exp": int(T0 + 60)}, "x" * 64, algorithm="HS512"), "not-a-jwt"]
 
     async def go() -> list[int]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            calls = [client.get("/x", headers={"Authorization": f"Bearer {tokens[i % 4]}"}) for i in range(50)]
+            calls = [client.get("/x", headers={"Authorization": f"Bearer {tokens[i % len(tokens)]}"})
+                     for i in range(50)]
             return [r.status_code for r in await asyncio.wait_for(asyncio.gather(*calls), 5)]
 
     assert asyncio.run(go()) == [403] * 50
@@ -306,8 +328,16 @@ def test_the_ttl_runs_on_the_monotonic_clock(fake: FakeAirflow) -> None:
     assert AuthCache()._clock is time.monotonic  # the default
 
 
+@pytest.mark.parametrize("exp", [-10**400, 10**400, -(2**1100), RawJson("-1e309"), RawJson("-1E400")],
+                         ids=["-10**400", "10**400", "-2**1100", "-1e309", "-1E400"])
+def test_token_expiry_raises_only_invalid_expiry_for_huge_values(exp: Any) -> None:
+    with pytest.raises(api_auth.InvalidExpiry):
+        api_auth.token_expiry(_raw_token({"sub": "a", "exp": exp}), now=T0)
+
+
 def test_token_expiry_reads_a_valid_exp() -> None:
     assert api_auth.token_expiry(_token("a", exp=T0 + 60), now=T0) == T0 + 60
+    assert api_auth.token_expiry(_token("a", exp=T0 - 60), now=T0) == T0 - 60  # expired: Airflow's 401 to give
     assert api_auth.token_expiry(_token("a", exp=None), now=T0) is None
     assert api_auth.token_expiry("not-a-jwt", now=T0) is None
 

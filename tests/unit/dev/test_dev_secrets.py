@@ -93,3 +93,80 @@ def test_the_settings_fingerprint_follows_connections_and_passwords(tmp_path: Pa
     passwords.write_text('{"admin": "two"}')
     assert services.settings_fingerprint(env) != base
     assert "one" not in base and len(base) == 64
+
+
+def test_no_component_starts_airflows_log_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`airflow serve-logs` listens on every interface (no setting for the address): `make airflow` and the
+    benchmark start the scheduler, the triggerer and Celery workers without it."""
+    from datetime import date
+
+    from overnight.dev import bench
+
+    monkeypatch.delenv("OVERNIGHT_COMPONENTS", raising=False)
+    started = services.components()
+    assert "--skip-serve-logs" in started["scheduler"] and "--skip-serve-logs" in started["triggerer"]
+    for executor in ("local", "celery"):
+        commands = bench.Bench(10, executor, 10, 1, date(2026, 11, 25)).commands()
+        serving = [name for name, args in commands.items()
+                   if args[0] in ("scheduler", "triggerer", "celery") and "--skip-serve-logs" not in args]
+        assert not serving and "scheduler" in commands, commands
+
+
+_UNDER_UMASK_022 = """
+import os, sys
+from pathlib import Path
+os.umask(0o022)  # the usual shell's
+out = Path(sys.argv[2])
+if sys.argv[1] == "cli":
+    from overnight.dev import cli
+
+    def fake_run(screen, log_path, code, session, **kwargs):
+        print("airflow and task output")
+        (out / "task.log").write_text("a task's log")  # as Airflow writes a task log: under the process's umask
+        raise RuntimeError("stop here")
+
+    cli.run_with_progress = fake_run
+    code = cli.main(["run", "--market", "XNYS"])
+else:
+    from overnight.dev import bench
+
+    class FakeBench:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def prepare(self):
+            (out / "logs-components").mkdir()
+            (out / "logs-components" / "scheduler.log").write_text("a component's log")
+            raise SystemExit(3)
+
+        def stop(self, keep):
+            pass
+
+    bench.Bench = FakeBench
+    try:
+        bench.main(["--users", "1"])
+    except SystemExit as exc:
+        code = exc.code
+print("exit", code)
+"""
+
+
+@pytest.mark.parametrize("command", ["cli", "bench"])
+def test_the_cli_and_the_benchmark_write_private_files_under_a_shared_umask(command: str, tmp_path: Path) -> None:
+    """Started from a shell with umask 022, `make run`/`make demo` (the log tee, the task logs) and `make bench` (its
+    component and task logs) still write files of their owner's only."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(root / "include"), "OVERNIGHT_CLI_LOG": str(tmp_path / "cli.log")}
+    proc = subprocess.run([sys.executable, "-c", _UNDER_UMASK_022, command, str(tmp_path)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert "exit" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) >= (2 if command == "cli" else 1), files
+    assert {str(p.relative_to(tmp_path)): oct(_mode(p)) for p in files} == \
+        {str(p.relative_to(tmp_path)): "0o600" for p in files}
+    if command == "cli":
+        assert "airflow and task output" in (tmp_path / "cli.log").read_text()
