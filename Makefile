@@ -64,7 +64,7 @@ browser:  ## Chromium for the browser test of the Overnight page (apt-get as roo
 test: env browser  ## the whole test suite, on fresh databases of its own (PYTEST_WORKERS=2 processes)
 	@$(WITH_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
-airflow: airflow-setup  ## api-server on 127.0.0.1:8080 (OVERNIGHT_API_HOST/PORT), scheduler, dag-processor, triggerer; restarted when settings change (stop: make stop)
+airflow: migrate airflow-setup  ## api-server on 127.0.0.1:8080 (OVERNIGHT_API_HOST/PORT), scheduler, dag-processor, triggerer; restarted when settings change (stop: make stop)
 	@$(WITH_ENV) $(PY) -m overnight.dev.services start
 
 stop:  ## stop what the make targets started (Airflow, embedded servers)

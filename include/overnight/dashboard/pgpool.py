@@ -90,6 +90,9 @@ class AsyncPgPool:
                     return await cur.fetchall()
             except psycopg.errors.QueryCanceled as exc:
                 raise StoreUnavailable(f"Postgres (overnight_postgres) cancelled the query: {exc}".strip()) from exc
+            except psycopg.errors.UndefinedTable as exc:  # a database the migrations never ran on
+                raise StoreUnavailable(f"the overnight tables are missing from overnight_postgres's database ({exc});"
+                                       " run `make migrate` (python -m overnight.adapters.migrate)".strip()) from exc
             except psycopg.OperationalError as exc:
                 if attempt == 2:
                     raise StoreUnavailable(f"Postgres (overnight_postgres) is unavailable: {exc}".strip()) from exc

@@ -1,5 +1,5 @@
 """The dashboard's Postgres pool under abuse, on the real Postgres: a busy pool is a quick StoreUnavailable (503),
-a query Postgres cancelled is not run again."""
+a query Postgres cancelled is not run again, a database never migrated says to migrate."""
 
 from __future__ import annotations
 
@@ -70,3 +70,31 @@ def test_a_cancelled_query_is_not_retried(pg_dsn: str, monkeypatch: pytest.Monke
     assert message.startswith("Postgres (overnight_postgres) cancelled the query: ") and "statement timeout" in message
     assert opened == 1, "the cancelled query was run again on a fresh connection"
     assert took < 1.0
+
+
+def test_a_database_never_migrated_is_unavailable_saying_to_migrate(pg_dsn: str) -> None:
+    """`make airflow` on a database `make migrate` never touched: a 503 that says what to run, not a 500."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    name = f"{conninfo_to_dict(pg_dsn)['dbname']}_empty"
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        async def go() -> str:
+            pool = AsyncPgPool(make_conninfo(pg_dsn, dbname=name))
+            try:
+                await pool.fetch("SELECT status FROM overnight_job_runs LIMIT 1", ())
+            except StoreUnavailable as exc:
+                return str(exc)
+            finally:
+                await pool.close()
+            return "no error"
+
+        message = asyncio.run(go())
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    assert message.startswith("the overnight tables are missing from overnight_postgres's database")
+    assert 'relation "overnight_job_runs" does not exist' in message and "run `make migrate`" in message
