@@ -238,6 +238,28 @@ def test_dag_id_never_widens_access(server: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- Postgres under abuse
 
 
+def _lock_table(pg_dsn: str, table: str, hold_s: float = 15) -> Any:
+    """Locks `table` (ACCESS EXCLUSIVE) from another connection until the returned function is called (or
+    `hold_s` passes); returns that function, which releases the lock and waits for it to go (idempotent)."""
+    locked, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with psycopg.connect(pg_dsn) as conn:
+            conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            done.wait(hold_s)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert locked.wait(10), f"could not lock {table}"
+
+    def release() -> None:
+        done.set()
+        holder.join(hold_s)
+
+    return release
+
+
 def test_audit_calls_cannot_starve_the_dashboards_postgres_fallback(server: dict[str, Any]) -> None:
     """16 concurrent /audit calls blocked in Postgres (their table locked for 3 s) while dashboards miss
     Redis: the dashboards keep answering from Postgres at once; AUDIT_CONCURRENCY audits wait for the lock,
@@ -246,17 +268,7 @@ def test_audit_calls_cannot_starve_the_dashboards_postgres_fallback(server: dict
     for uid in users:
         server["redis"].delete(cache.recs_key(uid))
     symbol = quote(server["doc"]["recommendations"][0]["symbol"], safe="")
-    locked, release = threading.Event(), threading.Event()
-
-    def hold_lock() -> None:
-        with psycopg.connect(server["pg_dsn"]) as conn:
-            conn.execute("LOCK TABLE calculation_events IN ACCESS EXCLUSIVE MODE")
-            locked.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold_lock)
-    holder.start()
-    assert locked.wait(10)
+    release = _lock_table(server["pg_dsn"], "calculation_events")
     dashboards: list[tuple[int, float, bool]] = []
 
     async def go() -> list[tuple[int, Any, float]]:
@@ -281,14 +293,13 @@ def test_audit_calls_cannot_starve_the_dashboards_postgres_fallback(server: dict
             audits = [asyncio.create_task(audit()) for _ in range(16)]
             await asyncio.sleep(0.2)  # the audits are in: AUDIT_CONCURRENCY of them hold connections
             await dashboards_meanwhile()
-            release.set()
+            release()
             return list(await asyncio.gather(*audits))
 
     try:
         audits = asyncio.run(go())
     finally:
-        release.set()
-        holder.join(10)
+        release()
     assert len(dashboards) >= 5
     assert all(status == 200 and took < 1.0 and not from_cache for status, took, from_cache in dashboards), dashboards
     statuses = sorted(status for status, _, _ in audits)
@@ -306,17 +317,7 @@ def test_an_exhausted_postgres_pool_is_a_quick_503_through_the_app(server: dict[
     users = server["users"][:2 * PG_POOL_SIZE]
     for uid in users:
         server["redis"].delete(cache.recs_key(uid))
-    locked, release = threading.Event(), threading.Event()
-
-    def hold_lock() -> None:
-        with psycopg.connect(server["pg_dsn"]) as conn:
-            conn.execute("LOCK TABLE recommendations IN ACCESS EXCLUSIVE MODE")
-            locked.set()
-            release.wait(15)
-
-    holder = threading.Thread(target=hold_lock)
-    holder.start()
-    assert locked.wait(10)
+    release = _lock_table(server["pg_dsn"], "recommendations")
 
     async def go() -> list[tuple[int, Any, float]]:
         async with httpx.AsyncClient(base_url=server["url"], timeout=20, trust_env=False,
@@ -329,14 +330,13 @@ def test_an_exhausted_postgres_pool_is_a_quick_503_through_the_app(server: dict[
 
             calls = [asyncio.create_task(dashboard(uid)) for uid in users]
             await asyncio.sleep(PG_ACQUIRE_TIMEOUT_S + 1.5)  # the pool's waiters have timed out by now
-            release.set()
+            release()
             return list(await asyncio.gather(*calls))
 
     try:
         answers = asyncio.run(go())
     finally:
-        release.set()
-        holder.join(15)
+        release()
     busy = [(body, took) for status, body, took in answers if status == 503]
     served = [body for status, body, _ in answers if status == 200]
     assert sorted(status for status, _, _ in answers) == [200] * len(served) + [503] * len(busy), answers
