@@ -456,6 +456,10 @@ def test_page_in_chromium(stack: dict[str, Any]) -> None:
         assert "from cache" in cdp.js("document.getElementById('lookup-summary').innerText")
         symbols = cdp.js("[...document.querySelectorAll('#recs tbody tr td:first-child')].map(td => td.innerText)")
         assert symbols == [r["symbol"] for r in stack["doc"]["recommendations"]]
+        # The gap columns say what they measure (docs/allocation.md): out of the portfolio plus the contribution.
+        titles = dict(cdp.js("[...document.querySelectorAll('#recs thead th')].map(t => [t.innerText, t.title])"))
+        assert "before the buys" in titles["Allocation gap"] and "plus the contribution" in titles["Allocation gap"]
+        assert "after the recommended buys" in titles["Gap after"] and titles["Symbol"] == ""
         # Money the policy could not place is shown with its reason; none left over, no line.
         for amount in ("0.00", "123.45"):
             left = {**stack["doc"], "unallocated": {"amount": amount, "reason": "targets_full",

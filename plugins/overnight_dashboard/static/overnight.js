@@ -87,8 +87,15 @@
     if (!d.recommendations.length) { out.appendChild(el("p", { "class": "muted" }, "No recommendations.")); return; }
     var table = el("table", { "class": "grid", id: "recs" });
     var hr = el("tr");
+    // The gaps' definition (docs/allocation.md), as a tooltip: both divide by the portfolio plus the contribution.
+    var gapTitles = {
+      4: "Percentage points below the class's target midpoint, before the buys, out of the portfolio plus the contribution",
+      5: "The same after the recommended buys (money left unallocated counts as cash)"
+    };
     ["Symbol", "Score", "Amount", "Currency", "Allocation gap", "Gap after", "Top contributor"].forEach(function (h, i) {
-      hr.appendChild(el("th", i > 0 && i < 3 || i === 4 || i === 5 ? { "class": "num" } : {}, h));
+      var attrs = i > 0 && i < 3 || i === 4 || i === 5 ? { "class": "num" } : {};
+      if (gapTitles[i]) attrs.title = gapTitles[i];
+      hr.appendChild(el("th", attrs, h));
     });
     table.appendChild(el("thead")).appendChild(hr);
     var body = el("tbody");
