@@ -129,12 +129,6 @@ def resolved(reason: str | None, next_run: str) -> str | None:
     return reason
 
 
-def is_stale(generated_at: datetime | None, rates_stale: bool, now: datetime | None = None,
-             market: Any = None, session_date: Any = None) -> bool:
-    """Returns True when a document is stale by `staleness` (its market's due next run not looked up)."""
-    return staleness(generated_at, rates_stale, market, session_date, now) not in (None, DUE)
-
-
 @dataclass(frozen=True)
 class DashboardView:
     """What the dashboard shows for one user; `recommendations` are the document's items, unchanged."""

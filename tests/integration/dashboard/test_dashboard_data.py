@@ -117,33 +117,36 @@ NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
-    ("generated", "rates_stale", "stale"),
+    ("generated", "rates_stale", "reason"),
     [
-        pytest.param(NOW - timedelta(hours=1), False, False, id="fresh"),
-        pytest.param(NOW - timedelta(hours=25), False, True, id="older-than-24h"),
-        pytest.param(NOW - timedelta(hours=1), True, True, id="stale-rates"),
-        pytest.param(None, False, True, id="unknown-age"),
+        pytest.param(NOW - timedelta(hours=1), False, None, id="fresh"),
+        pytest.param(NOW - timedelta(hours=25), False, "expired", id="older-than-24h"),
+        pytest.param(NOW - timedelta(hours=1), True, "rates_stale", id="stale-rates"),
+        pytest.param(None, False, "unknown_age", id="unknown-age"),
     ],
 )
-def test_is_stale_without_market_and_session_uses_the_24h_rule(generated: datetime | None, rates_stale: bool,
-                                                                stale: bool) -> None:
+def test_staleness_without_market_and_session_uses_the_24h_rule(generated: datetime | None, rates_stale: bool,
+                                                                 reason: str | None) -> None:
     # a document written before the calendar rule (no market/sessionDate): fresh for 24 h (docs/freshness.md)
-    assert docview.is_stale(generated, rates_stale, NOW) is stale
+    assert docview.staleness(generated, rates_stale, now=NOW) == reason
 
 
 @pytest.mark.parametrize(
-    ("now", "stale"),
+    ("now", "reason"),
     [
         # XNYS's Friday 2026-11-20 document, built at its run (12:30 UTC). By hand: the NYSE next opens Monday
-        # 2026-11-23 09:30 EST = 14:30 UTC; that run is due at 12:30 UTC, + 2 h grace = 14:30 UTC.
-        pytest.param(datetime(2026, 11, 22, 12, 40, tzinfo=UTC), False, id="sunday-48h-old"),
-        pytest.param(datetime(2026, 11, 23, 14, 30, tzinfo=UTC), False, id="monday-at-the-deadline"),
-        pytest.param(datetime(2026, 11, 23, 14, 31, tzinfo=UTC), True, id="monday-after-the-deadline"),
+        # 2026-11-23 09:30 EST = 14:30 UTC; that run is due at 12:30 UTC, + 2 h grace = 14:30 UTC. From 12:30
+        # the run is due (fresh unless it failed: the store looks it up); after 14:30 the document is overdue.
+        pytest.param(datetime(2026, 11, 22, 12, 40, tzinfo=UTC), None, id="sunday-48h-old"),
+        pytest.param(datetime(2026, 11, 23, 12, 29, tzinfo=UTC), None, id="monday-before-the-run"),
+        pytest.param(datetime(2026, 11, 23, 12, 30, tzinfo=UTC), "due", id="monday-the-run-is-due"),
+        pytest.param(datetime(2026, 11, 23, 14, 30, tzinfo=UTC), "due", id="monday-at-the-deadline"),
+        pytest.param(datetime(2026, 11, 23, 14, 31, tzinfo=UTC), "overdue", id="monday-after-the-deadline"),
     ],
 )
-def test_is_stale_with_market_and_session_follows_the_calendar_not_the_age(now: datetime, stale: bool) -> None:
+def test_staleness_with_market_and_session_follows_the_calendar_not_the_age(now: datetime, reason: str) -> None:
     generated = datetime(2026, 11, 20, 12, 40, tzinfo=UTC)
-    assert docview.is_stale(generated, False, now, "XNYS", "2026-11-20") is stale
+    assert docview.staleness(generated, False, "XNYS", "2026-11-20", now) == reason
 
 
 # --------------------------------------------------------------------------- recommendations
