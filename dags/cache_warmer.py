@@ -69,7 +69,8 @@ def _schedule(setting: str) -> AssetAny | None:
     },
 )
 def overnight_cache_warmer() -> None:
-    @task(multiple_outputs=False, execution_timeout=timedelta(hours=1))
+    # the counts only in the log line: the return value names requested users (by pseudonym)
+    @task(multiple_outputs=False, execution_timeout=timedelta(hours=1), show_return_value_in_logs=False)
     def warm_cache() -> dict[str, Any]:
         """Writes recs:{id} and portfolio:{id} from the recommendations table; returns the counts."""
         from overnight.ops import cache_warmer

@@ -52,6 +52,7 @@ class RestartingPrices:
 
 def _attempt(dsn: str, job: jobrun.JobRun, aud: jobrun.Audience, rates, batch, server, at, calls):
     with psycopg.connect(dsn, connect_timeout=10) as conn:
+        batch, aud = runtime.resolve_batch(conn, batch)  # the batch's id range, from overnight_job_batches
         return pipeline.score_batch(conn, job, aud, rates, batch, RestartingPrices(conn, server, at, calls),
                                     warm_cache=None,
                                     contribution=jobrun.Contribution(Decimal("1000"), "USD"))
@@ -69,7 +70,7 @@ def test_restart_mid_batch_fails_cleanly_is_retried_and_completes(private_pg: R.
                                   interval_end=None, run_after=None)
     job_x = runtime.start(market, run, "reliability-pg-restart")
     rates_x = runtime.fetch_rates(job_x)
-    batches = runtime.plan(market, run, load_markets().codes)
+    batches = runtime.plan(market, run, load_markets().codes, job_x)
     assert len(batches) >= 4
     job = jobrun.JobRun.from_xcom(job_x)
     rates = RatesSnapshot.from_xcom(rates_x)

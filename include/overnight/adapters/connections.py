@@ -58,15 +58,30 @@ def parse_connection(conn_id: str, value: str) -> ConnInfo:
             raise ConnectionNotConfigured(
                 f"{_env_name(conn_id)}: not valid JSON ({exc.msg} at char {exc.pos}); "
                 "give a URI such as postgresql://user:pass@host:5432/db or Airflow's JSON form"
-            ) from exc
+            ) from None
+        if not isinstance(data, dict):
+            raise ConnectionNotConfigured(f"{_env_name(conn_id)}: JSON {type(data).__name__}, not an object; "
+                                          "give Airflow's JSON form {\"conn_type\": ..., \"host\": ..., ...}")
         extra = data.get("extra") or {}
         if isinstance(extra, str):
-            extra = json.loads(extra) if extra else {}
+            try:
+                extra = json.loads(extra) if extra else {}
+            except json.JSONDecodeError as exc:
+                raise ConnectionNotConfigured(
+                    f"{_env_name(conn_id)}: 'extra' is not valid JSON ({exc.msg} at char {exc.pos}; value hidden)"
+                ) from None
+        if not isinstance(extra, dict):
+            raise ConnectionNotConfigured(f"{_env_name(conn_id)}: 'extra' must be a JSON object (value hidden)")
+        try:
+            port = int(data["port"]) if data.get("port") else None
+        except (TypeError, ValueError):
+            raise ConnectionNotConfigured(
+                f"{_env_name(conn_id)}: 'port' must be a whole number (value hidden)") from None
         return ConnInfo(
             conn_id=conn_id,
             conn_type=str(data.get("conn_type", "")),
             host=data.get("host"),
-            port=int(data["port"]) if data.get("port") else None,
+            port=port,
             login=data.get("login"),
             password=data.get("password"),
             schema=data.get("schema"),
@@ -74,14 +89,21 @@ def parse_connection(conn_id: str, value: str) -> ConnInfo:
         )
     parts = urlsplit(value)
     if not parts.scheme:
+        # the value itself is never echoed: it may be all password (`//app:secret@db/x`)
         raise ConnectionNotConfigured(
-            f"{_env_name(conn_id)}: '{value[:20]}...' is not a URI; "
-            "give one such as postgresql://user:pass@host:5432/db or redis://host:6379/0"
+            f"{_env_name(conn_id)}: the value ({len(value)} characters, hidden) is not a URI: it has no scheme; "
+            "give one such as postgresql://user:pass@host:5432/db or redis://host:6379/0 (percent-encode "
+            "/ ? # @ : in the password)"
         )
     try:
         port = parts.port
-    except ValueError as exc:
-        raise ConnectionNotConfigured(f"{_env_name(conn_id)}: bad port ({exc})") from exc
+    except ValueError:
+        # urlsplit's message quotes what it took for the port: with an unencoded / ? # in the password, that is
+        # part of the password
+        raise ConnectionNotConfigured(
+            f"{_env_name(conn_id)}: the port is not a number from 0 to 65535 (value hidden); if the password "
+            "holds / ? # @ or :, percent-encode them (%2F %3F %23 %40 %3A)"
+        ) from None
     return ConnInfo(
         conn_id=conn_id,
         conn_type=parts.scheme.replace("-", "_"),
@@ -109,7 +131,7 @@ def get_connection(conn_id: str) -> ConnInfo:
         raise ConnectionNotConfigured(
             f"connection '{conn_id}' is not defined: set {_env_name(conn_id)} "
             f"or add it to airflow_settings.yaml ({type(exc).__name__})"
-        ) from exc
+        ) from None  # the cause's text may quote a stored value; its type is named above
     return ConnInfo(
         conn_id=conn_id,
         conn_type=conn.conn_type or "",

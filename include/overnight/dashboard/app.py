@@ -183,7 +183,7 @@ def create_app(
              dependencies=[Depends(requires_personal_data)],
              responses={403: {"description": "No 'Overnight recommendations' permission"},
                         404: {"description": "Unknown user"}, 422: {"description": "Not a UUID"}})
-    async def dashboard(request: Request,
+    async def dashboard(request: Request, response: Response,
                         user_id: Annotated[str, PathParam(description="The user's id (UUID)", max_length=64,
                                                            json_schema_extra={"format": "uuid"})]
                         ) -> Response | dict[str, Any]:
@@ -195,6 +195,7 @@ def create_app(
         except UnknownUser as exc:
             raise HTTPException(404, str(exc)) from None
         if isinstance(answer, dict):  # a value not of its declared type: pydantic coerces or refuses it
+            response.headers["Cache-Control"] = "no-store"
             return {"data": answer}
         return json_response(answer, request.headers.get("accept-encoding", ""))
 
@@ -225,7 +226,7 @@ def create_app(
     @app.get(f"{API_PREFIX}/audit/assets/{{symbol}}", response_model=AssetEventsResponse, dependencies=operations,
              responses={503: {"description": "Postgres unavailable, or too many audit queries: retry shortly"}})
     async def asset_events(
-        request: Request,
+        request: Request, response: Response,
         symbol: Annotated[str, PathParam(min_length=1, max_length=64, pattern=_SYMBOL_PATTERN)],
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
         before: Annotated[datetime | None, Query(description="Only events created before this ISO time")] = None,
@@ -246,6 +247,7 @@ def create_app(
             event["userRef"] = pseudonym(audit_key, event["userId"])
             if not show_ids:
                 event["userId"] = None
+        response.headers["Cache-Control"] = "no-store"  # user ids for holders of personal data
         return {"data": events, "next": cursor}
 
     @app.get(f"{API_PREFIX}/audit/calculations/{{correlation_id}}/{{user_id}}/replay", response_model=ReplayResponse,
@@ -256,6 +258,7 @@ def create_app(
                         422: {"description": "Not a UUID"},
                         503: {"description": "Postgres unavailable, or too many audit queries: retry shortly"}})
     async def replay_calculation(
+        response: Response,
         correlation_id: Annotated[UUID, PathParam(description="The job run's correlation id")],
         user_id: Annotated[str, PathParam(description="The user's id (UUID)", max_length=64,
                                           json_schema_extra={"format": "uuid"})],
@@ -269,7 +272,9 @@ def create_app(
         try:
             # the store gives the slot back when its thread ends (not when this request does: a cancelled
             # request leaves the replay running, and the slot with it)
-            return {"data": await store.replay(str(correlation_id), user_id, done=audit_slots.release)}
+            data = await store.replay(str(correlation_id), user_id, done=audit_slots.release)
+            response.headers["Cache-Control"] = "no-store"
+            return {"data": data}
         except InvalidUserId as exc:
             raise HTTPException(422, str(exc)) from None
         except UnknownCalculation as exc:

@@ -46,9 +46,30 @@ def personal_data_logins() -> frozenset[str]:
     return frozenset(name.strip() for name in raw.split(",") if name.strip())
 
 
+ALL_ADMINS_WARNING = (
+    "overnight dashboard: [core] simple_auth_manager_all_admins is on (AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS): "
+    "the simple auth manager makes every caller, anonymous ones included, ADMIN, so investors' data ('"
+    + PERSONAL_DATA_RESOURCE + "') is refused to everyone; turn it off and log in (docs/access.md)"
+)
+_warned_all_admins = threading.Lock()
+
+
+def all_admins_mode() -> bool:
+    """Whether the simple auth manager's `[core] simple_auth_manager_all_admins` is on (everyone is ADMIN)."""
+    try:
+        return conf.getboolean("core", "simple_auth_manager_all_admins", fallback=False)
+    except ValueError:  # not a boolean: Airflow itself refuses to start on it; refuse here too
+        return True
+
+
 def simple_personal_data(user: Any, logins: frozenset[str], method: Any = "GET") -> bool:
     """The simple auth managers' rule for "Overnight recommendations": the ADMIN role, or reading as one of `logins`;
-    an authenticated user with no role (or a user not of the simple auth manager) gets nothing."""
+    an authenticated user with no role (or a user not of the simple auth manager) gets nothing, and in all-admins
+    mode (every caller, anonymous ones too, is ADMIN there) nobody does."""
+    if all_admins_mode():
+        if _warned_all_admins.acquire(blocking=False):
+            log.warning(ALL_ADMINS_WARNING)
+        return False
     role = getattr(user, "role", None)
     if not role or not isinstance(role, str):
         return False

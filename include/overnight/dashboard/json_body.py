@@ -204,15 +204,19 @@ async def dashboard_answer(store: DashboardStore, user_id: str) -> bytes | dict[
     return dashboard_body(data) or data
 
 
+# Investors' data is never kept by a browser or a proxy: a cookie session's answers would otherwise stay on disk
+NO_STORE = (b"cache-control", b"no-store")
+
+
 def _encoded(body: bytes, accept_encoding: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     """`body` gzipped when the client takes gzip and the api-server's GZipMiddleware would, with the headers
     that say so. The middleware builds a compressor with a 32 KB window for every response (~110 us); one
     sized to the body, at level 1, takes ~25 us (4% larger), and the middleware passes a gzipped body through."""
     if len(body) < _GZIP_MIN_BYTES or "gzip" not in accept_encoding:  # the middleware's own test
-        return body, []
+        return body, [NO_STORE]
     window_bits = max(9, min(15, (len(body) - 1).bit_length()))
     gz = zlib.compressobj(1, zlib.DEFLATED, 16 + window_bits, 4)
-    return gz.compress(body) + gz.flush(), [(b"content-encoding", b"gzip"), (b"vary", b"Accept-Encoding")]
+    return gz.compress(body) + gz.flush(), [NO_STORE, (b"content-encoding", b"gzip"), (b"vary", b"Accept-Encoding")]
 
 
 def json_response(body: bytes, accept_encoding: str) -> Response:

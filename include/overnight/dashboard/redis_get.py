@@ -105,7 +105,11 @@ class RedisGet:
     """`await RedisGet(url).get(key)` -> bytes or None, over one pipelined connection opened on first use."""
 
     def __init__(self, url: str, connect_timeout_s: float = 1.0) -> None:
-        options = parse_url(url)
+        try:
+            options = parse_url(url)
+        except ValueError:  # its message may quote part of the URL: the password with an unencoded / ? #
+            raise ValueError("the overnight_redis connection's URL is not a Redis URL (value hidden): give "
+                             "redis://[:password@]host:port/db, the password percent-encoded") from None
         self.url = url
         self.connect_timeout_s = connect_timeout_s
         self._path: str | None = options.get("path")
@@ -118,7 +122,8 @@ class RedisGet:
                 self._ssl.check_hostname = False
                 self._ssl.verify_mode = ssl.CERT_NONE
         elif options.get("connection_class") not in (None, UnixDomainSocketConnection):
-            raise ValueError(f"Redis URL {url!r}: unsupported connection class")
+            raise ValueError("the overnight_redis connection's URL has an unsupported scheme (value hidden): "
+                             "give redis://, rediss:// or unix://")
         self._setup: list[bytes] = []
         if options.get("password") is not None:
             user = options.get("username")

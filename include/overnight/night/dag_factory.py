@@ -139,8 +139,8 @@ def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
         deadline=alerts.market_deadline(market),
     )
     def overnight_scoring() -> None:
-        # start's and plan_batches' return values carry user ids (the run's `user_ids`, each batch's first and
-        # last user): kept out of their task logs ("Done. Returned value was: ..."), which every viewer reads
+        # start's and plan_batches' XComs carry no user id (docs/access.md); start's return value stays out of its
+        # log all the same (the job's row, the run's parameters: nothing an operator needs twice)
         @task(multiple_outputs=False, show_return_value_in_logs=False)  # one XCom row per task, not one per key
         def start() -> dict[str, Any]:
             """Validates the parameters, then records the job run (status started)."""
@@ -162,10 +162,16 @@ def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
             """Fetches exchange rates once; every batch uses the same ones."""
             return runtime.fetch_rates(started["job"])
 
-        @task(show_return_value_in_logs=False)
+        @task
         def plan_batches(started: dict[str, Any]) -> list[dict[str, Any]]:
-            """Plans the batches of users this market serves on the session."""
-            return runtime.plan(market, runtime.RunParams.from_xcom(started["run"]), all_codes)
+            """Plans the batches of users this market serves on the session (their id ranges in Postgres; the XCom
+            names batches by number and position only)."""
+            ctx = get_current_context()
+            end, run_after = _context_session(ctx)
+            # the run's user ids are not in start's XCom: read again from the run's parameters (checked by start)
+            run = runtime.validate_params(market, dict(ctx["params"]), dict(ctx["dag_run"].conf or {}),
+                                          interval_end=end, run_after=run_after)
+            return runtime.plan(market, run, all_codes, started["job"])
 
         @task(map_index_template="{{ batch_label }}", pool=market.pool or "default_pool", multiple_outputs=False,
               execution_timeout=timedelta(hours=1))

@@ -49,10 +49,11 @@ class RunParams:
     force: bool
 
     def to_xcom(self) -> dict[str, Any]:
-        """Returns a small JSON-able dict."""
+        """Returns a small JSON-able dict, without the user ids (XCom is read by every viewer, docs/access.md):
+        `plan_batches` keeps them with the plan in Postgres (`overnight_job_batches`)."""
         return {
             "session_date": self.session_date.isoformat(),
-            "user_ids": list(self.user_ids) if self.user_ids is not None else None,
+            "user_ids_count": len(self.user_ids) if self.user_ids is not None else None,
             "batch_size": self.batch_size,
             "contribution": self.contribution.to_json() if self.contribution is not None else None,
             "force": self.force,
@@ -60,7 +61,7 @@ class RunParams:
 
     @classmethod
     def from_xcom(cls, data: dict[str, Any]) -> RunParams:
-        """Inverse of `to_xcom`."""
+        """Inverse of `to_xcom`, but for the user ids, which it does not carry."""
         ids = data.get("user_ids")
         c = data.get("contribution")
         return cls(date.fromisoformat(data["session_date"]), tuple(ids) if ids is not None else None,
@@ -266,17 +267,43 @@ def audience(market: Market, run: RunParams, all_codes: list[str]) -> jobrun.Aud
     return jobrun.Audience(market.code, tuple(earlier), run.user_ids)
 
 
-def plan(market: Market, run: RunParams, all_codes: list[str]) -> list[dict[str, Any]]:
-    """Plans the user batches of the run (small descriptors)."""
+def plan(market: Market, run: RunParams, all_codes: list[str], job_x: dict[str, Any]) -> list[dict[str, Any]]:
+    """Plans the user batches of the run: each batch's user-id range (and, for a run naming users, its users) is
+    stored in `overnight_job_batches` under a new plan id; the descriptors returned (the XCom every viewer reads)
+    carry the plan id, the batch's number and positions, never a user id (docs/access.md)."""
+    job = jobrun.JobRun.from_xcom(job_x)
     aud = audience(market, run, all_codes)
+    plan_id = str(uuid.uuid4())
     with db.connect() as conn:
         batches = loading.plan_batches(conn, aud, run.batch_size)
+        with conn.transaction():
+            with conn.cursor().copy("COPY overnight_job_batches (job_run_id, plan_id, batch_index, lo, hi, user_ids)"
+                                    " FROM STDIN") as cp:
+                for b in batches:
+                    mine = None if aud.user_ids is None else sorted(u for u in aud.user_ids if b["lo"] <= u <= b["hi"])
+                    cp.write_row((job.id, plan_id, b["index"], b["lo"], b["hi"], mine))
     total = batches[0]["total"] if batches else 0
     log.info("%s %s: %d users in %d batches (earlier markets that day: %s)", market.code, run.session_date,
              total, len(batches), ", ".join(aud.earlier) or "none")
-    for b in batches:
-        b["audience"] = aud.to_xcom()
-    return batches
+    public = jobrun.Audience(aud.market, aud.earlier).to_xcom()
+    return [{**{k: v for k, v in b.items() if k not in ("lo", "hi")}, "plan_id": plan_id, "audience": public}
+            for b in batches]
+
+
+def resolve_batch(conn: Any, batch: dict[str, Any]) -> tuple[dict[str, Any], jobrun.Audience]:
+    """A planned batch's descriptor with its user-id range (`lo`, `hi`) read back from `overnight_job_batches`,
+    and its audience with the run's user ids in that range (when the run names users)."""
+    aud = jobrun.Audience.from_xcom(batch["audience"])
+    if "lo" in batch:  # planned in this process (tests, the benchmark's I/O floor): the range is at hand
+        return batch, aud
+    row = conn.execute("SELECT lo::text, hi::text, user_ids::text[] FROM overnight_job_batches"
+                       " WHERE plan_id = %s AND batch_index = %s", (batch["plan_id"], batch["index"])).fetchone()
+    conn.commit()
+    if row is None:
+        raise RuntimeError(f"batch {batch['index'] + 1} ({batch.get('label')}) of plan {batch['plan_id']} is not in "
+                           "overnight_job_batches (deleted by retention?); clear plan_batches to plan the run again")
+    ids = None if row[2] is None else tuple(row[2])
+    return {**batch, "lo": row[0], "hi": row[1]}, jobrun.Audience(aud.market, aud.earlier, ids)
 
 
 def score_batch(batch: dict[str, Any], job_x: dict[str, Any], rates_x: dict[str, Any], run_x: dict[str, Any]
@@ -285,7 +312,6 @@ def score_batch(batch: dict[str, Any], job_x: dict[str, Any], rates_x: dict[str,
     job = jobrun.JobRun.from_xcom(job_x)
     run = RunParams.from_xcom(run_x)
     rates = RatesSnapshot.from_xcom(rates_x)
-    aud = jobrun.Audience.from_xcom(batch["audience"])
     from overnight.adapters import cache  # redis is imported by the tasks that use it, not by every task's DAG parse
 
     redis_client = None
@@ -308,6 +334,7 @@ def score_batch(batch: dict[str, Any], job_x: dict[str, Any], rates_x: dict[str,
         return freshness.judge_quotes(quotes, judged_at, max_price_age)
 
     with db.connect() as conn:
+        batch, aud = resolve_batch(conn, batch)
         out = pipeline.score_batch(conn, job, aud, rates, batch, price_provider(conn), warm_cache=warm,
                                    contribution=run.contribution, score_floor=score_floor(), judge_prices=judge_prices)
     telemetry.batch_span(job.correlation_id, {**out, "market": job.market, "correlation_id": job.correlation_id})

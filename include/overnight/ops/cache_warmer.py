@@ -20,6 +20,7 @@ import psycopg
 import redis
 
 from overnight.adapters import cache, db
+from overnight.adapters.pseudonyms import user_ref
 from overnight.domain import freshness
 from overnight.domain.markets import UnknownMarketError, get_market
 
@@ -111,7 +112,9 @@ def warm_from_postgres(
         "users_warmed": warmed,
         "keys_written": warmed * 2,
         "missing": len(missing),
-        "missing_user_ids": missing[:MAX_MISSING_REPORTED],
+        # pseudonyms, not ids: Airflow shows the return value to every viewer (XCom); a holder of personal data
+        # maps them back through /audit (docs/access.md)
+        "missing_user_refs": [user_ref(u) for u in missing[:MAX_MISSING_REPORTED]],
         "ttl": setting or str(cache.TTL_SECONDS),
         "duration_ms": round((time.perf_counter() - t0) * 1000, 1),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import date
 from decimal import Decimal
 
@@ -10,7 +11,7 @@ import pytest
 
 from overnight.adapters import cache
 from overnight.adapters.providers.db import DbPriceProvider
-from overnight.night import calculate, jobrun, loading, pipeline, writing
+from overnight.night import calculate, jobrun, loading, pipeline
 from tests.support import reliability as R
 from tests.support.pipeline_run import make_latest, run_pipeline, start
 
@@ -39,15 +40,20 @@ def test_batches_cover_exactly_the_served_users(conn, batch_run):
     assert summary["status"] == "completed" and summary["users_processed"] == len(expected)
 
 
-def test_four_events_per_user_in_order_with_deterministic_ids(conn, batch_run):
+def test_four_events_per_user_in_order_with_unlinkable_ids(conn, batch_run):
     job, *_ = batch_run
     rows = conn.execute(
         "SELECT user_id, array_agg(event_type ORDER BY created_at), array_agg(event_id ORDER BY created_at)"
         " FROM calculation_events WHERE correlation_id = %s GROUP BY user_id", (job.correlation_id,)).fetchall()
     assert rows
+    every_id: set[uuid.UUID] = set()
     for user_id, types, ids in rows:
         assert types == list(jobrun.EVENT_TYPES)
-        assert ids == [writing.event_id(job.correlation_id, str(user_id), t) for t in types]
+        # random: not the uuid5 of (correlation id, user id, type) that let a user id be linked (docs/access.md)
+        assert all(i.version == 4 for i in ids)
+        assert not set(ids) & {uuid.uuid5(uuid.UUID(job.correlation_id), f"{user_id}:{t}") for t in types}
+        every_id.update(ids)
+    assert len(every_id) == 4 * len(rows)
     scored = conn.execute(
         "SELECT payload, symbols FROM calculation_events WHERE correlation_id = %s AND event_type = 'SCORES_COMPUTED'"
         " LIMIT 1", (job.correlation_id,)).fetchone()

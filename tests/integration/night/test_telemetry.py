@@ -26,7 +26,7 @@ def test_job_span_with_batch_children(seeded, spans):
                                   interval_end=None, run_after=None)
     job = runtime.start(market, run, "otel-test")
     rates = runtime.fetch_rates(job)
-    batches = runtime.plan(market, run, ["BVMF", "XLON", "XNYS", "XTKS"])
+    batches = runtime.plan(market, run, ["BVMF", "XLON", "XNYS", "XTKS"], job)
     results = [runtime.score_batch(b, job, rates, run.to_xcom()) for b in batches]
     summary = runtime.finalize(job, batches, results, rates)
     finished = spans.get_finished_spans()

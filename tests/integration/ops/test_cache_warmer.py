@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from overnight.adapters import cache
+from overnight.adapters.pseudonyms import user_ref
 from overnight.ops import cache_warmer
 from tests.support.pipeline_run import run_pipeline
 
@@ -70,7 +71,8 @@ def test_warms_only_the_given_users_and_reports_missing(
     with psycopg.connect(pg_dsn) as conn:
         result = cache_warmer.warm_from_postgres(conn, flushed, [chosen[0].upper(), *chosen, ghost])
     assert result["scope"] == "users" and result["requested"] == 4  # the upper-case duplicate counts once
-    assert result["users_warmed"] == 3 and result["missing"] == 1 and result["missing_user_ids"] == [ghost]
+    assert result["users_warmed"] == 3 and result["missing"] == 1 and result["missing_user_refs"] == [user_ref(ghost)]
+    assert ghost not in json.dumps(result)  # the task's XCom names nobody
     assert _keys(flushed, cache.RECS_PREFIX) == set(chosen) == _keys(flushed, cache.PORTFOLIO_PREFIX)
 
 

@@ -38,7 +38,7 @@ class AnswersItself(SimpleAuthManager):
 def warnings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     said: list[str] = []
     monkeypatch.setattr(auth_manager, "_warned", threading.Lock())  # a fresh process
-    monkeypatch.setattr(auth_manager.log, "warning", lambda msg, *args: said.append(msg % args))
+    monkeypatch.setattr(auth_manager.log, "warning", lambda msg, *args: said.append(msg % args if args else msg))
     monkeypatch.delenv("AIRFLOW__OVERNIGHT__PERSONAL_DATA_LOGINS", raising=False)
     return said
 
@@ -83,3 +83,20 @@ def test_a_manager_with_its_own_answer_is_asked(monkeypatch: pytest.MonkeyPatch,
     grants = _grants(monkeypatch, AnswersItself())
     assert {name for name, access in grants.items() if access.personal_data} == {"viewer"}
     assert warnings == []
+
+
+@pytest.mark.parametrize("manager", [SimpleAuthManager, OvernightSimpleAuthManager], ids=["stock", "overnight"])
+def test_all_admins_mode_refuses_personal_data_to_everyone(monkeypatch: pytest.MonkeyPatch, warnings: list[str],
+                                                          manager: type[SimpleAuthManager]) -> None:
+    """`simple_auth_manager_all_admins` makes every caller, anonymous ones too, ADMIN: nobody reads investors' data
+    then (admin and the service login included), operations are unchanged, and one warning names the setting."""
+    monkeypatch.setattr(auth_manager, "_warned_all_admins", threading.Lock())
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "True")
+    grants = _grants(monkeypatch, manager())
+    assert {name for name, access in grants.items() if access.personal_data} == set()
+    assert {name for name, access in grants.items() if access.operations} == set(USERS) - {"norole"}
+    all_admin = [w for w in warnings if "simple_auth_manager_all_admins" in w]
+    assert len(all_admin) == 1 and "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS" in all_admin[0], warnings
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
+    grants = _grants(monkeypatch, manager())  # off again: the usual answer
+    assert {name for name, access in grants.items() if access.personal_data} == GRANTED

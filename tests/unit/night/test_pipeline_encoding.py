@@ -10,12 +10,17 @@ import pytest
 from overnight.night import jobrun, writing
 
 
-def test_event_id_text_is_the_uuid5_of_the_event():
-    for _ in range(200):
-        corr, user = str(uuid.uuid4()), str(uuid.uuid4())
-        for etype in jobrun.EVENT_TYPES:
-            text = writing._event_id_text(uuid.UUID(corr).bytes, user, etype)
-            assert text == str(writing.event_id(corr, user, etype))
+def test_event_ids_are_random_version_4_uuids():
+    """An event id names nobody: random, so nobody can compute it from a user id (docs/access.md)."""
+    ids = writing.new_event_ids(4000)
+    assert len(set(ids)) == 4000
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    corr, user = str(uuid.uuid4()), str(uuid.uuid4())
+    old = {str(uuid.uuid5(uuid.UUID(corr), f"{user}:{t}")) for t in jobrun.EVENT_TYPES}  # the former, linkable id
+    assert not old & set(writing.new_event_ids(4))
+    assert writing.new_event_ids(0) == []
 
 
 @pytest.mark.parametrize(("value", "text"), [
