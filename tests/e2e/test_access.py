@@ -34,6 +34,7 @@ import jwt
 import psycopg
 import pytest
 import redis
+from psycopg.types.json import Jsonb
 
 from overnight.adapters import cache
 from overnight.adapters.connections import ConnInfo, postgres_dsn
@@ -158,6 +159,34 @@ def test_viewer_cannot_harvest_investors_data(server: dict[str, Any]) -> None:
     for path in (f"{API}/job-runs?limit=500", f"{API}/markets"):
         ops = _get(server, path, "viewer")
         assert ops.status_code == 200 and not any(uid in ops.text for uid in server["users"]), path
+
+
+def test_nothing_a_viewer_reads_of_the_audit_links_a_pseudonym_to_a_user_id(server: dict[str, Any]) -> None:
+    """The attack of docs/access.md: a viewer who knows candidate user ids (here every user in the database) and
+    computes, offline, what an event id or cursor would be for each (the uuid5 of correlation id and
+    "<user id>:<event type>" the ids once were) finds none of them in any page of `/audit` or its cursors, and
+    no user id in any answer; the pages still chain and cover every event."""
+    symbol = quote(server["doc"]["recommendations"][0]["symbol"], safe="")
+    pages, path = [], f"{API}/audit/assets/{symbol}?limit=2"
+    while path and len(pages) < 200:
+        body = _get(server, path, "viewer").json()
+        pages.append(body)
+        nxt = body["next"]
+        path = (f"{API}/audit/assets/{symbol}?limit=2&before={quote(nxt['before'])}&before_id={nxt['beforeId']}"
+                if nxt else "")
+    events = [e for p in pages for e in p["data"]]
+    everything = _get(server, f"{API}/audit/assets/{symbol}?limit=500", "viewer").json()["data"]
+    assert len(pages) > 2, [len(p["data"]) for p in pages]
+    assert [e["eventId"] for e in events] == [e["eventId"] for e in everything]
+    shown = {e["eventId"] for e in events} | {p["next"]["beforeId"] for p in pages if p["next"]}
+    with psycopg.connect(server["pg_dsn"]) as conn:
+        known = [r[0] for r in conn.execute("SELECT id::text FROM users")]
+    correlations = {e["correlationId"] for e in events}
+    computable = {str(uuid.uuid5(uuid.UUID(c), f"{u}:{t}")) for c in correlations for u in known
+                  for t in ("CALC_STARTED", "INPUTS_CAPTURED", "SCORES_COMPUTED", "CALC_COMPLETED")}
+    assert not shown & computable, "an event id a viewer can compute from a user id"
+    text = json.dumps(pages)
+    assert not [u for u in known if u in text], "a user id in the viewer's audit pages"
 
 
 def test_operations_routes_are_the_viewers_and_not_personal(server: dict[str, Any]) -> None:
@@ -306,6 +335,71 @@ def test_audit_calls_cannot_starve_the_dashboards_postgres_fallback(server: dict
     assert statuses == [200] * AUDIT_CONCURRENCY + [503] * (16 - AUDIT_CONCURRENCY)
     busy = [(body, took) for status, body, took in audits if status == 503]
     assert all("too many audit queries" in body["detail"] and took < AUDIT_WAIT_S + 1 for body, took in busy)
+
+
+def test_a_viewers_flood_of_operations_routes_cannot_starve_investors_dashboards(server: dict[str, Any]) -> None:
+    """`viewer` floods /job-runs, /markets, the page and /audit while every one of them waits in Postgres (their
+    tables locked for 3 s), and `overnight_app` reads dashboards that miss Redis meanwhile: the operations
+    routes have their own small pool (OPS_POOL_SIZE), so every dashboard answers 200 from Postgres within 1 s;
+    the flood's calls answer 200 once the lock goes, or a quick 503 when their pool stayed busy."""
+    from overnight.dashboard.pgpool import OPS_POOL_SIZE, PG_ACQUIRE_TIMEOUT_S
+
+    users = server["users"][:20]
+    with psycopg.connect(server["pg_dsn"]) as conn:  # documents of a session to come: not due, so a dashboard
+        saved = conn.execute("SELECT user_id::text, document FROM recommendations WHERE user_id = ANY(%s::uuid[])",
+                             (users,)).fetchall()  # reads recommendations and users only, no job run
+        conn.execute("UPDATE recommendations SET document = jsonb_set(document, '{sessionDate}', '\"2027-06-01\"')"
+                     " WHERE user_id = ANY(%s::uuid[])", (users,))
+    for uid in users:
+        server["redis"].delete(cache.recs_key(uid))
+    symbol = quote(server["doc"]["recommendations"][0]["symbol"], safe="")
+    flood_paths = [f"{API}/job-runs?limit=500", f"{API}/markets", "/overnight/", f"{API}/audit/assets/{symbol}"]
+    release_runs = _lock_table(server["pg_dsn"], "overnight_job_runs")
+    release_events = _lock_table(server["pg_dsn"], "calculation_events")
+    dashboards: list[tuple[int, float, bool]] = []
+
+    async def go() -> list[tuple[int, Any, float]]:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=server["url"], timeout=20, trust_env=False, limits=limits) as client:
+            viewer = {"Authorization": f"Bearer {server['tokens']['viewer']}"}
+            app = {"Authorization": f"Bearer {server['tokens'][SERVICE]}"}
+
+            async def flood(path: str) -> tuple[int, Any, float]:
+                t0 = time.monotonic()
+                r = await client.get(path, headers=viewer)
+                return r.status_code, r.text[:200], time.monotonic() - t0
+
+            calls = [asyncio.create_task(flood(flood_paths[i % len(flood_paths)])) for i in range(40)]
+            await asyncio.sleep(0.3)  # the flood is in and waiting in Postgres
+            end = time.monotonic() + PG_ACQUIRE_TIMEOUT_S + 0.7
+            i = 0
+            while time.monotonic() < end:
+                t0 = time.monotonic()
+                r = await client.get(f"{API}/dashboard/{users[i % len(users)]}", headers=app)
+                dashboards.append((r.status_code, time.monotonic() - t0,
+                                   r.status_code == 200 and r.json()["data"]["fromCache"]))
+                i += 1
+            release_runs()
+            release_events()
+            return list(await asyncio.gather(*calls))
+
+    try:
+        flooded = asyncio.run(go())
+    finally:
+        release_runs()
+        release_events()
+        with psycopg.connect(server["pg_dsn"]) as conn:
+            for uid, doc in saved:
+                conn.execute("UPDATE recommendations SET document = %s WHERE user_id = %s",
+                             (Jsonb(doc), uid))
+        for uid in users:
+            server["redis"].delete(cache.recs_key(uid))
+    assert len(dashboards) >= 5
+    assert [d for d in dashboards if not (d[0] == 200 and d[1] < 1.0 and not d[2])] == [], dashboards
+    statuses = [status for status, _, _ in flooded]
+    assert set(statuses) <= {200, 503}, flooded
+    assert statuses.count(200) >= OPS_POOL_SIZE  # those holding the pool's connections answered after the lock
+    assert 503 in statuses  # the rest did not queue behind them for ever
 
 
 def test_an_exhausted_postgres_pool_is_a_quick_503_through_the_app(server: dict[str, Any]) -> None:

@@ -143,17 +143,33 @@ def test_no_secret_leaks_and_hostile_symbols_are_harmless(airflow_db, secret_rol
             stored_text += "\n".join(r[0] for r in conn.execute("SELECT document::text FROM recommendations"))
             stored_text += "\n".join(str(r) for r in conn.execute(
                 "SELECT stage, error FROM overnight_job_users"))
+            user_ids = [str(r[0]) for r in conn.execute("SELECT id FROM users")]
+            dag_run_id = conn.execute("SELECT dag_run_id FROM overnight_job_runs WHERE correlation_id = %s",
+                                      (out.correlation_id,)).fetchone()[0]
         assert not _leaks(stored_text), "secret in the application tables"
 
         with psycopg.connect(R.airflow_meta_dsn()) as af:
             xcoms = af.execute("SELECT dag_id, task_id, value::text FROM xcom").fetchall()
             runs = af.execute("SELECT conf::text FROM dag_run").fetchall()
+            this_run = [r[0] for r in af.execute("SELECT value::text FROM xcom WHERE run_id = %s", (dag_run_id,))]
         assert xcoms and not _leaks(json.dumps(xcoms) + json.dumps(runs)), "secret in XCom"
+        # No user id in what a viewer reads of the run: its XComs (plan_batches: batch numbers and positions,
+        # the ranges stay in overnight_job_batches) and its task logs (pseudonyms) (docs/access.md)
+        assert {"start", "fetch_rates", "plan_batches", "score_batch", "finalize"} <= {
+            r[1] for r in xcoms if r[0] == get_market(MARKET).dag_id}
+        assert len(this_run) >= 5 and "plan_id" in "".join(this_run)
+        named = [u for u in user_ids if any(u in v for v in this_run)]
+        assert not named, f"user ids in the run's XComs: {named[:3]}"
 
         logs = Path(os.environ["AIRFLOW_HOME"]) / "logs"
         files = [p for p in logs.rglob("*") if p.is_file()] if logs.exists() else []
         leaking = [str(p) for p in files if _leaks(p.read_text(errors="replace"))]
         assert not leaking, f"secret in task logs: {leaking[:5]}"
+        # dag.test() writes the task logs to the run's output (and any task log files under AIRFLOW_HOME/logs)
+        task_logs = [output] + [p.read_text(errors="replace") for p in files if "dag_id=" in str(p)]
+        assert "users done" in output and "Done. Returned value was" in output  # the tasks' own lines are there
+        named = [u for u in user_ids if any(u in t for t in task_logs)]
+        assert not named, f"user ids in task logs or the run's output: {named[:3]}"
 
         view, job_runs = _dashboard(secret_dsn, hostile_user)
         assert view["recommendations"] is not None and job_runs

@@ -33,7 +33,7 @@ class ConnInfo:
     login: str | None
     password: str | None = field(repr=False)  # never in a repr, log line or error: see `redacted`
     schema: str | None
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict, repr=False)  # may hold secrets too (sslpassword, api_key)
 
     def redacted(self) -> str:
         """Returns a URI for messages and logs, password masked."""

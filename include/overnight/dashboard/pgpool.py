@@ -14,7 +14,8 @@ from psycopg.pq import TransactionStatus
 log = logging.getLogger(__name__)
 
 
-PG_POOL_SIZE = 8
+PG_POOL_SIZE = 8  # the investors' pool: dashboards
+OPS_POOL_SIZE = 3  # the operations routes' own: job runs, markets, the page, /audit (at most AUDIT_CONCURRENCY of them)
 PG_ACQUIRE_TIMEOUT_S = 2.0  # waiting longer than this for a pooled connection: 503 at once, not a pile-up
 PG_CONNECT_TIMEOUT_S = 5
 PG_STATEMENT_TIMEOUT_MS = 10_000

@@ -42,6 +42,7 @@ from overnight.dashboard.docview import (
 )
 from overnight.dashboard.pgpool import (
     PG_CONNECT_TIMEOUT_S,
+    OPS_POOL_SIZE,
     PG_POOL_SIZE,
     PG_STATEMENT_TIMEOUT_MS,
     AsyncPgPool,
@@ -88,7 +89,9 @@ class DashboardStore:
     redis_url: str | None = field(default=None, repr=False)
     redis_timeout_s: float = REDIS_TIMEOUT_S
     pg_pool_size: int = PG_POOL_SIZE
+    ops_pool_size: int = OPS_POOL_SIZE
     _pg: AsyncPgPool | None = field(default=None, init=False, repr=False)
+    _ops: AsyncPgPool | None = field(default=None, init=False, repr=False)
     _redis: Any = field(default=None, init=False, repr=False)
     _redis_skip_until: float = field(default=0.0, init=False, repr=False)
     _lock: asyncio.Lock | None = field(default=None, init=False, repr=False)
@@ -97,7 +100,8 @@ class DashboardStore:
 
     def __repr__(self) -> str:
         return (f"DashboardStore(pg={_redacted(self.pg_dsn, 'postgres')}, redis={_redacted(self.redis_url, 'redis')}, "
-                f"redis_timeout_s={self.redis_timeout_s}, pg_pool_size={self.pg_pool_size})")
+                f"redis_timeout_s={self.redis_timeout_s}, pg_pool_size={self.pg_pool_size}, "
+                f"ops_pool_size={self.ops_pool_size})")
 
     async def _ensure(self) -> None:
         if self._pg is not None:
@@ -123,15 +127,27 @@ class DashboardStore:
                 from overnight.dashboard.redis_get import RedisGet
 
                 self._redis = RedisGet(self.redis_url, connect_timeout_s=self.redis_timeout_s)
+            self._ops = AsyncPgPool(self.pg_dsn, self.ops_pool_size)
             self._pg = AsyncPgPool(self.pg_dsn, self.pg_pool_size)
 
     async def _pool(self) -> AsyncPgPool:
+        """The investors' pool: dashboards and what their freshness asks."""
         await self._ensure()
         assert self._pg is not None
         return self._pg
 
+    async def _ops_pool(self) -> AsyncPgPool:
+        """The operations routes' own small pool (job runs, markets, the page, /audit): a flood of them waits
+        or gets 503 there, never takes a connection an investor's dashboard needs."""
+        await self._ensure()
+        assert self._ops is not None
+        return self._ops
+
     async def aclose(self) -> None:
         """Closes the pools (the app's shutdown)."""
+        if self._ops is not None:
+            await self._ops.close()
+            self._ops = None
         if self._pg is not None:
             await self._pg.close()
             self._pg = None
@@ -265,13 +281,13 @@ class DashboardStore:
             params["status"] = status
         sql = (_JOB_RUN_SELECT + (" WHERE " + " AND ".join(where) if where else "")
                + " ORDER BY started_at DESC LIMIT %(limit)s")
-        rows = await (await self._pool()).fetch(sql, params)
+        rows = await (await self._ops_pool()).fetch(sql, params)
         return [_job_run(r, now) for r in rows]
 
     async def market_history(self, per_market: int = HISTORY_PER_MARKET,
                              now: datetime | None = None) -> dict[str, list[dict[str, Any]]]:
         """Returns each market's last `per_market` job runs, oldest first (the page's table and chart)."""
-        rows = await (await self._pool()).fetch(
+        rows = await (await self._ops_pool()).fetch(
             "SELECT * FROM (" + _JOB_RUN_SELECT.replace(
                 "FROM overnight_job_runs",
                 ", row_number() OVER (PARTITION BY market ORDER BY started_at DESC) AS rn FROM overnight_job_runs")
@@ -347,7 +363,7 @@ class DashboardStore:
                 cond = " AND (e.created_at, e.event_id) < (%(before)s, %(before_id)s::uuid)"
             else:
                 cond = " AND e.created_at < %(before)s"
-        rows = await (await self._pool()).fetch(
+        rows = await (await self._ops_pool()).fetch(
             "SELECT e.event_id, e.event_type, e.user_id, e.correlation_id, e.created_at,"
             " e.payload -> 'scores' ->> %(symbol)s, j.id, j.market, j.session_date, j.status"
             " FROM calculation_events e LEFT JOIN overnight_job_runs j ON j.correlation_id = e.correlation_id"
