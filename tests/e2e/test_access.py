@@ -169,7 +169,9 @@ def test_nothing_a_viewer_reads_of_the_audit_links_a_pseudonym_to_a_user_id(serv
     symbol = quote(server["doc"]["recommendations"][0]["symbol"], safe="")
     pages, path = [], f"{API}/audit/assets/{symbol}?limit=2"
     while path and len(pages) < 200:
-        body = _get(server, path, "viewer").json()
+        resp = _get(server, path, "viewer")
+        assert resp.headers["cache-control"] == "no-store"  # user ids for some callers: never kept by a browser
+        body = resp.json()
         pages.append(body)
         nxt = body["next"]
         path = (f"{API}/audit/assets/{symbol}?limit=2&before={quote(nxt['before'])}&before_id={nxt['beforeId']}"

@@ -41,8 +41,8 @@ from overnight.dashboard.docview import (
     view_from_document,
 )
 from overnight.dashboard.pgpool import (
-    PG_CONNECT_TIMEOUT_S,
     OPS_POOL_SIZE,
+    PG_CONNECT_TIMEOUT_S,
     PG_POOL_SIZE,
     PG_STATEMENT_TIMEOUT_MS,
     AsyncPgPool,

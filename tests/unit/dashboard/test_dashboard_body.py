@@ -148,6 +148,15 @@ def test_the_route_serves_the_pre_encoded_body() -> None:
     resp = _get(DOC)
     assert resp.status_code == 200 and resp.headers["content-type"] == "application/json"
     assert resp.content == _pydantic(_data(DOC))
+    assert resp.headers["cache-control"] == "no-store"  # investors' data: never kept by a browser (docs/access.md)
+
+
+def test_every_form_of_a_dashboard_answer_is_no_store() -> None:
+    """Pre-encoded (plain and gzipped) and through the response model: `Cache-Control: no-store` each time."""
+    assert ("cache-control", "no-store") in json_body.json_response(b"{}", "").headers.items()
+    assert json_body.json_response(b'{"x": "' + b"y" * 2000 + b'"}', "gzip").headers["cache-control"] == "no-store"
+    coerced = _get(_variant(lambda d: d["recommendations"][0]["breakdown"].update(criteriaCount="4")))
+    assert coerced.status_code == 200 and coerced.headers["cache-control"] == "no-store"
 
 
 def test_the_route_falls_back_to_the_response_model() -> None:

@@ -141,6 +141,7 @@ def test_a_remembered_token_is_answered_without_the_app_with_the_apps_own_bytes(
     by_app = under.get(path, headers, query=b"x=1")  # a query string: always the app
     assert under.inner.calls == 2
     assert first == fast == by_app and fast[0] == 200
+    assert ((b"cache-control", b"no-store") in fast[1]) is path.endswith(UID)  # investors' data only
     if path.endswith("ping"):
         assert fast[2] == b'{"status":"ok"}'
     elif encoding:
