@@ -39,7 +39,7 @@ from psycopg.types.json import Jsonb
 from overnight.adapters import cache
 from overnight.adapters.connections import ConnInfo, postgres_dsn
 from overnight.dashboard.api_auth import NO_ACCESS, NO_PERSONAL_DATA
-from overnight.dashboard.app import AUDIT_CONCURRENCY, AUDIT_WAIT_S
+from overnight.dashboard.app import AUDIT_CONCURRENCY, AUDIT_PER_LOGIN, AUDIT_WAIT_S
 from tests.support import databases
 from tests.support import reliability as R
 from tests.support.api_server import ROOT, SERVICE, ApiServer, auth_env, token
@@ -292,9 +292,10 @@ def _lock_table(pg_dsn: str, table: str, hold_s: float = 15) -> Any:
 
 
 def test_audit_calls_cannot_starve_the_dashboards_postgres_fallback(server: dict[str, Any]) -> None:
-    """16 concurrent /audit calls blocked in Postgres (their table locked for 3 s) while dashboards miss
-    Redis: the dashboards keep answering from Postgres at once; AUDIT_CONCURRENCY audits wait for the lock,
-    the others get a quick 503 that says why."""
+    """16 concurrent /audit calls from three logins, blocked in Postgres (their table locked for 3 s) while
+    dashboards miss Redis: the dashboards keep answering from Postgres at once; each login's first call takes
+    its login's one slot (AUDIT_PER_LOGIN) and its other calls get a 429 at once; of those three,
+    AUDIT_CONCURRENCY wait for the lock and the third gets a 503 after AUDIT_WAIT_S; each answer says why."""
     users = server["users"][:20]
     for uid in users:
         server["redis"].delete(cache.recs_key(uid))
@@ -306,9 +307,10 @@ def test_audit_calls_cannot_starve_the_dashboards_postgres_fallback(server: dict
         async with httpx.AsyncClient(base_url=server["url"], timeout=15, trust_env=False,
                                      headers={"Authorization": f"Bearer {server['tokens'][SERVICE]}"}) as client:
 
-            async def audit() -> tuple[int, Any, float]:
+            async def audit(who: str) -> tuple[int, Any, float]:
                 t0 = time.monotonic()
-                r = await client.get(f"{API}/audit/assets/{symbol}?limit=500")
+                r = await client.get(f"{API}/audit/assets/{symbol}?limit=500",
+                                     headers={"Authorization": f"Bearer {server['tokens'][who]}"})
                 return r.status_code, r.json(), time.monotonic() - t0
 
             async def dashboards_meanwhile() -> None:
@@ -321,7 +323,8 @@ def test_audit_calls_cannot_starve_the_dashboards_postgres_fallback(server: dict
                                        r.status_code == 200 and r.json()["data"]["fromCache"]))
                     i += 1
 
-            audits = [asyncio.create_task(audit()) for _ in range(16)]
+            logins = ("admin", SERVICE, "viewer")
+            audits = [asyncio.create_task(audit(logins[i % 3])) for i in range(16)]
             await asyncio.sleep(0.2)  # the audits are in: AUDIT_CONCURRENCY of them hold connections
             await dashboards_meanwhile()
             release()
@@ -334,9 +337,12 @@ def test_audit_calls_cannot_starve_the_dashboards_postgres_fallback(server: dict
     assert len(dashboards) >= 5
     assert all(status == 200 and took < 1.0 and not from_cache for status, took, from_cache in dashboards), dashboards
     statuses = sorted(status for status, _, _ in audits)
-    assert statuses == [200] * AUDIT_CONCURRENCY + [503] * (16 - AUDIT_CONCURRENCY)
+    assert AUDIT_PER_LOGIN == 1 and AUDIT_CONCURRENCY == 2
+    assert statuses == [200] * AUDIT_CONCURRENCY + [429] * 13 + [503] * (3 - AUDIT_CONCURRENCY), statuses
     busy = [(body, took) for status, body, took in audits if status == 503]
     assert all("too many audit queries" in body["detail"] and took < AUDIT_WAIT_S + 1 for body, took in busy)
+    refused = [(body, took) for status, body, took in audits if status == 429]
+    assert all("per login" in body["detail"] and took < 1.0 for body, took in refused), refused
 
 
 def test_a_viewers_flood_of_operations_routes_cannot_starve_investors_dashboards(server: dict[str, Any]) -> None:
@@ -399,7 +405,7 @@ def test_a_viewers_flood_of_operations_routes_cannot_starve_investors_dashboards
     assert len(dashboards) >= 5
     assert [d for d in dashboards if not (d[0] == 200 and d[1] < 1.0 and not d[2])] == [], dashboards
     statuses = [status for status, _, _ in flooded]
-    assert set(statuses) <= {200, 503}, flooded
+    assert set(statuses) <= {200, 429, 503}, flooded  # 429: the viewer's own audits beyond its one at a time
     assert statuses.count(200) >= OPS_POOL_SIZE  # those holding the pool's connections answered after the lock
     assert 503 in statuses  # the rest did not queue behind them for ever
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -56,6 +56,20 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
 AUDIT_CONCURRENCY = 2  # /audit queries at once per worker, of the Postgres pool's 8: the dashboard keeps the rest
 AUDIT_WAIT_S = 2.0  # an /audit call waiting longer than this for its turn gets 503
+AUDIT_PER_LOGIN = 1  # /audit queries at once per login and worker: more get 429 at once (docs/access.md)
+
+
+def _login(request: Request) -> str:
+    """Who is asking, for the per-login /audit cap: the auth manager's user id (its name when it has none)."""
+    user = getattr(getattr(request.state, "overnight_access", None), "user", None)
+    for attr in ("get_id", "get_name"):
+        get = getattr(user, attr, None)
+        if callable(get):
+            try:
+                return f"{type(user).__name__}:{get()}"
+            except Exception:  # noqa: BLE001 - a user without that attribute: try the next
+                continue
+    return f"{type(user).__name__}:{user}"
 _SYMBOL_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # any printable text; control characters (NUL) are refused
 
 
@@ -115,6 +129,7 @@ def create_app(
     store: DashboardStore | None = None,
     dependencies: list[Any] | None = None,
     auth_cache: AuthCache | None = None,
+    audit_per_login: int = AUDIT_PER_LOGIN,
 ) -> FastAPI:
     """Builds the dashboard app; `dependencies` defaults to Airflow's auth remembered in `auth_cache` (default:
     `OVERNIGHT_AUTH_CACHE_TTL_S`); tests of the logic may pass their own. `app.state` keeps the store and
@@ -147,18 +162,46 @@ def create_app(
     app.state.auth_cache = auth_cache
     audit_key = pseudonym_key()
     audit_slots = asyncio.Semaphore(AUDIT_CONCURRENCY)
+    audit_by_login: dict[str, int] = {}  # login -> its /audit calls running now (entries go when back at 0)
 
-    async def take_audit_slot() -> JSONResponse | None:
-        """Takes one of AUDIT_CONCURRENCY slots (release it after), waiting AUDIT_WAIT_S at most: long audit
-        queries must not take the dashboard's connections. Returns the 503 to answer when none came free."""
+    async def take_audit_slot(request: Request) -> tuple[JSONResponse | None, Callable[[], None]]:
+        """Takes one of the login's `audit_per_login` slots (429 at once when it has none left: one caller's flood
+        is its own), then one of the worker's AUDIT_CONCURRENCY slots, waiting AUDIT_WAIT_S at most (503 when none
+        came free): long audit queries must not take the dashboard's connections. Returns the answer to give when
+        busy, else None, and the function that gives both slots back (call it exactly once)."""
+        login = _login(request)
+        if audit_by_login.get(login, 0) >= audit_per_login:
+            return JSONResponse({"detail": f"this login has {audit_per_login} audit quer"
+                                           f"{'y' if audit_per_login == 1 else 'ies'} running already (at most "
+                                           f"{audit_per_login} at once per login); wait for it"},
+                                status_code=429, headers={"Retry-After": "1"}), lambda: None
+        audit_by_login[login] = audit_by_login.get(login, 0) + 1
+
+        def give_back_login() -> None:
+            left = audit_by_login.get(login, 1) - 1
+            if left > 0:
+                audit_by_login[login] = left
+            else:
+                audit_by_login.pop(login, None)
+
         try:
             async with asyncio.timeout(AUDIT_WAIT_S):
                 await audit_slots.acquire()
         except TimeoutError:
+            give_back_login()
             return JSONResponse({"detail": f"too many audit queries at once (at most {AUDIT_CONCURRENCY} per "
                                            "worker); try again shortly"}, status_code=503,
-                                headers={"Retry-After": "1"})
-        return None
+                                headers={"Retry-After": "1"}), lambda: None
+        except BaseException:  # a cancelled request: nothing taken stays taken
+            give_back_login()
+            raise
+
+        def give_back() -> None:
+            audit_slots.release()
+            give_back_login()
+
+        return None, give_back
+
     operations = [Depends(requires_operations)]
     static_files = {p.name: p for p in static_dir.iterdir() if p.is_file()} if static_dir else {}
     templates = None
@@ -235,13 +278,14 @@ def create_app(
     ) -> dict[str, Any] | JSONResponse:
         """Every calculation event that scored `symbol` (newest first), with its correlation id and job run;
         user ids only for holders of "Overnight recommendations", a pseudonym (`userRef`) for everyone."""
-        if (busy := await take_audit_slot()) is not None:
+        busy, give_back = await take_audit_slot(request)
+        if busy is not None:
             return busy
         try:
             events, cursor = await store.asset_events(
                 symbol, limit=limit, before=before, before_id=str(before_id) if before_id and before else None)
         finally:
-            audit_slots.release()
+            give_back()
         show_ids = may_read_personal_data(request)
         for event in events:
             event["userRef"] = pseudonym(audit_key, event["userId"])
@@ -258,7 +302,7 @@ def create_app(
                         422: {"description": "Not a UUID"},
                         503: {"description": "Postgres unavailable, or too many audit queries: retry shortly"}})
     async def replay_calculation(
-        response: Response,
+        request: Request, response: Response,
         correlation_id: Annotated[UUID, PathParam(description="The job run's correlation id")],
         user_id: Annotated[str, PathParam(description="The user's id (UUID)", max_length=64,
                                           json_schema_extra={"format": "uuid"})],
@@ -267,12 +311,13 @@ def create_app(
         `identical`, or each differing field. Personal data (the user's amounts): "Overnight recommendations"."""
         from overnight.night.replay import IncompleteCalculation, UnknownCalculation
 
-        if (busy := await take_audit_slot()) is not None:
+        busy, give_back = await take_audit_slot(request)
+        if busy is not None:
             return busy
         try:
             # the store gives the slot back when its thread ends (not when this request does: a cancelled
             # request leaves the replay running, and the slot with it)
-            data = await store.replay(str(correlation_id), user_id, done=audit_slots.release)
+            data = await store.replay(str(correlation_id), user_id, done=give_back)
             response.headers["Cache-Control"] = "no-store"
             return {"data": data}
         except InvalidUserId as exc:

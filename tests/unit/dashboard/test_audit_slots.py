@@ -80,7 +80,7 @@ def replays(monkeypatch: pytest.MonkeyPatch) -> Replays:
 
 def test_cancelled_replays_keep_their_slot_until_their_thread_ends(replays: Replays) -> None:
     store = DashboardStore(pg_dsn="postgresql://nobody@127.0.0.1:1/none", redis_url="")
-    app = api.create_app(store=store, dependencies=[Depends(_grant_all)])
+    app = api.create_app(store=store, dependencies=[Depends(_grant_all)], audit_per_login=10 * AUDIT_CONCURRENCY)
 
     def path() -> str:
         return f"/api/v1/audit/calculations/{uuid.uuid4()}/{uuid.uuid4()}/replay"
@@ -112,7 +112,7 @@ def test_cancelled_replays_keep_their_slot_until_their_thread_ends(replays: Repl
 
 def test_a_replay_that_fails_before_its_thread_gives_its_slot_back(replays: Replays) -> None:
     store = DashboardStore(pg_dsn="postgresql://nobody@127.0.0.1:1/none", redis_url="")
-    app = api.create_app(store=store, dependencies=[Depends(_grant_all)])
+    app = api.create_app(store=store, dependencies=[Depends(_grant_all)], audit_per_login=10 * AUDIT_CONCURRENCY)
 
     async def go() -> list[int]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
@@ -122,3 +122,35 @@ def test_a_replay_that_fails_before_its_thread_gives_its_slot_back(replays: Repl
         return [r.status_code for r in [*bad, good]]
 
     assert asyncio.run(go()) == [422] * (AUDIT_CONCURRENCY + 1) + [200]
+
+
+def _grant_by_header(request: Request) -> None:
+    request.state.overnight_access = Access(user=request.headers["x-login"], operations=True, personal_data=True)
+
+
+def test_one_login_runs_one_audit_query_at_a_time_others_are_not_held_up(replays: Replays) -> None:
+    """The per-login cap (AUDIT_PER_LOGIN): a login's second call while its first runs gets 429 at once, saying
+    why; another login's call runs meanwhile; once the first is done, the login may ask again."""
+    assert api.AUDIT_PER_LOGIN == 1 < AUDIT_CONCURRENCY
+    store = DashboardStore(pg_dsn="postgresql://nobody@127.0.0.1:1/none", redis_url="")
+    app = api.create_app(store=store, dependencies=[Depends(_grant_by_header)])
+
+    def path() -> str:
+        return f"/api/v1/audit/calculations/{uuid.uuid4()}/{uuid.uuid4()}/replay"
+
+    async def go() -> list[tuple[str, int, float, str]]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            async def call(login: str, delay: float = 0) -> tuple[str, int, float, str]:
+                await asyncio.sleep(delay)
+                t0 = time.monotonic()
+                r = await client.get(path(), headers={"x-login": login})
+                return login, r.status_code, time.monotonic() - t0, r.text
+
+            first = await asyncio.gather(call("alice"), call("alice", 0.2), call("bob", 0.2))
+            again = await call("alice")
+            return [*first, again]
+
+    (a1, a1_status, _, _), (_, a2_status, a2_took, a2_text), (_, bob_status, _, _), (_, again, _, _) = asyncio.run(go())
+    assert (a1_status, a2_status, bob_status, again) == (200, 429, 200, 200)
+    assert a2_took < REPLAY_S / 2 and "at most 1 at once per login" in a2_text  # refused at once, saying why
+    assert replays.most == 2  # alice's first and bob's ran together
