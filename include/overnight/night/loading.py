@@ -187,7 +187,7 @@ def _load_chunk(
         asset_ids.add(aid)
     for uid, name, lo, hi in conn.execute(
         "SELECT t.user_id::text, c.name, t.min_pct, t.max_pct FROM allocation_targets t"
-        " JOIN asset_classes c ON c.id = t.class_id WHERE t.user_id = ANY(%s::uuid[])",
+        " JOIN asset_classes c ON c.id = t.class_id WHERE t.user_id = ANY(%s::uuid[]) ORDER BY t.user_id, c.name",
         (ids,),
     ).fetchall():
         users[uid].targets.append(Target(name, lo, hi))

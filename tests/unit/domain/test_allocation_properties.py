@@ -28,7 +28,10 @@ def portfolios(draw):
         hi = draw(st.integers(lo, 100))
         room -= lo
         targets.append(Target(name, D(lo), D(hi)))
-    values = {name: D(draw(st.integers(0, 10**7))) / 100 for name in draw(
+    # values as the night makes them: prices times quantities converted at rates, so not always a whole number of
+    # cents (2000 yen at 150 yen to the dollar is 13.333... dollars, a 28-digit Decimal)
+    divisor = D(draw(st.sampled_from(["100", "3", "7", "150", "0.3"])))
+    values = {name: D(draw(st.integers(0, 10**7))) / divisor for name in draw(
         st.lists(st.sampled_from([*CLASSES, "Cash"]), unique=True))}
     symbols = draw(st.lists(st.text("ABCDEFGH", min_size=1, max_size=3), unique=True, max_size=12))
     candidates = [Candidate(i, s, draw(st.sampled_from([*CLASSES, "Cash"])),
@@ -138,7 +141,37 @@ def test_same_input_same_answer_whatever_the_order(p, rnd: random.Random):
     first = _run(p)
     shuffled = candidates[:]
     rnd.shuffle(shuffled)
-    again = recommend(contribution, dict(reversed(list(values.items()))), targets, shuffled, unit=unit, score_floor=floor)
+    targets_shuffled = targets[:]
+    rnd.shuffle(targets_shuffled)
+    again = recommend(contribution, dict(reversed(list(values.items()))), targets_shuffled, shuffled, unit=unit,
+                      score_floor=floor)
     assert [(r.candidate.symbol, r.amount, r.allocation_gap, r.allocation_gap_after) for r in first.recommendations] == \
         [(r.candidate.symbol, r.amount, r.allocation_gap, r.allocation_gap_after) for r in again.recommendations]
     assert first.unallocated == again.unallocated
+
+
+@settings(max_examples=400, deadline=None)
+@given(portfolios())
+def test_with_room_for_everything_every_minor_unit_is_invested(p):
+    """Maxima adding up to 100 % or more and a candidate in every targeted class: the classes can take the whole
+    contribution, so nothing is left unallocated, not even one minor unit ("a rounding speck"); and `rounding`
+    never stands for a whole minor unit or more."""
+    contribution, values, targets, candidates, unit, floor = p
+    plan = _run(p)
+    assert plan.unallocated.reason != "rounding" or plan.unallocated.amount == unit
+    can_buy = {c.class_name for c in candidates if c.score > floor}
+    if contribution > 0 and targets and sum(t.max_pct for t in targets) >= 100 and all(
+            t.class_name in can_buy for t in targets):
+        assert (plan.unallocated.amount, plan.unallocated.reason) == (D(0), None), plan.unallocated
+        assert sum((r.amount for r in plan.recommendations), D(0)) == contribution
+
+
+def test_a_rounding_speck_is_not_money():
+    """The case of issue 22, worked by hand in tests/data/golden_portfolios.yaml (`rounding-speck-is-not-money`):
+    2000 yen at 150 to the dollar (13.333... USD) and 160 USD of bonds, Stocks and Bonds 20-50 %, 500 USD: every
+    cent is placed, 323.33 and 176.67; it used to leave 0.01 unallocated as `targets_full`."""
+    plan = recommend(D(500), {"Stocks": D(2000) / D(150), "Bonds": D(160)},
+                     [Target("Stocks", D(20), D(50)), Target("Bonds", D(20), D(50))],
+                     [Candidate(1, "AAPL", "Stocks", D(3), 1, "m"), Candidate(2, "BND", "Bonds", D(2), 1, "m")])
+    assert [(r.candidate.symbol, str(r.amount)) for r in plan.recommendations] == [("AAPL", "323.33"), ("BND", "176.67")]
+    assert (plan.unallocated.amount, plan.unallocated.reason) == (D(0), None)
