@@ -144,6 +144,7 @@ class DashboardView:
     portfolio_summary: dict[str, Any] | None = None
     unallocated: dict[str, Any] | None = None
     unpriced_holdings: list[dict[str, Any]] | None = None
+    last_known_prices: list[dict[str, Any]] | None = None
     stale_reason: str | None = None
     next_run_due: bool = False  # fresh unless its market's next run, due now, failed: the store looks (not shown)
 
@@ -161,6 +162,7 @@ class DashboardView:
             "portfolioSummary": self.portfolio_summary,
             "unallocated": self.unallocated,
             "unpricedHoldings": self.unpriced_holdings,
+            "lastKnownPrices": self.last_known_prices,
             "staleReason": self.stale_reason,
         }
 
@@ -200,6 +202,7 @@ def view_from_document(
         portfolio_summary=summary,
         unallocated=doc.get("unallocated"),
         unpriced_holdings=doc.get("unpricedHoldings"),
+        last_known_prices=doc.get("lastKnownPrices"),
         stale_reason=reason,
         next_run_due=due,
     )

@@ -94,12 +94,13 @@ def dashboard_body(data: dict[str, Any]) -> bytes | None:
         return None
     summary = data["portfolioSummary"]
     unallocated, unpriced = data.get("unallocated"), data.get("unpricedHoldings")
+    known = data.get("lastKnownPrices")
     if unallocated is not None and ((unallocated := _as_model(unallocated, _UNALLOCATED_FIELDS)) is None
                                     or unallocated["amount"] is None):
         return None
-    if unpriced is not None and not (type(unpriced) is list and _plain(unpriced)
-                                     and all(type(u) is dict for u in unpriced)):
-        return None
+    for items in (unpriced, known):
+        if items is not None and not (type(items) is list and _plain(items) and all(type(u) is dict for u in items)):
+            return None
     if (None in recs or type(data["userId"]) is not str or type(data["fromCache"]) is not bool
             or type(data["stale"]) is not bool or (data.get("staleReason") is not None and type(data.get("staleReason")) is not str)
             or (summary is not None and not (type(summary) is dict and _plain(summary)))
@@ -110,7 +111,7 @@ def dashboard_body(data: dict[str, Any]) -> bytes | None:
         "userId": data["userId"], "recommendations": recs, "totalInvestable": data["totalInvestable"],
         "baseCurrency": data["baseCurrency"], "dataFreshness": freshness, "fromCache": data["fromCache"],
         "stale": data["stale"], "correlationId": data["correlationId"], "portfolioSummary": summary,
-        "unallocated": unallocated, "unpricedHoldings": unpriced,
+        "unallocated": unallocated, "unpricedHoldings": unpriced, "lastKnownPrices": known,
         "staleReason": data.get("staleReason"),
     }})
 
@@ -143,6 +144,7 @@ class _CachedDocument(msgspec.Struct):
     sessionDate: str | None = None
     unallocated: _CachedUnallocated | None = None  # type: ignore[valid-type]  # built from the response model
     unpricedHoldings: list[dict[str, Any]] | None = None
+    lastKnownPrices: list[dict[str, Any]] | None = None
 
 
 _decode_cached = msgspec.json.Decoder(_CachedDocument).decode
@@ -167,9 +169,10 @@ def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None,
     summary = doc.portfolioSummary or None
     if summary is not None and not _plain(summary):
         return None
-    unpriced = doc.unpricedHoldings
-    if unpriced is not None and not (_plain(unpriced) and all(type(u) is dict for u in unpriced)):
-        return None
+    unpriced, known = doc.unpricedHoldings, doc.lastKnownPrices
+    for items in (unpriced, known):
+        if items is not None and not (_plain(items) and all(type(u) is dict for u in items)):
+            return None
     recs = doc.recommendations
     base = (summary or {}).get("baseCurrency") or (recs[0].currency if recs else None)  # type: ignore[attr-defined]
     if base is not None and type(base) is not str:
@@ -186,7 +189,7 @@ def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None,
         "baseCurrency": base.strip() if base is not None else None, "dataFreshness": freshness, "fromCache": True,
         "stale": reason is not None, "correlationId": doc.correlationId,
         "portfolioSummary": summary, "unallocated": doc.unallocated, "unpricedHoldings": unpriced,
-        "staleReason": reason,
+        "lastKnownPrices": known, "staleReason": reason,
     }})
 
 

@@ -67,6 +67,7 @@ class Dashboard(BaseModel):
     portfolioSummary: dict[str, Any] | None = None
     unallocated: Unallocated | None = None
     unpricedHoldings: list[dict[str, Any]] | None = None
+    lastKnownPrices: list[dict[str, Any]] | None = None  # holdings valued at an older price (docs/allocation.md)
     staleReason: str | None = None
 
 

@@ -173,11 +173,12 @@ def recommend(
     unit: Decimal = CENT,
     score_floor: Decimal = DEFAULT_SCORE_FLOOR,
     check_targets: bool = True,
+    unvalued: Iterable[str] = (),
 ) -> Allocation:
     """Places `contribution` (a multiple of `unit`, the base currency's minor unit) by docs/allocation.md.
 
     `values` is the valued holdings per class in the base currency (untargeted classes included: they
-    count in the portfolio's total). Amounts are multiples of `unit`, none negative, and they add up with
+    count in the portfolio's total); `unvalued` names holdings whose value is unknown (then nothing is placed). Amounts are multiples of `unit`, none negative, and they add up with
     the unallocated amount to the contribution exactly.
     """
     if check_targets:  # callers that validated already (the pipeline, per user) skip the second check
@@ -187,6 +188,11 @@ def recommend(
     if not targets:
         return Allocation([], Unallocated(contribution, "no_targets",
                                           "no allocation targets: set targets to get recommendations"))
+    unknown = sorted(set(unvalued))
+    if unknown:  # a holding of unknown value: every class's share is unknown, so no advice (never as if worth zero)
+        return Allocation([], Unallocated(contribution, "portfolio_unpriced",
+                                          f"the value of {', '.join(unknown)} is unknown (no price or exchange rate "
+                                          "was ever known): no advice until the whole portfolio can be valued"))
     targeted = {t.class_name for t in targets}
     by_class: dict[str, list[Candidate]] = {}
     for c in sorted(candidates, key=_RANK):

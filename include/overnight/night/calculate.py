@@ -99,8 +99,11 @@ class Batch:
     table: FundamentalsTable = field(default_factory=FundamentalsTable)
     score_floor: Decimal = DEFAULT_SCORE_FLOOR
     stale_prices: frozenset[str] = frozenset()  # quotes older than their market's previous close
-    unusable_prices: frozenset[str] = frozenset()  # quotes older than the maximum age: their holders fail
+    unusable_prices: frozenset[str] = frozenset()  # quotes too old to use (docs/freshness.md): not in `prices`
     completed_at: dict[str, datetime] | None = None  # a replay's: each user's recorded CALC_COMPLETED time
+    # symbols without a usable quote tonight: their newest known price, to value holdings with (never to score or
+    # buy: docs/allocation.md)
+    last_known: dict[str, PriceQuote] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.table.add({aid: a.fundamentals for aid, a in self.assets.items()})
@@ -112,6 +115,7 @@ class Batch:
 
 
 NO_PRICE = score_asset((), {}, False).reason
+NO_PRICE_KNOWN = "no price known"  # a holding no job run and no provider ever priced (docs/allocation.md)
 _BEST_FIRST = operator.itemgetter(0, 1)
 
 
@@ -140,6 +144,7 @@ class Prepared:
     holding_prices: dict[str, str]
     holdings_as_of: datetime | None
     held_count: int
+    last_known_used: list[dict[str, str]]
 
 
 def _stamp(stamps: list[datetime]) -> datetime:
@@ -185,6 +190,7 @@ def prepare_user(user: UserRow, batch: Batch) -> Prepared:
     holdings_used: dict[str, str] = {}
     holding_prices: dict[str, str] = {}
     unpriced: list[dict[str, str]] = []
+    last_known_used: list[dict[str, str]] = []
     oldest: datetime | None = None
     total = Decimal(0)
     held = 0
@@ -199,11 +205,11 @@ def prepare_user(user: UserRow, batch: Batch) -> Prepared:
             continue
         held += 1
         quote = prices.get(symbol)
-        if quote is None and symbol in batch.unusable_prices:  # docs/freshness.md: too old to value with
-            raise UserFailure("prices", f"holding {symbol}: its quote is older than OVERNIGHT_MAX_PRICE_AGE_HOURS; "
-                                        "refresh the price (or raise the setting) and clear the batch")
+        known = quote is None and symbol in batch.last_known  # docs/allocation.md: its newest known price
         if quote is None:
-            unpriced.append({"symbol": symbol, "quantity": holdings_used[symbol], "reason": NO_PRICE})
+            quote = batch.last_known.get(symbol)
+        if quote is None:  # never priced: its value is unknown, so no advice tonight (docs/allocation.md)
+            unpriced.append({"symbol": symbol, "quantity": holdings_used[symbol], "reason": NO_PRICE_KNOWN})
             continue
         if quote.currency not in rate_table:
             unpriced.append({"symbol": symbol, "quantity": holdings_used[symbol],
@@ -212,7 +218,11 @@ def prepare_user(user: UserRow, batch: Batch) -> Prepared:
         value = _convert(qty * quote.price, quote.currency, user.base_currency, rate_table)
         values[asset.class_name] = values.get(asset.class_name, Decimal(0)) + value
         total += value
-        holding_prices[symbol] = batch.price_text[symbol]
+        if known:
+            last_known_used.append({"symbol": symbol, "price": _num(quote.price), "currency": quote.currency,
+                                    "asOf": quote.as_of.isoformat()})
+        else:
+            holding_prices[symbol] = batch.price_text[symbol]
         if oldest is None or quote.as_of < oldest:
             oldest = quote.as_of
     unpriced.sort(key=operator.itemgetter("symbol"))
@@ -223,7 +233,7 @@ def prepare_user(user: UserRow, batch: Batch) -> Prepared:
     rows = batch.table.rows
     priced_rows = [rows[a.id] for a in in_scope if a.symbol in prices]
     return Prepared(user, stamps, criteria_id, version, raw_rules, compiled, values, total, holdings_used, in_scope,
-                    priced_rows, time.perf_counter() - t0, unit, unpriced, holding_prices, oldest, held)
+                    priced_rows, time.perf_counter() - t0, unit, unpriced, holding_prices, oldest, held, last_known_used)
 
 
 def user_contribution(user: UserRow, batch: Batch, unit: Decimal) -> Decimal:
@@ -297,13 +307,13 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     scores_at = _stamp(stamps)
     contribution = user_contribution(user, batch, unit)
     # the user's documents are stale for rates only if a conversion they needed used a stale rate
-    converted = {prices[s].currency for s in prices_used} | {base}
+    converted = {prices[s].currency for s in prices_used} | {k["currency"] for k in p.last_known_used} | {base}
     if batch.contribution is not None:
         converted.add(batch.contribution.currency)
     rates_stale = rates.stale and len(converted) > 1 and not rates.stale_in.isdisjoint(converted)
     try:
         plan = recommend(contribution, values, user.targets, candidates, unit=unit, score_floor=batch.score_floor,
-                         check_targets=False)
+                         check_targets=False, unvalued=[u["symbol"] for u in p.unpriced])
     except AllocationError as exc:
         raise UserFailure("recommend", str(exc)) from None
     recs = plan.recommendations
@@ -342,6 +352,7 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
         "totalInvestable": contribution_text,
         "unallocated": unallocated,
         "unpricedHoldings": p.unpriced,
+        "lastKnownPrices": p.last_known_used,
         "ratesStale": rates_stale,
         "stalePrices": stale_used,
         "correlationId": job.correlation_id,
@@ -369,6 +380,7 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
         "holdings": p.holdings_used, "watchlist": sorted(assets[a].symbol for a in user.watchlist if a in assets),
         "targets": [[t.class_name, str(t.min_pct), str(t.max_pct)] for t in user.targets],
         "contribution": contribution_text, "baseCurrency": base, "unpricedHoldings": p.unpriced,
+        "lastKnownPrices": p.last_known_used,
         "allocationPolicy": ALLOCATION_POLICY, "scoreFloor": money.text(batch.score_floor),
         "markets": user.markets, "calcVersion": CALC_VERSION,
     }
@@ -392,7 +404,7 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
          None),
     ]
     return UserResult(user.id, events, document, portfolio, criteria_version, completed, len(scored_symbols),
-                      len(recs), bool(p.unpriced), document_json)
+                      len(recs), bool(p.unpriced or p.last_known_used), document_json)
 
 
 _UNEXPECTED = (ArithmeticError, InvalidOperation, ValueError, KeyError, TypeError)

@@ -246,6 +246,18 @@ def _decimals(fundamentals: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def last_known_quotes(conn: psycopg.Connection, job: JobRun, symbols: list[str]) -> dict[str, PriceQuote]:
+    """The newest quote earlier job runs (of any market) used for each of `symbols`, from their snapshots
+    (`overnight_job_prices`): what a holding without a usable quote tonight is valued at (docs/allocation.md).
+    Symbols no job run ever priced are left out."""
+    if not symbols:
+        return {}
+    rows = conn.execute(
+        "SELECT DISTINCT ON (symbol) symbol, price, currency, as_of FROM overnight_job_prices"
+        " WHERE symbol = ANY(%s) AND job_run_id <> %s ORDER BY symbol, as_of DESC", (symbols, job.id)).fetchall()
+    return {s: PriceQuote(s, p, c.strip(), a.astimezone(UTC)) for s, p, c, a in rows}
+
+
 def job_quotes(
     conn: psycopg.Connection, job: JobRun, provider: PriceProvider, symbols: list[str]
 ) -> dict[str, PriceQuote]:

@@ -36,7 +36,7 @@ from overnight.domain.scoring import (
 )
 from overnight.night.calculate import Batch, calculate_chunk
 from overnight.night.jobrun import CHUNK_SIZE, AssetRow, Audience, Contribution, JobRun
-from overnight.night.loading import _load_chunk, job_quotes
+from overnight.night.loading import _load_chunk, job_quotes, last_known_quotes
 from overnight.night.writing import _write_results
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ def score_batch(
     cache_error = None
     stale_prices: set[str] = set()
     unusable_prices: set[str] = set()
+    last_known: dict[str, PriceQuote] = {}  # symbols without a usable quote: their newest known price
     after: str | None = None
     while True:
         with _gc_paused():  # a chunk makes ~100k short-lived objects: no collection scans the heap meanwhile
@@ -109,18 +110,27 @@ def score_batch(
             if missing:
                 quotes.update(dict.fromkeys(missing))
                 quotes.update(job_quotes(conn, job, price_provider, missing))
+                too_old: dict[str, PriceQuote] = {}
                 if judge_prices is not None:
                     market_of = {a.symbol: a.market for a in assets.values()}
                     stale, unusable = judge_prices(
                         {s: (q.as_of, market_of[s]) for s in missing if (q := quotes[s]) is not None})
                     stale_prices |= stale
                     unusable_prices |= unusable
-                    quotes.update(dict.fromkeys(unusable))  # too old to value anything with: unpriced
+                    too_old = {s: q for s in unusable if (q := quotes[s]) is not None}
+                    quotes.update(dict.fromkeys(unusable))  # too old to score or buy: only to value holdings with
+                # docs/allocation.md: a holding without a usable quote is valued at its newest known price, the
+                # quote judged too old or an earlier job run's, whichever is newer
+                unpriced_now = [s for s in missing if quotes[s] is None]
+                for s, q in last_known_quotes(conn, job, unpriced_now).items():
+                    if s not in too_old or q.as_of > too_old[s].as_of:
+                        too_old[s] = q
+                last_known.update(too_old)
             prices = {s: q for s, q in quotes.items() if q is not None}
             timings["load"] += time.perf_counter() - t
             t = time.perf_counter()
             shared = Batch(job, rates, assets, criteria, prices, contribution, compiled, price_text, table,
-                           score_floor, frozenset(stale_prices), frozenset(unusable_prices))
+                           score_floor, frozenset(stale_prices), frozenset(unusable_prices), last_known=last_known)
             results, failures = calculate_chunk(users, shared)
             timings["calc"] += time.perf_counter() - t
             t = time.perf_counter()

@@ -33,7 +33,7 @@ import psycopg
 from overnight.adapters.providers.base import PriceQuote, RatesSnapshot
 from overnight.domain.recommendations import Target
 from overnight.night import calculate, jobrun, loading
-from overnight.night.calculate import NO_PRICE, Batch
+from overnight.night.calculate import NO_PRICE, NO_PRICE_KNOWN, Batch
 from overnight.night.jobrun import CALC_VERSION, EVENT_TYPES, AssetRow, Contribution, JobRun, UserRow
 
 IDENTICAL, DIFFERENT, OTHER_VERSION = "identical", "different", "other_version"
@@ -215,6 +215,7 @@ class _Rebuilt:
     no_price: frozenset[str]
     stale: frozenset[str]
     completed_at: datetime
+    last_known: dict[str, PriceQuote]
 
 
 def _rebuild(uid: str, stored: _Stored, assets: dict[str, AssetRow]) -> _Rebuilt:
@@ -242,15 +243,21 @@ def _rebuild(uid: str, stored: _Stored, assets: dict[str, AssetRow]) -> _Rebuilt
                           datetime.fromisoformat(inputs["ratesAsOf"]), "replay", bool(inputs["ratesStale"]),
                           stale_in=frozenset(stale_in))
     # Symbols the user saw without a usable price had no quote in their batch: they stay without one here.
+    # Holdings valued at their newest known price (docs/allocation.md) had no usable quote either; the price they
+    # were valued at is the night's, kept in the event.
+    known = inputs.get("lastKnownPrices") or []
+    last_known = {k["symbol"]: PriceQuote(k["symbol"], Decimal(k["price"]), k["currency"],
+                                          datetime.fromisoformat(k["asOf"])) for k in known}
     no_price = frozenset([s for s, reason in scores["unscored"].items() if reason == NO_PRICE]
-                         + [u["symbol"] for u in inputs["unpricedHoldings"] if u.get("reason") == NO_PRICE])
+                         + [u["symbol"] for u in inputs["unpricedHoldings"] if u.get("reason") in (NO_PRICE, NO_PRICE_KNOWN)]
+                         + list(last_known))
     generated = (completed_payload.get("document") or {}).get("generatedAt")
     completed_at = datetime.fromisoformat(generated) if generated else completed_time.astimezone(UTC)
     stale = frozenset(inputs.get("stalePrices") or ())  # the night's judgement of its quotes (docs/freshness.md)
     group = _show([inputs["rates"], inputs["ratesBase"], inputs["ratesAsOf"], inputs["ratesStale"], sorted(stale_in), given,
-                   inputs["scoreFloor"], sorted(no_price), sorted(stale)])
+                   inputs["scoreFloor"], sorted(no_price), sorted(stale), known])
     return _Rebuilt(user, (key, (f"{key}@v{version}", version, inputs["criteria"])), group, rates, contribution,
-                    Decimal(inputs["scoreFloor"]), no_price, stale, completed_at)
+                    Decimal(inputs["scoreFloor"]), no_price, stale, completed_at, last_known)
 
 
 # --------------------------------------------------------------------------- replaying
@@ -321,7 +328,8 @@ def _batches(job: JobRun, rebuilt: list[_Rebuilt], assets: dict[str, AssetRow], 
         ids = {aid for rb in members for aid, _ in rb.user.holdings} | {aid for rb in members for aid in rb.user.watchlist}
         prices = {s: q for s, q in quotes.items() if s not in first.no_price}
         batch = Batch(job, first.rates, {aid: by_id[aid] for aid in sorted(ids)}, by_key, prices, first.contribution,
-                      score_floor=first.score_floor, stale_prices=first.stale, completed_at={rb.user.id: rb.completed_at for rb in members})
+                      score_floor=first.score_floor, stale_prices=first.stale, completed_at={rb.user.id: rb.completed_at for rb in members},
+                      last_known=first.last_known)
         out.append((batch, [rb.user for rb in members]))
     return out
 

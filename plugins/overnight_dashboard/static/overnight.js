@@ -84,6 +84,12 @@
       out.appendChild(el("p", { "class": "muted", id: "lookup-unpriced" }, "Not valued: " +
         d.unpricedHoldings.map(function (u) { return u.symbol + " (" + u.reason + ")"; }).join(", ")));
     }
+    if (d.lastKnownPrices && d.lastKnownPrices.length) {
+      out.appendChild(el("p", { "class": "muted", id: "lookup-last-known" }, "Valued at an older price: " +
+        d.lastKnownPrices.map(function (k) {
+          return k.symbol + " (" + k.price + " " + k.currency + " of " + String(k.asOf).slice(0, 10) + ")";
+        }).join(", ")));
+    }
     if (!d.recommendations.length) { out.appendChild(el("p", { "class": "muted" }, "No recommendations.")); return; }
     var table = el("table", { "class": "grid", id: "recs" });
     var hr = el("tr");

@@ -50,6 +50,13 @@ def _load_world(conn: psycopg.Connection) -> None:
     conn.cursor().executemany(
         "INSERT INTO exchange_rates (base, quote, rate, as_of, source) VALUES ('USD', %s, %s, %s, 'golden')",
         [(q, Decimal(r), GOLDEN["rates_as_of_by"].get(q, GOLDEN["rates_as_of"])) for q, r in GOLDEN["rates"].items()])
+    earlier = uuid.uuid4()  # a job run of an earlier night, whose snapshot holds the quotes it used
+    conn.execute("INSERT INTO overnight_job_runs (id, job_type, status, started_at, completed_at, correlation_id,"
+                 " market, session_date) VALUES (%s, 'overnight-scoring', 'completed', '2026-11-20T12:00Z',"
+                 " '2026-11-20T12:05Z', %s, 'XNYS', '2026-11-20')", (earlier, uuid.uuid4()))
+    for symbol, (price, currency, as_of) in GOLDEN["earlier_job_prices"].items():
+        conn.execute("INSERT INTO overnight_job_prices (job_run_id, symbol, price, currency, as_of, source)"
+                     " VALUES (%s, %s, %s, %s, %s, 'golden')", (earlier, symbol, Decimal(price), currency, as_of))
     rules = [{"metric": "grade", "op": "==", "value": g, "points": g} for g in (-1, 0, 1, 2, 3)]
     conn.execute("INSERT INTO criteria_sets (id, criteria_key, version, name, rules) VALUES (%s, 'golden', 1,"
                  " 'grade', %s)", (uuid.uuid4(), json.dumps(rules)))
@@ -107,7 +114,8 @@ def test_every_golden_investor_is_calculated_none_failed(golden):
         expected = sum(1 for c in CASES if c.get("run", "default") == run)
         assert (summary["status"], summary["users_processed"], summary["users_failed"]) == ("completed", expected, 0), run
     # the investors with unpriced holdings are calculated, with a warning
-    assert summaries["default"]["users_with_warnings"] == sum(1 for c in CASES if "unpricedHoldings" in c["expect"])
+    assert summaries["default"]["users_with_warnings"] == sum(
+        1 for c in CASES if "unpricedHoldings" in c["expect"] or "lastKnownPrices" in c["expect"])
     assert summaries["default"]["rates_stale"] is True  # the run as a whole used a stale rate (JPY)
 
 
@@ -141,6 +149,8 @@ def test_golden_document(golden, case):
     assert doc["portfolioSummary"] == {"totalValue": want["totalValue"], "baseCurrency": base,
                                        "allocations": want["allocations"]}
     assert doc["unpricedHoldings"] == want.get("unpricedHoldings", [])
+    assert doc["lastKnownPrices"] == want.get("lastKnownPrices", [])
+    assert events[(uid, "INPUTS_CAPTURED")]["lastKnownPrices"] == want.get("lastKnownPrices", [])  # for the replay
     assert doc["ratesStale"] is case.get("ratesStale", False)
     assert inputs_ok(events[(uid, "INPUTS_CAPTURED")], case)
     assert doc["stalePrices"] == want.get("stalePrices", [])
