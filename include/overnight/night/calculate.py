@@ -352,7 +352,6 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
         "totalInvestable": contribution_text,
         "unallocated": unallocated,
         "unpricedHoldings": p.unpriced,
-        "lastKnownPrices": p.last_known_used,
         "ratesStale": rates_stale,
         "stalePrices": stale_used,
         "correlationId": job.correlation_id,
@@ -380,12 +379,14 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
         "holdings": p.holdings_used, "watchlist": sorted(assets[a].symbol for a in user.watchlist if a in assets),
         "targets": [[t.class_name, str(t.min_pct), str(t.max_pct)] for t in user.targets],
         "contribution": contribution_text, "baseCurrency": base, "unpricedHoldings": p.unpriced,
-        "lastKnownPrices": p.last_known_used,
         "allocationPolicy": ALLOCATION_POLICY, "scoreFloor": money.text(batch.score_floor),
         "markets": user.markets, "calcVersion": CALC_VERSION,
     }
     if batch.contribution is not None:
         inputs["contributionGiven"] = batch.contribution.to_json()
+    if p.last_known_used:  # holdings valued at their newest known price (docs/allocation.md): only when any, as
+        # most nights have none (20 bytes a user in the trail otherwise); the replay values them the same
+        document["lastKnownPrices"] = inputs["lastKnownPrices"] = p.last_known_used
     if stale_used:  # quotes judged stale (docs/freshness.md): the judgement is the night's, kept for the replay
         inputs["stalePrices"] = stale_used
     if rates_stale:  # the stale rates this user's conversions used (docs/freshness.md), kept for the replay

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import date
+from datetime import UTC, date
 from decimal import Decimal
 
 import psycopg
@@ -159,6 +159,9 @@ def test_a_holding_without_a_price_is_named_and_its_holder_still_calculated(pg_d
             "SELECT a.id, a.symbol FROM holdings h JOIN assets a ON a.id = h.asset_id WHERE h.user_id = %s"
             " AND h.quantity > 0 ORDER BY a.id LIMIT 1", (victim,)).fetchone()
         conn.execute("UPDATE prices SET price = 'NaN' WHERE asset_id = %s", (asset,))
+        # the newest price an earlier job run of this database used for it, if one did (docs/allocation.md)
+        known = conn.execute("SELECT price, currency, as_of FROM overnight_job_prices WHERE symbol = %s"
+                             " ORDER BY as_of DESC LIMIT 1", (symbol,)).fetchone()
         conn.commit()
         try:
             run = run_pipeline(conn, "XNYS", session, redis_client=redis_client, force=True)
@@ -171,8 +174,17 @@ def test_a_holding_without_a_price_is_named_and_its_holder_still_calculated(pg_d
     assert summary["status"] == "completed" and summary["users_failed"] == 0
     assert summary["users_with_warnings"] >= 1
     assert doc is not None, "the holder of the unpriced asset has a document"
-    assert {"symbol": symbol, "reason": "no usable price"}.items() <= next(
-        u for u in doc[0]["unpricedHoldings"] if u["symbol"] == symbol).items()
+    doc = doc[0]
+    if known is None:  # never priced: named, and no advice at all (not advice as if it were worth zero)
+        assert {"symbol": symbol, "reason": "no price known"}.items() <= next(
+            u for u in doc["unpricedHoldings"] if u["symbol"] == symbol).items()
+        assert doc["recommendations"] == [] and doc["unallocated"]["reason"] == "portfolio_unpriced"
+        assert symbol in doc["unallocated"]["message"] and doc["unallocated"]["amount"] == doc["totalInvestable"]
+    else:  # valued at the newest price an earlier job run used, and said so
+        price, currency, as_of = known
+        assert {"symbol": symbol, "price": jobrun._num(price), "currency": currency.strip(),
+                "asOf": as_of.astimezone(UTC).isoformat()} in doc["lastKnownPrices"]
+        assert symbol not in {u["symbol"] for u in doc["unpricedHoldings"]}
 
 
 def test_redis_down_still_completes_in_postgres(conn, seeded, redis_client):

@@ -1,6 +1,7 @@
 """Price freshness (docs/freshness.md) through real batches: a quote older than its market's previous close is
 flagged in the documents (`stalePrices`) and counted in the job run's metrics; one older than the maximum
-age is unusable and fails only the users who hold it."""
+age is unusable: never scored or bought, and its holders are valued at the newest price known for it
+(docs/allocation.md)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import psycopg
 import pytest
 
 from overnight.domain import freshness
+from overnight.night import jobrun
 from tests.support import reliability as R
 from tests.support.pipeline_run import run_pipeline
 
@@ -51,8 +53,15 @@ def dated_prices(conn: psycopg.Connection, seeded: dict[str, int]):
         conn.commit()
 
 
-def test_stale_quotes_are_flagged_and_unusable_ones_fail_only_their_holders(conn, dated_prices) -> None:
+def test_stale_quotes_are_flagged_and_unusable_ones_value_their_holders_at_the_newest_known_price(
+        conn, dated_prices) -> None:
     served, stale, ancient = dated_prices
+    # the newest price known for the unusable quote's asset: that quote itself, or an earlier job run's if newer
+    quote = conn.execute("SELECT p.price, p.currency, p.as_of FROM prices p JOIN assets a ON a.id = p.asset_id"
+                         " WHERE a.symbol = %s", (ancient,)).fetchone()
+    earlier = conn.execute("SELECT price, currency, as_of FROM overnight_job_prices WHERE symbol = %s"
+                           " ORDER BY as_of DESC LIMIT 1", (ancient,)).fetchone()
+    price, currency, as_of = earlier if earlier is not None and earlier[2] > quote[2] else quote
     run = run_pipeline(conn, "XNYS", SESSION, "test-price-freshness", force=True,
                        judge_prices=lambda q: freshness.judge_quotes(q, MOMENT))
     job, summary = run.job, run.summary
@@ -61,17 +70,24 @@ def test_stale_quotes_are_flagged_and_unusable_ones_fail_only_their_holders(conn
     assert holders and holders != served
     failed = dict(conn.execute("SELECT user_id::text, stage FROM overnight_job_users WHERE job_run_id = %s"
                                " AND status = 'failed'", (job.id,)).fetchall())
-    assert failed == dict.fromkeys(holders, "prices")
-    assert summary["status"] == "partial" and summary["users_processed"] == len(served) - len(holders)
+    assert failed == {}  # nobody fails for an old quote any more (docs/allocation.md)
+    assert summary["status"] == "completed" and summary["users_processed"] == len(served)
     assert (summary["stale_prices"], summary["stale_price_symbols"], summary["unusable_prices"]) == (1, [stale], 1)
     details = conn.execute("SELECT error_details FROM overnight_job_runs WHERE id = %s", (job.id,)).fetchone()[0]
     assert details["prices"]["unusable"] == [ancient]
+    known = dict(conn.execute("SELECT user_id::text, document::jsonb->'lastKnownPrices' FROM recommendation_history"
+                              " WHERE job_run_id = %s", (job.id,)).fetchall())
+    # its holders' documents list it, valued at that price of that date; nobody else's does
+    assert {u for u, k in known.items() if k} == holders
+    expected = {"symbol": ancient, "price": jobrun._num(price), "currency": currency.strip(),
+                "asOf": as_of.astimezone(UTC).isoformat()}
+    assert all(known[u] == [expected] for u in holders), [known[u] for u in sorted(holders)][:2]
 
     # The stale quote's symbol is in the documents of the users who hold or watch it (it is an XNYS asset,
     # so in scope for them), and in no other document.
     docs = dict(conn.execute("SELECT user_id::text, document::jsonb->'stalePrices' FROM recommendation_history"
                              " WHERE job_run_id = %s", (job.id,)).fetchall())
-    concerned = (_users_of(conn, "holdings", stale, served) | _users_of(conn, "watchlist", stale, served)) - holders
+    concerned = _users_of(conn, "holdings", stale, served) | _users_of(conn, "watchlist", stale, served)
     assert concerned
     assert {u for u, s in docs.items() if s == [stale]} == concerned
     assert {u for u, s in docs.items() if s == []} == set(docs) - concerned

@@ -243,8 +243,9 @@ def test_an_older_sessions_rerun_never_replaces_the_newer_document(night: dict[s
 
 
 def test_stale_and_unusable_quotes_and_stale_rates_replay_as_the_night_judged_them(night: dict[str, Any]) -> None:
-    """docs/freshness.md: a stale quote is listed in the document, an unusable one leaves its asset unpriced and
-    fails its holders; the replay reads the night's judgement from the trail, not from the clock."""
+    """docs/freshness.md: a stale quote is listed in the document; an unusable one is never scored or bought, and its
+    holders are valued at the newest price known for it (docs/allocation.md: `lastKnownPrices`); the replay reads
+    the night's judgement and those prices from the trail, not from the clock or the snapshots of other nights."""
     def judge(quotes: dict[str, Any]) -> tuple[set[str], set[str]]:
         symbols = sorted(quotes)
         return set(symbols[::3]), set(symbols[1::40])
@@ -255,12 +256,16 @@ def test_stale_and_unusable_quotes_and_stale_rates_replay_as_the_night_judged_th
         flagged = conn.execute("SELECT count(*) FROM calculation_events WHERE correlation_id = %s"
                                " AND event_type = 'INPUTS_CAPTURED' AND payload ? 'stalePrices'",
                                (job.correlation_id,)).fetchone()[0]
+        valued_old = conn.execute("SELECT count(*) FROM calculation_events WHERE correlation_id = %s"
+                                  " AND event_type = 'INPUTS_CAPTURED' AND payload ? 'lastKnownPrices'",
+                                  (job.correlation_id,)).fetchone()[0]
         stale_rates = dict(conn.execute(
             "SELECT payload ->> 'ratesStale', count(*) FROM calculation_events WHERE correlation_id = %s"
             " AND event_type = 'INPUTS_CAPTURED' GROUP BY 1", (job.correlation_id,)).fetchall())
         replayed = replay.replay(conn, job.correlation_id)
     assert sum(r["completed"] for r in results) == len(replayed) > 50
-    assert sum(r["failed"] for r in results) > 50  # holders of unusable quotes
+    assert sum(r["failed"] for r in results) == 0  # holders of unusable quotes are calculated ...
+    assert valued_old > 50  # ... valued at the newest price known, and replayed identically below
     assert flagged > 0
     assert stale_rates.get("true", 0) > 0 and stale_rates.get("false", 0) > 0  # only users who converted BRL
     assert {r.status for r in replayed} == {replay.IDENTICAL}, next(r.text() for r in replayed if r.status != "identical")
