@@ -70,12 +70,13 @@ def test_several_bad_users_at_once_in_a_dag_run(pg_dsn, seeded, airflow_db) -> N
         # a price gone bad does not fail its holders: they are calculated, the holding named as unpriced
         conn.execute("UPDATE prices SET price = 'NaN' WHERE asset_id = %s", (nan_asset,))
         nan_symbol = conn.execute("SELECT symbol FROM assets WHERE id = %s", (nan_asset,)).fetchone()[0]
+        known = conn.execute("SELECT 1 FROM overnight_job_prices WHERE symbol = %s LIMIT 1", (nan_symbol,)).fetchone()
         conn.commit()
         expected_failed = set(bad) | crit_sharers
         try:
             result = cli.run_market(MARKET, SESSION, quiet=True, batch_size=100)
             out = R.check_invariants(conn, MARKET, SESSION)
-            unpriced = {str(u): d["unpricedHoldings"] for u, d in conn.execute(
+            docs = {str(u): d for u, d in conn.execute(
                 "SELECT user_id, document FROM recommendations WHERE user_id = ANY(%s::uuid[])",
                 (sorted(nan_holders - expected_failed),))}
         finally:
@@ -90,10 +91,14 @@ def test_several_bad_users_at_once_in_a_dag_run(pg_dsn, seeded, airflow_db) -> N
     for u, (stage, message, _) in bad.items():
         assert named[u]["stage"] == stage and message in named[u]["message"], (u, named[u])
     assert all(named[u]["message"] for u in named)
-    assert nan_holders - expected_failed and set(unpriced) == nan_holders - expected_failed
-    for u, items in unpriced.items():
-        assert {"symbol": nan_symbol, "reason": "no usable price"}.items() <= next(
-            i for i in items if i["symbol"] == nan_symbol).items(), (u, items)
+    assert nan_holders - expected_failed and set(docs) == nan_holders - expected_failed
+    for u, doc in docs.items():  # valued at the newest price an earlier job run used, or named with no advice
+        if known:
+            assert nan_symbol in {k["symbol"] for k in doc["lastKnownPrices"]}, (u, doc.get("lastKnownPrices"))
+        else:
+            assert {"symbol": nan_symbol, "reason": "no price known"}.items() <= next(
+                i for i in doc["unpricedHoldings"] if i["symbol"] == nan_symbol).items(), (u, doc["unpricedHoldings"])
+            assert doc["unallocated"]["reason"] == "portfolio_unpriced"
 
 
 # --------------------------------------------------------------------------- markets.yaml

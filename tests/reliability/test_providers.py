@@ -349,16 +349,25 @@ def test_partial_and_nan_price_bodies_leave_only_those_holdings_unvalued(conn, s
     out = R.check_invariants(conn, MARKET, SESSION, rows=conn.execute(
         "SELECT count(*) FROM overnight_job_runs WHERE market = %s AND session_date = %s",
         (MARKET, SESSION)).fetchone()[0])
-    # docs/allocation.md: a holding without a price is named, its holder is still calculated (with a warning)
+    # docs/allocation.md: a holding without a usable quote is valued at the newest price an earlier job run used
+    # for it, and named; one never priced is named too, and its holder gets no advice. Either way the holder is
+    # calculated (with a warning).
+    ever = {r[0] for r in conn.execute("SELECT DISTINCT symbol FROM overnight_job_prices WHERE symbol = ANY(%s)"
+                                       " AND job_run_id <> %s", (sorted(no_price), job.id))}
     assert out.correlation_id == job.correlation_id and out.status == "completed"
     assert not out.failed and out.completed == served
     assert summary["users_with_warnings"] == len(affected)
-    unpriced = {str(u): {i["symbol"]: i["reason"] for i in d["unpricedHoldings"]} for u, d in conn.execute(
+    docs = {str(u): d for u, d in conn.execute(
         "SELECT user_id, document::jsonb FROM recommendation_history WHERE job_run_id = %s", (job.id,))}
-    assert {u for u, items in unpriced.items() if items} == affected
+    unpriced = {u: {i["symbol"]: i["reason"] for i in d["unpricedHoldings"]} for u, d in docs.items()}
+    valued_old = {u: {k["symbol"] for k in d.get("lastKnownPrices", [])} for u, d in docs.items()}
+    assert {u for u, items in unpriced.items() if items} == {u for u in affected if held[u] & (no_price - ever)}
+    assert {u for u, items in valued_old.items() if items} == {u for u in affected if held[u] & no_price & ever}
     for u in affected:
-        assert set(unpriced[u]) == held[u] & no_price
-        assert set(unpriced[u].values()) == {"no usable price"}
+        assert set(unpriced[u]) == held[u] & (no_price - ever)
+        assert set(unpriced[u].values()) <= {"no price known"}
+        assert valued_old[u] == held[u] & no_price & ever
+        assert (docs[u]["unallocated"]["reason"] == "portfolio_unpriced") is bool(unpriced[u])
     # The documents used only real prices: no NaN anywhere.
     assert conn.execute("SELECT count(*) FROM calculation_events WHERE correlation_id = %s"
                         " AND payload::text ILIKE '%%nan%%'", (job.correlation_id,)).fetchone()[0] == 0
