@@ -139,8 +139,10 @@ def test_rates_failure_falls_back_to_stored_rates_flagged_stale(conn, server, ta
 PARTIAL_MOMENT = datetime(2027, 1, 13, 13, 0, tzinfo=UTC)
 TUESDAY = datetime(2027, 1, 12, 15, 0, tzinfo=UTC)  # the expected publication
 MONDAY = datetime(2027, 1, 11, 15, 0, tzinfo=UTC)  # one publication behind: stale, still usable
-FRIDAY = datetime(2027, 1, 8, 15, 0, tzinfo=UTC)  # 96 h behind the expected one (more than 72 h): unusable
-STORED = {"GBP": ("0.801", TUESDAY), "JPY": ("152.5", MONDAY), "EUR": ("0.931", FRIDAY)}
+# Wednesday 6 January's: Thu 7, Fri 8, Mon 11 and Tue 12 published since, 4 publications behind (more than 3):
+# unusable. (Friday 8 January's would be 2 behind, 96 h: usable now, refused by the old 72 h rule.)
+WEDNESDAY = datetime(2027, 1, 6, 15, 0, tzinfo=UTC)
+STORED = {"GBP": ("0.801", TUESDAY), "JPY": ("152.5", MONDAY), "EUR": ("0.931", WEDNESDAY)}
 
 
 def test_partial_answer_others_come_from_stored_rates_each_judged_by_its_own_date(
@@ -152,7 +154,7 @@ def test_partial_answer_others_come_from_stored_rates_each_judged_by_its_own_dat
 
     def forget() -> None:
         conn.rollback()
-        conn.execute("DELETE FROM exchange_rates WHERE as_of = ANY(%s)", ([TUESDAY, MONDAY, FRIDAY],))
+        conn.execute("DELETE FROM exchange_rates WHERE as_of = ANY(%s)", ([TUESDAY, MONDAY, WEDNESDAY],))
         conn.commit()
 
     request.addfinalizer(forget)
@@ -168,7 +170,10 @@ def test_partial_answer_others_come_from_stored_rates_each_judged_by_its_own_dat
                           "JPY": Decimal("152.5")}
     assert snap.stale_in == {"JPY"} and snap.stale is True  # GBP (Tuesday's) is fresh, BRL came fresh
     assert set(snap.unavailable) == {"EUR"}
-    assert "more than the allowed lag behind the expected ECB publication" in snap.unavailable["EUR"]
+    assert snap.unavailable["EUR"] == (
+        "EUR: rates as of 2027-01-06T15:00:00+00:00 are 4 ECB publications behind the expected publication of "
+        "2027-01-12T15:00:00+00:00, more than the allowed lag of 3 (OVERNIGHT_MAX_RATES_LAG_PUBLICATIONS); fix the "
+        "rates provider and clear the run")
     assert snap.as_of == MONDAY  # the oldest rate used
     # The delivered rate was kept with its publication date.
     assert conn.execute("SELECT rate FROM exchange_rates WHERE quote = 'BRL' AND source = 'frankfurter'"
@@ -210,8 +215,10 @@ def test_rates_failure_without_usable_stored_rates_fails_only_the_users_who_need
     run = runtime.validate_params(market, {}, {"session_date": SESSION.isoformat(), "force": True},
                                   interval_end=None, run_after=None)
     job_x = runtime.start(market, run, f"reliability-rates-{kind}")
-    with monkeypatch.context() as m:  # judged ten days on: the stored rates (an hour old) are 72 h+ behind
-        m.setattr(runtime, "reference_moment", lambda job, now=None: datetime.now(UTC) + timedelta(days=10))
+    # judged two weeks on: the stored rates (an hour old) are at least 6 ECB publications behind (10 weekdays,
+    # at most 3 of them closing days, the day's own publication perhaps not out yet), more than 3
+    with monkeypatch.context() as m:
+        m.setattr(runtime, "reference_moment", lambda job, now=None: datetime.now(UTC) + timedelta(days=14))
         rates_x = runtime.fetch_rates(job_x)
     assert rates_x["rates"] == {"USD": "1"} and set(rates_x["unavailable"]) == foreign and rates_x["stale"]
     out = _run_with_rates(conn, rates_x, job_x)

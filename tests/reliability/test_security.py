@@ -102,7 +102,7 @@ def test_no_secret_leaks_and_hostile_symbols_are_harmless(airflow_db, secret_rol
             stored = DbRatesProvider(conn).fetch_rates("USD", ["BRL", "GBP", "JPY", "USD"])
             counts_before = conn.execute("SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM assets)"
                                          ).fetchone()
-        # quotes of an hour ago: the default (2025) is older than OVERNIGHT_MAX_PRICE_AGE_HOURS and unusable
+        # quotes of an hour ago: the default (2025) is more than OVERNIGHT_MAX_PRICE_LAG_SESSIONS behind and unusable
         server = FakeProviderServer(rates={"USD": {c: str(v) for c, v in stored.rates.items() if c != "USD"}},
                                     prices={s: (str(q.price), q.currency) for s, q in quotes.items()},
                                     market_time=int(time.time()) - 3600).start()

@@ -5,9 +5,11 @@ against their market's sessions. Pure functions of dates and moments; the market
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -18,8 +20,16 @@ from dateutil.easter import EASTER_WESTERN, easter
 ECB_PUBLICATION_TIME = time(16, 0)
 ECB_TZ = ZoneInfo("Europe/Berlin")
 DEFAULT_RATES_MARGIN = timedelta(hours=2)
-DEFAULT_MAX_RATES_LAG = timedelta(hours=72)
-DEFAULT_MAX_PRICE_AGE = timedelta(hours=240)
+DEFAULT_MAX_RATES_LAG_PUBLICATIONS = 3  # rates 1-3 ECB publications behind are stale but usable, 4+ unusable
+DEFAULT_MAX_PRICE_LAG_SESSIONS = 5  # quotes 1-5 sessions of their market behind are stale but usable, 6+ unusable
+MAX_LAG_SETTING = 260  # the largest lag setting accepted: about a year of publications or sessions
+RATES_LAG_SETTING = "OVERNIGHT_MAX_RATES_LAG_PUBLICATIONS"
+PRICE_LAG_SETTING = "OVERNIGHT_MAX_PRICE_LAG_SESSIONS"
+# The hour settings these replace: no longer read, refused when set (docs/freshness.md, "The settings").
+RETIRED_SETTINGS = {
+    "OVERNIGHT_MAX_RATES_AGE_HOURS": (RATES_LAG_SETTING, DEFAULT_MAX_RATES_LAG_PUBLICATIONS, "ECB publications"),
+    "OVERNIGHT_MAX_PRICE_AGE_HOURS": (PRICE_LAG_SETTING, DEFAULT_MAX_PRICE_LAG_SESSIONS, "sessions of the quote's market"),
+}
 DEFAULT_GRACE = timedelta(hours=2)
 LEGACY_DOCUMENT_LIFETIME = timedelta(hours=24)  # documents without market/sessionDate
 DEFAULT_CACHE_TTL_S = 24 * 3600
@@ -73,6 +83,25 @@ def expected_rates_date(moment: datetime, margin: timedelta = DEFAULT_RATES_MARG
     return d
 
 
+def publications_behind(as_of: datetime, moment: datetime, margin: timedelta = DEFAULT_RATES_MARGIN) -> int:
+    """How many ECB publications rates dated `as_of` are behind at `moment`: the publication days after their
+    own day (in Frankfurt) up to and including the expected publication's (`expected_rates_date`)."""
+    own = _utc(as_of, "as_of").astimezone(ECB_TZ).date()
+    return _publication_days_after(own, expected_rates_date(moment, margin))
+
+
+def _publication_days_after(start: date, end: date) -> int:
+    """The number of ECB publication days d with start < d <= end (0 when end <= start)."""
+    days = (end - start).days
+    if days <= 0:
+        return 0
+    weeks, rest = divmod(days, 7)
+    weekdays = weeks * 5 + sum(1 for i in range(1, rest + 1) if (start.weekday() + i) % 7 < 5)
+    closed = sum(1 for year in range(start.year, end.year + 1) for d in target_closing_days(year)
+                 if start < d <= end and d.weekday() < 5)
+    return weekdays - closed
+
+
 def expected_rates_publication(moment: datetime, margin: timedelta = DEFAULT_RATES_MARGIN) -> datetime:
     """The publication moment (aware UTC) of `expected_rates_date(moment, margin)`."""
     return publication_moment(expected_rates_date(moment, margin))
@@ -80,31 +109,37 @@ def expected_rates_publication(moment: datetime, margin: timedelta = DEFAULT_RAT
 
 @dataclass(frozen=True)
 class RatesVerdict:
-    """How rates as of `as_of` look at a moment: stale (older than expected), unusable (far older)."""
+    """How rates as of `as_of` look at a moment: stale (older than expected), unusable (more than `max_lag`
+    ECB publications behind it)."""
 
     as_of: datetime
     expected: datetime
     stale: bool
     usable: bool
+    behind: int = 0
+    max_lag: int = DEFAULT_MAX_RATES_LAG_PUBLICATIONS
 
     @property
     def reason(self) -> str | None:
         """Why the rates are stale or unusable, in words; None when fresh."""
         if not self.usable:
-            return (f"rates as of {self.as_of.isoformat()} are more than the allowed lag behind the expected "
-                    f"ECB publication of {self.expected.isoformat()}; fix the rates provider and clear the run")
+            return (f"rates as of {self.as_of.isoformat()} are {self.behind} ECB publications behind the expected "
+                    f"publication of {self.expected.isoformat()}, more than the allowed lag of {self.max_lag} "
+                    f"({RATES_LAG_SETTING}); fix the rates provider and clear the run")
         if self.stale:
             return f"rates as of {self.as_of.isoformat()} are older than the expected publication of {self.expected.isoformat()}"
         return None
 
 
 def judge_rates(as_of: datetime, moment: datetime, *, margin: timedelta = DEFAULT_RATES_MARGIN,
-                max_lag: timedelta = DEFAULT_MAX_RATES_LAG) -> RatesVerdict:
+                max_lag_publications: int = DEFAULT_MAX_RATES_LAG_PUBLICATIONS) -> RatesVerdict:
     """Judges rates dated `as_of` at `moment`: stale when older than the expected publication, unusable when
-    older than it by more than `max_lag`."""
+    more than `max_lag_publications` ECB publications behind it (`publications_behind`)."""
     as_of = _utc(as_of, "as_of")
     expected = expected_rates_publication(moment, margin)
-    return RatesVerdict(as_of, expected, as_of < expected, as_of >= expected - max_lag)
+    behind = publications_behind(as_of, moment, margin)
+    return RatesVerdict(as_of, expected, as_of < expected, behind <= max_lag_publications, behind,
+                        max_lag_publications)
 
 
 # --------------------------------------------------------------------------- markets: runs, closes, documents
@@ -132,6 +167,48 @@ def previous_close(code: str, moment: datetime) -> datetime:
     cal = sessions.get_calendar(code, start=moment.date() - timedelta(days=40), end=moment.date() + timedelta(days=5))
     close = cal.previous_close(pd.Timestamp(moment) + pd.Timedelta(minutes=1))  # a close exactly at `moment` counts
     return close.to_pydatetime().astimezone(UTC)
+
+
+def sessions_closed_between(code: str, as_of: datetime, moment: datetime) -> int:
+    """How many sessions of market `code` closed after `as_of` and at or before `moment` (exchange-calendars):
+    how many sessions a quote dated `as_of` is behind at `moment`. Raises ValueError for an unknown code or a
+    moment outside the installed calendar data."""
+    as_of, moment = _utc(as_of, "as_of"), _utc(moment, "moment")
+    _check_known(code, moment)
+    if as_of >= moment:
+        return 0
+    closes = _session_closes(code, as_of.date() - timedelta(days=2), moment.date() + timedelta(days=2))
+    return bisect.bisect_right(closes, moment) - bisect.bisect_right(closes, as_of)
+
+
+def _session_closes(code: str, start: date, end: date) -> list[datetime]:
+    """The closes (aware UTC, in order) of `code`'s sessions from `start` to `end` that the installed
+    exchange-calendars data covers."""
+    from overnight.domain import sessions
+
+    cal = sessions.get_calendar(code, start=start, end=end)
+    closes = cal.schedule["close"].loc[start.isoformat():end.isoformat()]
+    return [ts.to_pydatetime().astimezone(UTC) for ts in closes]
+
+
+def _check_known(code: str, moment: datetime) -> None:
+    """Raises ValueError when exchange-calendars does not know `code` or has no data for `moment`'s date."""
+    from overnight.domain import sessions
+
+    sessions.is_session(code, moment.date())
+
+
+def _recent_closes(code: str, moment: datetime, at_least: int) -> list[datetime]:
+    """The closes of `code`'s sessions at or before `moment`, reaching back far enough to hold more than
+    `at_least` of them (or to the start of the installed calendar data)."""
+    _check_known(code, moment)
+    days = max(40, 2 * at_least)
+    while True:
+        closes = [c for c in _session_closes(code, moment.date() - timedelta(days=days), moment.date()
+                                             + timedelta(days=2)) if c <= moment]
+        if len(closes) > at_least or days > 4 * 366 + 2 * at_least:
+            return closes
+        days *= 2
 
 
 @functools.lru_cache(maxsize=4096)
@@ -179,6 +256,31 @@ def cache_ttl_seconds(setting: str | None, deadline: datetime | None, now: datet
 # --------------------------------------------------------------------------- settings
 
 
+def _retired(name: str) -> str | None:
+    """The problem with retired hour setting `name` when it is set (not blank), else None."""
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return None
+    new, default, unit = RETIRED_SETTINGS[name]
+    return (f"{name}={raw!r} is no longer read: lags are counted in {unit}, not hours; unset {name} and set "
+            f"{new} instead (a whole number of {unit}, the default is {new}={default}; docs/freshness.md)")
+
+
+_WHOLE_NUMBER = re.compile(r"[0-9]+", re.ASCII)
+
+
+def _lag(name: str, default: int, unit: str, retired: str) -> int:
+    if (problem := _retired(retired)) is not None:
+        raise FreshnessConfigError(problem)
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if _WHOLE_NUMBER.fullmatch(raw) and int(raw) <= MAX_LAG_SETTING:
+        return int(raw)
+    raise FreshnessConfigError(f"{name}={raw!r}: expected a whole number of {unit} from 0 to {MAX_LAG_SETTING} "
+                               f"(the default is {name}={default}); fix it or unset it for the default")
+
+
 def _duration(name: str, default: timedelta, unit: str) -> timedelta:
     raw = os.environ.get(name, "").strip()
     if not raw:
@@ -199,14 +301,17 @@ def rates_margin() -> timedelta:
     return _duration("OVERNIGHT_RATES_MARGIN_MINUTES", DEFAULT_RATES_MARGIN, "minutes")
 
 
-def max_rates_lag() -> timedelta:
-    """`OVERNIGHT_MAX_RATES_AGE_HOURS` (default 72): how far behind the expected publication rates stay usable."""
-    return _duration("OVERNIGHT_MAX_RATES_AGE_HOURS", DEFAULT_MAX_RATES_LAG, "hours")
+def max_rates_lag_publications() -> int:
+    """`OVERNIGHT_MAX_RATES_LAG_PUBLICATIONS` (default 3): rates more ECB publications behind the expected one
+    are unusable. Refuses the retired `OVERNIGHT_MAX_RATES_AGE_HOURS` when it is set."""
+    return _lag(RATES_LAG_SETTING, DEFAULT_MAX_RATES_LAG_PUBLICATIONS, "ECB publications",
+                "OVERNIGHT_MAX_RATES_AGE_HOURS")
 
 
-def max_price_age() -> timedelta:
-    """`OVERNIGHT_MAX_PRICE_AGE_HOURS` (default 240): older quotes are unusable."""
-    return _duration("OVERNIGHT_MAX_PRICE_AGE_HOURS", DEFAULT_MAX_PRICE_AGE, "hours")
+def max_price_lag_sessions() -> int:
+    """`OVERNIGHT_MAX_PRICE_LAG_SESSIONS` (default 5): quotes more sessions of their market behind are unusable.
+    Refuses the retired `OVERNIGHT_MAX_PRICE_AGE_HOURS` when it is set."""
+    return _lag(PRICE_LAG_SETTING, DEFAULT_MAX_PRICE_LAG_SESSIONS, "sessions", "OVERNIGHT_MAX_PRICE_AGE_HOURS")
 
 
 def grace() -> timedelta:
@@ -224,7 +329,7 @@ def settings_problems() -> list[str]:
     """One line per freshness setting (environment variable) that is not usable, naming it and what to set:
     checked before a run starts (the market DAG's first task, the preflight DAG), not found mid-run."""
     problems: list[str] = []
-    for read in (rates_margin, max_rates_lag, max_price_age, grace):
+    for read in (rates_margin, max_rates_lag_publications, max_price_lag_sessions, grace):
         try:
             read()
         except FreshnessConfigError as exc:
@@ -251,29 +356,33 @@ def _utc(value: datetime, name: str) -> datetime:
 
 
 def judge_quotes(quotes: dict[str, tuple[datetime, str]], moment: datetime,
-                 max_age: timedelta = DEFAULT_MAX_PRICE_AGE) -> tuple[set[str], set[str]]:
+                 max_lag_sessions: int = DEFAULT_MAX_PRICE_LAG_SESSIONS) -> tuple[set[str], set[str]]:
     """Judges quotes {symbol: (as_of, market code)} at `moment`: returns (stale, unusable) symbols.
 
-    Stale: older than the previous session's close of its market before `moment`; unusable: older than
-    `max_age`. A market exchange-calendars does not know is not judged (its quotes count as fresh)."""
+    Stale: older than the previous session's close of its market before `moment` (1 session or more behind);
+    unusable: more than `max_lag_sessions` sessions of its market closed after it and at or before `moment`
+    (`sessions_closed_between`). A market exchange-calendars does not know is not judged (its quotes count
+    as fresh)."""
     moment = _utc(moment, "moment")
-    closes: dict[str, datetime | None] = {}
+    closes: dict[str, list[datetime] | None] = {}
     stale: set[str] = set()
     unusable: set[str] = set()
     for symbol, (as_of, market) in quotes.items():
         as_of = _utc(as_of, f"quote {symbol} as_of")
-        if as_of < moment - max_age:
-            unusable.add(symbol)
-            continue
         if market not in closes:
-            try:
-                closes[market] = previous_close(market, moment)
+            try:  # enough of the market's closes to tell more than `max_lag_sessions` behind, once per market
+                closes[market] = _recent_closes(market, moment, max_lag_sessions)
             except (ValueError, LookupError) as exc:
                 closes[market] = None
                 import logging
 
                 logging.getLogger(__name__).warning("prices of market %s not judged: %s", market, exc)
-        close = closes[market]
-        if close is not None and as_of < close:
+        known = closes[market]
+        if known is None:
+            continue
+        behind = len(known) - bisect.bisect_right(known, as_of)
+        if behind > max_lag_sessions:
+            unusable.add(symbol)
+        elif behind > 0:
             stale.add(symbol)
     return stale, unusable

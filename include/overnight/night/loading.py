@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 
 MAX_MAPPED_TASKS = 256
-DEFAULT_MAX_RATES_AGE = freshness.DEFAULT_MAX_RATES_LAG  # behind the expected ECB publication, not from now
 
 
 # --------------------------------------------------------------------------- rates
@@ -49,14 +48,14 @@ def fetch_rates(
     provider: RatesProvider,
     currencies: list[str],
     *,
-    max_age: timedelta = DEFAULT_MAX_RATES_AGE,
+    max_lag_publications: int = freshness.DEFAULT_MAX_RATES_LAG_PUBLICATIONS,
     now: datetime | None = None,
     margin: timedelta = freshness.DEFAULT_RATES_MARGIN,
 ) -> RatesSnapshot:
     """Fetches rates once (kept in `exchange_rates`), judged against the ECB's calendar at `now` (the run's
     reference moment; docs/freshness.md). Never raises for rates: stored rates stand in for a failed provider
     (flagged stale) and for currencies it did not deliver; a currency with no usable rate (none at all, or
-    more than `max_age` behind the expected publication) is left out and listed in `unavailable`, so only
+    more than `max_lag_publications` ECB publications behind the expected one) is left out and listed in `unavailable`, so only
     the users who need it fail."""
     now = now or datetime.now(UTC)
     try:
@@ -96,7 +95,7 @@ def fetch_rates(
         if c == RATES_BASE:
             rates[c] = rate
             continue
-        verdict = freshness.judge_rates(dated[c], now, margin=margin, max_lag=max_age)
+        verdict = freshness.judge_rates(dated[c], now, margin=margin, max_lag_publications=max_lag_publications)
         if not verdict.usable:
             unavailable[c] = f"{c}: {verdict.reason}"
             continue

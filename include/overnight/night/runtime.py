@@ -248,7 +248,8 @@ def fetch_rates(job_x: dict[str, Any]) -> dict[str, Any]:
     with db.connect() as conn:
         try:
             snap = loading.fetch_rates(conn, rates_provider(conn), loading.needed_currencies(conn),
-                                        max_age=freshness.max_rates_lag(), now=reference_moment(job),
+                                        max_lag_publications=freshness.max_rates_lag_publications(),
+                                        now=reference_moment(job),
                                         margin=freshness.rates_margin())
         except Exception as exc:
             conn.rollback()
@@ -328,10 +329,10 @@ def score_batch(batch: dict[str, Any], job_x: dict[str, Any], rates_x: dict[str,
         deadline = document_deadline(job) if setting else None
         return cache.warm(redis_client, docs, ttl_s=freshness.cache_ttl_seconds(setting, deadline, datetime.now(UTC)))
 
-    judged_at, max_price_age = reference_moment(job), freshness.max_price_age()
+    judged_at, max_lag_sessions = reference_moment(job), freshness.max_price_lag_sessions()
 
     def judge_prices(quotes: dict[str, tuple[datetime, str]]) -> tuple[set[str], set[str]]:
-        return freshness.judge_quotes(quotes, judged_at, max_price_age)
+        return freshness.judge_quotes(quotes, judged_at, max_lag_sessions)
 
     with db.connect() as conn:
         batch, aud = resolve_batch(conn, batch)

@@ -207,7 +207,8 @@ def finalize(
         details["rates"] = rates_missing
     if unusable_prices:
         details["prices"] = {"unusable": unusable_prices[:MAX_ERROR_DETAILS],
-                             "reason": "quotes older than OVERNIGHT_MAX_PRICE_AGE_HOURS; their holders failed"}
+                             "reason": "quotes more than OVERNIGHT_MAX_PRICE_LAG_SESSIONS sessions of their market behind;"
+                                       " their holders failed"}
     if planned is None or rates is None:
         status = "failed"
         details.setdefault("run", {"stage": "before fan-out", "message": "a step before the fan-out failed"})

@@ -84,7 +84,7 @@ def golden() -> Any:
     runs = {}
 
     def judge_prices(quotes):  # the DAG's judge (runtime.score_batch), at the golden run's moment
-        return freshness.judge_quotes(quotes, RUN_NOW, freshness.DEFAULT_MAX_PRICE_AGE)
+        return freshness.judge_quotes(quotes, RUN_NOW, freshness.DEFAULT_MAX_PRICE_LAG_SESSIONS)
     try:
         with psycopg.connect(dsn) as conn:
             _load_world(conn)

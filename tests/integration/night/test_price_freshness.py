@@ -1,7 +1,7 @@
 """Price freshness (docs/freshness.md) through real batches: a quote older than its market's previous close is
-flagged in the documents (`stalePrices`) and counted in the job run's metrics; one older than the maximum
-age is unusable: never scored or bought, and its holders are valued at the newest price known for it
-(docs/allocation.md)."""
+flagged in the documents (`stalePrices`) and counted in the job run's metrics; one more sessions of its
+market behind than allowed is unusable: never scored or bought, and its holders are valued at the newest price
+known for it (docs/allocation.md)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ SESSION = date(2026, 12, 15)  # a Tuesday no other test runs; XNYS opens 09:30 E
 MOMENT = datetime(2026, 12, 15, 12, 30, tzinfo=UTC)
 MONDAY_CLOSE = datetime(2026, 12, 14, 21, 0, tzinfo=UTC)  # NYSE closes 16:00 EST
 BEFORE_CLOSE = datetime(2026, 12, 14, 20, 59, tzinfo=UTC)
-TWO_WEEKS_OLD = datetime(2026, 12, 1, 21, 0, tzinfo=UTC)  # 13.6 days: beyond the 240 h default
+# Tuesday 1 December's close: 2, 3, 4, 7, 8, 9, 10, 11 and 14 December closed since, 9 sessions behind (more than 5)
+TWO_WEEKS_OLD = datetime(2026, 12, 1, 21, 0, tzinfo=UTC)
 
 
 def _users_of(conn: psycopg.Connection, table: str, symbol: str, users: set[str]) -> set[str]:

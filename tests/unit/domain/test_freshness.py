@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -119,10 +120,17 @@ def test_margin_after_the_16_00_publication(moment: str, rates_date: date) -> No
 
 def test_rates_far_behind_the_expected_publication_are_unusable() -> None:
     moment = _utc("2026-04-07T11:30")  # XNYS's run: expected publication 2026-04-02 14:00 UTC
-    assert freshness.judge_rates(_dated(date(2026, 3, 31)), moment).usable is True
+    # 31 March's: 1 and 2 April published since, 2 behind; 30 March's: 3 behind (stale, usable)
+    assert (freshness.judge_rates(_dated(date(2026, 3, 31)), moment).behind, freshness.judge_rates(
+        _dated(date(2026, 3, 31)), moment).usable) == (2, True)
     assert freshness.judge_rates(_dated(date(2026, 3, 31)), moment).stale is True
-    gone = freshness.judge_rates(_dated(date(2026, 3, 27)), moment)  # 6 days behind, more than 72 h
-    assert gone.usable is False and "expected ECB publication of 2026-04-02T14:00:00+00:00" in (gone.reason or "")
+    assert freshness.judge_rates(_dated(date(2026, 3, 30)), moment).usable is True
+    gone = freshness.judge_rates(_dated(date(2026, 3, 27)), moment)  # 30, 31 March, 1, 2 April: 4 behind, more than 3
+    assert (gone.behind, gone.usable) == (4, False)
+    assert gone.reason == (
+        "rates as of 2026-03-27T15:00:00+00:00 are 4 ECB publications behind the expected publication of "
+        "2026-04-02T14:00:00+00:00, more than the allowed lag of 3 (OVERNIGHT_MAX_RATES_LAG_PUBLICATIONS); fix the "
+        "rates provider and clear the run")
 
 
 def test_prices_are_judged_against_the_previous_close_of_their_market() -> None:
@@ -133,7 +141,8 @@ def test_prices_are_judged_against_the_previous_close_of_their_market() -> None:
         "LN-WED-CLOSE": (_utc("2026-04-01T15:30"), "XLON"),
         "TK-MON-CLOSE": (_utc("2026-04-06T06:30"), "XTKS"),  # TSE closes 15:30 JST, open on Easter Monday
         "TK-FRI-CLOSE": (_utc("2026-04-03T06:30"), "XTKS"),
-        "ANCIENT": (_utc("2026-03-25T20:00"), "XNYS"),  # 12 days before: beyond the 240 h default
+        # 26, 27, 30, 31 March, 1, 2, 6 April closed since (Good Friday closed): 7 sessions, beyond the 5 default
+        "ANCIENT": (_utc("2026-03-25T20:00"), "XNYS"),
     }
     stale, unusable = freshness.judge_quotes(quotes, _utc("2026-04-07T05:00"))  # XLON's run on Tuesday
     assert stale == {"NY-THU-CLOSE", "LN-WED-CLOSE", "TK-FRI-CLOSE"}
@@ -166,44 +175,100 @@ def test_cache_ttl_setting() -> None:
         freshness.cache_ttl_seconds("soon", None, now)
 
 
-def test_settings_and_their_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OVERNIGHT_MAX_PRICE_AGE_HOURS", "48")
+LAGS = (("OVERNIGHT_MAX_RATES_LAG_PUBLICATIONS", "ECB publications", 3, freshness.max_rates_lag_publications),
+        ("OVERNIGHT_MAX_PRICE_LAG_SESSIONS", "sessions", 5, freshness.max_price_lag_sessions))
+RETIRED = (("OVERNIGHT_MAX_RATES_AGE_HOURS", "OVERNIGHT_MAX_RATES_LAG_PUBLICATIONS", "ECB publications", 3),
+           ("OVERNIGHT_MAX_PRICE_AGE_HOURS", "OVERNIGHT_MAX_PRICE_LAG_SESSIONS", "sessions of the quote's market", 5))
+SETTINGS = ("OVERNIGHT_CACHE_TTL", "OVERNIGHT_RATES_MARGIN_MINUTES", "OVERNIGHT_MAX_RATES_LAG_PUBLICATIONS",
+            "OVERNIGHT_MAX_PRICE_LAG_SESSIONS", "OVERNIGHT_FRESHNESS_GRACE_MINUTES", "OVERNIGHT_MAX_RATES_AGE_HOURS",
+            "OVERNIGHT_MAX_PRICE_AGE_HOURS")
+
+
+@pytest.fixture
+def no_settings(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_settings_and_their_errors(no_settings: pytest.MonkeyPatch) -> None:
+    monkeypatch = no_settings
+    assert (freshness.max_rates_lag_publications(), freshness.max_price_lag_sessions()) == (3, 5)  # the defaults
+    monkeypatch.setenv("OVERNIGHT_MAX_PRICE_LAG_SESSIONS", "8")
+    monkeypatch.setenv("OVERNIGHT_MAX_RATES_LAG_PUBLICATIONS", " 0 ")
     monkeypatch.setenv("OVERNIGHT_RATES_MARGIN_MINUTES", "30")
-    assert (freshness.max_price_age(), freshness.rates_margin()) == (timedelta(hours=48), timedelta(minutes=30))
+    assert (freshness.max_price_lag_sessions(), freshness.max_rates_lag_publications(), freshness.rates_margin()) == (
+        8, 0, timedelta(minutes=30))
+    monkeypatch.setenv("OVERNIGHT_MAX_PRICE_LAG_SESSIONS", "260")  # the most accepted
+    monkeypatch.setenv("OVERNIGHT_MAX_RATES_LAG_PUBLICATIONS", "  ")  # blank: the default
+    assert (freshness.max_price_lag_sessions(), freshness.max_rates_lag_publications()) == (260, 3)
     monkeypatch.setenv("OVERNIGHT_FRESHNESS_GRACE_MINUTES", "two hours")
     with pytest.raises(freshness.FreshnessConfigError,
                        match=r"OVERNIGHT_FRESHNESS_GRACE_MINUTES='two hours': expected a finite number of minutes "
                              r">= 0 \(the default is OVERNIGHT_FRESHNESS_GRACE_MINUTES=120\)"):
         freshness.grace()
-    monkeypatch.setenv("OVERNIGHT_MAX_RATES_AGE_HOURS", "-1")
-    with pytest.raises(freshness.FreshnessConfigError, match="OVERNIGHT_MAX_RATES_AGE_HOURS='-1'"):
-        freshness.max_rates_lag()
-    for endless in ("inf", "nan", "1e300"):  # not a duration (1e300 h overflows timedelta)
-        monkeypatch.setenv("OVERNIGHT_MAX_PRICE_AGE_HOURS", endless)
-        with pytest.raises(freshness.FreshnessConfigError, match=f"OVERNIGHT_MAX_PRICE_AGE_HOURS='{endless}'"):
-            freshness.max_price_age()
+    for endless in ("inf", "nan", "1e300"):  # not a duration (1e300 min overflows timedelta)
+        monkeypatch.setenv("OVERNIGHT_RATES_MARGIN_MINUTES", endless)
+        with pytest.raises(freshness.FreshnessConfigError, match=f"OVERNIGHT_RATES_MARGIN_MINUTES='{endless}'"):
+            freshness.rates_margin()
 
 
-def test_settings_problems_name_every_bad_setting_before_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("OVERNIGHT_CACHE_TTL", "OVERNIGHT_RATES_MARGIN_MINUTES", "OVERNIGHT_MAX_RATES_AGE_HOURS",
-                 "OVERNIGHT_MAX_PRICE_AGE_HOURS", "OVERNIGHT_FRESHNESS_GRACE_MINUTES"):
-        monkeypatch.delenv(name, raising=False)
+@pytest.mark.parametrize(("name", "unit", "default", "read"), [pytest.param(*lag, id=lag[0]) for lag in LAGS])
+@pytest.mark.parametrize("bad", ["-1", "three", "2.5", "3.0", "261", "99999999999999999999", "1e3", "1_000", "+3",
+                                 "3 days", "\u0663"])  # the last: an Arabic-Indic three, a digit to int() but not here
+def test_a_bad_lag_setting_names_the_variable_the_value_and_the_default(
+        no_settings: pytest.MonkeyPatch, name: str, unit: str, default: int, read: Any, bad: str) -> None:
+    no_settings.setenv(name, bad)
+    message = (f"{name}={bad!r}: expected a whole number of {unit} from 0 to 260 (the default is {name}={default}); "
+               "fix it or unset it for the default")
+    with pytest.raises(freshness.FreshnessConfigError) as info:
+        read()
+    assert str(info.value) == message
+    assert freshness.settings_problems() == [message]
+
+
+@pytest.mark.parametrize(("old", "new", "unit", "default"), [pytest.param(*r, id=r[0]) for r in RETIRED])
+def test_the_hour_settings_are_refused_naming_the_one_to_use_instead(
+        no_settings: pytest.MonkeyPatch, old: str, new: str, unit: str, default: int) -> None:
+    read = dict((n, r) for n, _, _, r in LAGS)[new]
+    no_settings.setenv(old, "   ")  # blank is unset, as for every setting
+    assert read() == default and freshness.settings_problems() == []
+    no_settings.setenv(old, "72")
+    no_settings.setenv(new, "4")  # a good new value does not make the old one harmless
+    message = (f"{old}='72' is no longer read: lags are counted in {unit}, not hours; unset {old} and set {new} "
+               f"instead (a whole number of {unit}, the default is {new}={default}; docs/freshness.md)")
+    with pytest.raises(freshness.FreshnessConfigError) as info:
+        read()
+    assert str(info.value) == message
+    assert freshness.settings_problems() == [message]
+    with pytest.raises(freshness.FreshnessConfigError) as checked:
+        freshness.check_settings()
+    assert str(checked.value) == f"1 bad freshness setting(s) (docs/freshness.md): {message}"
+
+
+def test_settings_problems_name_every_bad_setting_before_a_run(no_settings: pytest.MonkeyPatch) -> None:
+    monkeypatch = no_settings
     assert freshness.settings_problems() == []
     freshness.check_settings()  # nothing to say
     monkeypatch.setenv("OVERNIGHT_CACHE_TTL", "next-run")
-    monkeypatch.setenv("OVERNIGHT_MAX_PRICE_AGE_HOURS", "240")
+    monkeypatch.setenv("OVERNIGHT_MAX_PRICE_LAG_SESSIONS", "5")
     assert freshness.settings_problems() == []
     monkeypatch.setenv("OVERNIGHT_CACHE_TTL", "1 day")
     monkeypatch.setenv("OVERNIGHT_RATES_MARGIN_MINUTES", "-5")
-    monkeypatch.setenv("OVERNIGHT_MAX_PRICE_AGE_HOURS", "ten days")
+    monkeypatch.setenv("OVERNIGHT_MAX_PRICE_LAG_SESSIONS", "ten")
+    monkeypatch.setenv("OVERNIGHT_MAX_RATES_AGE_HOURS", "96")
     assert freshness.settings_problems() == [
         "OVERNIGHT_RATES_MARGIN_MINUTES='-5': expected a finite number of minutes >= 0 (the default is "
         "OVERNIGHT_RATES_MARGIN_MINUTES=120); fix it or unset it for the default",
-        "OVERNIGHT_MAX_PRICE_AGE_HOURS='ten days': expected a finite number of hours >= 0 (the default is "
-        "OVERNIGHT_MAX_PRICE_AGE_HOURS=240); fix it or unset it for the default",
+        "OVERNIGHT_MAX_RATES_AGE_HOURS='96' is no longer read: lags are counted in ECB publications, not hours; unset "
+        "OVERNIGHT_MAX_RATES_AGE_HOURS and set OVERNIGHT_MAX_RATES_LAG_PUBLICATIONS instead (a whole number of ECB "
+        "publications, the default is OVERNIGHT_MAX_RATES_LAG_PUBLICATIONS=3; docs/freshness.md)",
+        "OVERNIGHT_MAX_PRICE_LAG_SESSIONS='ten': expected a whole number of sessions from 0 to 260 (the default is "
+        "OVERNIGHT_MAX_PRICE_LAG_SESSIONS=5); fix it or unset it for the default",
         "OVERNIGHT_CACHE_TTL='1 day': expected a positive number of seconds or 'next-run' (unset for the default 24 h)",
     ]
-    with pytest.raises(freshness.FreshnessConfigError, match=r"^3 bad freshness setting\(s\)") as info:
+    with pytest.raises(freshness.FreshnessConfigError, match=r"^4 bad freshness setting\(s\)") as info:
         freshness.check_settings()
-    for name in ("OVERNIGHT_RATES_MARGIN_MINUTES", "OVERNIGHT_MAX_PRICE_AGE_HOURS", "OVERNIGHT_CACHE_TTL"):
+    for name in ("OVERNIGHT_RATES_MARGIN_MINUTES", "OVERNIGHT_MAX_RATES_AGE_HOURS", "OVERNIGHT_MAX_RATES_LAG_PUBLICATIONS",
+                 "OVERNIGHT_MAX_PRICE_LAG_SESSIONS", "OVERNIGHT_CACHE_TTL"):
         assert name in str(info.value)
