@@ -125,3 +125,19 @@ def test_recommend_on_the_shortlist_answers_as_on_every_candidate():
         shortened += len(short) < len(pool)
         assert recommend(D("1234.56"), values, targets, short) == recommend(D("1234.56"), values, targets, pool)
     assert shortened > 100
+
+
+def test_the_policy_doc_names_this_version_and_every_reason_the_code_gives() -> None:
+    """docs/allocation.md states the policy first: its version is the code's, and its table of reasons is exactly
+    the reasons `recommend` can give (read from the code's source, so a new reason undocumented fails here)."""
+    import inspect
+    import re
+    from pathlib import Path
+
+    from overnight.domain import recommendations
+
+    doc = (Path(__file__).parents[3] / "docs" / "allocation.md").read_text()
+    assert f"(now `{recommendations.ALLOCATION_POLICY}`)" in doc
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", doc, re.M))
+    given = set(re.findall(r'Unallocated\([^,]+, "([a-z_]+)"', inspect.getsource(recommendations)))
+    assert given and documented == given, (documented, given)
