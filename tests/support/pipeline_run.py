@@ -62,12 +62,15 @@ def make_latest(conn: psycopg.Connection, session: date) -> None:
 def start(conn: psycopg.Connection, market: str, session: date, name: str = "test-run", *, force: bool = False,
           batch_size: int = 100, user_ids: tuple[str, ...] | None = None,
           earlier: tuple[str, ...] | None = None, job: jobrun.JobRun | None = None,
-          rates: RatesSnapshot | None = None, rates_now: datetime | None = None) -> Run:
+          rates: RatesSnapshot | None = None, rates_now: datetime | None = None,
+          contribution: jobrun.Contribution | None = None) -> Run:
     """Starts (or continues) the job run of (market, session), fetches the rates from the database (unless
-    given; `rates_now` is their clock) and plans the batches."""
+    given; `rates_now` is their clock; the run's `contribution` currency among them, as the DAG's fetch_rates
+    does) and plans the batches."""
     job = job or jobrun.start_job(conn, market, session, name, force=force)
     if rates is None:
-        rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn), now=rates_now)
+        currencies = loading.needed_currencies(conn, also=[contribution.currency] if contribution else ())
+        rates = loading.fetch_rates(conn, DbRatesProvider(conn), currencies, now=rates_now)
     aud = audience(market, session, user_ids) if earlier is None else jobrun.Audience(market, earlier, user_ids)
     return Run(job, rates, aud, loading.plan_batches(conn, aud, batch_size))
 
@@ -97,7 +100,7 @@ def run_pipeline(conn: psycopg.Connection, market: str, session: date, name: str
                  redis_client: redis.Redis | None = None, **scoring: Any) -> Run:
     """A whole run of (market, session) on `conn`; with `redis_client` the documents are warmed into it."""
     run = start(conn, market, session, name, force=force, batch_size=batch_size, user_ids=user_ids,
-                earlier=earlier, job=job, rates=rates, rates_now=rates_now)
+                earlier=earlier, job=job, rates=rates, rates_now=rates_now, contribution=scoring.get("contribution"))
     if redis_client is not None:
         scoring.setdefault("warm_cache", warm_into(redis_client))
     return score_all(conn, run, **scoring)

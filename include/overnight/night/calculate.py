@@ -243,8 +243,9 @@ def user_contribution(user: UserRow, batch: Batch, unit: Decimal) -> Decimal:
     if given is None:
         return (user.default_contribution or Decimal(0)).quantize(unit, rounding=ROUND_DOWN)
     if given.currency not in batch.rates.rates:
-        raise UserFailure("contribution", f"the run's contribution is in {given.currency}, which has no exchange "
-                          "rate; give it in a currency the rates provider publishes")
+        why = batch.rates.unavailable.get(given.currency) or f"{batch.rates.source} gave no rate for it"
+        raise UserFailure("contribution", f"the run's contribution is in {given.currency}, which has no usable "
+                          f"exchange rate ({why}); give it in a currency the rates provider publishes")
     converted = _convert(given.amount, given.currency, user.base_currency, batch.rates.rates)
     return converted.quantize(unit, rounding=ROUND_DOWN)
 

@@ -160,7 +160,7 @@ def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
         @task(multiple_outputs=False)
         def fetch_rates(started: dict[str, Any]) -> dict[str, Any]:
             """Fetches exchange rates once; every batch uses the same ones."""
-            return runtime.fetch_rates(started["job"])
+            return runtime.fetch_rates(started["job"], started["run"])
 
         @task
         def plan_batches(started: dict[str, Any]) -> list[dict[str, Any]]:

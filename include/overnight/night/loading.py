@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -35,12 +36,15 @@ MAX_MAPPED_TASKS = 256
 # --------------------------------------------------------------------------- rates
 
 
-def needed_currencies(conn: psycopg.Connection) -> list[str]:
-    """Returns every currency an asset trades in or a user counts in."""
+def needed_currencies(conn: psycopg.Connection, also: Iterable[str] = ()) -> list[str]:
+    """Returns every currency the run may convert through: those assets trade in, their stored quotes are in, the
+    active users count in, and `also` (the run's contribution currency), each as the rates provider knows it."""
     rows = conn.execute(
-        "SELECT currency FROM assets UNION SELECT base_currency FROM users WHERE active"
+        "SELECT currency FROM assets UNION SELECT currency FROM (SELECT DISTINCT currency FROM prices) q"
+        " UNION SELECT base_currency FROM users WHERE active"
     ).fetchall()
-    return sorted({normalize_quote(Decimal(1), r[0].strip())[1] for r in rows} | {RATES_BASE})
+    given = [r[0].strip() for r in rows] + [c.strip() for c in also if c]
+    return sorted({normalize_quote(Decimal(1), c)[1] for c in given} | {RATES_BASE})
 
 
 def fetch_rates(

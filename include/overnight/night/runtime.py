@@ -240,14 +240,16 @@ def document_deadline(job: jobrun.JobRun) -> datetime:
                                        freshness.grace())
 
 
-def fetch_rates(job_x: dict[str, Any]) -> dict[str, Any]:
-    """Fetches exchange rates once for the run, judged at the run's reference moment; records a clear error on
-    the job run if it cannot."""
+def fetch_rates(job_x: dict[str, Any], run_x: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fetches exchange rates once for the run (every currency it may convert through, the run's contribution
+    currency included), judged at the run's reference moment; records a clear error on the job run if it cannot."""
     job = jobrun.JobRun.from_xcom(job_x)
+    given = (run_x or {}).get("contribution")
     t0 = time.perf_counter()
     with db.connect() as conn:
         try:
-            snap = loading.fetch_rates(conn, rates_provider(conn), loading.needed_currencies(conn),
+            currencies = loading.needed_currencies(conn, also=[given["currency"]] if given else ())
+            snap = loading.fetch_rates(conn, rates_provider(conn), currencies,
                                         max_lag_publications=freshness.max_rates_lag_publications(),
                                         now=reference_moment(job),
                                         margin=freshness.rates_margin())

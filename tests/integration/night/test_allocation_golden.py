@@ -24,8 +24,10 @@ from tests.support.pipeline_run import run_pipeline
 GOLDEN = yaml.safe_load((Path(__file__).parents[2] / "data" / "golden_portfolios.yaml").read_text())
 CASES = GOLDEN["cases"]
 ALL_MARKETS = ["XNYS", "XTKS", "XLON", "BVMF"]
-RUNS = {"default": (date.fromisoformat(GOLDEN["sessions"]["default"]), None),
-        "usd100": (date.fromisoformat(GOLDEN["sessions"]["usd100"]), jobrun.Contribution(Decimal("100"), "USD"))}
+RUNS = {run: (date.fromisoformat(session), jobrun.Contribution(Decimal(GOLDEN["contributions"][run][0]),
+                                                                GOLDEN["contributions"][run][1])
+              if run in GOLDEN["contributions"] else None)
+        for run, session in GOLDEN["sessions"].items()}
 RUN_NOW = datetime.fromisoformat(GOLDEN["run_now"])
 ASSET_IDS = {symbol: i for i, symbol in enumerate(GOLDEN["assets"], 1)}  # the ids _load_world gives the assets
 NAMESPACE = uuid.UUID("6f1c1a52-4f0e-4c55-9d1e-0b6c6c1d7a01")
@@ -169,8 +171,9 @@ def test_golden_document(golden, case):
     assert doc["dataFreshness"]["ratesAsOf"] == GOLDEN["rates_as_of_by"]["JPY"]  # the oldest rate of the run
     assert inputs["contribution"] == doc["totalInvestable"]
     assert inputs.get("stalePrices", []) == want.get("stalePrices", [])  # the night's judgement, for the replay
-    if case.get("run") == "usd100":
-        assert inputs["contributionGiven"] == {"amount": "100", "currency": "USD"}
+    if run in GOLDEN["contributions"]:
+        amount_given, currency_given = GOLDEN["contributions"][run]
+        assert inputs["contributionGiven"] == {"amount": amount_given, "currency": currency_given}
     else:
         assert "contributionGiven" not in inputs
     assert events[(uid, "CALC_COMPLETED")]["unallocated"] == amount
