@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import functools
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
+from importlib.metadata import version as _version
 
 from iso4217 import Currency
+
+MINOR_UNITS_SOURCE = f"iso4217-{_version('iso4217')}"  # where the minor units come from, and which list
 
 
 class CurrencyError(ValueError):

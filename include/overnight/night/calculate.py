@@ -241,7 +241,10 @@ def user_contribution(user: UserRow, batch: Batch, unit: Decimal) -> Decimal:
     the job's rates) or the user's default; raises UserFailure when the run's currency has no rate."""
     given = batch.contribution
     if given is None:
-        return (user.default_contribution or Decimal(0)).quantize(unit, rounding=ROUND_DOWN)
+        default = user.default_contribution or Decimal(0)
+        if default < 0:  # rows from before migration 0009's check: amounts + unallocated must equal it
+            raise UserFailure("load", f"default_contribution is {default}, below zero; set it to 0 or more")
+        return default.quantize(unit, rounding=ROUND_DOWN)
     if given.currency not in batch.rates.rates:
         why = batch.rates.unavailable.get(given.currency) or f"{batch.rates.source} gave no rate for it"
         raise UserFailure("contribution", f"the run's contribution is in {given.currency}, which has no usable "
@@ -312,6 +315,9 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     if batch.contribution is not None:
         converted.add(batch.contribution.currency)
     rates_stale = rates.stale and len(converted) > 1 and not rates.stale_in.isdisjoint(converted)
+    # the document's own rates date: the oldest rate its conversions used (an ARS stand-in's date belongs to the
+    # documents that converted ARS, not to a EUR investor's)
+    rates_as_of = rates.as_of_for(converted if len(converted) > 1 else set()).isoformat()
     try:
         plan = recommend(contribution, values, user.targets, candidates, unit=unit, score_floor=batch.score_floor,
                          check_targets=False, unvalued=[u["symbol"] for u in p.unpriced])
@@ -347,8 +353,8 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
             for r in recs
         ],
         "portfolioSummary": {"totalValue": total_text, "baseCurrency": base, "allocations": allocations},
-        "dataFreshness": {"pricesAsOf": prices_as_of.isoformat() if prices_as_of else batch.rates_as_of,
-                          "ratesAsOf": batch.rates_as_of,
+        "dataFreshness": {"pricesAsOf": prices_as_of.isoformat() if prices_as_of else rates_as_of,
+                          "ratesAsOf": rates_as_of,
                           "criteriaVersion": criteria_version},
         "totalInvestable": contribution_text,
         "unallocated": unallocated,
@@ -376,7 +382,7 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     inputs = {
         "jobRunId": job.id, "criteriaVersion": criteria_version, "criteria": p.raw_rules, "prices": prices_used,
         "pricesAsOf": prices_as_of.isoformat() if prices_as_of else None, "rates": batch.rates_payload,
-        "ratesBase": rates.base, "ratesAsOf": batch.rates_as_of, "ratesStale": rates_stale,
+        "ratesBase": rates.base, "ratesAsOf": rates_as_of, "ratesStale": rates_stale,
         "holdings": p.holdings_used, "watchlist": sorted(assets[a].symbol for a in user.watchlist if a in assets),
         "targets": [[t.class_name, str(t.min_pct), str(t.max_pct)] for t in user.targets],
         "contribution": contribution_text, "baseCurrency": base, "unpricedHoldings": p.unpriced,

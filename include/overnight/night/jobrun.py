@@ -40,7 +40,10 @@ CHUNK_SIZE = 1000  # users loaded, calculated and written together inside a batc
 CENT = Decimal("0.01")
 # What a calculation's result depends on besides its inputs: the package and the scoring and allocation rules.
 # A replay by another calcVersion says so instead of comparing (docs/audit.md).
-CALC_VERSION = f"{__version__}+scoring.{SCORING_VERSION}.allocation.{ALLOCATION_POLICY}"
+# ... and the minor-units table's source and version (the `iso4217` package: a new ISO list can change an amount),
+# so a replay after an upgrade says why it differs
+CALC_VERSION = (f"{__version__}+scoring.{SCORING_VERSION}.allocation.{ALLOCATION_POLICY}"
+                f".{money.MINOR_UNITS_SOURCE}")
 HISTORY_TABLE = "recommendation_history"
 
 

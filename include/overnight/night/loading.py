@@ -111,7 +111,7 @@ def fetch_rates(
                     ", ".join(sorted(unavailable)), extra={"unavailable": sorted(unavailable)})
     as_of = min((dated[c] for c in rates if c != RATES_BASE), default=snap.as_of)
     return RatesSnapshot(snap.base, rates, as_of, snap.source, fallback or bool(stale_in), unavailable,
-                         stale_in=frozenset(stale_in))
+                         dated={c: dated[c] for c in rates if c != RATES_BASE}, stale_in=frozenset(stale_in))
 
 
 def effective_batch_size(total: int, batch_size: int, max_tasks: int = MAX_MAPPED_TASKS) -> int:

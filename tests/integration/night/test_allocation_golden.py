@@ -168,7 +168,10 @@ def test_golden_document(golden, case):
     scored = events[(uid, "SCORES_COMPUTED")]
     assert scored == {"scores": want["scores"], "unscored": want.get("unscored", {})}
     inputs = events[(uid, "INPUTS_CAPTURED")]
-    assert doc["dataFreshness"]["ratesAsOf"] == GOLDEN["rates_as_of_by"]["JPY"]  # the oldest rate of the run
+    # the oldest rate the document's own conversions used: Friday's JPY for those who converted yen (exactly the
+    # ratesStale ones: JPY is the run's one old rate), Monday's for the others (the run's newest when none)
+    want_rates_as_of = GOLDEN["rates_as_of_by"]["JPY"] if case.get("ratesStale") else GOLDEN["rates_as_of"]
+    assert doc["dataFreshness"]["ratesAsOf"] == inputs["ratesAsOf"] == want_rates_as_of
     assert inputs["contribution"] == doc["totalInvestable"]
     assert inputs.get("stalePrices", []) == want.get("stalePrices", [])  # the night's judgement, for the replay
     if run in GOLDEN["contributions"]:

@@ -47,6 +47,7 @@ class RatesSnapshot:
             "stale": self.stale,
             "unavailable": dict(sorted(self.unavailable.items())),
             "stale_in": sorted(self.stale_in),
+            "dated": {k: v.isoformat() for k, v in sorted(self.dated.items())},
         }
 
     @classmethod
@@ -62,7 +63,16 @@ class RatesSnapshot:
             stale=bool(data.get("stale", False)),
             unavailable={str(k): str(v) for k, v in dict(data.get("unavailable") or {}).items()},  # type: ignore[call-overload]
             stale_in=frozenset(str(c) for c in data.get("stale_in") or ()),  # type: ignore[attr-defined]
+            dated={str(k): datetime.fromisoformat(str(v)) for k, v in dict(data.get("dated") or {}).items()},  # type: ignore[call-overload]
         )
+
+    def as_of_for(self, currencies: set[str]) -> datetime:
+        """The date of the oldest rate among `currencies` (a document's conversions); with none to convert, the
+        date of the newest rate the run has (docs/freshness.md)."""
+        dates = [self.dated.get(c, self.as_of) for c in currencies if c != self.base and c in self.rates]
+        if dates:
+            return min(dates)
+        return max(self.dated.values(), default=self.as_of)
 
 
 # How quotes arrive (the providers' side, not the domain's money): exchanges that quote in a currency's minor unit (pence, cents, agorot): quoted code -> (ISO code, divisor).
