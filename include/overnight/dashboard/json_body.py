@@ -169,8 +169,8 @@ def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None,
     summary = doc.portfolioSummary or None
     if summary is not None and not _plain(summary):
         return None
-    unpriced, known = doc.unpricedHoldings, doc.lastKnownPrices
-    for items in (unpriced, known):
+    unpriced, last_known = doc.unpricedHoldings, doc.lastKnownPrices
+    for items in (unpriced, last_known):
         if items is not None and not (_plain(items) and all(type(u) is dict for u in items)):
             return None
     recs = doc.recommendations
@@ -189,7 +189,7 @@ def cached_dashboard_body(user_id: str, raw: bytes, now: datetime | None = None,
         "baseCurrency": base.strip() if base is not None else None, "dataFreshness": freshness, "fromCache": True,
         "stale": reason is not None, "correlationId": doc.correlationId,
         "portfolioSummary": summary, "unallocated": doc.unallocated, "unpricedHoldings": unpriced,
-        "lastKnownPrices": known, "staleReason": reason,
+        "lastKnownPrices": last_known, "staleReason": reason,
     }})
 
 

@@ -63,8 +63,10 @@ def _pydantic(data: dict[str, Any]) -> bytes:
     return RESPONSE.dump_json(RESPONSE.validate_python({"data": data}))
 
 
+LAST_KNOWN = [{"symbol": "RWT", "price": "40", "currency": "USD", "asOf": "2026-11-20T21:00:00+00:00"}]
 SAME = [
     pytest.param(DOC, id="as-written"),
+    pytest.param(_variant(lambda d: d.update(lastKnownPrices=LAST_KNOWN)), id="last-known-prices"),
     pytest.param(_variant(lambda d: d["recommendations"][0].pop("breakdown")), id="no-breakdown"),
     pytest.param(_variant(lambda d: d["recommendations"][0].update(breakdown=None)), id="null-breakdown"),
     pytest.param(_variant(lambda d: d["recommendations"][0]["breakdown"].pop("topContributor")), id="partial-breakdown"),
@@ -223,7 +225,7 @@ def test_cached_body_is_the_general_paths_bytes(doc: dict[str, Any]) -> None:
     assert fast is None or fast == _general(doc)
 
 
-TYPED = ["as-written", "no-breakdown", "null-breakdown", "partial-breakdown", "unicode-and-control-characters",
+TYPED = ["as-written", "last-known-prices", "no-breakdown", "null-breakdown", "partial-breakdown", "unicode-and-control-characters",
          "no-recommendations", "freshness-extra", "no-freshness", "nulls", "summary-values", "stale"]
 
 
@@ -255,3 +257,18 @@ def test_base_currency_and_freshness_follow_the_view() -> None:
     data = json.loads(fast or b"{}")["data"]
     assert data["baseCurrency"] == "EUR" and data["dataFreshness"]["generatedAt"] == "2026-11-22T08:26:56.196272+00:00"
     assert data["stale"] is False and data["fromCache"] is True
+
+
+def test_last_known_prices_reach_the_app_from_every_path() -> None:
+    """docs/allocation.md: a holding valued at an older price is said so on the dashboard: the typed path, the
+    general one and an overdue document whose next run is known (its reason looked up) all carry the list."""
+    doc = _variant(lambda d: d.update(lastKnownPrices=LAST_KNOWN))
+    for body in (json_body.cached_dashboard_body(UID, json.dumps(doc).encode(), now=NOW), _general(doc)):
+        assert json.loads(body or b"{}")["data"]["lastKnownPrices"] == LAST_KNOWN
+    later = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)  # days past the document's next run: overdue
+    overdue = json_body.cached_dashboard_body(UID, json.dumps(doc).encode(), now=later,
+                                              next_run=lambda market, session: "run_failed")
+    data = json.loads(overdue or b"{}")["data"]
+    assert (data["lastKnownPrices"], data["staleReason"]) == (LAST_KNOWN, "run_failed")
+    assert json.loads(json_body.cached_dashboard_body(UID, json.dumps(DOC).encode(), now=NOW) or b"{}"
+                      )["data"]["lastKnownPrices"] is None  # none: null, as the model says
