@@ -11,7 +11,9 @@ from importlib.metadata import version as _version
 
 from iso4217 import Currency
 
-MINOR_UNITS_SOURCE = f"iso4217-{_version('iso4217')}"  # where the minor units come from, and which list
+# Where the minor units come from, and which list: `iso` and the date of the ISO 4217 list the `iso4217` package
+# carries (its version's last part, e.g. 1.16.20260101 -> iso20260101). Short: it is in every calculation's event.
+MINOR_UNITS_SOURCE = f"iso{_version('iso4217').rsplit('.', 1)[-1]}"
 
 
 class CurrencyError(ValueError):
