@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from fractions import Fraction
 from operator import attrgetter
 from typing import TypeVar
 
@@ -23,7 +22,6 @@ PER_CLASS = 3  # how many of a class's best-scored assets share its money
 DEFAULT_SCORE_FLOOR = Decimal(0)  # an asset scored at or below the floor is never bought
 _RANK = attrgetter("rank")
 _ZERO = Decimal(0)
-_FZERO = Fraction(0)
 T = TypeVar("T")
 
 
@@ -113,49 +111,64 @@ def validate_targets(targets: list[Target]) -> None:
         raise AllocationError(f"allocation targets: minimums add up to {total_min}% (more than 100%)")
 
 
-def _fill_classes(
-    contribution: Decimal, values: dict[str, Decimal], pool: list[Target]
-) -> tuple[dict[str, Fraction], Fraction]:
-    """Steps 1-3 of the policy: returns (exact money per class, money left that no class can take).
+def _scale(numbers: Iterable[Decimal]) -> int:
+    """The power of ten that makes every one of `numbers` (finite decimals) a whole number, plus one (so that a
+    midpoint, half of min + max, is whole too)."""
+    return 1 + max(0, *(-int(d.as_tuple().exponent) for d in numbers))
 
-    In exact fractions: with 28-digit decimals, targets whose maxima add up to 100 % left ~1e-23 "unplaced"
-    (0.01 unallocated in a quarter of such contributions) and the order of the targets changed the amounts in
-    about one run in 750. A user's few classes and three steps cost a few microseconds more this way."""
-    alloc = {t.class_name: _FZERO for t in pool}
-    remaining = Fraction(contribution)
-    # the total from the exact values, not `total_after`: a 28-digit sum of values such as 2000 / 150 is rounded
-    total = sum((Fraction(v) for v in values.values()), _FZERO) + remaining
-    held = {t.class_name: Fraction(values.get(t.class_name, _ZERO)) for t in pool}
-    marks: tuple[Callable[[Target], Decimal], ...] = (
-        attrgetter("min_pct"), attrgetter("mid_pct"), attrgetter("max_pct"))
+
+def _fill_classes(
+    contribution: Decimal, values: dict[str, Decimal], pool: list[Target], s: int
+) -> tuple[dict[str, tuple[int, int]], int, int]:
+    """Steps 1-3 of the policy, exactly: returns each class's money as a fraction (numerator, denominator) and the
+    money left that no class can take, in units of 1/B of the currency, with B = 100 x 10**(2s) (returned third).
+
+    Exact, so targets whose maxima add up to 100 % place the whole contribution: with 28-digit decimals ~1e-23
+    stayed "unplaced" (0.01 unallocated in a quarter of such contributions) and the order of the targets changed
+    the amounts in about one run in 750. In whole numbers, not `fractions.Fraction`: measured on a 4-class
+    portfolio (timeit, 5,000 calls), the decimals took 44 us a call, Fractions 201 us, whole numbers about 65 us.
+    Only the last, proportional step divides: the one fraction, over `total_need`."""
+    scale = 10 ** s
+    big = 100 * scale  # money x big x scale = money x B
+    remaining = int(contribution.scaleb(s)) * big
+    total = sum(int(v.scaleb(s)) for v in values.values()) + int(contribution.scaleb(s))  # money x 10**s
+    held = {t.class_name: int(values.get(t.class_name, _ZERO).scaleb(s)) * big for t in pool}
+    alloc = dict.fromkeys(held, 0)
+    # percent x 10**s, whole: the midpoint's half included, as `_scale` gave s one digit more
+    marks = [{t.class_name: int(t.min_pct.scaleb(s)) for t in pool},
+             {t.class_name: int((t.min_pct + t.max_pct).scaleb(s)) // 2 for t in pool},
+             {t.class_name: int(t.max_pct.scaleb(s)) for t in pool}]
     for mark in marks:
         if remaining <= 0:
             break
         need = {}
-        for t in pool:
-            short = Fraction(mark(t)) * total / 100 - held[t.class_name] - alloc[t.class_name]
+        for name, pct in mark.items():
+            short = pct * total - held[name] - alloc[name]  # pct/100 x total money, in 1/B units
             if short > 0:
-                need[t.class_name] = short
-        total_need = sum(need.values(), _FZERO)
+                need[name] = short
+        total_need = sum(need.values())
         if total_need <= 0:
             continue
-        if total_need >= remaining:  # not enough for every class: in proportion to how far each is
-            for name, short in need.items():
-                alloc[name] += remaining * short / total_need
-            remaining = _FZERO
-        else:
-            for name, short in need.items():
-                alloc[name] += short
-            remaining -= total_need
-    return alloc, remaining
+        if total_need >= remaining:  # not enough for every class: in proportion to how far each is; the last step
+            return ({name: (a * total_need + (remaining * need[name] if name in need else 0), total_need)
+                     for name, a in alloc.items()}, 0, big * scale)
+        for name, short in need.items():
+            alloc[name] += short
+        remaining -= total_need
+    return {name: (a, 1) for name, a in alloc.items()}, remaining, big * scale
 
 
-def _split_units(total_units: int, exact: dict[str, Fraction], unit: Fraction) -> dict[str, int]:
-    """Largest remainder in whole minor units: each exact share rounded down, the units left one each to the
-    largest remainders (equal remainders: by symbol). Exact, so the order of the inputs never matters."""
-    floors = {k: math.floor(v / unit) for k, v in exact.items()}
+def _split_units(total_units: int, exact: dict[str, tuple[int, int]], unit: int) -> dict[str, int]:
+    """Largest remainder in whole minor units of exact shares (numerator, denominator) in the same units as `unit`:
+    each rounded down, the units left one each to the largest remainders (equal remainders: by symbol)."""
+    floors: dict[str, int] = {}
+    rests: dict[str, tuple[int, int]] = {}
+    for k, (n, d) in exact.items():
+        floors[k], rest = divmod(n, d * unit)
+        rests[k] = (rest, d * unit)
+    common = math.lcm(*(d for _, d in rests.values())) if rests else 1  # remainders compared over one denominator
     left = total_units - sum(floors.values())
-    for k in sorted(exact, key=lambda k: (-(exact[k] / unit - floors[k]), k))[:max(0, left)]:
+    for k in sorted(exact, key=lambda k: (-rests[k][0] * (common // rests[k][1]), k))[:max(0, left)]:
         floors[k] += 1
     return floors
 
@@ -204,16 +217,17 @@ def recommend(
     total_before = sum(values.values(), _ZERO)
     total_after = total_before + contribution
     pool = sorted((t for t in targets if t.class_name in by_class), key=attrgetter("class_name"))
-    class_money, left = _fill_classes(contribution, values, pool)
-    funit = Fraction(unit)
-    invest_units = math.floor((Fraction(contribution) - left) / funit)
+    s = _scale([contribution, unit, *values.values(), *(p for t in pool for p in (t.min_pct, t.max_pct))])
+    class_money, left, b = _fill_classes(contribution, values, pool, s)
+    unit_b = int(unit.scaleb(s)) * (b // 10 ** s)  # one minor unit in 1/b units
+    invest_units = (int(contribution.scaleb(s)) * (b // 10 ** s) - left) // unit_b
     invest = invest_units * unit
-    exact: dict[str, Fraction] = {}
-    for name, money in class_money.items():
+    exact: dict[str, tuple[int, int]] = {}
+    for name, (num, den) in class_money.items():
         picks = by_class[name][:PER_CLASS]
         for c in picks:
-            exact[c.symbol] = money / len(picks)
-    amounts = {s: n * unit for s, n in _split_units(invest_units, exact, funit).items()}
+            exact[c.symbol] = (num, den * len(picks))
+    amounts = {sym: n * unit for sym, n in _split_units(invest_units, exact, unit_b).items()}
 
     mids = {t.class_name: t.mid_pct for t in targets}
     bought: dict[str, Decimal] = {}
@@ -237,7 +251,7 @@ def recommend(
     rest = contribution - invest
     if rest <= 0:
         return Allocation(recs, Unallocated(_ZERO))
-    if left >= funit:  # a whole minor unit or more that no class can take; less is rounding (below)
+    if left >= unit_b:  # a whole minor unit or more that no class can take; less is rounding (below)
         without = {t.class_name for t in targets if t.class_name not in by_class
                    and values.get(t.class_name, _ZERO) * HUNDRED < t.min_pct * total_after}
         message = f"{_names(by_class)} reached the maximum of their target range"
