@@ -24,7 +24,7 @@ from overnight.dashboard import docview
 from overnight.dashboard import store as dashboard
 from overnight.dev import cli
 from overnight.domain import sessions
-from tests.support.fake_provider import FakeProviderServer
+from tests.support.fake_provider import FakeProviderServer, ecb_table
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +67,7 @@ def rates_server(pg_dsn: str, seeded: dict[str, int], monkeypatch: pytest.Monkey
         stored = DbRatesProvider(conn).fetch_rates("USD", currencies)
         symbols = [r[0] for r in conn.execute("SELECT symbol FROM assets")]
         quotes = DbPriceProvider(conn).fetch_prices(symbols)
-    server = FakeProviderServer(rates={"USD": {c: str(v) for c, v in stored.rates.items() if c != "USD"}},
+    server = FakeProviderServer(rates=ecb_table(stored.rates),  # as the ECB publishes them: base EUR
                                 prices={s: (str(q.price), q.currency) for s, q in quotes.items()}).start()
     monkeypatch.setenv("AIRFLOW_CONN_OVERNIGHT_RATES_HTTP", server.base_url)
     try:

@@ -23,7 +23,7 @@ from overnight.adapters.providers.http_rates import ECB_PUBLICATION_TIME, ECB_TZ
 from overnight.domain.markets import get_market
 from overnight.night import jobrun, loading, pipeline, runtime
 from tests.support import reliability as R
-from tests.support.fake_provider import QUOTE_PATH, RATES_PATH, FakeProviderServer
+from tests.support.fake_provider import QUOTE_PATH, RATES_PATH, FakeProviderServer, ecb_table
 from tests.support.pipeline_run import run_pipeline, start
 
 MARKET = "XNYS"
@@ -46,7 +46,7 @@ def tables(conn: psycopg.Connection, seeded) -> dict[str, Any]:
     stored = DbRatesProvider(conn).fetch_rates("USD", currencies)
     conn.commit()
     return {"prices": {s: (str(q.price), q.currency) for s, q in quotes.items()},
-            "rates": {"USD": {c: str(v) for c, v in stored.rates.items() if c != "USD"}},
+            "rates": ecb_table(stored.rates),  # as the ECB publishes them: base EUR
             "currencies": currencies, "stored": stored}
 
 
@@ -76,8 +76,12 @@ def test_429_with_retry_after_is_honoured_then_fresh_rates(conn, server, tables)
         snap = loading.fetch_rates(conn, provider, tables["currencies"])
     assert sleeps == [2.0, 2.0] and len(server.requests_for(RATES_PATH)) == 3
     assert snap.source == "frankfurter" and not snap.stale
+    served = tables["rates"]["EUR"]  # the cross rates of the table served: EUR -> c / EUR -> USD
     assert {c: v for c, v in snap.rates.items() if c != "USD"} == {
-        c: Decimal(v) for c, v in tables["rates"]["USD"].items()}
+        **{c: Decimal(v) / Decimal(served["USD"]) for c, v in served.items() if c != "USD"},
+        **({"EUR": 1 / Decimal(served["USD"])} if "EUR" in tables["currencies"] else {})}
+    assert {c: snap.rates[c] for c in served if c != "USD"} == {
+        c: r for c, r in tables["stored"].rates.items() if c in served and c != "USD"}  # each given back exactly
 
 
 def test_fresh_http_rates_score_usd_users(conn, server, tables) -> None:
@@ -105,13 +109,13 @@ def _script(server: FakeProviderServer, kind: str, tables: dict[str, Any]) -> in
         server.respond(RATES_PATH, 200, b"<html>502 Bad Gateway</html>")
         return 1
     if kind == "invalid":  # rates sent as JSON strings, not numbers: none is usable, the provider refuses them all
-        some = dict(list(tables["rates"]["USD"].items())[:1])
+        some = dict(list(tables["rates"]["EUR"].items())[:2])
         assert all(isinstance(v, str) for v in some.values())
-        server.respond(RATES_PATH, 200, {"amount": 1, "base": "USD", "date": "2026-11-20", "rates": some})
+        server.respond(RATES_PATH, 200, {"amount": 1, "base": "EUR", "date": "2026-11-20", "rates": some})
         return 1
     if kind == "nan":
-        rates = ",".join(f'"{c}": NaN' for c in tables["rates"]["USD"])
-        server.respond(RATES_PATH, 200, f'{{"amount": 1, "base": "USD", "date": "2026-11-20", "rates": {{{rates}}}}}')
+        rates = ",".join(f'"{c}": NaN' for c in tables["rates"]["EUR"])
+        server.respond(RATES_PATH, 200, f'{{"amount": 1, "base": "EUR", "date": "2026-11-20", "rates": {{{rates}}}}}')
         return 1
     if kind == "retry-after-too-long":
         server.respond(RATES_PATH, 429, {}, {"Retry-After": "3600"})
@@ -142,15 +146,17 @@ MONDAY = datetime(2027, 1, 11, 15, 0, tzinfo=UTC)  # one publication behind: sta
 # Wednesday 6 January's: Thu 7, Fri 8, Mon 11 and Tue 12 published since, 4 publications behind (more than 3):
 # unusable. (Friday 8 January's would be 2 behind, 96 h: usable now, refused by the old 72 h rule.)
 WEDNESDAY = datetime(2027, 1, 6, 15, 0, tzinfo=UTC)
-STORED = {"GBP": ("0.801", TUESDAY), "JPY": ("152.5", MONDAY), "EUR": ("0.931", WEDNESDAY)}
+STORED = {"GBP": ("0.801", TUESDAY), "JPY": ("152.5", MONDAY), "CHF": ("0.931", WEDNESDAY)}
 
 
 def test_partial_answer_others_come_from_stored_rates_each_judged_by_its_own_date(
         conn, server, tables, request: pytest.FixtureRequest) -> None:
     # docs/freshness.md: "when it delivers some currencies but not others, stored rates of the others stand
-    # in, each judged by its own date". The provider sends BRL (a real JSON number) and nothing for EUR, GBP
-    # and JPY; the stored rates of those are the newest ones in exchange_rates (the seed's are from today).
-    server.respond(RATES_PATH, 200, b'{"amount": 1, "base": "USD", "date": "2027-01-12", "rates": {"BRL": 5.41}}')
+    # in, each judged by its own date". The provider sends the ECB's USD and BRL (real JSON numbers: 1 USD =
+    # 5.6805 / 1.05 = 5.41 BRL) and nothing for CHF, GBP and JPY; the stored rates of those are the newest ones in
+    # exchange_rates (the seed's are from today).
+    server.respond(RATES_PATH, 200,
+                   b'{"amount": 1, "base": "EUR", "date": "2027-01-12", "rates": {"USD": 1.05, "BRL": 5.6805}}')
 
     def forget() -> None:
         conn.rollback()
@@ -163,15 +169,15 @@ def test_partial_answer_others_come_from_stored_rates_each_judged_by_its_own_dat
         [(q, Decimal(r), at) for q, (r, at) in STORED.items()])
     conn.commit()
     with _rates_provider(server, Sleeps()) as provider:
-        snap = loading.fetch_rates(conn, provider, ["BRL", "EUR", "GBP", "JPY", "USD"], now=PARTIAL_MOMENT)
+        snap = loading.fetch_rates(conn, provider, ["BRL", "CHF", "GBP", "JPY", "USD"], now=PARTIAL_MOMENT)
     assert len(server.requests_for(RATES_PATH)) == 1
     assert snap.source == "frankfurter"  # not a fallback: the provider answered
     assert snap.rates == {"USD": Decimal(1), "BRL": Decimal("5.41"), "GBP": Decimal("0.801"),
                           "JPY": Decimal("152.5")}
     assert snap.stale_in == {"JPY"} and snap.stale is True  # GBP (Tuesday's) is fresh, BRL came fresh
-    assert set(snap.unavailable) == {"EUR"}
-    assert snap.unavailable["EUR"] == (
-        "EUR: rates as of 2027-01-06T15:00:00+00:00 are 4 ECB publications behind the expected publication of "
+    assert set(snap.unavailable) == {"CHF"}
+    assert snap.unavailable["CHF"] == (
+        "CHF: rates as of 2027-01-06T15:00:00+00:00 are 4 ECB publications behind the expected publication of "
         "2027-01-12T15:00:00+00:00, more than the allowed lag of 3 (OVERNIGHT_MAX_RATES_LAG_PUBLICATIONS); fix the "
         "rates provider and clear the run")
     assert snap.as_of == MONDAY  # the oldest rate used

@@ -36,6 +36,18 @@ DEFAULT_RATES: dict[str, dict[str, str]] = {
     },
 }
 
+ECB_USD = "1.08"  # EUR -> USD in the tables `ecb_table` makes
+
+
+def ecb_table(usd_rates: dict[str, Any], eur_usd: str = ECB_USD) -> dict[str, dict[str, str]]:
+    """The ECB's table (base EUR) of rates given per USD: EUR -> c = (USD -> c) x (EUR -> USD), exactly (a product
+    of short decimals), so the provider's cross rate (EUR -> c) / (EUR -> USD) gives each given rate back exactly.
+    EUR itself is the table's base: 1 USD = 1 / eur_usd EUR, whatever `usd_rates` said of it."""
+    k = Decimal(eur_usd)
+    table = {c: str(Decimal(str(v)) * k) for c, v in usd_rates.items() if c not in ("EUR", "USD")}
+    return {"EUR": {"USD": eur_usd, **table}}
+
+
 # symbol -> (price, currency).
 DEFAULT_PRICES: dict[str, tuple[str, str]] = {
     "AAPL": ("189.5", "USD"),

@@ -23,7 +23,7 @@ from overnight.adapters.providers.http import parse_retry_after, redact
 from overnight.adapters.providers.http_prices import HttpPriceProvider
 from overnight.adapters.providers.http_rates import HttpRatesProvider
 from overnight.adapters.providers.ratelimit import LocalRateLimiter, RateLimitTimeout, RedisRateLimiter
-from tests.support.fake_provider import QUOTE_PATH, RATES_PATH, FakeProviderServer
+from tests.support.fake_provider import DEFAULT_RATES, QUOTE_PATH, RATES_PATH, FakeProviderServer
 
 REDIS_URL = os.environ.get("OVERNIGHT_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 SECRET = "s3cr3t-KEY-123"
@@ -89,6 +89,11 @@ def prices(
     return track(HttpPriceProvider(fake.base_url, **opts))  # type: ignore[arg-type]
 
 
+def usd(code: str) -> Decimal:
+    """1 USD in `code` from the ECB's table (base EUR, the fake's DEFAULT_RATES["EUR"]): EUR->code / EUR->USD."""
+    return Decimal(DEFAULT_RATES["EUR"][code]) / Decimal(DEFAULT_RATES["EUR"]["USD"])
+
+
 # --- happy paths ---------------------------------------------------------------------------------
 
 
@@ -96,19 +101,16 @@ def test_rates_happy_path(fake_provider: FakeProviderServer, sleeps: Recorder) -
     with rates(fake_provider, sleeps) as provider:
         snap = provider.fetch_rates("usd", ["BRL", "GBP", "JPY", "BRL"])
     assert snap.base == "USD"
-    assert snap.rates == {
-        "BRL": Decimal("5.1234"),
-        "GBP": Decimal("0.7890"),
-        "JPY": Decimal("154.32"),
-    }
+    assert snap.rates == {"BRL": usd("BRL"), "GBP": usd("GBP"), "JPY": usd("JPY")}
+    assert str(snap.rates["JPY"]) == "154.3262411347517730496453901"  # 163.20 / 1.0575: not the API's 154.32
     assert all(isinstance(v, Decimal) for v in snap.rates.values())
     assert snap.source == "frankfurter"
     assert not snap.stale
     # 2026-11-20 16:00 Europe/Berlin (CET, UTC+1) = 15:00 UTC
     assert snap.as_of == datetime(2026, 11, 20, 15, 0, tzinfo=UTC)
     [req] = fake_provider.requests_for(RATES_PATH)
-    assert req.param("base") == "USD"
-    assert req.param("symbols") == "BRL,GBP,JPY"
+    assert req.param("base") == "EUR"  # the ECB's own table: the API rounds the rates it derives
+    assert req.param("symbols") == "BRL,GBP,JPY,USD"
     assert sleeps.delays == []
 
 
@@ -117,8 +119,8 @@ def test_rates_base_in_symbols_is_one_and_not_requested(
 ) -> None:
     provider = rates(fake_provider, sleeps)
     snap = provider.fetch_rates("USD", ["USD", "EUR"])
-    assert snap.rates == {"USD": Decimal(1), "EUR": Decimal("0.9456")}
-    assert fake_provider.requests_for(RATES_PATH)[0].param("symbols") == "EUR"
+    assert snap.rates == {"USD": Decimal(1), "EUR": Decimal(1) / Decimal("1.0575")}
+    assert fake_provider.requests_for(RATES_PATH)[0].param("symbols") == "USD"
     only_base = provider.fetch_rates("USD", ["USD"])
     assert only_base.rates == {"USD": Decimal(1)}
     assert len(fake_provider.requests_for(RATES_PATH)) == 1
@@ -175,7 +177,7 @@ def test_429_honours_retry_after_seconds(
         RATES_PATH, 429, {"message": "slow down"}, headers={"Retry-After": "2"}
     )
     snap = rates(fake_provider, sleeps).fetch_rates("USD", ["BRL"])
-    assert snap.rates == {"BRL": Decimal("5.1234")}
+    assert snap.rates == {"BRL": usd("BRL")}
     assert sleeps.delays == [2.0]
     assert len(fake_provider.requests_for(RATES_PATH)) == 2
 
@@ -216,7 +218,7 @@ def test_5xx_twice_then_ok(fake_provider: FakeProviderServer, sleeps: Recorder) 
     fake_provider.respond(RATES_PATH, 503, "maintenance")
     fake_provider.respond(RATES_PATH, 502, "bad gateway")
     snap = rates(fake_provider, sleeps).fetch_rates("USD", ["JPY"])
-    assert snap.rates == {"JPY": Decimal("154.32")}
+    assert snap.rates == {"JPY": usd("JPY")}
     assert sleeps.delays == [0.5, 1.0]  # exponential, jitter pinned to its maximum
     assert len(fake_provider.requests_for(RATES_PATH)) == 3
 
@@ -335,7 +337,7 @@ def test_non_json_body_fails_without_retry(
     msg = str(err.value)
     assert "not valid JSON" in msg
     assert "<html><body>Gateway login" in msg
-    assert f"{fake_provider.base_url}/latest?base=USD" in msg
+    assert f"{fake_provider.base_url}/latest?base=EUR" in msg
     assert sleeps.delays == []
     assert len(fake_provider.requests_for(RATES_PATH)) == 1
 
@@ -345,33 +347,33 @@ def test_non_json_body_fails_without_retry(
     [
         ([1, 2, 3], "expected a JSON object, got list"),
         (
-            {"amount": 1, "base": "EUR", "date": "2026-11-20", "rates": {"BRL": 5}},
-            "base is 'EUR', expected 'USD'",
+            {"amount": 1, "base": "USD", "date": "2026-11-20", "rates": {"BRL": 5}},
+            "base is 'USD', expected 'EUR'",
         ),
         (
-            {"amount": 1, "base": "USD", "date": "20/11/2026", "rates": {"BRL": 5}},
+            {"amount": 1, "base": "EUR", "date": "20/11/2026", "rates": {"BRL": 5}},
             "is not an ISO date",
         ),
-        ({"amount": 1, "base": "USD", "date": "2026-11-20"}, "'rates' is missing"),
+        ({"amount": 1, "base": "EUR", "date": "2026-11-20"}, "'rates' is missing"),
         (
-            {"amount": 1, "base": "USD", "date": "2026-11-20", "rates": {"BRL": -5.1}},
+            {"amount": 1, "base": "EUR", "date": "2026-11-20", "rates": {"BRL": -5.1, "USD": 1.0575}},
             r"invalid rate for BRL: Decimal\('-5.1'\)",
         ),
         (
             {
                 "amount": 1,
-                "base": "USD",
+                "base": "EUR",
                 "date": "2026-11-20",
-                "rates": {"BRL": float("nan")},
+                "rates": {"BRL": float("nan"), "USD": 1.0575},
             },
             "invalid rate for BRL: ",
         ),
         (
-            {"amount": 1, "base": "USD", "date": "2026-11-20", "rates": {"BRL": "5.1"}},
+            {"amount": 1, "base": "EUR", "date": "2026-11-20", "rates": {"BRL": "5.1", "USD": 1.0575}},
             "invalid rate for BRL: '5.1'",
         ),
         (
-            {"amount": 1, "base": "USD", "date": "2026-11-20", "rates": {"BRL": True}},
+            {"amount": 1, "base": "EUR", "date": "2026-11-20", "rates": {"BRL": True, "USD": 1.0575}},
             "invalid rate for BRL: True",
         ),
     ],
@@ -392,9 +394,9 @@ def test_partial_rates_deliver_the_others_and_name_the_missing_currencies(
     # the fake leaves out currencies it does not know, like the real API: one unpublished currency never
     # blocks the others (docs/freshness.md)
     snap = rates(fake_provider, sleeps).fetch_rates("USD", ["BRL", "XAU", "GBP", "ZAR"])
-    assert snap.rates == {"BRL": Decimal("5.1234"), "GBP": Decimal("0.7890")}
+    assert snap.rates == {"BRL": usd("BRL"), "GBP": usd("GBP")}
     assert sorted(snap.unavailable) == ["XAU", "ZAR"]
-    assert "returned no rate for XAU (base USD, date 2026-11-20)" in snap.unavailable["XAU"]
+    assert "returned no rate for XAU (base EUR, date 2026-11-20)" in snap.unavailable["XAU"]
     assert sleeps.delays == []
 
 
@@ -731,16 +733,17 @@ def test_an_api_refusing_an_unknown_symbol_is_asked_one_by_one(
     # Some Frankfurter versions refuse the whole request when one symbol is unknown (404 "not found" or 422):
     # the others are then asked one at a time, and only the unknown one is left out (docs/freshness.md).
     def ok(code: str, rate: str) -> dict[str, object]:
-        return {"amount": 1, "base": "USD", "date": "2026-11-20", "rates": {code: Decimal(rate)}}
+        return {"amount": 1, "base": "EUR", "date": "2026-11-20", "rates": {code: Decimal(rate), "USD": Decimal("1.0575")}}
 
     fake_provider.respond(RATES_PATH, status, {"message": "not found"})
-    fake_provider.respond(RATES_PATH, 200, ok("BRL", "5.1234"))
+    fake_provider.respond(RATES_PATH, 200, ok("BRL", "5.4182"))
     fake_provider.respond(RATES_PATH, status, {"message": "not found"})
-    fake_provider.respond(RATES_PATH, 200, ok("GBP", "0.7890"))
+    fake_provider.respond(RATES_PATH, 200, ok("GBP", "0.8344"))
     snap = rates(fake_provider, sleeps).fetch_rates("USD", ["BRL", "ARS", "GBP"])
-    assert snap.rates == {"BRL": Decimal("5.1234"), "GBP": Decimal("0.7890")}
+    assert snap.rates == {"BRL": usd("BRL"), "GBP": usd("GBP")}
     assert list(snap.unavailable) == ["ARS"] and f"HTTP {status}" in snap.unavailable["ARS"]
-    assert [r.param("symbols") for r in fake_provider.requests_for(RATES_PATH)] == ["BRL,ARS,GBP", "BRL", "ARS", "GBP"]
+    assert [r.param("symbols") for r in fake_provider.requests_for(RATES_PATH)] == [
+        "ARS,BRL,GBP,USD", "BRL,USD", "ARS,USD", "GBP,USD"]
     assert snap.as_of == datetime(2026, 11, 20, 15, tzinfo=UTC)  # 16:00 CET
     assert sleeps.delays == []
 
@@ -749,3 +752,16 @@ def test_a_refused_request_for_one_symbol_is_an_error(fake_provider: FakeProvide
     fake_provider.respond(RATES_PATH, 404, {"message": "not found"})
     with pytest.raises(ProviderError, match=r"HTTP 404"):
         rates(fake_provider, sleeps).fetch_rates("USD", ["ARS"])
+
+
+def test_a_table_without_the_dollar_derives_nothing_and_says_why(
+    fake_provider: FakeProviderServer, sleeps: Recorder
+) -> None:
+    """Every USD rate is derived from the ECB's EUR -> USD: without it, no rate is usable, and the error names
+    it (the night then falls back to stored rates, flagged stale: docs/freshness.md)."""
+    fake_provider.respond(RATES_PATH, 200, {"amount": 1, "base": "EUR", "date": "2026-11-20",
+                                            "rates": {"BRL": 5.4182, "GBP": 0.8344}})
+    with pytest.raises(ProviderError, match=r"no usable rate for USD, the base every rate is derived from") as err:
+        rates(fake_provider, sleeps).fetch_rates("USD", ["BRL", "GBP"])
+    assert "returned no rate for USD (base EUR, date 2026-11-20)" in str(err.value)
+    assert fake_provider.requests_for(RATES_PATH)[0].param("symbols") == "BRL,GBP,USD"

@@ -21,19 +21,24 @@ from overnight.adapters.providers.http import (
     logger,
 )
 
-# The ECB publishes its reference rates for a day at about 16:00 CET/CEST.
+# The ECB publishes its reference rates for a day at about 16:00 CET/CEST, in euros.
 ECB_PUBLICATION_TIME = dtime(16, 0)
+ECB_BASE = "EUR"
 ECB_TZ = ZoneInfo("Europe/Berlin")
 
 
 class HttpRatesProvider(_HttpJsonSource):
-    """RatesProvider for the Frankfurter (ECB reference rates) JSON API: GET {base_url}/latest?base=..&symbols=.."""
+    """RatesProvider for the Frankfurter (ECB reference rates) JSON API: GET {base_url}/latest?base=EUR&symbols=.."""
 
     source = "frankfurter"
 
     def fetch_rates(self, base: str, symbols: list[str]) -> RatesSnapshot:
         """Returns 1 `base` in each requested currency the provider publishes; missing or invalid ones are left
-        out and listed in `unavailable` (a ProviderError only when none is usable)."""
+        out and listed in `unavailable` (a ProviderError only when none is usable).
+
+        Asks the ECB's own table, base EUR, and derives each rate as EUR->currency / EUR->base in Decimal. Asked
+        on another base, the Frankfurter API derives and rounds the rates itself (2 decimals above 80, whole
+        numbers above 5,000: JPY 154.32, KRW 1456), and the night would round them again."""
         base_code = _currency_code(base, "base")
         wanted = _dedupe(_currency_code(s, "symbol") for s in symbols)
         remote = [s for s in wanted if s != base_code]
@@ -44,10 +49,9 @@ class HttpRatesProvider(_HttpJsonSource):
             return RatesSnapshot(
                 base=base_code, rates=rates, as_of=datetime.now(UTC), source=self.source
             )
+        ask = sorted({*remote, base_code} - {ECB_BASE})
         try:
-            body, shown = self._get_json(
-                "/latest", {"base": base_code, "symbols": ",".join(remote)}
-            )
+            body, shown = self._get_json("/latest", {"base": ECB_BASE, "symbols": ",".join(ask)})
         except ProviderClientError as exc:
             if exc.status not in (404, 422) or len(remote) < 2:
                 raise
@@ -59,9 +63,9 @@ class HttpRatesProvider(_HttpJsonSource):
                 shown, f"expected a JSON object, got {type(body).__name__}", body
             )
         got_base = body.get("base")
-        if not isinstance(got_base, str) or got_base.upper() != base_code:
+        if not isinstance(got_base, str) or got_base.upper() != ECB_BASE:
             raise self._shape_error(
-                shown, f"base is {got_base!r}, expected {base_code!r}", body
+                shown, f"base is {got_base!r}, expected {ECB_BASE!r}", body
             )
         amount = body.get("amount", 1)
         if _number(amount) != 1:
@@ -83,9 +87,10 @@ class HttpRatesProvider(_HttpJsonSource):
         # One currency the provider does not publish (or sends broken) never blocks the others: it is
         # left out and reported, so only the users who need it are affected (docs/freshness.md).
         unavailable: dict[str, str] = {}
-        for s in remote:
+        euro: dict[str, Decimal] = {ECB_BASE: Decimal(1)}
+        for s in ask:
             if s not in raw_rates:
-                unavailable[s] = (f"{self.source}: GET {shown} returned no rate for {s} (base {base_code}, date "
+                unavailable[s] = (f"{self.source}: GET {shown} returned no rate for {s} (base {ECB_BASE}, date "
                                   f"{day.isoformat()}); the provider does not publish it: use a provider that covers it")
                 continue
             rate = _positive_finite(raw_rates[s])
@@ -93,14 +98,22 @@ class HttpRatesProvider(_HttpJsonSource):
                 unavailable[s] = (f"{self.source}: GET {shown} returned an invalid rate for {s}: {raw_rates[s]!r} "
                                   "(must be a positive finite number); the provider's data is broken")
                 continue
-            rates[s] = rate
+            euro[s] = rate
+        if base_code not in euro:
+            raise ProviderError(
+                f"{self.source}: GET {shown} delivered no usable rate for {base_code}, the base every rate is "
+                f"derived from (EUR->currency / EUR->{base_code}): {'; '.join(unavailable.values())}")
+        for s in remote:
+            if s in euro:
+                rates[s] = euro[s] / euro[base_code]  # 1 base = (EUR -> s) / (EUR -> base) of s
+        unavailable.pop(base_code, None)
         if unavailable:
             logger.warning("rates not delivered provider=%s currencies=%s", self.source, ",".join(unavailable),
                            extra={"provider": self.source, "unavailable": sorted(unavailable)})
         if not any(s in rates for s in remote):
             raise ProviderError(
                 f"{self.source}: GET {shown} delivered no usable rate for any of {', '.join(remote)} (base "
-                f"{base_code}): {'; '.join(unavailable.values())}"
+                f"{ECB_BASE}): {'; '.join(unavailable.values())}"
             )
         as_of = datetime.combine(day, ECB_PUBLICATION_TIME, tzinfo=ECB_TZ).astimezone(
             UTC
@@ -121,7 +134,6 @@ class HttpRatesProvider(_HttpJsonSource):
         return RatesSnapshot(
             base=base_code, rates=rates, as_of=as_of, source=self.source, unavailable=unavailable
         )
-
 
     def _one_by_one(self, base: str, remote: list[str], rates: dict[str, Decimal],
                     refused: ProviderClientError) -> RatesSnapshot:
