@@ -291,6 +291,18 @@ def _lock_table(pg_dsn: str, table: str, hold_s: float = 15) -> Any:
     return release
 
 
+async def _read_dashboards(client: httpx.AsyncClient, users: list[str], seconds: float,
+                           headers: dict[str, str] | None = None) -> list[tuple[int, float, bool]]:
+    """Reads the users' dashboards one after another for `seconds`: (status, seconds taken, fromCache) each."""
+    out: list[tuple[int, float, bool]] = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t0 = time.monotonic()
+        r = await client.get(f"{API}/dashboard/{users[len(out) % len(users)]}", headers=headers)
+        out.append((r.status_code, time.monotonic() - t0, r.status_code == 200 and r.json()["data"]["fromCache"]))
+    return out
+
+
 def test_audit_calls_cannot_starve_the_dashboards_postgres_fallback(server: dict[str, Any]) -> None:
     """16 concurrent /audit calls from three logins, blocked in Postgres (their table locked for 3 s) while
     dashboards miss Redis: the dashboards keep answering from Postgres at once; each login's first call takes
@@ -313,20 +325,11 @@ def test_audit_calls_cannot_starve_the_dashboards_postgres_fallback(server: dict
                                      headers={"Authorization": f"Bearer {server['tokens'][who]}"})
                 return r.status_code, r.json(), time.monotonic() - t0
 
-            async def dashboards_meanwhile() -> None:
-                end = time.monotonic() + AUDIT_WAIT_S + 0.5
-                i = 0
-                while time.monotonic() < end:
-                    t0 = time.monotonic()
-                    r = await client.get(f"{API}/dashboard/{users[i % len(users)]}")
-                    dashboards.append((r.status_code, time.monotonic() - t0,
-                                       r.status_code == 200 and r.json()["data"]["fromCache"]))
-                    i += 1
 
             logins = ("admin", SERVICE, "viewer")
             audits = [asyncio.create_task(audit(logins[i % 3])) for i in range(16)]
             await asyncio.sleep(0.2)  # the audits are in: AUDIT_CONCURRENCY of them hold connections
-            await dashboards_meanwhile()
+            dashboards.extend(await _read_dashboards(client, users, AUDIT_WAIT_S + 0.5))
             release()
             return list(await asyncio.gather(*audits))
 
@@ -379,14 +382,7 @@ def test_a_viewers_flood_of_operations_routes_cannot_starve_investors_dashboards
 
             calls = [asyncio.create_task(flood(flood_paths[i % len(flood_paths)])) for i in range(40)]
             await asyncio.sleep(0.3)  # the flood is in and waiting in Postgres
-            end = time.monotonic() + PG_ACQUIRE_TIMEOUT_S + 0.7
-            i = 0
-            while time.monotonic() < end:
-                t0 = time.monotonic()
-                r = await client.get(f"{API}/dashboard/{users[i % len(users)]}", headers=app)
-                dashboards.append((r.status_code, time.monotonic() - t0,
-                                   r.status_code == 200 and r.json()["data"]["fromCache"]))
-                i += 1
+            dashboards.extend(await _read_dashboards(client, users, PG_ACQUIRE_TIMEOUT_S + 0.7, app))
             release_runs()
             release_events()
             return list(await asyncio.gather(*calls))

@@ -60,16 +60,10 @@ AUDIT_PER_LOGIN = 1  # /audit queries at once per login and worker: more get 429
 
 
 def _login(request: Request) -> str:
-    """Who is asking, for the per-login /audit cap: the auth manager's user id (its name when it has none)."""
+    """Who is asking, for the per-login /audit cap: the auth manager's user id."""
     user = getattr(getattr(request.state, "overnight_access", None), "user", None)
-    for attr in ("get_id", "get_name"):
-        get = getattr(user, attr, None)
-        if callable(get):
-            try:
-                return f"{type(user).__name__}:{get()}"
-            except Exception:  # noqa: BLE001 - a user without that attribute: try the next
-                continue
-    return f"{type(user).__name__}:{user}"
+    get_id = getattr(user, "get_id", None)  # every Airflow auth manager's user has one (BaseUser)
+    return f"{type(user).__name__}:{get_id() if callable(get_id) else user}"
 _SYMBOL_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # any printable text; control characters (NUL) are refused
 
 

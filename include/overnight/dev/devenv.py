@@ -125,15 +125,15 @@ def _pg_user() -> str | None:
     return "pgserver"
 
 
-def _secret(path: Path) -> tuple[str, bool]:
-    """The password kept in `path` (0600), made when missing; and whether it was made now."""
-    if path.exists():
-        make_private(path)
-        return path.read_text().strip(), False
-    import secrets
+def _secret(path: Path, nbytes: int = 24) -> tuple[str, bool]:
+    """The random secret kept in `path` (0600), made when missing; and whether it was made now."""
+    made = not path.exists()
+    if made:
+        import secrets
 
-    write_private(path, secrets.token_urlsafe(24))
-    return path.read_text().strip(), True
+        write_private(path, secrets.token_urlsafe(nbytes))
+    make_private(path)
+    return path.read_text().strip(), made
 
 
 def _readable_by(user: str | None, text: str) -> Path:
@@ -404,13 +404,7 @@ def environment() -> dict[str, str]:
 
 def jwt_secret() -> str:
     """Returns the local JWT secret shared by every Airflow component (made once under .local/)."""
-    path = LOCAL / "jwt_secret"
-    if not path.exists():
-        import secrets
-
-        write_private(path, secrets.token_urlsafe(32))
-    make_private(path)
-    return path.read_text().strip()
+    return _secret(LOCAL / "jwt_secret", 32)[0]
 
 
 def pick_redis_db(url: str, owner: str) -> str:

@@ -10,6 +10,7 @@ import os
 import re
 import time
 import uuid
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -277,13 +278,14 @@ def plan(market: Market, run: RunParams, all_codes: list[str], job_x: dict[str, 
     job = jobrun.JobRun.from_xcom(job_x)
     aud = audience(market, run, all_codes)
     plan_id = str(uuid.uuid4())
+    named = sorted(aud.user_ids) if aud.user_ids is not None else None  # canonical UUID text sorts as Postgres does
     with db.connect() as conn:
         batches = loading.plan_batches(conn, aud, run.batch_size)
         with conn.transaction():
             with conn.cursor().copy("COPY overnight_job_batches (job_run_id, plan_id, batch_index, lo, hi, user_ids)"
                                     " FROM STDIN") as cp:
                 for b in batches:
-                    mine = None if aud.user_ids is None else sorted(u for u in aud.user_ids if b["lo"] <= u <= b["hi"])
+                    mine = None if named is None else named[bisect_left(named, b["lo"]):bisect_right(named, b["hi"])]
                     cp.write_row((job.id, plan_id, b["index"], b["lo"], b["hi"], mine))
     total = batches[0]["total"] if batches else 0
     log.info("%s %s: %d users in %d batches (earlier markets that day: %s)", market.code, run.session_date,
@@ -297,7 +299,7 @@ def resolve_batch(conn: Any, batch: dict[str, Any]) -> tuple[dict[str, Any], job
     """A planned batch's descriptor with its user-id range (`lo`, `hi`) read back from `overnight_job_batches`,
     and its audience with the run's user ids in that range (when the run names users)."""
     aud = jobrun.Audience.from_xcom(batch["audience"])
-    if "lo" in batch:  # planned in this process (tests, the benchmark's I/O floor): the range is at hand
+    if "lo" in batch:  # planned before migration 0008 (a DAG run in flight across the upgrade): its XCom has it
         return batch, aud
     row = conn.execute("SELECT lo::text, hi::text, user_ids::text[] FROM overnight_job_batches"
                        " WHERE plan_id = %s AND batch_index = %s", (batch["plan_id"], batch["index"])).fetchone()

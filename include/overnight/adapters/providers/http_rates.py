@@ -106,7 +106,6 @@ class HttpRatesProvider(_HttpJsonSource):
         for s in remote:
             if s in euro:
                 rates[s] = euro[s] / euro[base_code]  # 1 base = (EUR -> s) / (EUR -> base) of s
-        unavailable.pop(base_code, None)
         if unavailable:
             logger.warning("rates not delivered provider=%s currencies=%s", self.source, ",".join(unavailable),
                            extra={"provider": self.source, "unavailable": sorted(unavailable)})
