@@ -15,17 +15,20 @@ WITH_ENV := set -a && . .local/env.sh && set +a &&
 
 .PHONY: install env browser migrate airflow-setup seed demo test run replay airflow stop lint bench
 
-$(VENV)/.installed: requirements.txt
+# requirements-dev.txt: the lock of production's requirements.txt plus the development and test tools;
+# the package (include/pyproject.toml) is installed editable, as in the image.
+$(VENV)/.installed: requirements.txt requirements-dev.txt include/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check uv==0.13.9
-	@$(VENV)/bin/uv pip install --python $(PY) -q --compile-bytecode -r requirements.txt
+	@$(VENV)/bin/uv pip install --python $(PY) -q --compile-bytecode -r requirements-dev.txt
+	@$(VENV)/bin/uv pip install --python $(PY) -q --no-deps -e include
 	@touch $@
 
-install: $(VENV)/.installed  ## create .venv with the pinned requirements
+install: $(VENV)/.installed  ## create .venv: the locked requirements (requirements-dev.txt) and the package
 
 env: install  ## start embedded Postgres/Redis unless connections are given; write .local/env.sh
 	@$(PY) -m compileall -q include dags plugins >/dev/null || true
-	@PYTHONPATH=include $(PY) -m overnight.dev.devenv up
+	@$(PY) -m overnight.dev.devenv up
 
 migrate: env  ## apply the application's migrations
 	@$(WITH_ENV) $(PY) -m overnight.adapters.migrate
@@ -69,7 +72,7 @@ airflow: migrate airflow-setup  ## api-server on 127.0.0.1:8080 (OVERNIGHT_API_H
 
 stop:  ## stop what the make targets started (Airflow, embedded servers)
 	@if [ -f .local/env.sh ]; then $(WITH_ENV) $(PY) -m overnight.dev.services stop; fi
-	@if [ -x $(PY) ]; then PYTHONPATH=include $(PY) -m overnight.dev.devenv down; fi
+	@if [ -x $(PY) ]; then $(PY) -m overnight.dev.devenv down; fi
 
 lint: install
-	@$(VENV)/bin/ruff check . && $(VENV)/bin/mypy include/overnight && PYTHONPATH=include $(VENV)/bin/lint-imports
+	@$(VENV)/bin/ruff check . && $(VENV)/bin/mypy include/overnight && $(VENV)/bin/lint-imports

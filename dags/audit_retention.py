@@ -19,14 +19,10 @@ wait at most 10 s for a lock held by a running scoring batch, then fail and retr
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
-
-from airflow.sdk import dag, task  # noqa: E402
+from airflow.sdk import dag, task
 
 
 @dag(

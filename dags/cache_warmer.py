@@ -22,17 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
+from airflow.sdk import AssetAny, Param, dag, get_current_context, task
 
-from airflow.sdk import AssetAny, Param, dag, get_current_context, task  # noqa: E402
-
-from overnight.domain.markets import load_markets  # noqa: E402
-from overnight.night import assets  # noqa: E402
+from overnight.domain.markets import load_markets
+from overnight.night import assets
 
 
 def _schedule(setting: str) -> AssetAny | None:

@@ -6,12 +6,7 @@ and what to do, while `overnight_scoring.py` builds the DAGs of the valid market
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
-
-from overnight.domain.markets import load_markets  # noqa: E402
+from overnight.domain.markets import load_markets
 
 _ERRORS = load_markets().errors
 if _ERRORS:

@@ -19,15 +19,11 @@ Checks, every hour and whenever you trigger it, that the night's runs can work. 
 from __future__ import annotations
 
 import logging
-import sys
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
-
-from airflow.sdk import dag, task  # noqa: E402
-from airflow.sdk.exceptions import AirflowFailException  # noqa: E402
+from airflow.sdk import dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +51,7 @@ def overnight_preflight() -> None:
         """Runs every check; fails with one line per problem, logs the warnings; returns the report."""
         from overnight.ops import preflight as checks
 
-        report = checks.run_in_task()
+        report = checks.run_in_task(ti=get_current_context()["ti"])
         for line in report.notes:
             log.info("preflight: %s", line)
         for line in report.warnings:

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from airflow.sdk import get_parsing_context
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "include"))
-
-from airflow.sdk import get_parsing_context  # noqa: E402
-
-from overnight.domain.markets import load_markets  # noqa: E402
-from overnight.night.dag_factory import build_market_dag  # noqa: E402
+from overnight.domain.markets import load_markets
+from overnight.night.dag_factory import build_market_dag
 
 _CURRENT = get_parsing_context().dag_id  # while a task runs, build only its DAG, and cheaply
 _LOADED = load_markets(check_codes=_CURRENT is None)

@@ -12,14 +12,13 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from overnight.dev import devenv
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "include"))
-
-import pytest  # noqa: E402
-
-from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn  # noqa: E402
-from overnight.dev import devenv  # noqa: E402
 
 pytest_plugins = ["tests.support.fixtures_provider"]
 
@@ -34,18 +33,21 @@ TEST_ENV: dict[str, str] = {}
 
 
 def _prepare_environment() -> dict[str, str]:
-    base = parse_connection(POSTGRES_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
+    # Nothing here imports Airflow (its settings are read once, at its import): the URIs `make` wrote (.local/env.sh)
+    # get this run's database names by hand.
+    base = os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"]
+
+    def on(database: str) -> str:
+        return urlunsplit(urlsplit(base)._replace(path=f"/{database}"))
+
     app_db, meta_db = f"ovt_{RUN_ID}", f"ovt_{RUN_ID}_af"
-    app = ConnInfo(**{**base.__dict__, "schema": app_db})
-    meta = ConnInfo(**{**base.__dict__, "schema": meta_db})
     redis_test_url = devenv.pick_redis_db(os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"], f"test-{RUN_ID}")
     home = ROOT / ".local" / f"test-{RUN_ID}"
     home.mkdir(parents=True, exist_ok=True)
     env = {
-        "AIRFLOW_CONN_OVERNIGHT_POSTGRES": postgres_dsn(app),
+        "AIRFLOW_CONN_OVERNIGHT_POSTGRES": on(app_db),
         "AIRFLOW_CONN_OVERNIGHT_REDIS": redis_test_url,
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres_dsn(meta).replace("postgresql://", "postgresql+psycopg2://", 1),
-        "AIRFLOW_CONN_OVERNIGHT_AIRFLOW_METADATA": postgres_dsn(meta),  # overnight_metadata_cleanup's database
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": on(meta_db).replace("postgresql://", "postgresql+psycopg2://", 1),
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),

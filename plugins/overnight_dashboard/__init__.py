@@ -5,15 +5,10 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
-
-INCLUDE_DIR = Path(__file__).resolve().parents[2] / "include"
-if str(INCLUDE_DIR) not in sys.path:
-    sys.path.insert(0, str(INCLUDE_DIR))
 
 PLUGIN_DIR = Path(__file__).resolve().parent
 URL_PREFIX = "/overnight"

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from airflow.plugins_manager import AirflowPlugin
 
-INCLUDE_DIR = Path(__file__).resolve().parents[2] / "include"
-if str(INCLUDE_DIR) not in sys.path:
-    sys.path.insert(0, str(INCLUDE_DIR))
-
-from overnight.night.timetable import MarketSessionTimetable  # noqa: E402 - needs include/ on sys.path first
+from overnight.night.timetable import MarketSessionTimetable
 
 
 class OvernightTimetablesPlugin(AirflowPlugin):

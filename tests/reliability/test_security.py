@@ -21,7 +21,7 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
-from overnight.adapters.connections import ConnInfo, postgres_dsn
+from overnight.adapters.connections import postgres_dsn
 from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.dashboard.store import DashboardStore
 from overnight.domain.markets import get_market
@@ -50,7 +50,7 @@ def _leaks(text: str) -> list[str]:
 @pytest.fixture
 def secret_role():
     info = R.base_info()
-    admin = postgres_dsn(ConnInfo(**{**info.__dict__, "schema": "postgres"}))
+    admin = postgres_dsn(info, dbname="postgres")
     role = f"ovt_sec_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin, autocommit=True) as c:
         c.execute(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{PG_SECRET}'")
@@ -179,13 +179,13 @@ def test_no_secret_leaks_and_hostile_symbols_are_harmless(airflow_db, secret_rol
 
 def test_wrong_port_with_a_secret_password_fails_without_showing_it() -> None:
     from overnight.adapters import db
-    from overnight.adapters.connections import parse_connection
+    from overnight.adapters.connections import from_value
     from overnight.dev import devenv
 
     port = free_port()  # nothing listens there
     dsn = f"postgresql://someone:{PG_SECRET}@127.0.0.1:{port}/overnight"
     with pytest.raises(devenv.SetupError) as setup:
-        devenv.check_postgres(parse_connection("overnight_postgres", dsn))
+        devenv.check_postgres(from_value("overnight_postgres", dsn))
     assert "overnight_postgres" in str(setup.value) and not _leaks(str(setup.value)), str(setup.value)
     with pytest.raises(psycopg.OperationalError) as direct:
         db.connect(dsn).close()

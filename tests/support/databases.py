@@ -20,22 +20,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
+from airflow.sdk import Connection
 from psycopg import sql
 
-from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.adapters.connections import POSTGRES_CONN_ID, from_value, postgres_dsn
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDED_USERS, SEED = 600, 7  # the shared data set of the `seeded` fixture
 
 
-def server() -> ConnInfo:
+def server() -> Connection:
     """The test run's `overnight_postgres` connection (its database: this process's application database)."""
-    return parse_connection(POSTGRES_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
+    return from_value(POSTGRES_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
 
 
 def dsn_of(name: str) -> str:
     """The DSN of database `name` on the test server."""
-    return postgres_dsn(ConnInfo(**{**server().__dict__, "schema": name}))
+    return postgres_dsn(server(), dbname=name)
 
 
 def _admin() -> psycopg.Connection:
@@ -119,12 +120,15 @@ def app_template(users: int = 0, seed_value: int = SEED) -> str:
 
 
 def airflow_template() -> str:
-    """Airflow's metadata database after `airflow db migrate`."""
+    """Airflow's metadata database after `airflow db migrate` and `airflow pools import include/pools.json`
+    (the two commands a deployment runs: docs/deploy.md)."""
     def build(dsn: str) -> None:
         env = {**os.environ, "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": dsn.replace("postgresql://",
                                                                                 "postgresql+psycopg2://", 1)}
-        proc = subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"], env=env,
-                              capture_output=True, text=True, timeout=600, cwd=str(ROOT))
-        assert proc.returncode == 0, f"airflow db migrate: {proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+        airflow = str(Path(sys.executable).with_name("airflow"))
+        for args in (["db", "migrate"], ["pools", "import", str(ROOT / "include" / "pools.json")]):
+            proc = subprocess.run([airflow, *args], env=env, capture_output=True, text=True, timeout=600,
+                                  cwd=str(ROOT))
+            assert proc.returncode == 0, f"airflow {' '.join(args)}: {proc.stdout[-2000:]}{proc.stderr[-3000:]}"
 
     return template("af", build)

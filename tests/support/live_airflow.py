@@ -28,7 +28,7 @@ import httpx
 import psycopg
 from cryptography.fernet import Fernet
 
-from overnight.adapters.connections import ConnInfo, postgres_dsn
+from overnight.adapters.connections import postgres_dsn
 from overnight.domain.markets import Market, load_markets
 from overnight.domain.sessions import next_run
 from tests.support import databases
@@ -138,15 +138,14 @@ def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live", scheduled: 
     base = R.base_info()
     meta_name = f"{base.schema}_{tag}_af"
     databases.clone(databases.airflow_template(), meta_name)  # `airflow db migrate` done once per suite run
-    meta = ConnInfo(**{**base.__dict__, "schema": meta_name})
     api_port = free_port()
     home = tmp_path / "airflow-home"
     home.mkdir(parents=True, exist_ok=True)
     env = R.subprocess_env(
         AIRFLOW_CONN_OVERNIGHT_POSTGRES=app_dsn,
         AIRFLOW_HOME=str(home),
-        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=postgres_dsn(meta).replace("postgresql://", "postgresql+psycopg2://", 1),
-        AIRFLOW_CONN_OVERNIGHT_AIRFLOW_METADATA=postgres_dsn(meta),
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=postgres_dsn(base, dbname=meta_name).replace("postgresql://",
+                                                                                      "postgresql+psycopg2://", 1),
         AIRFLOW__CORE__EXECUTOR="LocalExecutor",
         AIRFLOW__CORE__PARALLELISM="4",
         AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
@@ -167,7 +166,7 @@ def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live", scheduled: 
         OVERNIGHT_CLI_LOG="-",
         **extra_env,
     )
-    stack = LiveAirflow(env=env, af_dsn=postgres_dsn(meta), logs=tmp_path)
+    stack = LiveAirflow(env=env, af_dsn=postgres_dsn(base, dbname=meta_name), logs=tmp_path)
     try:
         for name in COMPONENTS:
             # as `make airflow`: no log server (it would listen on every interface, and on the port of the

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from airflow.sdk import Connection
 
-from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection
+from overnight.adapters.connections import POSTGRES_CONN_ID, from_value
 from overnight.domain import sessions
 from tests.support.ports import free_port
 
@@ -154,9 +155,9 @@ def airflow_meta_dsn() -> str:
     return os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("postgresql+psycopg2://", "postgresql://", 1)
 
 
-def base_info() -> ConnInfo:
+def base_info() -> Connection:
     """The test run's `overnight_postgres` connection."""
-    return parse_connection(POSTGRES_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
+    return from_value(POSTGRES_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
 
 
 @contextmanager

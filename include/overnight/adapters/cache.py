@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from overnight.adapters.connections import redis_url
+from overnight.adapters.connections import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +18,13 @@ PORTFOLIO_PREFIX = "portfolio:"
 
 
 def connect(url: str | None = None, *, timeout_s: float = 2.0) -> redis.Redis:
-    """Returns a client for the `overnight_redis` connection (short timeouts: the cache is optional)."""
-    return redis.Redis.from_url(
-        url or redis_url(), socket_connect_timeout=timeout_s, socket_timeout=timeout_s, health_check_interval=30
-    )
+    """Returns a client for the `overnight_redis` Airflow connection, or for `url` where a tool names one
+    (short timeouts: the cache is optional)."""
+    if url:
+        return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s,
+                                    health_check_interval=30)
+    client: redis.Redis = redis_client(timeout_s=timeout_s)
+    return client
 
 
 def recs_key(user_id: str) -> str:

@@ -154,7 +154,7 @@ def create_app(
         _declare_security(app)
     app.state.store = store
     app.state.auth_cache = auth_cache
-    audit_key = pseudonym_key()
+    audit_key = pseudonym_key(server=True)  # the api-server may read the Variable from the metadata database
     audit_slots = asyncio.Semaphore(AUDIT_CONCURRENCY)
     audit_by_login: dict[str, int] = {}  # login -> its /audit calls running now (entries go when back at 0)
 

@@ -73,10 +73,10 @@ def _redacted(url: str | None, conn_type: str) -> str:
         return "unresolved"
     if not url:
         return "none"
-    from overnight.adapters.connections import ConnectionNotConfigured, parse_connection
+    from overnight.adapters.connections import ConnectionNotConfigured, from_value, redacted
 
     try:
-        return parse_connection(f"overnight_{conn_type}", url).redacted()
+        return redacted(from_value(f"overnight_{conn_type}", url))
     except (ConnectionNotConfigured, ValueError):
         return "<unparsable, hidden>"
 
@@ -114,12 +114,18 @@ class DashboardStore:
             if self.pg_dsn is None or self.redis_url is None:
                 from overnight.adapters import connections
 
-                # Resolving a connection may ask Airflow's secrets backends: keep it off the event loop.
+                # Resolving a connection may ask Airflow's secrets backends or its metadata database (connections
+                # added in the UI): keep it off the event loop.
+                def resolve(conn_id: str) -> Any:
+                    return connections.get_connection(conn_id, server=True)
+
                 if self.pg_dsn is None:
-                    self.pg_dsn = await asyncio.to_thread(connections.postgres_dsn)
+                    pg = await asyncio.to_thread(resolve, connections.POSTGRES_CONN_ID)
+                    self.pg_dsn = connections.postgres_dsn(pg)
                 if self.redis_url is None:
                     try:
-                        self.redis_url = await asyncio.to_thread(connections.redis_url)
+                        rd = await asyncio.to_thread(resolve, connections.REDIS_CONN_ID)
+                        self.redis_url = connections.redis_url(rd)
                     except connections.ConnectionNotConfigured as exc:
                         log.warning("dashboard: no Redis (%s); serving from Postgres only", exc)
                         self.redis_url = ""

@@ -40,7 +40,7 @@ import psycopg
 import redis
 
 from overnight.adapters import migrate
-from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.adapters.connections import POSTGRES_CONN_ID, from_value, postgres_dsn
 from overnight.dev import devenv, loadgen, seed
 from overnight.dev.devenv import api_host, write_private
 from overnight.domain import sessions
@@ -147,13 +147,13 @@ class Bench:
 
     def prepare(self) -> None:
         """Fresh databases and Redis db, Airflow home with the DAGs and the no-op DAG."""
-        base = parse_connection(POSTGRES_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
+        base = from_value(POSTGRES_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
         self.app_db, self.meta_db = f"bench_{self.id}", f"bench_{self.id}_af"
         for name in (self.app_db, self.meta_db):
             devenv.create_database(base, name)
         self.base = base
-        self.dsn = postgres_dsn(ConnInfo(**{**base.__dict__, "schema": self.app_db}))
-        meta = postgres_dsn(ConnInfo(**{**base.__dict__, "schema": self.meta_db}))
+        self.dsn = postgres_dsn(base, dbname=self.app_db)
+        meta = postgres_dsn(base, dbname=self.meta_db)
         self.redis_url = devenv.pick_redis_db(os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"], f"bench-{self.id}")
         dags = self.home / "dags"
         dags.mkdir(parents=True)
@@ -193,6 +193,7 @@ class Bench:
             })
         migrate.migrate(self.dsn)
         self._airflow(["db", "migrate"], timeout=300)
+        self._airflow(["pools", "import", str(ROOT / "include" / "pools.json")])  # score_batch's pool
         devenv.make_private(self.home / "airflow.cfg")  # Airflow's generated secret keys
         write_private(self.home / "passwords.json", json.dumps({"admin": self.password}))
 
@@ -514,7 +515,7 @@ class Bench:
                     os.killpg(proc.pid, signal.SIGKILL)
         if keep:
             return
-        admin = postgres_dsn(ConnInfo(**{**self.base.__dict__, "schema": "postgres"}))
+        admin = postgres_dsn(self.base, dbname="postgres")
         with suppress(psycopg.Error), psycopg.connect(admin, autocommit=True) as conn:
             for name in (self.app_db, self.meta_db):
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -18,19 +18,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from overnight.adapters.connections import (
     POSTGRES_CONN_ID,
     REDIS_CONN_ID,
     ConnectionNotConfigured,
-    ConnInfo,
     failure_line,
-    parse_connection,
+    from_value,
     postgres_dsn,
     reach_postgres,
     reach_redis,
+    redacted,
 )
+
+if TYPE_CHECKING:
+    from airflow.sdk import Connection
 
 ROOT = Path(__file__).resolve().parents[3]
 LOCAL = ROOT / ".local"
@@ -297,7 +301,7 @@ def stop_embedded_redis() -> None:
         REDIS_PID_FILE.unlink(missing_ok=True)
 
 
-def check_postgres(info: ConnInfo, create: bool = True) -> None:
+def check_postgres(info: Connection, create: bool = True) -> None:
     """Connects to the application database (creating it when missing); raises SetupError if not."""
     import psycopg
 
@@ -308,32 +312,31 @@ def check_postgres(info: ConnInfo, create: bool = True) -> None:
         missing_db = "does not exist" in str(exc) and "database" in str(exc)
         if not (create and missing_db):
             raise SetupError(
-                f"connection '{POSTGRES_CONN_ID}' ({info.redacted()}): cannot connect: {failure_line(exc, info)}. "
+                f"connection '{POSTGRES_CONN_ID}' ({redacted(info)}): cannot connect: {failure_line(exc, info)}. "
                 "Fix AIRFLOW_CONN_OVERNIGHT_POSTGRES (host, port, user, password, database) "
                 "or unset it to use the embedded Postgres."
             ) from None
     create_database(info, info.schema or APP_DB)
 
 
-def create_database(info: ConnInfo, name: str) -> None:
+def create_database(info: Connection, name: str) -> None:
     """Creates database `name` on the connection's server if it does not exist."""
     import psycopg
     from psycopg import sql
 
-    admin = ConnInfo(**{**info.__dict__, "schema": "postgres"})
     try:
-        with psycopg.connect(postgres_dsn(admin), autocommit=True, connect_timeout=5) as conn:
+        with psycopg.connect(postgres_dsn(info, dbname="postgres"), autocommit=True, connect_timeout=5) as conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
             if not exists:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     except psycopg.Error as exc:
         raise SetupError(
-            f"connection '{POSTGRES_CONN_ID}' ({info.redacted()}): cannot create database "
+            f"connection '{POSTGRES_CONN_ID}' ({redacted(info)}): cannot create database "
             f"'{name}': {str(exc).strip().splitlines()[0]}. Create it yourself or grant CREATEDB."
         ) from None
 
 
-def check_redis(info: ConnInfo) -> None:
+def check_redis(info: Connection) -> None:
     """Pings Redis; raises SetupError naming the connection if it does not answer."""
     import redis
 
@@ -341,7 +344,7 @@ def check_redis(info: ConnInfo) -> None:
         reach_redis(info, 3)
     except (redis.RedisError, ConnectionError) as exc:
         raise SetupError(
-            f"connection '{REDIS_CONN_ID}' ({info.redacted()}): cannot connect: {failure_line(exc, info)}. "
+            f"connection '{REDIS_CONN_ID}' ({redacted(info)}): cannot connect: {failure_line(exc, info)}. "
             "Fix AIRFLOW_CONN_OVERNIGHT_REDIS or unset it to use the embedded Redis."
         ) from None
 
@@ -355,8 +358,8 @@ def environment() -> dict[str, str]:
         pg_value = admin.rsplit("/", 1)[0] + f"/{APP_DB}"  # with the password: env.sh is 0600
     redis_value = os.environ.get("AIRFLOW_CONN_OVERNIGHT_REDIS") or start_embedded_redis()
     try:
-        pg = parse_connection(POSTGRES_CONN_ID, pg_value)
-        rd = parse_connection(REDIS_CONN_ID, redis_value)
+        pg = from_value(POSTGRES_CONN_ID, pg_value)
+        rd = from_value(REDIS_CONN_ID, redis_value)
     except ConnectionNotConfigured as exc:
         raise SetupError(str(exc)) from None
     check_postgres(pg)
@@ -367,20 +370,17 @@ def environment() -> dict[str, str]:
               "'not warmed' (the dashboard falls back to Postgres).", file=sys.stderr)
     meta_db = os.environ.get("OVERNIGHT_AIRFLOW_DB") or f"{pg.schema or APP_DB}_airflow"
     create_database(pg, meta_db)
-    meta = ConnInfo(**{**pg.__dict__, "schema": meta_db})
     airflow_home = os.environ.get("AIRFLOW_HOME") or str(LOCAL / "airflow")
     env.update(
         {
             "AIRFLOW_CONN_OVERNIGHT_POSTGRES": pg_value,
             "AIRFLOW_CONN_OVERNIGHT_REDIS": redis_value,
-            # overnight_metadata_cleanup's `airflow db clean` (tasks cannot use Airflow's own setting)
-            "AIRFLOW_CONN_OVERNIGHT_AIRFLOW_METADATA": postgres_dsn(meta),
             "AIRFLOW_HOME": airflow_home,
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": os.environ.get("AIRFLOW__CORE__EXECUTOR", "LocalExecutor"),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres_dsn(meta).replace(
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": postgres_dsn(pg, dbname=meta_db).replace(
                 "postgresql://", "postgresql+psycopg2://", 1
             ),
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
@@ -395,7 +395,9 @@ def environment() -> dict[str, str]:
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": DEV_USERS,
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(Path(airflow_home) / "passwords.json"),
             "AIRFLOW__API_AUTH__JWT_SECRET": os.environ.get("AIRFLOW__API_AUTH__JWT_SECRET") or jwt_secret(),
-            "PYTHONPATH": str(ROOT / "include"),
+            # the users' pseudonyms' key (overnight.adapters.pseudonyms): a secret of its own, not the API's
+            "AIRFLOW_VAR_OVERNIGHT_PSEUDONYM_KEY": (os.environ.get("AIRFLOW_VAR_OVERNIGHT_PSEUDONYM_KEY")
+                                                    or _secret(LOCAL / "pseudonym_key", 32)[0]),
             "NO_PROXY": "*",
         }
     )
@@ -408,17 +410,20 @@ def jwt_secret() -> str:
 
 
 def pick_redis_db(url: str, owner: str) -> str:
-    """Returns `url` moved to an empty Redis database (1-15) claimed for `owner` (tests, benchmarks)."""
+    """Returns `url` moved to an empty Redis database (1-15) claimed for `owner` (tests, benchmarks).
+
+    redis-py reads the URL (no Airflow import: a test run calls this before Airflow may read its settings)."""
     import redis
 
-    info = parse_connection(REDIS_CONN_ID, url)
+    kwargs = dict(redis.Redis.from_url(url).connection_pool.connection_kwargs)
+    host, port, password = kwargs.get("host") or "127.0.0.1", kwargs.get("port") or 6379, kwargs.get("password")
     for index in range(15, 0, -1):
-        client = redis.Redis(host=info.host or "127.0.0.1", port=info.port or 6379, db=index,
-                             password=info.password, socket_connect_timeout=3)
+        client = redis.Redis(host=host, port=port, db=index, password=password, socket_connect_timeout=3)
         if client.dbsize() == 0 and client.set(f"overnight-claim:{index}", owner, nx=True, ex=7200):
-            auth = f":{quote(info.password, safe='')}@" if info.password else ""
-            return f"redis://{auth}{info.host or '127.0.0.1'}:{info.port or 6379}/{index}"
-    raise SetupError(f"no empty Redis database (1-15) at {info.redacted()} for {owner}; flush one or free one")
+            auth = f":{quote(password, safe='')}@" if password else ""
+            return f"redis://{auth}{host}:{port}/{index}"
+    shown = f"redis://{':***@' if password else ''}{host}:{port}"
+    raise SetupError(f"no empty Redis database (1-15) at {shown} for {owner}; flush one or free one")
 
 
 def write_env_file(env: dict[str, str]) -> Path:
@@ -447,9 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     home = Path(env["AIRFLOW_HOME"])
     for secret_file in (home / "airflow.cfg", Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])):
         make_private(secret_file)  # written by an older checkout or by Airflow itself: the owner's only
-    pg = parse_connection(POSTGRES_CONN_ID, env["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
-    rd = parse_connection(REDIS_CONN_ID, env["AIRFLOW_CONN_OVERNIGHT_REDIS"])
-    print(f"postgres: {pg.redacted()}  redis: {rd.redacted()}  env: {path.relative_to(ROOT)}")
+    pg = from_value(POSTGRES_CONN_ID, env["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
+    rd = from_value(REDIS_CONN_ID, env["AIRFLOW_CONN_OVERNIGHT_REDIS"])
+    print(f"postgres: {redacted(pg)}  redis: {redacted(rd)}  env: {path.relative_to(ROOT)}")
     return 0
 
 

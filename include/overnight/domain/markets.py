@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -13,7 +14,13 @@ import yaml
 
 from overnight.domain import sessions
 
-DEFAULT_MARKETS_PATH = Path(__file__).resolve().parents[2] / "markets.yaml"
+DEFAULT_MARKETS_PATH = Path(__file__).resolve().parents[2] / "markets.yaml"  # include/markets.yaml
+MARKETS_FILE_ENV = "OVERNIGHT_MARKETS_FILE"  # another file (a ConfigMap mount, say) for every process alike
+
+
+def markets_path() -> Path:
+    """The markets file: `OVERNIGHT_MARKETS_FILE` when set, else include/markets.yaml beside the package."""
+    return Path(os.environ[MARKETS_FILE_ENV]) if os.environ.get(MARKETS_FILE_ENV) else DEFAULT_MARKETS_PATH
 DEFAULT_LEAD = timedelta(hours=2)
 MAX_LEAD = timedelta(hours=24)
 DAG_ID_PREFIX = "overnight_scoring_"
@@ -77,6 +84,9 @@ class UnknownMarketError(LookupError):
         return str(self.args[0]) if self.args else "unknown market"
 
 
+SCORING_POOL = "overnight_scoring"
+
+
 @dataclass(frozen=True)
 class Market:
     """One configured market: its calendar code, how long before the open to run, and tuning knobs."""
@@ -85,6 +95,12 @@ class Market:
     lead: timedelta = DEFAULT_LEAD
     batch_size: int | None = None
     pool: str | None = None
+
+    @property
+    def scoring_pool(self) -> str:
+        """The Airflow pool of this market's scoring tasks: its own, else the shared `overnight_scoring`, which
+        bounds the database and provider load of every market's batches together (include/pools.json)."""
+        return self.pool or SCORING_POOL
 
     @property
     def dag_id(self) -> str:
@@ -254,7 +270,7 @@ def _parse_entry(raw: Any, index: int, source: str, check_codes: bool = True) ->
 
 def load_markets(path: Path | None = None, *, check_codes: bool = True) -> MarketsLoad:
     """Reads markets.yaml; bad entries become errors while the valid markets still load."""
-    path = Path(path) if path is not None else DEFAULT_MARKETS_PATH
+    path = Path(path) if path is not None else markets_path()
     source = path.name
     result = MarketsLoad()
     try:
@@ -337,7 +353,7 @@ def get_market(code: str, path: Path | None = None) -> Market:
     for error in loaded.errors:
         if error.market == wanted or (error.market is None and error.entry is None and not loaded.markets):
             raise error
-    where = path or DEFAULT_MARKETS_PATH
+    where = path or markets_path()
     configured = ", ".join(loaded.codes) or "none"
     raise UnknownMarketError(
         f"market '{code}' is not configured in {where}; configured markets: {configured}. "

@@ -130,18 +130,18 @@ def record_alert(conn: psycopg.Connection, job_id: str, kind: str, message: str,
 
 
 def _failed_tasks(dag_id: str, run_id: str | None, context: Mapping[str, Any]) -> list[str]:
-    """The run's failed and upstream-failed tasks (through the Task SDK), else the task in the context."""
-    if run_id:
+    """The run's failed and upstream-failed tasks (the context's task instance asks the Task SDK: its public
+    `get_task_states`), else the task in the context."""
+    ti = context.get("ti")
+    get_states = getattr(ti, "get_task_states", None)
+    if run_id and get_states is not None:
         try:
-            from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
-
-            states = RuntimeTaskInstance.get_task_states(dag_id=dag_id, run_ids=[run_id]).get(run_id) or {}
+            states = get_states(dag_id=dag_id, run_ids=[run_id]).get(run_id) or {}
             failed = sorted(t for t, s in states.items() if str(s) in ("failed", "upstream_failed"))
             if failed:
                 return failed
         except Exception as exc:  # noqa: BLE001 - a richer message is optional; the callback must go on
             log.debug("task states not available in the failure callback: %s", exc)
-    ti = context.get("ti")
     task_id = _get(ti, "task_id")
     return [str(task_id)] if task_id else []
 

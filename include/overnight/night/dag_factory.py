@@ -173,7 +173,7 @@ def build_market_dag(market: Market, all_codes: list[str]) -> DAG:
                                           interval_end=end, run_after=run_after)
             return runtime.plan(market, run, all_codes, started["job"])
 
-        @task(map_index_template="{{ batch_label }}", pool=market.pool or "default_pool", multiple_outputs=False,
+        @task(map_index_template="{{ batch_label }}", pool=market.scoring_pool, multiple_outputs=False,
               execution_timeout=timedelta(hours=1))
         def score_batch(batch: dict[str, Any], started: dict[str, Any], rates: dict[str, Any]) -> dict[str, Any]:
             """Scores one batch of users (one user's failure never stops the others)."""

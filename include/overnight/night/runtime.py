@@ -180,19 +180,27 @@ def start(market: Market, run: RunParams, dag_run_id: str) -> dict[str, Any]:
 
 
 def _http_conn(conn_id: str) -> tuple[str, str | None] | None:
+    """The provider's base URL and API key from its Airflow connection (type http), None when it is not set.
+
+    Airflow parses the standard forms: `http://api.example.com:8443/v1`, a host with a protocol
+    (`http://https://api.example.com/v1` or JSON `{"host": "https://api.example.com"}`), else the `scheme` extra,
+    else https for a `https://` URI or port 443; the path is `schema`; the key is the password or the `api_key`
+    extra."""
     try:
-        info = get_connection(conn_id)
+        conn = get_connection(conn_id)
     except ConnectionNotConfigured:
         return None
-    scheme = info.extra.get("scheme") or ("https" if info.conn_type in ("https", "http") and info.port in (None, 443)
-                                           else "http")
-    if info.conn_type in ("http", "https") and info.host and "://" in info.host:
-        base = info.host.rstrip("/")
+    extra = conn.extra_dejson or {}
+    host = (conn.host or "").rstrip("/")
+    if "://" in host:  # Airflow keeps the URI form's port apart from a host with a protocol
+        base = host + (f":{conn.port}" if conn.port and host.count(":") < 2 else "")
     else:
-        port = f":{info.port}" if info.port else ""
-        path = f"/{info.schema}" if info.schema else ""
-        base = f"{scheme}://{info.host}{port}{path}"
-    return base, info.password or info.extra.get("api_key")
+        scheme = extra.get("scheme") or ("https" if conn.conn_type == "https" or conn.port == 443 else "http")
+        port = f":{conn.port}" if conn.port else ""
+        base = f"{scheme}://{host}{port}"
+    if conn.schema:
+        base = f"{base}/{conn.schema.strip('/')}"
+    return base, conn.password or extra.get("api_key")
 
 
 def rates_provider(conn: Any) -> RatesProvider:

@@ -1,8 +1,11 @@
-"""OpenTelemetry: one `overnight-scoring-job` span per job run, one child span per batch.
+"""OpenTelemetry: one `overnight-scoring-job` span per job run, one `overnight-scoring-batch` span per batch.
 
-The tasks run in different processes, so the job span's ids are derived from the correlation id:
-every batch span names it as its (remote) parent, and finalize records the job span itself with
-those ids and the job's real start time. Spans are exported when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+With Airflow's traces on (`[traces] otel_on`), Airflow 3.3's task runner opens a span around each task
+(`worker.score_batch[3]`, ...) with the tracer provider it configured: the night's spans are then its
+children, in the DAG run's trace, exported by Airflow's exporter, and each carries the correlation id
+(`overnight.correlation_id`) and a link to the job span. Without it (no task span), the job span's ids are
+derived from the correlation id: every batch span names it as its (remote) parent, and finalize records the
+job span itself with those ids; this package's own provider exports when OTEL_EXPORTER_OTLP_ENDPOINT is set.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
-from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, Status, StatusCode, TraceFlags
 
 JOB_SPAN = "overnight-scoring-job"
 _lock = threading.Lock()
@@ -52,10 +55,19 @@ def new_provider() -> TracerProvider:
     return TracerProvider(resource=Resource.create({"service.name": "overnight"}), id_generator=_ids)
 
 
-def provider() -> TracerProvider:
-    """Returns the package's tracer provider, exporting over OTLP when an endpoint is configured."""
+def _airflow_task_span() -> trace.Span | None:
+    """The span Airflow's task runner opened around this task (`[traces] otel_on`), else None."""
+    span = trace.get_current_span()
+    return span if span.get_span_context().is_valid else None
+
+
+def provider() -> Any:
+    """Returns the tracer provider: a test's, else Airflow's when its traces are on (the task span's), else the
+    package's own, exporting over OTLP when an endpoint is configured."""
     global _provider
     with _lock:
+        if _provider is None and _airflow_task_span() is not None:
+            return trace.get_tracer_provider()  # Airflow configured it (configure_otel): its exporter
         if _provider is None:
             _provider = new_provider()
             if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
@@ -73,36 +85,57 @@ def job_ids(correlation_id: str) -> tuple[int, int]:
     return trace_id, span_id or 1
 
 
-def batch_span(correlation_id: str, attributes: Mapping[str, Any]) -> None:
-    """Records a finished batch as a child of the job span."""
+def _job_context(correlation_id: str) -> SpanContext:
     trace_id, span_id = job_ids(correlation_id)
-    parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
-        trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))))
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+
+
+def _set_attributes(span: trace.Span, correlation_id: str, attributes: Mapping[str, Any]) -> None:
+    span.set_attribute("overnight.correlation_id", correlation_id)
+    for k, v in attributes.items():
+        if isinstance(v, str | int | float | bool):
+            span.set_attribute(k, v)
+
+
+def _flush() -> None:
+    flush = getattr(provider(), "force_flush", None)
+    if flush is not None:
+        flush(2000)
+
+
+def batch_span(correlation_id: str, attributes: Mapping[str, Any]) -> None:
+    """Records a finished batch: a child of Airflow's task span when there is one, else of the job span."""
     tracer = provider().get_tracer("overnight")
     start_ns = int(float(attributes.get("started_at", 0)) * 1e9) or None
     end_ns = int(float(attributes.get("ended_at", 0)) * 1e9) or None
-    span = tracer.start_span("overnight-scoring-batch", context=parent, start_time=start_ns)
-    for k, v in attributes.items():
-        if isinstance(v, str | int | float | bool):
-            span.set_attribute(k, v)
+    job = _job_context(correlation_id)
+    if _airflow_task_span() is not None:  # the current context: Airflow's task span
+        span = tracer.start_span("overnight-scoring-batch", start_time=start_ns, links=[Link(job)])
+    else:
+        parent = trace.set_span_in_context(NonRecordingSpan(job))
+        span = tracer.start_span("overnight-scoring-batch", context=parent, start_time=start_ns)
+    _set_attributes(span, correlation_id, attributes)
     span.end(end_time=end_ns)
-    provider().force_flush(2000)
+    _flush()
 
 
 def job_span(correlation_id: str, started_at: str, attributes: Mapping[str, Any], failed: bool) -> None:
-    """Records the job run's span (start: the job's start; end: now) with its timing breakdown."""
-    trace_id, span_id = job_ids(correlation_id)
+    """Records the job run's span (start: the job's start; end: now) with its timing breakdown: a child of
+    Airflow's `finalize` task span when there is one, else with the ids derived from the correlation id."""
     tracer = provider().get_tracer("overnight")
-    _ids.pinned.trace_id, _ids.pinned.span_id = trace_id, span_id
-    try:
-        span = tracer.start_span(JOB_SPAN, context=trace.set_span_in_context(trace.INVALID_SPAN),
-                                 start_time=int(datetime.fromisoformat(started_at).timestamp() * 1e9))
-    finally:
-        _ids.pinned.trace_id = _ids.pinned.span_id = None
-    for k, v in attributes.items():
-        if isinstance(v, str | int | float | bool):
-            span.set_attribute(k, v)
+    start_ns = int(datetime.fromisoformat(started_at).timestamp() * 1e9)
+    if _airflow_task_span() is not None:
+        span = tracer.start_span(JOB_SPAN, start_time=start_ns, links=[Link(_job_context(correlation_id))])
+    else:
+        trace_id, span_id = job_ids(correlation_id)
+        _ids.pinned.trace_id, _ids.pinned.span_id = trace_id, span_id
+        try:
+            span = tracer.start_span(JOB_SPAN, context=trace.set_span_in_context(trace.INVALID_SPAN),
+                                     start_time=start_ns)
+        finally:
+            _ids.pinned.trace_id = _ids.pinned.span_id = None
+    _set_attributes(span, correlation_id, attributes)
     if failed:
         span.set_status(Status(StatusCode.ERROR, "overnight job failed"))
     span.end()
-    provider().force_flush(2000)
+    _flush()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +65,9 @@ class MarketSessionTimetable(Timetable):
             raise AirflowTimetableInvalid(
                 f"{type(self).__name__}({self.market_code!r}): lead {self.lead!r} must be more than 0 and less than 24h"
             )
-        if os.environ.get("_AIRFLOW_PARSING_CONTEXT_DAG_ID"):
+        from airflow.sdk import get_parsing_context
+
+        if get_parsing_context().dag_id is not None:
             return  # a task run re-parses a DAG the dag-processor already validated: skip the calendar (~3 s)
         try:
             sessions.timezone(self.market_code)  # any schedule lookup: raises for an unknown code

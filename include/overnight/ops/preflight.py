@@ -10,34 +10,35 @@ next run through the Task SDK (`RuntimeTaskInstance.get_dag`), the pools through
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from overnight.adapters.connections import (
     POSTGRES_CONN_ID,
     REDIS_CONN_ID,
     ConnectionNotConfigured,
-    ConnInfo,
     failure_line,
     get_connection,
     reach_postgres,
     reach_redis,
+    redacted,
 )
 from overnight.adapters.redaction import redact
 from overnight.domain import freshness, sessions
 from overnight.domain.markets import Market
 
+if TYPE_CHECKING:
+    from airflow.sdk import Connection
+
 log = logging.getLogger(__name__)
 
-SETTINGS_PATH = Path(__file__).resolve().parents[3] / "airflow_settings.yaml"
-DEFAULT_POOL = "default_pool"
+POOLS_FILE = Path(__file__).resolve().parents[2] / "pools.json"  # include/pools.json, in the image too
 API_CONN_ID = "overnight_airflow_api"
 API_TOKEN_ENV = "OVERNIGHT_AIRFLOW_API_TOKEN"
 PRICE_PROBE_SYMBOL_ENV = "OVERNIGHT_PREFLIGHT_PRICE_SYMBOL"
@@ -62,7 +63,7 @@ class Report:
 # --------------------------------------------------------------------------- connections
 
 
-def _info(conn_id: str, info: ConnInfo | None) -> tuple[ConnInfo | None, list[str]]:
+def _info(conn_id: str, info: Connection | None) -> tuple[Connection | None, list[str]]:
     if info is not None:
         return info, []
     try:
@@ -71,7 +72,7 @@ def _info(conn_id: str, info: ConnInfo | None) -> tuple[ConnInfo | None, list[st
         return None, [f"{conn_id}: not configured: {exc}"]
 
 
-def check_postgres(info: ConnInfo | None = None, timeout_s: float = TIMEOUT_S) -> list[str]:
+def check_postgres(info: Connection | None = None, timeout_s: float = TIMEOUT_S) -> list[str]:
     """Problems reaching the `overnight_postgres` connection with `select 1` (password masked)."""
     info, problems = _info(POSTGRES_CONN_ID, info)
     if info is None:
@@ -79,12 +80,12 @@ def check_postgres(info: ConnInfo | None = None, timeout_s: float = TIMEOUT_S) -
     try:
         reach_postgres(info, timeout_s, application_name="overnight-preflight")
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
-        return [f"{info.conn_id} ({info.redacted()}): {failure_line(exc, info)}; check host, port, "
+        return [f"{info.conn_id} ({redacted(info)}): {failure_line(exc, info)}; check host, port, "
                 "database and credentials, and that the server is up"]
     return []
 
 
-def check_redis(info: ConnInfo | None = None, timeout_s: float = TIMEOUT_S) -> list[str]:
+def check_redis(info: Connection | None = None, timeout_s: float = TIMEOUT_S) -> list[str]:
     """Problems reaching the `overnight_redis` connection with PING (password masked)."""
     info, problems = _info(REDIS_CONN_ID, info)
     if info is None:
@@ -92,7 +93,7 @@ def check_redis(info: ConnInfo | None = None, timeout_s: float = TIMEOUT_S) -> l
     try:
         reach_redis(info, timeout_s)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
-        return [f"{info.conn_id} ({info.redacted()}): {failure_line(exc, info)}; check host, port, "
+        return [f"{info.conn_id} ({redacted(info)}): {failure_line(exc, info)}; check host, port, "
                 "database number and password, and that the server is up"]
     return []
 
@@ -129,30 +130,39 @@ def check_http_providers(timeout_s: float = TIMEOUT_S) -> tuple[list[str], list[
 # --------------------------------------------------------------------------- pools
 
 
-def required_pools(markets: Iterable[Market], settings: Path = SETTINGS_PATH) -> dict[str, list[str]]:
-    """Pool name -> who needs it: the pools of airflow_settings.yaml and each market's scoring pool."""
+def required_pools(markets: Iterable[Market]) -> dict[str, list[str]]:
+    """Pool name -> who needs it: each market's scoring pool (`overnight_scoring` unless markets.yaml names one)."""
     needed: dict[str, list[str]] = {}
-    try:
-        data = yaml.safe_load(settings.read_text()) or {}
-    except OSError:
-        data = {}
-    for pool in (data.get("airflow") or {}).get("pools") or []:
-        if isinstance(pool, dict) and pool.get("pool_name"):
-            needed.setdefault(str(pool["pool_name"]), []).append(settings.name)
     for market in markets:
-        needed.setdefault(market.pool or DEFAULT_POOL, []).append(f"{market.dag_id}.score_batch")
+        needed.setdefault(market.scoring_pool, []).append(f"{market.dag_id}.score_batch")
     return needed
 
 
+def packaged_pools(path: Path = POOLS_FILE) -> set[str]:
+    """The pools include/pools.json defines (`airflow pools import` format); empty when the file is unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return set()
+    return set(data) if isinstance(data, dict) else set()
+
+
 def check_pools(required: Mapping[str, list[str]], existing: Iterable[str]) -> list[str]:
-    """One problem per required pool that does not exist."""
+    """One problem per required pool that does not exist: without it the scheduler never starts those tasks."""
     have = set(existing)
-    return [
-        f"pool '{name}' does not exist (needed by {', '.join(users)}); create it with "
-        f"`airflow pools set {name} <slots> '<description>'` (its size is in airflow_settings.yaml; "
-        "`make airflow-setup` loads that file in a checkout)"
-        for name, users in sorted(required.items()) if name not in have
-    ]
+    packaged = packaged_pools()
+    problems = []
+    for name, users in sorted(required.items()):
+        if name in have:
+            continue
+        fix = (f"`airflow pools import {POOLS_FILE.name}` (the file ships in include/, in the image at "
+               f"/opt/airflow/include/{POOLS_FILE.name}; `make airflow-setup` loads airflow_settings.yaml in a "
+               "checkout)" if name in packaged else
+               f"`airflow pools set {name} <slots> '<description>'` (markets.yaml names it; include/pools.json "
+               "does not define it)")
+        problems.append(f"pool '{name}' does not exist (needed by {', '.join(users)}): its tasks would wait "
+                        f"forever; create it with {fix}")
+    return problems
 
 
 def api_access(environ: Mapping[str, str] | None = None) -> tuple[str, str | None, str | None, str | None] | None:
@@ -171,7 +181,7 @@ def api_access(environ: Mapping[str, str] | None = None) -> tuple[str, str | Non
             base = info.host.rstrip("/")
         else:
             port = f":{info.port}" if info.port else ""
-            base = f"{info.extra.get('scheme', 'http')}://{info.host}{port}"
+            base = f"{info.extra_dejson.get('scheme', 'http')}://{info.host}{port}"
         if info.login:
             return base, None, info.login, info.password
         return base, info.password or env.get(API_TOKEN_ENV), None, None
@@ -267,19 +277,18 @@ def check_next_runs(markets: Iterable[Market], dags_info: Mapping[str, Mapping[s
     return problems
 
 
-def dags_info_from_sdk(dag_ids: Iterable[str]) -> dict[str, dict[str, Any] | None]:
-    """Pause state and next run of each DAG, read inside a task through the Task SDK (None: not found).
+def dags_info_from_sdk(dag_ids: Iterable[str], ti: Any) -> dict[str, dict[str, Any] | None]:
+    """Pause state and next run of each DAG, asked by the running task's instance `ti` (the Task SDK's public
+    `RuntimeTaskInstanceProtocol.get_dag`; None: not found).
 
-    Raises RuntimeError outside a running task (no supervisor to ask) or when the API server fails.
+    Raises RuntimeError outside a running task (no task instance to ask) or when the API server fails.
     """
-    from airflow.sdk.execution_time import task_runner
-
-    if getattr(task_runner, "SUPERVISOR_COMMS", None) is None:
-        raise RuntimeError("not inside a running Airflow task (no Task SDK supervisor)")
+    if ti is None or not hasattr(ti, "get_dag"):
+        raise RuntimeError("not inside a running Airflow task (no task instance to ask the Task SDK)")
     out: dict[str, dict[str, Any] | None] = {}
     for dag_id in dag_ids:
         try:
-            dag = task_runner.RuntimeTaskInstance.get_dag(dag_id)
+            dag = ti.get_dag(dag_id)
         except Exception as exc:
             text = str(exc)
             if "404" in text or "not found" in text.lower():
@@ -316,8 +325,9 @@ def run_checks(markets: list[Market], *, now: datetime | None = None,
     return report
 
 
-def run_in_task(now: datetime | None = None) -> Report:
-    """The DAG task's body: loads the markets, fetches Airflow's state where it can, runs every check."""
+def run_in_task(now: datetime | None = None, ti: Any = None) -> Report:
+    """The DAG task's body: loads the markets, fetches Airflow's state where it can (`ti`: the running task's
+    instance, from its context), runs every check."""
     from overnight.domain.markets import load_markets
 
     loaded = load_markets()
@@ -325,7 +335,7 @@ def run_in_task(now: datetime | None = None) -> Report:
     skipped: list[str] = []
     dags_info: dict[str, dict[str, Any] | None] | None
     try:
-        dags_info = dags_info_from_sdk([m.dag_id for m in loaded.markets])
+        dags_info = dags_info_from_sdk([m.dag_id for m in loaded.markets], ti)
     except Exception as exc:  # noqa: BLE001 - outside a task (no supervisor) this check cannot run
         dags_info = None
         skipped.append(f"market DAG state: skipped: the Task SDK could not be asked ({failure_line(exc)})")

@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from overnight.adapters import migrate
-from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.adapters.connections import POSTGRES_CONN_ID, from_value, postgres_dsn
 from overnight.dev import devenv
 
 TABLES = {"users", "holdings", "watchlist", "assets", "asset_classes", "allocation_targets", "criteria_sets",
@@ -18,11 +18,11 @@ TABLES = {"users", "holdings", "watchlist", "assets", "asset_classes", "allocati
 
 @pytest.fixture
 def empty_db(pg_dsn):
-    base = parse_connection(POSTGRES_CONN_ID, pg_dsn)
+    base = from_value(POSTGRES_CONN_ID, pg_dsn)
     name = f"{base.schema}_m{uuid.uuid4().hex[:6]}"
     devenv.create_database(base, name)
-    yield postgres_dsn(ConnInfo(**{**base.__dict__, "schema": name}))
-    with psycopg.connect(postgres_dsn(ConnInfo(**{**base.__dict__, "schema": "postgres"})), autocommit=True) as c:
+    yield postgres_dsn(base, dbname=name)
+    with psycopg.connect(postgres_dsn(base, dbname="postgres"), autocommit=True) as c:
         c.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 

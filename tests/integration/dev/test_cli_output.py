@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.adapters.connections import POSTGRES_CONN_ID, from_value, postgres_dsn
 from overnight.dev import devenv
 from overnight.domain import sessions
 
@@ -30,22 +30,21 @@ PROGRESS = re.compile(r"^(?P<code>[A-Z]{4})\s+\d{4}-\d{2}-\d{2} (?P<done>[\d,]+)
 def sandbox(tmp_path_factory) -> Iterator[dict[str, str]]:
     """The environment of a separate set of databases on the same servers (dropped afterwards)."""
     run_id = os.environ["OVERNIGHT_TEST_RUN_ID"]
-    base = parse_connection(POSTGRES_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
+    base = from_value(POSTGRES_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
     app, meta = f"ovt_{run_id}_demo", f"ovt_{run_id}_demo_af"
     devenv.create_database(base, app)
     redis_url = devenv.pick_redis_db(os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"], f"test-demo-{run_id}")
     home = tmp_path_factory.mktemp("demo-airflow-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "OVERNIGHT_"))}
     env.update({
-        "AIRFLOW_CONN_OVERNIGHT_POSTGRES": postgres_dsn(ConnInfo(**{**base.__dict__, "schema": app})),
+        "AIRFLOW_CONN_OVERNIGHT_POSTGRES": postgres_dsn(base, dbname=app),
         "AIRFLOW_CONN_OVERNIGHT_REDIS": redis_url,
         "OVERNIGHT_AIRFLOW_DB": meta,
         "AIRFLOW_HOME": str(home),
         "OVERNIGHT_CACHE_DIR": str(home / "cache"),
     })
     yield env
-    admin = ConnInfo(**{**base.__dict__, "schema": "postgres"})
-    with psycopg.connect(postgres_dsn(admin), autocommit=True) as conn:
+    with psycopg.connect(postgres_dsn(base, dbname="postgres"), autocommit=True) as conn:
         for name in (app, meta):
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     import redis

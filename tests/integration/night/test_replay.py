@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from overnight.adapters import cache, migrate
-from overnight.adapters.connections import POSTGRES_CONN_ID, ConnInfo, parse_connection, postgres_dsn
+from overnight.adapters.connections import POSTGRES_CONN_ID, from_value, postgres_dsn
 from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.dashboard import store as dashboard
 from overnight.dev import devenv, seed
@@ -60,10 +60,10 @@ def night() -> Iterator[dict[str, Any]]:
     """A database of its own with 1,000 seeded users (seed 42), every market run once for SESSION (the test run's
     Redis database: the seed's user ids are not those of the other tests' seed)."""
     redis_client = redis.Redis.from_url(os.environ["OVERNIGHT_TEST_REDIS_URL"])
-    base = parse_connection(POSTGRES_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
+    base = from_value(POSTGRES_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
     name = f"ovt_{RUN_ID}_replay"
     devenv.create_database(base, name)
-    dsn = postgres_dsn(ConnInfo(**{**base.__dict__, "schema": name}))
+    dsn = postgres_dsn(base, dbname=name)
     try:
         migrate.migrate(dsn)
         with psycopg.connect(dsn) as conn:
@@ -72,8 +72,7 @@ def night() -> Iterator[dict[str, Any]]:
         yield {"dsn": dsn, "jobs": jobs, "redis": redis_client}
     finally:
         redis_client.close()
-        admin = ConnInfo(**{**base.__dict__, "schema": "postgres"})
-        with psycopg.connect(postgres_dsn(admin), autocommit=True) as c:
+        with psycopg.connect(postgres_dsn(base, dbname="postgres"), autocommit=True) as c:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

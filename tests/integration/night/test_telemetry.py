@@ -43,3 +43,27 @@ def test_job_span_with_batch_children(seeded, spans):
         assert k.parent is not None and k.parent.span_id == j.context.span_id
         assert k.context.trace_id == j.context.trace_id
     assert sum(k.attributes["completed"] for k in kids) == summary["users_processed"]
+
+
+def test_inside_airflows_task_span_the_nights_spans_are_its_children(spans):
+    """With `[traces] otel_on`, Airflow's task runner makes `worker.<task>` the current span around the task
+    (airflow.sdk.execution_time.task_runner._make_task_span): the batch and job spans hang under it, in its
+    trace, and carry the correlation id and a link to the job span the run's other tasks name."""
+    import uuid
+
+    cid = str(uuid.uuid4())
+    airflow_tracer = telemetry.provider().get_tracer("airflow.sdk.execution_time.task_runner")
+    with airflow_tracer.start_as_current_span("worker.score_batch[2]") as task_span:
+        telemetry.batch_span(cid, {"completed": 7, "started_at": 1.0e9, "ended_at": 1.0e9 + 2})
+    with airflow_tracer.start_as_current_span("worker.finalize") as finalize_span:
+        telemetry.job_span(cid, "2026-12-04T00:00:00+00:00", {"users_total": 7}, failed=False)
+    by_name = {s.name: s for s in spans.get_finished_spans()}
+    batch, job = by_name["overnight-scoring-batch"], by_name["overnight-scoring-job"]
+    job_trace, job_span_id = telemetry.job_ids(cid)
+    for span, parent in ((batch, task_span), (job, finalize_span)):
+        assert span.parent is not None and span.parent.span_id == parent.get_span_context().span_id
+        assert span.context.trace_id == parent.get_span_context().trace_id != job_trace
+        assert span.attributes["overnight.correlation_id"] == cid
+        assert [(link.context.trace_id, link.context.span_id) for link in span.links] == [(job_trace, job_span_id)]
+    assert batch.attributes["completed"] == 7 and batch.start_time == 1_000_000_000_000_000_000
+    assert job.attributes["users_total"] == 7

@@ -6,9 +6,11 @@ import os
 import time
 from datetime import UTC, datetime, timedelta
 
+import attrs
 import pytest
+from airflow.sdk import Connection
 
-from overnight.adapters.connections import POSTGRES_CONN_ID, REDIS_CONN_ID, ConnInfo, parse_connection
+from overnight.adapters.connections import POSTGRES_CONN_ID, REDIS_CONN_ID, from_value
 from overnight.ops import preflight
 from tests.support.fake_provider import FakeProviderServer
 from tests.support.ports import free_port
@@ -16,8 +18,8 @@ from tests.support.ports import free_port
 SECRET = "pa55-w0rd-XYZ"
 
 
-def _real(conn_id: str) -> ConnInfo:
-    return parse_connection(conn_id, os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"])
+def _real(conn_id: str) -> Connection:
+    return from_value(conn_id, os.environ[f"AIRFLOW_CONN_{conn_id.upper()}"])
 
 
 def test_real_servers_answer(pg_dsn: str) -> None:
@@ -29,8 +31,9 @@ def test_real_servers_answer(pg_dsn: str) -> None:
 
 def test_closed_ports_name_the_connection_and_mask_the_password() -> None:
     port = free_port()
-    pg = ConnInfo(POSTGRES_CONN_ID, "postgres", "127.0.0.1", port, "app", SECRET, "overnight")
-    rd = ConnInfo(REDIS_CONN_ID, "redis", "127.0.0.1", port, None, SECRET, "0")
+    pg = Connection(conn_id=POSTGRES_CONN_ID, conn_type="postgres", host="127.0.0.1", port=port, login="app",
+                    password=SECRET, schema="overnight")
+    rd = Connection(conn_id=REDIS_CONN_ID, conn_type="redis", host="127.0.0.1", port=port, password=SECRET, schema="0")
     for lines in (preflight.check_postgres(pg, timeout_s=2), preflight.check_redis(rd, timeout_s=2)):
         assert len(lines) == 1, lines
         line = lines[0]
@@ -42,7 +45,7 @@ def test_closed_ports_name_the_connection_and_mask_the_password() -> None:
 
 def test_wrong_postgres_password_is_masked(pg_dsn: str) -> None:
     real = _real(POSTGRES_CONN_ID)
-    wrong = ConnInfo(**{**real.__dict__, "login": "no_such_role_x", "password": SECRET})
+    wrong = attrs.evolve(real, login="no_such_role_x", password=SECRET)
     lines = preflight.check_postgres(wrong)
     assert len(lines) == 1 and SECRET not in lines[0] and "no_such_role_x" in lines[0]
 

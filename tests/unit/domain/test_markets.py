@@ -47,6 +47,18 @@ def test_default_file_loads_the_four_markets_with_default_lead() -> None:
     ]
 
 
+def test_overnight_markets_file_names_another_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a deployment mounts its own markets file (docs/deploy.md): every process reads that one, and the shared
+    # scoring pool is the default of an entry without `pool`
+    other = tmp_path / "markets.yaml"
+    other.write_text("markets:\n  - code: XTKS\n    lead: 90m\n  - code: XLON\n    pool: lse_pool\n")
+    monkeypatch.setenv("OVERNIGHT_MARKETS_FILE", str(other))
+    loaded = load_markets()
+    assert loaded.errors == []
+    assert loaded.markets == [Market("XLON", timedelta(hours=2), pool="lse_pool"), Market("XTKS", timedelta(minutes=90))]
+    assert [m.scoring_pool for m in loaded.markets] == ["lse_pool", "overnight_scoring"]
+
+
 def test_all_fields_are_read_and_markets_sorted(tmp_path: Path) -> None:
     path = write(
         tmp_path,

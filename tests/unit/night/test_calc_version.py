@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_calc_version_names_the_package_both_rule_versions_and_the_minor_units_table() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((ROOT / "include" / "pyproject.toml").read_text())["project"]
     pinned = next(line.split("==")[1].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
                   if line.startswith("iso4217=="))  # the minor units' list, as the image installs it
     assert __version__ == project["version"]

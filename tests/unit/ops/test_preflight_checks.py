@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from overnight.domain import sessions
 from overnight.domain.markets import Market
@@ -25,18 +27,21 @@ def _ok(run: datetime) -> dict[str, Any]:
     return {"is_paused": False, "next_dagrun": run}
 
 
-def test_required_pools_from_settings_and_markets(tmp_path: Path) -> None:
-    settings = tmp_path / "airflow_settings.yaml"
-    settings.write_text("airflow:\n  pools:\n    - pool_name: overnight_scoring\n      pool_slot: 4\n")
-    assert preflight.required_pools([XNYS, XLON], settings) == {
-        "overnight_scoring": ["airflow_settings.yaml"],
-        "default_pool": ["overnight_scoring_xnys.score_batch"],
+def test_required_pools_are_each_markets_scoring_pool() -> None:
+    xtks = Market("XTKS")  # no pool in markets.yaml: the shared one
+    assert preflight.required_pools([XNYS, XLON, xtks]) == {
+        "overnight_scoring": ["overnight_scoring_xnys.score_batch", "overnight_scoring_xtks.score_batch"],
         "lse_pool": ["overnight_scoring_xlon.score_batch"],
     }
 
 
-def test_required_pools_of_this_project() -> None:
-    assert "overnight_scoring" in preflight.required_pools([XNYS])
+def test_the_shared_pool_is_the_one_include_pools_json_defines() -> None:
+    # `airflow pools import include/pools.json` is what production runs: the file must create the default pool
+    data = json.loads((Path(preflight.__file__).parents[2] / "pools.json").read_text())
+    assert data == {"overnight_scoring": {"slots": 4, "description": data["overnight_scoring"]["description"],
+                                          "include_deferred": False}}
+    settings = yaml.safe_load((Path(preflight.__file__).parents[3] / "airflow_settings.yaml").read_text())
+    assert [(p["pool_name"], p["pool_slot"]) for p in settings["airflow"]["pools"]] == [("overnight_scoring", 4)]
 
 
 @pytest.mark.parametrize(
@@ -44,16 +49,22 @@ def test_required_pools_of_this_project() -> None:
     [
         pytest.param(["default_pool", "overnight_scoring", "lse_pool"], [], id="all-there"),
         pytest.param(["default_pool"], ["lse_pool", "overnight_scoring"], id="two-missing"),
-        pytest.param([], ["default_pool", "lse_pool", "overnight_scoring"], id="none"),
+        pytest.param([], ["lse_pool", "overnight_scoring"], id="none"),
     ],
 )
 def test_check_pools(existing: list[str], missing: list[str]) -> None:
-    required = {"overnight_scoring": ["airflow_settings.yaml"], "default_pool": ["a.score_batch"],
+    required = {"overnight_scoring": ["overnight_scoring_xnys.score_batch"],
                 "lse_pool": ["overnight_scoring_xlon.score_batch"]}
     lines = preflight.check_pools(required, existing)
     assert [line.split("'")[1] for line in lines] == missing
+    fixes = {line.split("'")[1]: line for line in lines}
+    if "overnight_scoring" in fixes:  # the packaged pool: the command production runs
+        assert "create it with `airflow pools import pools.json`" in fixes["overnight_scoring"]
+        assert "/opt/airflow/include/pools.json" in fixes["overnight_scoring"]
+    if "lse_pool" in fixes:  # a pool only markets.yaml names: made by hand
+        assert "create it with `airflow pools set lse_pool <slots> '<description>'`" in fixes["lse_pool"]
     for line in lines:
-        assert "\n" not in line and "airflow pools set" in line
+        assert "\n" not in line and "needed by overnight_scoring_x" in line
 
 
 def test_check_horizon_warns_then_fails() -> None:
