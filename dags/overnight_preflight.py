@@ -8,7 +8,7 @@ Checks, every hour and whenever you trigger it, that the night's runs can work. 
 | `overnight_postgres` | `select 1` fails (the connection is named, its password masked) |
 | `overnight_redis` | `PING` fails |
 | `overnight_rates_http`, `overnight_prices_http` | configured but a cheap request fails (skipped when not configured) |
-| pools | a pool of `airflow_settings.yaml` or of a market (`markets.yaml` `pool`, else `default_pool`) is missing; needs REST API access (connection `overnight_airflow_api`), else skipped with a warning |
+| pools | a market's scoring pool (`overnight_scoring`, or the `pool` `markets.yaml` names) is missing: fails naming `airflow pools import pools.json`; needs REST API access (connection `overnight_airflow_api`), else skipped with a warning |
 | calendars | exchange_calendars data has ended (warning when it ends within 60 days) |
 | market DAGs | a market DAG is missing, paused, or its next run is not where the exchange calendar says (open - lead) |
 | `markets.yaml` | an entry is invalid |

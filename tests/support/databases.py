@@ -57,6 +57,14 @@ def drop_like(prefix: str) -> None:
         drop(name)
 
 
+def create(name: str) -> str:
+    """Creates the empty database `name` (replacing any left behind); returns its DSN."""
+    drop(name)
+    with _admin() as c:
+        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return dsn_of(name)
+
+
 def clone(template: str, name: str) -> str:
     """Creates database `name` as a copy of `template` (replacing any `name` left behind); returns its DSN."""
     drop(name)

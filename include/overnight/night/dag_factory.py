@@ -91,6 +91,8 @@ this DAG serves the users for whom that is {market.code}.
 **Tasks**: `start` (job-run row `started`, correlation id) → `fetch_rates` (once, shared through XCom)
 → `plan_batches` (users this market serves) → `score_batch` (mapped: scores, recommendations, four
 audit events, Postgres, Redis `recs:{{userId}}`) → `finalize` (completed / partial / failed, and the asset event).
+The `score_batch` tasks run in the pool `{market.scoring_pool}` (shared by the markets that use it: it bounds
+their database and provider load together; `airflow pools import include/pools.json` creates it).
 
 **Asset**: `finalize` updates `{assets.recommendations_uri(market.code)}` when the run ends completed or
 partial (a failed run emits nothing). The event's extra: `market`, `session_date`, `status`,
