@@ -73,8 +73,8 @@ def job_ids(correlation_id: str) -> tuple[int, int]:
     return trace_id, span_id or 1
 
 
-def batch_span(correlation_id: str, attributes: Mapping[str, Any]) -> None:
-    """Records a finished batch as a child of the job span."""
+def batch_span(correlation_id: str, attributes: Mapping[str, Any], error: BaseException | None = None) -> None:
+    """Records a finished batch as a child of the job span; a batch that raised `error` has it as its status."""
     trace_id, span_id = job_ids(correlation_id)
     parent = trace.set_span_in_context(NonRecordingSpan(SpanContext(
         trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))))
@@ -85,12 +85,36 @@ def batch_span(correlation_id: str, attributes: Mapping[str, Any]) -> None:
     for k, v in attributes.items():
         if isinstance(v, str | int | float | bool):
             span.set_attribute(k, v)
+    if error is not None:
+        _failed(span, error)
     span.end(end_time=end_ns)
     provider().force_flush(2000)
 
 
-def job_span(correlation_id: str, started_at: str, attributes: Mapping[str, Any], failed: bool) -> None:
-    """Records the job run's span (start: the job's start; end: now) with its timing breakdown."""
+def _failed(span: Any, cause: str | BaseException | None) -> None:
+    """Marks the span ERROR with the failure's cause as its description (an exception also as an event)."""
+    if isinstance(cause, BaseException):
+        span.record_exception(cause)
+        cause = f"{type(cause).__name__}: {cause}"
+    span.set_status(Status(StatusCode.ERROR, (cause or "overnight job failed")[:1000]))
+
+
+def failed_start_span(attributes: Mapping[str, Any], exc: BaseException) -> None:
+    """Records `start`'s failure (no job run, so no correlation id: a trace of its own) with its cause."""
+    span = provider().get_tracer("overnight").start_span(JOB_SPAN, context=trace.set_span_in_context(trace.INVALID_SPAN))
+    span.set_attribute("stage", "start")
+    for k, v in attributes.items():
+        if isinstance(v, str | int | float | bool):
+            span.set_attribute(k, v)
+    _failed(span, exc)
+    span.end()
+    provider().force_flush(2000)
+
+
+def job_span(correlation_id: str, started_at: str, attributes: Mapping[str, Any], failed: bool,
+             cause: str | None = None) -> None:
+    """Records the job run's span (start: the job's start; end: now) with its timing breakdown; a failed job's
+    status carries `cause`."""
     trace_id, span_id = job_ids(correlation_id)
     tracer = provider().get_tracer("overnight")
     _ids.pinned.trace_id, _ids.pinned.span_id = trace_id, span_id
@@ -103,6 +127,6 @@ def job_span(correlation_id: str, started_at: str, attributes: Mapping[str, Any]
         if isinstance(v, str | int | float | bool):
             span.set_attribute(k, v)
     if failed:
-        span.set_status(Status(StatusCode.ERROR, "overnight job failed"))
+        _failed(span, cause)
     span.end()
     provider().force_flush(2000)
