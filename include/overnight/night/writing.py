@@ -6,12 +6,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
 
-from overnight.night.jobrun import FAILED_EVENT, HISTORY_TABLE, MAX_ERROR_DETAILS, JobRun, UserResult, _encode
+from overnight.domain.markets import load_markets
+from overnight.domain.sessions import earlier_markets
+from overnight.night.jobrun import (
+    FAILED_EVENT,
+    HISTORY_TABLE,
+    MAX_ERROR_DETAILS,
+    Audience,
+    JobRun,
+    UserResult,
+    _encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +210,10 @@ def finalize(
     rates: dict[str, Any] | None,
     fetch_rates_ms: float | None = None,
 ) -> dict[str, Any]:
-    """Writes the job-run row's outcome: completed, partial or failed, with counts and metrics."""
+    """Writes the job-run row's outcome: completed, partial or failed, with counts and metrics. The users of a batch
+    whose task failed on every try get their trail first (`_trace_unattempted`)."""
+    done_idx = {r["index"] for r in results if r}
+    _trace_unattempted(conn, job, [b for b in (planned or []) if b["index"] not in done_idx])
     # the whole job run's users, whichever execution or task attempt computed them (issue 27)
     row = conn.execute(
         "SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'failed'),"
@@ -220,7 +233,6 @@ def finalize(
     ]
     total = planned[0]["total"] if planned else 0
     done = [r for r in results if r]
-    done_idx = {r["index"] for r in done}
     failed_batches = [b["label"] for b in (planned or []) if b["index"] not in done_idx]
     missing = max(0, total - completed - failed_rows)
     row = conn.execute("SELECT error_details FROM overnight_job_runs WHERE id = %s", (job.id,)).fetchone()
@@ -279,6 +291,7 @@ def finalize(
         "recommendations_generated": recommendations,
         "users_with_warnings": warned,
         "executions": executions,
+        "users_skipped_already_done": execution["users_skipped_already_done"],  # this execution's
         "cache_status": cache,
         "cache_errors": sorted({r["cache_error"] for r in done if r.get("cache_error")})[:5],
         "rates_stale": bool(rates and rates.get("stale")),
@@ -296,13 +309,44 @@ def finalize(
     )
     conn.commit()
     cause = _failure_cause(conn, job, details, total, failed_rows, missing) if status == "failed" else None
-    summary = {"status": status, "users_processed": completed, "users_failed": users_failed,
-               "users_skipped_already_done": execution["users_skipped_already_done"], **metrics}
+    summary = {"status": status, "users_processed": completed, "users_failed": users_failed, **metrics}
     if cause is not None:
         summary["failure_cause"] = cause
     log.info("job run %s %s: %d processed, %d failed", job.id, status, completed, users_failed,
              extra={"correlation_id": job.correlation_id})
     return summary
+
+
+UNATTEMPTED_STAGE = "batch"
+
+
+def _trace_unattempted(conn: psycopg.Connection, job: JobRun, failed: list[dict[str, Any]]) -> None:
+    """Every served user leaves a trace (docs/audit.md): the users of `failed` batches that no try of their task
+    reached are failed at stage `batch`, their row and their CALC_STARTED and CALC_FAILED written as a failed
+    calculation's (once: a finalize retried writes nothing more). A later execution attempts them again."""
+    for b in failed:
+        if "plan_id" in b:
+            row = conn.execute("SELECT lo::text, hi::text, user_ids::text[] FROM overnight_job_batches"
+                               " WHERE plan_id = %s AND batch_index = %s", (b["plan_id"], b["index"])).fetchone()
+        else:  # planned before migration 0008: the range is in the descriptor
+            row = (b.get("lo"), b.get("hi"), None)
+        if row is None or row[0] is None:
+            continue
+        public = b.get("audience")
+        earlier = (public["earlier"] if public else  # a descriptor without it (an in-process driver's): the calendars'
+                   earlier_markets(job.market, date.fromisoformat(job.session_date), load_markets(check_codes=False).codes))
+        audience = Audience(job.market, tuple(earlier), None if row[2] is None else tuple(row[2]))
+        where, params = audience.where()
+        params.update(lo=row[0], hi=row[1], job=job.id)
+        users = conn.execute(
+            f"SELECT u.id::text, u.criteria_key FROM users u WHERE {where} AND u.id >= %(lo)s AND u.id <= %(hi)s"
+            " AND NOT EXISTS (SELECT 1 FROM overnight_job_users j WHERE j.job_run_id = %(job)s AND j.user_id = u.id)"
+            " ORDER BY u.id", params).fetchall()
+        if users:
+            reason = (f"its batch ({b.get('label')}) did not finish: its task failed on every try before reaching "
+                      "this user (see that task's log)")
+            _write_results(conn, job, [], [(u, UNATTEMPTED_STAGE, reason) for u, _ in users], dict(users))
+    conn.commit()
 
 
 def _failure_cause(conn: psycopg.Connection, job: JobRun, details: dict[str, Any], total: int, failed_rows: int,

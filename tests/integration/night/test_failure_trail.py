@@ -16,6 +16,7 @@ from opentelemetry.trace import StatusCode
 from overnight.domain.markets import get_market
 from overnight.night import replay, runtime, telemetry, writing
 from tests.support import pipeline_run
+from tests.support.failing_prices import ProviderDownFor
 
 MARKET = "XLON"
 SESSION = date(2026, 10, 14)  # a Wednesday; no other test runs this session
@@ -92,6 +93,33 @@ def test_a_failed_user_has_started_and_failed_events_and_completed_users_exactly
         assert after[uid][2][1]["criteriaKey"] == keys[uid]
         assert replay.replay_user(conn, job.correlation_id, uid).status == "identical"
     assert all(after[u] == trail[u] for u in completed)
+
+
+def test_users_no_try_of_their_batch_reached_are_failed_at_stage_batch_with_their_trail(
+        conn: psycopg.Connection, seeded: dict[str, int]) -> None:
+    session = date(2026, 10, 16)  # a Friday no other test runs
+    served = _served(conn, MARKET, session)
+    run = pipeline_run.start(conn, MARKET, session, "test-unattempted", force=True, batch_size=len(served))
+    symbols = [r[0] for r in conn.execute(
+        "SELECT a.symbol FROM holdings h JOIN assets a ON a.id = h.asset_id WHERE h.user_id = %s", (served[0],))]
+    run = pipeline_run.score_all(conn, run, prices=ProviderDownFor(conn, set(symbols)), tolerate=(ConnectionError,))
+    job, [batch] = run.job, run.batches
+    assert run.results == [None] and (run.summary["status"], run.summary["users_failed"]) == ("failed", len(served))
+    reason = (f"its batch ({batch['label']}) did not finish: its task failed on every try before reaching this user"
+              " (see that task's log)")
+    trail = _trail(conn, job.correlation_id)
+    assert sorted(trail) == served
+    assert all([(t, p.get("stage"), p.get("reason")) for t, p in trail[u]] == [
+        ("CALC_STARTED", None, None), ("CALC_FAILED", "batch", reason)] for u in served)
+    assert run.summary["failure_cause"] == f"no user of {len(served)} completed: {len(served)} failed ({len(served)} at batch)"
+    writing.finalize(conn, job, planned=run.batches, results=[None], rates=run.rates.to_xcom())  # finalize retried
+    assert _trail(conn, job.correlation_id) == trail  # nothing twice
+
+    again = pipeline_run.run_pipeline(conn, MARKET, session, "test-unattempted-again", job=job,
+                                      batch_size=len(served))
+    assert (again.summary["status"], again.summary["users_processed"]) == ("completed", len(served))
+    after = _trail(conn, job.correlation_id)
+    assert all([t for t, _ in after[u]] == ["CALC_STARTED", "CALC_FAILED", *FOUR] for u in served)
 
 
 @pytest.fixture

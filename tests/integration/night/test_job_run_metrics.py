@@ -8,29 +8,15 @@ from datetime import date
 import psycopg
 import pytest
 
-from overnight.adapters.providers.base import PriceQuote
-from overnight.adapters.providers.db import DbPriceProvider
 from overnight.night import jobrun, writing
 from tests.support import pipeline_run
+from tests.support.failing_prices import ProviderDownFor
 
 MARKET = "XLON"
 SESSION = date(2026, 10, 15)  # a Thursday; no other test runs this session
 CHUNK = 20  # users a chunk loads, calculates and commits together
 COUNTED = ("users_total", "batches", "batches_failed", "assets_scored", "recommendations_generated",
            "users_with_warnings", "cache_status")
-
-
-class ProviderDownFor(DbPriceProvider):
-    """The database's quotes, but down (a ConnectionError) whenever asked for one of `down`: the batch task dies."""
-
-    def __init__(self, conn: psycopg.Connection, down: set[str]) -> None:
-        super().__init__(conn)
-        self.down = down
-
-    def fetch_prices(self, symbols: list[str]) -> dict[str, PriceQuote]:
-        if self.down.intersection(symbols):
-            raise ConnectionError(f"quote provider down for {sorted(self.down.intersection(symbols))}")
-        return super().fetch_prices(symbols)
 
 
 def _first_chunk_of_each_symbol(conn: psycopg.Connection, served: list[str]) -> dict[str, int]:
