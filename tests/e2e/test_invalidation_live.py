@@ -10,6 +10,7 @@ refused and nothing changes. `invalidate-all` drops every cached key and no othe
 from __future__ import annotations
 
 import os
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -107,6 +108,17 @@ def test_edit_invalidate_and_read_the_recalculated_document(airflow_db: None, tm
             nights = conn.execute("SELECT count(*), sum(users_processed) FROM overnight_job_runs WHERE market = %s"
                                   " AND session_date = %s AND job_type = 'scoring'", (MARKET.code, session)).fetchone()
         assert job[2:] == ("recalculation", "completed", 1, MARKET.code, session)
+        # docs/access.md's words: one run, named by a random id, for that one user, triggered as the caller; recorded
+        assert re.fullmatch(r"recalculation__[0-9a-f-]{36}", recalc["dagRunId"])
+        with psycopg.connect(af.af_dsn) as meta:
+            triggered = meta.execute("SELECT triggering_user_name, conf FROM dag_run WHERE dag_id = %s AND run_id = %s",
+                                     (MARKET.dag_id, recalc["dagRunId"])).fetchone()
+            runs = meta.execute("SELECT count(*) FROM dag_run WHERE dag_id = %s", (MARKET.dag_id,)).fetchone()[0]
+        assert triggered == ("overnight_app", {"session_date": session.isoformat(), "user_ids": [user],
+                                               "recalculate": True}) and runs == 1
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT invalidated_by, dag_run_id FROM overnight_invalidations WHERE user_id = %s",
+                                (user,)).fetchone() == ("overnight_app", recalc["dagRunId"])
         assert nights == (1, night_processed)  # the night's job run is as it was
         assert (fresh["fromCache"], fresh["stale"], fresh["staleReason"], fresh["correlationId"]) == (
             True, False, None, job[1])

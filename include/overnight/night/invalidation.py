@@ -55,7 +55,10 @@ def invalidate_user(conn: psycopg.Connection, client: redis.Redis | None, user_i
     """Drops the user's cached keys and records the invalidation (now, by whom); returns what was done. Raises
     UnknownUser for an id the users table does not know. Redis unreachable: the keys stay, the record is written (the
     dashboard reads Postgres for an invalidated user whose key is gone, and says so for one whose key is not)."""
-    uid = str(uuid.UUID(str(user_id)))
+    try:
+        uid = str(uuid.UUID(str(user_id)))
+    except ValueError:
+        raise ValueError(f"user id {str(user_id)[:80]!r} is not a UUID") from None
     if conn.execute("SELECT 1 FROM users WHERE id = %s", (uid,)).fetchone() is None:
         raise UnknownUser(f"user {uid} is not in the users table")
     deleted, cache_error = 0, None
