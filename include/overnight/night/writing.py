@@ -210,10 +210,11 @@ def finalize(
     rates: dict[str, Any] | None,
     fetch_rates_ms: float | None = None,
 ) -> dict[str, Any]:
-    """Writes the job-run row's outcome: completed, partial or failed, with counts and metrics. The users of a batch
-    whose task failed on every try get their trail first (`_trace_unattempted`)."""
+    """Writes the job-run row's outcome: completed, partial or failed, with counts and metrics. After a fan-out, the
+    users of a batch whose task failed on every try get their row and trail first (`_trace_unattempted`)."""
     done_idx = {r["index"] for r in results if r}
-    _trace_unattempted(conn, job, [b for b in (planned or []) if b["index"] not in done_idx])
+    if rates is not None:  # the fan-out happened (without rates no batch ran: the run's error says why)
+        _trace_unattempted(conn, job, [b for b in (planned or []) if b["index"] not in done_idx])
     # the whole job run's users, whichever execution or task attempt computed them (issue 27)
     row = conn.execute(
         "SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'failed'),"
