@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 WITH_ENV := set -a && . .local/env.sh && set +a &&
 
-.PHONY: install env browser migrate airflow-setup seed demo test run replay airflow stop lint bench
+.PHONY: install env browser migrate airflow-setup seed demo test run replay invalidate airflow stop lint bench
 
 # requirements-dev.txt: the lock of production's requirements.txt plus the development and test tools;
 # the package (include/pyproject.toml) is installed editable, as in the image.
@@ -50,6 +50,12 @@ run: migrate airflow-setup  ## run MARKET's DAG once in-process for DATE (defaul
 replay: migrate  ## recompute USER's calculation from the audit trail alone: identical, or each differing field
 	@test "$(origin USER)" = "command line" || { echo "usage: make replay USER=<user id> [JOB=<job run id> | SESSION=YYYY-MM-DD MARKET=XNYS]  (default: the user's latest calculation)"; exit 2; }
 	@$(WITH_ENV) $(PY) -m overnight.night.replay --user "$(USER)" $(if $(JOB),--job "$(JOB)") $(if $(SESSION),--session "$(SESSION)") $(if $(MARKET),--market "$(MARKET)")
+
+# USER is also the login's name in the environment: only one given on the command line is a user id.
+invalidate: migrate  ## drop USER's cached advice (RECALCULATE=1: and recalculate them; needs make airflow) or ALL=1's
+	@if [ -n "$(ALL)" ]; then $(WITH_ENV) $(PY) -m overnight.night.invalidation --all; \
+	elif [ "$(origin USER)" = "command line" ]; then $(WITH_ENV) $(PY) -m overnight.night.invalidation --user "$(USER)" $(if $(RECALCULATE),--recalculate); \
+	else echo "usage: make invalidate USER=<user id> [RECALCULATE=1] | ALL=1  (docs/design.md: invalidation)"; exit 2; fi
 
 EXECUTOR ?= local
 BATCH ?= 10000

@@ -5,7 +5,8 @@ from the `recommendations` table, TTL 24 h, for **everyone** or for the **users*
 
 Use it after Redis lost its data (restart, flush, failover) or to refresh some users' keys; the
 dashboard falls back to Postgres meanwhile. Rows stream through a server-side cursor and are written
-in pipelined chunks. The task returns the counts (users warmed, requested users without recommendations).
+in pipelined chunks. The task returns the counts (users warmed, requested users without recommendations); each run
+is recorded as a `cache-warm` job run in `overnight_job_runs` (no market; its session date is the day it ran).
 
 **Trigger**: `airflow dags trigger overnight_cache_warmer` (everyone) or
 `airflow dags trigger overnight_cache_warmer --conf '{"user_ids": ["<uuid>", ...]}'`.
@@ -78,7 +79,7 @@ def overnight_cache_warmer() -> None:
             logging.getLogger(__name__).info("nothing to do: %s (%s)", reason,
                                              ", ".join(sorted({str(e.get("market")) for e in extras})))
             return {"skipped": True, "reason": reason, "events": len(extras)}
-        return cache_warmer.run(ctx["params"].get("user_ids"))
+        return cache_warmer.run(ctx["params"].get("user_ids"), dag_run_id=ctx["dag_run"].run_id)
 
     warm_cache()
 

@@ -49,7 +49,8 @@ def test_market_dags_serialise_round_trip(dagbag):
         back = DagSerialization.from_dict(data)
         assert back.timetable.summary == dag.timetable.summary
         assert back.timetable.serialize() == dag.timetable.serialize()
-        assert set(back.params.keys()) == {"session_date", "user_ids", "batch_size", "contribution", "force"}
+        assert set(back.params.keys()) == {"session_date", "user_ids", "batch_size", "contribution", "force",
+                                           "recalculate"}
 
 
 def test_bad_market_entry_is_an_import_error_naming_it(tmp_path, monkeypatch):

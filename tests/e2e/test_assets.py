@@ -61,8 +61,9 @@ def test_each_completed_run_records_one_asset_event_with_its_session_and_counts(
     cli.run_market("XTKS", session, quiet=True)  # a second DAG run continues the job run: a second event
     again = _job(pg_dsn, "XTKS", session)
     assert again[5] != job[5]
-    # the job run's totals, and this DAG run's own work: every user was already done, nothing new to cache
-    resumed = {**expected, "dag_run_id": again[5], "recommendations_generated": 0, "cache_status": "nothing to warm"}
+    # the job run's totals, whichever DAG run computed each user (issue 27: recommendations_generated too), and this
+    # DAG run's own cache work: every user was already done, nothing new to cache
+    resumed = {**expected, "dag_run_id": again[5], "cache_status": "nothing to warm"}
     assert _events(uri) == [*before, (job[5], expected), (again[5], resumed)]
     assert expected["recommendations_generated"] > 0
     assert _events("overnight://recommendations/XNYS") == others  # only the market that ran

@@ -397,6 +397,8 @@ def test_price_provider_down_fails_the_batches_cleanly(conn, server, tables) -> 
     n = conn.execute("SELECT count(*) FROM overnight_job_runs WHERE market = %s AND session_date = %s",
                      (MARKET, SESSION)).fetchone()[0]
     out = R.check_invariants(conn, MARKET, SESSION, rows=n)
-    assert not out.completed and not out.failed
+    # nobody completed; every served user is failed at stage `batch`, with its trail (docs/audit.md)
+    assert not out.completed and set(out.failed) == R.served(conn, MARKET, SESSION)
+    assert {stage for stage, _ in out.failed.values()} == {"batch"}
     assert sorted(out.error_details["batches"]) == sorted(b["label"] for b in batches)
 

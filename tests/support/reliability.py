@@ -105,8 +105,9 @@ def check_invariants(conn: psycopg.Connection, market: str, session: date, *, ro
     """Asserts the suite's invariants on the newest job run of (market, session) and returns it.
 
     - `rows` job-run rows for the market and session (1 unless `force` was used);
-    - exactly the four event types, once each, per completed user of that correlation id, and no
-      event for anyone else (no half-written user);
+    - exactly the four event types, once each, per completed user of that correlation id, after a CALC_STARTED and
+      CALC_FAILED per earlier failed attempt (docs/audit.md); a failed user's attempts as such pairs; no event for
+      anyone else (no half-written user);
     - every completed user's document in `recommendation_history` under that job run;
     - the row's counts match `overnight_job_users`;
     - when `finished`, the row is not left `started`.
@@ -115,20 +116,26 @@ def check_invariants(conn: psycopg.Connection, market: str, session: date, *, ro
     found = job_rows(conn, market, session)
     assert len(found) == rows, f"{market} {session}: {len(found)} job-run rows, expected {rows}: {found}"
     job_id, status, processed, failed_n, corr, details, metrics, dag_run_id = found[0]
-    per_user = conn.execute(
-        "SELECT user_id::text, count(*), count(DISTINCT event_type), array_agg(event_type::text)"
-        " FROM calculation_events WHERE correlation_id = %s GROUP BY user_id", (corr,)).fetchall()
-    bad = [(u, n, types) for u, n, d, types in per_user if n != 4 or d != 4 or set(types) != set(EVENT_TYPES)]
-    assert not bad, f"users without exactly the four events: {bad[:5]}"
-    with_events = {u for u, *_ in per_user}
     statuses = conn.execute(
         "SELECT user_id::text, status, stage, error FROM overnight_job_users WHERE job_run_id = %s",
         (job_id,)).fetchall()
     completed = {u for u, s, *_ in statuses if s == "completed"}
     failed = {u: (st or "", err or "") for u, s, st, err in statuses if s == "failed"}
-    assert with_events == completed, (
-        f"events for {len(with_events)} users, {len(completed)} completed rows; "
-        f"events without completed row: {sorted(with_events - completed)[:5]}, "
+    per_user = dict(conn.execute(
+        "SELECT user_id::text, array_agg(event_type::text ORDER BY created_at) FROM calculation_events"
+        " WHERE correlation_id = %s GROUP BY user_id", (corr,)).fetchall())
+
+    def well_formed(types: list[str], done: bool) -> bool:
+        attempts = types[:-4] if done else types
+        return ((not done or types[-4:] == list(EVENT_TYPES)) and (done or bool(attempts))
+                and attempts == ["CALC_STARTED", "CALC_FAILED"] * (len(attempts) // 2))
+
+    bad = [(u, types) for u, types in per_user.items() if not well_formed(types, u in completed)]
+    assert not bad, f"users without exactly the four events (or failed attempts' pairs before them): {bad[:5]}"
+    with_events = set(per_user)
+    assert with_events == completed | set(failed), (
+        f"events for {len(with_events)} users, {len(completed)} completed and {len(failed)} failed rows; "
+        f"events without a row: {sorted(with_events - completed - set(failed))[:5]}, "
         f"completed without events: {sorted(completed - with_events)[:5]}")
     docs = {r[0] for r in conn.execute(
         "SELECT user_id::text FROM recommendation_history WHERE job_run_id = %s", (job_id,))}

@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 TTL_SECONDS = 24 * 3600
 RECS_PREFIX = "recs:"
 PORTFOLIO_PREFIX = "portfolio:"
+INVALIDATE_BATCH = 1000  # keys a SCAN step asks for, and an UNLINK drops, in `invalidate_all`
 
 
 def connect(url: str | None = None, *, timeout_s: float = 2.0) -> redis.Redis:
@@ -56,3 +57,25 @@ def warm(client: redis.Redis, docs: Iterable[tuple[Any, ...]], chunk: int = 2000
     if pending:
         pipe.execute()
     return n
+
+
+def invalidate(client: redis.Redis, user_id: str) -> int:
+    """Drops a user's `recs:` and `portfolio:` keys (UNLINK: freed in the background); returns the keys dropped."""
+    return int(client.unlink(recs_key(user_id), portfolio_key(user_id)))
+
+
+def invalidate_all(client: redis.Redis, *, batch: int = INVALIDATE_BATCH) -> int:
+    """Drops every `recs:` and `portfolio:` key; returns how many. SCAN walks the keyspace `batch` keys a step and each
+    step's keys go in one UNLINK, so Redis never blocks on it (no KEYS, no FLUSHDB: other keys, such as the price
+    provider's rate limit, stay). A key written meanwhile may survive: SCAN guarantees only the keys there throughout."""
+    dropped = 0
+    for prefix in (RECS_PREFIX, PORTFOLIO_PREFIX):
+        for_unlink: list[Any] = []
+        for key in client.scan_iter(match=f"{prefix}*", count=batch):
+            for_unlink.append(key)
+            if len(for_unlink) >= batch:
+                dropped += int(client.unlink(*for_unlink))
+                for_unlink.clear()
+        if for_unlink:
+            dropped += int(client.unlink(*for_unlink))
+    return dropped

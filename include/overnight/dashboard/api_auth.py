@@ -242,6 +242,24 @@ def requires_personal_data(request: Request) -> None:
         raise HTTPException(403, NO_PERSONAL_DATA)
 
 
+NO_BEARER = ("Forbidden: this route changes state and takes a bearer token only (Authorization: Bearer <token> from "
+             "POST /auth/token), never the UI's session cookie, which a browser sends from any site (docs/access.md)")
+
+
+def requires_bearer(request: Request) -> None:
+    """Route dependency of the state-changing routes: 403 unless the request authenticated with a bearer token (Airflow
+    then uses it, even beside a cookie); a cookie alone never changes state (no cross-site request forgery)."""
+    if bearer_token(request.headers.get("authorization")) is None:
+        raise HTTPException(403, NO_BEARER)
+
+
+def login_name(request: Request) -> str | None:
+    """The authenticated user's login name (`BaseUser.get_name`), for the records of what they changed."""
+    user = getattr(getattr(request.state, STATE_ATTR, None), "user", None)
+    get_name = getattr(user, "get_name", None)
+    return str(get_name()) if callable(get_name) else None
+
+
 def may_read_personal_data(request: Request) -> bool:
     """Whether the request's user holds "Overnight recommendations" (e.g. to show user ids)."""
     return _access(request).personal_data

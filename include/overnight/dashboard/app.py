@@ -33,7 +33,9 @@ from overnight.adapters.pseudonyms import pseudonym, pseudonym_key
 from overnight.dashboard.api_auth import (
     AuthCache,
     airflow_auth,
+    login_name,
     may_read_personal_data,
+    requires_bearer,
     requires_operations,
     requires_personal_data,
     ttl_from_env,
@@ -42,7 +44,10 @@ from overnight.dashboard.docview import InvalidUserId, UnknownUser
 from overnight.dashboard.json_body import dashboard_answer, json_response
 from overnight.dashboard.models import (
     AssetEventsResponse,
+    CacheClearedResponse,
+    CalculationResponse,
     DashboardResponse,
+    InvalidationResponse,
     JobRunsResponse,
     MarketsResponse,
     ReplayResponse,
@@ -64,10 +69,30 @@ def _login(request: Request) -> str:
     user = getattr(getattr(request.state, "overnight_access", None), "user", None)
     get_id = getattr(user, "get_id", None)  # every Airflow auth manager's user has one (BaseUser)
     return f"{type(user).__name__}:{get_id() if callable(get_id) else user}"
-_SYMBOL_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # any printable text; control characters (NUL) are refused
+_SYMBOL_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+CorrelationId = Annotated[UUID, PathParam(description="The job run's correlation id")]
+UserId = Annotated[str, PathParam(description="The user's id (UUID)", max_length=64, json_schema_extra={"format": "uuid"})]
+_CALCULATION_ERRORS: dict[int | str, dict[str, Any]] = {
+    403: {"description": "No 'Overnight recommendations' permission"}, 422: {"description": "Not a UUID"},
+    503: {"description": "Postgres unavailable, or too many audit queries: retry shortly"}}  # any printable text; control characters (NUL) are refused
 
 
 # --------------------------------------------------------------------------- auth
+
+
+def _api_base_url(request: Request) -> str:
+    """This api-server's own URL for its REST API: `[api] base_url` when set (behind a proxy), else the request's."""
+    import os
+
+    configured = os.environ.get("AIRFLOW__API__BASE_URL", "")
+    if not configured:
+        try:
+            from airflow.configuration import conf
+
+            configured = conf.get("api", "base_url", fallback="") or ""
+        except Exception:  # noqa: BLE001 - no Airflow configuration: the request's own origin
+            configured = ""
+    return configured.rstrip("/") or f"{request.url.scheme}://{request.url.netloc}"
 
 
 def store_unavailable(exc: StoreUnavailable) -> JSONResponse:
@@ -236,6 +261,50 @@ def create_app(
             return {"data": answer}
         return json_response(answer, request.headers.get("accept-encoding", ""))
 
+    # State-changing routes: personal data, and a bearer token only (a cookie alone is refused: docs/access.md)
+    state_changing = [Depends(requires_personal_data), Depends(requires_bearer)]
+
+    @app.post(f"{API_PREFIX}/cache/invalidate/{{user_id}}", response_model=InvalidationResponse,
+              dependencies=state_changing,
+              responses={403: {"description": "No 'Overnight recommendations' permission, or no bearer token"},
+                         404: {"description": "Unknown user"}, 409: {"description": "No DAG can recalculate the user"},
+                         422: {"description": "Not a UUID"}})
+    async def invalidate_user(
+        request: Request, response: Response,
+        user_id: Annotated[str, PathParam(description="The user's id (UUID)", max_length=64,
+                                          json_schema_extra={"format": "uuid"})],
+        recalculate: Annotated[bool, Query(description="Also recalculate the user: a run of their serving market's "
+                                                       "DAG with their id")] = False,
+    ) -> dict[str, Any]:
+        """Drops the user's cached advice (`recs:`, `portfolio:`) and records when; the dashboard then says the older
+        document is `invalidated`, or `recalculating` until the recalculation asked here lands (docs/design.md)."""
+        from overnight.night import invalidation
+
+        # Triggered through Airflow's public REST API with the caller's own bearer token (required on this route):
+        # the run is theirs, and Airflow checks they may trigger the DAG.
+        token = request.headers.get("authorization", "").partition(" ")[2]
+        trigger = invalidation.rest_trigger(_api_base_url(request), token) if recalculate else None
+        try:
+            data = await store.invalidate(user_id, login_name(request), recalculate=recalculate, trigger=trigger)
+        except InvalidUserId as exc:
+            raise HTTPException(422, str(exc)) from None
+        except PermissionError as exc:
+            raise HTTPException(403, str(exc)) from None
+        except invalidation.UnknownUser as exc:
+            raise HTTPException(404, str(exc)) from None
+        except LookupError as exc:  # NoServingMarket, or Airflow does not know the DAG
+            raise HTTPException(409, str(exc)) from None
+        response.headers["Cache-Control"] = "no-store"
+        return {"data": data}
+
+    @app.post(f"{API_PREFIX}/cache/invalidate-all", response_model=CacheClearedResponse, dependencies=state_changing,
+              responses={403: {"description": "No 'Overnight recommendations' permission, or no bearer token"},
+                         503: {"description": "Redis unavailable"}})
+    async def invalidate_all() -> dict[str, Any]:
+        """Drops every user's cached keys without blocking Redis (SCAN in batches, UNLINK); the dashboard serves the
+        documents from Postgres, as current as they were, until the cache is warmed again."""
+        return {"data": await store.invalidate_all()}
+
     @app.get(f"{API_PREFIX}/job-runs", response_model=JobRunsResponse, dependencies=operations)
     async def job_runs(
         market: Annotated[str | None, Query(min_length=1, max_length=32, pattern=_SYMBOL_PATTERN,
@@ -270,8 +339,9 @@ def create_app(
         before_id: Annotated[UUID | None, Query(description="With `before`: the last event id of the previous "
                                                             "page (ties on the same time)")] = None,
     ) -> dict[str, Any] | JSONResponse:
-        """Every calculation event that scored `symbol` (newest first), with its correlation id and job run;
-        user ids only for holders of "Overnight recommendations", a pseudonym (`userRef`) for everyone."""
+        """Every calculation whose universe held `symbol` (its SCORES_COMPUTED event, newest first) with the outcome
+        there (scored, unpriced, unscored), its correlation id and job run; user ids only for holders of "Overnight
+        recommendations", a pseudonym (`userRef`) for everyone."""
         busy, give_back = await take_audit_slot(request)
         if busy is not None:
             return busy
@@ -288,19 +358,35 @@ def create_app(
         response.headers["Cache-Control"] = "no-store"  # user ids for holders of personal data
         return {"data": events, "next": cursor}
 
+    @app.get(f"{API_PREFIX}/audit/calculations/{{correlation_id}}/{{user_id}}", response_model=CalculationResponse,
+             dependencies=[Depends(requires_personal_data)],
+             responses={**_CALCULATION_ERRORS, 404: {"description": "No events of that user in that job run"}})
+    async def calculation_events(request: Request, response: Response, correlation_id: CorrelationId,
+                                 user_id: UserId) -> dict[str, Any] | JSONResponse:
+        """One calculation's events with their payloads (the four; a failed attempt's CALC_STARTED and CALC_FAILED):
+        the user's holdings and amounts, so "Overnight recommendations" only."""
+        busy, give_back = await take_audit_slot(request)
+        if busy is not None:
+            return busy
+        try:
+            data = await store.calculation(str(correlation_id), user_id)
+        except InvalidUserId as exc:
+            raise HTTPException(422, str(exc)) from None
+        finally:
+            give_back()
+        if data is None:
+            raise HTTPException(404, f"no events of user {user_id} in the job run of correlation id {correlation_id}"
+                                     " (not served by it, or past the audit retention)")
+        response.headers["Cache-Control"] = "no-store"
+        return {"data": data}
+
     @app.get(f"{API_PREFIX}/audit/calculations/{{correlation_id}}/{{user_id}}/replay", response_model=ReplayResponse,
              dependencies=[Depends(requires_personal_data)],
-             responses={403: {"description": "No 'Overnight recommendations' permission"},
+             responses={**_CALCULATION_ERRORS,
                         404: {"description": "Unknown job run, or no calculation of that user in it"},
-                        409: {"description": "The calculation's events or snapshots are incomplete"},
-                        422: {"description": "Not a UUID"},
-                        503: {"description": "Postgres unavailable, or too many audit queries: retry shortly"}})
-    async def replay_calculation(
-        request: Request, response: Response,
-        correlation_id: Annotated[UUID, PathParam(description="The job run's correlation id")],
-        user_id: Annotated[str, PathParam(description="The user's id (UUID)", max_length=64,
-                                          json_schema_extra={"format": "uuid"})],
-    ) -> dict[str, Any] | JSONResponse:
+                        409: {"description": "The calculation's events or snapshots are incomplete"}})
+    async def replay_calculation(request: Request, response: Response, correlation_id: CorrelationId,
+                                 user_id: UserId) -> dict[str, Any] | JSONResponse:
         """Recomputes a user's calculation from the audit trail alone and compares it with what was stored:
         `identical`, or each differing field. Personal data (the user's amounts): "Overnight recommendations"."""
         from overnight.night.replay import IncompleteCalculation, UnknownCalculation

@@ -83,8 +83,8 @@ class JobRun(BaseModel):
     run + grace has passed; docs/freshness.md)."""
 
     id: str
-    jobType: str
-    market: str
+    jobType: str  # scoring (a market's night), recalculation (users after an invalidation) or cache-warm
+    market: str | None  # None for a cache-warm job run
     sessionDate: str
     status: str
     startedAt: str
@@ -135,7 +135,8 @@ class JobRunRef(BaseModel):
 
 
 class AssetEvent(BaseModel):
-    """A calculation event that scored the asset; `score` is the asset's score in it (null: unscored).
+    """The SCORES_COMPUTED event of a calculation whose universe held the asset, with its `outcome` there: `scored`
+    (`score`), `unpriced` (no usable price) or `unscored` (`reason`: no exchange rate, a missing fundamental).
     `userId` is shown only to holders of the "Overnight recommendations" permission (else null);
     `userRef` is the user's pseudonym for everyone: stable, not reversible (docs/access.md)."""
 
@@ -147,6 +148,8 @@ class AssetEvent(BaseModel):
     createdAt: str
     symbol: str
     score: str | None
+    outcome: Literal["scored", "unpriced", "unscored"]
+    reason: str | None = None
     jobRun: JobRunRef | None
 
 
@@ -188,3 +191,68 @@ class ReplayResponse(BaseModel):
     """`GET /api/v1/audit/calculations/{correlation_id}/{user_id}/replay`."""
 
     data: ReplayResult
+
+
+class RecalculationRef(BaseModel):
+    """The DAG run asked to recalculate the user (`dagPaused`: it waits until the DAG is unpaused)."""
+
+    dagId: str
+    dagRunId: str
+    market: str
+    sessionDate: str
+    dagPaused: bool
+
+
+class Invalidation(BaseModel):
+    """A user's cached advice dropped (`keysDeleted` of `recs:` and `portfolio:`) at `invalidatedAt`; until a document
+    generated later lands, the dashboard answers `stale` with `staleReason` `recalculating` (a recalculation was asked
+    and has not ended) or `invalidated`. `cacheError`: Redis could not be reached (the record stands)."""
+
+    userId: str
+    keysDeleted: int
+    invalidatedAt: str
+    cacheError: str | None
+    recalculation: RecalculationRef | None
+
+
+class InvalidationResponse(BaseModel):
+    """`POST /api/v1/cache/invalidate/{user_id}`."""
+
+    data: Invalidation
+
+
+class CacheCleared(BaseModel):
+    """Every `recs:` and `portfolio:` key dropped (SCAN in batches + UNLINK); the documents in Postgres stay current."""
+
+    keysDeleted: int
+
+
+class CacheClearedResponse(BaseModel):
+    """`POST /api/v1/cache/invalidate-all`."""
+
+    data: CacheCleared
+
+
+class CalculationEvent(BaseModel):
+    """One event of a calculation, its payload as stored (docs/audit.md)."""
+
+    eventId: str
+    eventType: str
+    createdAt: str
+    payload: dict[str, Any]
+
+
+class Calculation(BaseModel):
+    """A user's events in one job run: the four of a completed calculation, after a CALC_STARTED and CALC_FAILED per
+    failed attempt (a failed user has only those), oldest first."""
+
+    userId: str
+    correlationId: str
+    jobRun: JobRunRef | None
+    events: list[CalculationEvent]
+
+
+class CalculationResponse(BaseModel):
+    """`GET /api/v1/audit/calculations/{correlation_id}/{user_id}`."""
+
+    data: Calculation

@@ -49,6 +49,8 @@ from overnight.dashboard.pgpool import (
     StoreUnavailable,
 )
 from overnight.domain import freshness
+from overnight.domain.scoring import NO_USABLE_PRICE
+from overnight.night.invalidation import RECALCULATION_WAIT
 
 log = logging.getLogger(__name__)
 
@@ -217,18 +219,35 @@ class DashboardStore:
         if doc is not None:
             return await self._explained(view_from_document(uid, doc, from_cache=True, now=now), doc)
         rows = await (await self._pool()).fetch(
-            "SELECT r.document, u.base_currency, u.id IS NOT NULL FROM (SELECT %(id)s::uuid AS id) q"
-            " LEFT JOIN recommendations r ON r.user_id = q.id LEFT JOIN users u ON u.id = q.id",
+            "SELECT r.document, u.base_currency, u.id IS NOT NULL, i.invalidated_at, i.dag_run_id,"
+            " i.invalidated_at > coalesce(r.generated_at, '-infinity') FROM (SELECT %(id)s::uuid AS id) q"
+            " LEFT JOIN recommendations r ON r.user_id = q.id LEFT JOIN users u ON u.id = q.id"
+            " LEFT JOIN overnight_invalidations i ON i.user_id = q.id",
             {"id": uid},
         )
-        document, base_currency, known = rows[0]
+        document, base_currency, known, invalidated_at, recalculation, superseded = rows[0]
+        invalidated = await self._invalidated(invalidated_at, recalculation, now) if superseded else None
         if document is not None:
-            return await self._explained(
-                view_from_document(uid, document, from_cache=False, base_currency=base_currency, now=now), document)
+            view = view_from_document(uid, document, from_cache=False, base_currency=base_currency, now=now)
+            if invalidated is not None:  # invalidated since it was generated (docs/design.md): not current advice
+                return dataclasses.replace(view, stale=True, stale_reason=invalidated, next_run_due=False)
+            return await self._explained(view, document)
         if not known:
             raise UnknownUser(f"user {uid} is not in the users table and has no recommendations")
         return DashboardView(uid, [], None, base_currency.strip() if base_currency else None, None,
-                             from_cache=False, stale=True, stale_reason=freshness.NOT_CALCULATED)
+                             from_cache=False, stale=True,
+                             stale_reason=freshness.RECALCULATING if invalidated == freshness.RECALCULATING
+                             else freshness.NOT_CALCULATED)
+
+    async def _invalidated(self, invalidated_at: datetime, dag_run_id: str | None, now: datetime | None) -> str:
+        """`recalculating` while the recalculation asked with the invalidation (its DAG run) has not ended, and for at
+        most the market DAG's run timeout; else `invalidated`."""
+        if dag_run_id is None or (now or datetime.now(UTC)) - invalidated_at > RECALCULATION_WAIT:
+            return freshness.INVALIDATED
+        rows = await (await self._pool()).fetch(
+            "SELECT completed_at IS NOT NULL FROM overnight_job_runs WHERE job_type = 'recalculation'"
+            " AND dag_run_id = %(run)s ORDER BY started_at DESC LIMIT 1", {"run": dag_run_id})
+        return freshness.INVALIDATED if rows and rows[0][0] else freshness.RECALCULATING
 
     async def _explained(self, view: DashboardView, doc: dict[str, Any]) -> DashboardView:
         """The view with its market's next run looked up when it matters: why an overdue document was not
@@ -256,7 +275,7 @@ class DashboardStore:
         nxt = freshness.next_session(market, lead, date.fromisoformat(session_date))
         rows = await (await self._pool()).fetch(
             "SELECT status FROM overnight_job_runs WHERE market = %(m)s AND session_date = %(d)s"
-            " ORDER BY started_at DESC LIMIT 1", {"m": market, "d": nxt})
+            " AND job_type = 'scoring' ORDER BY started_at DESC LIMIT 1", {"m": market, "d": nxt})
         status = rows[0][0] if rows else None
         reason = (freshness.RUN_MISSING if status is None
                   else freshness.RUN_FAILED if status == "failed"
@@ -266,6 +285,61 @@ class DashboardStore:
             self._next_runs.clear()
         self._next_runs[(market, session_date)] = (time.monotonic(), reason)
         return reason
+
+    # ---------------------------------------------------------------- invalidation
+
+    async def invalidate(self, user_id: str, by: str | None, *, recalculate: bool,
+                         trigger: Callable[[str, str, dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+        """Drops a user's cached keys, records the invalidation and, with `recalculate`, triggers their serving
+        market's DAG through `trigger` (`overnight.night.invalidation`), off the event loop. Raises InvalidUserId,
+        invalidation.UnknownUser / NoServingMarket / LookupError, PermissionError, StoreUnavailable."""
+        from overnight.night import invalidation
+
+        uid = parse_user_id(user_id)
+        await self._ensure()
+        dsn, url = self.pg_dsn, self.redis_url
+        assert dsn is not None
+
+        def run() -> dict[str, Any]:
+            client = cache.connect(url) if url else None
+            try:
+                with psycopg.connect(dsn, connect_timeout=PG_CONNECT_TIMEOUT_S,
+                                     application_name="overnight-invalidation") as conn:
+                    done = invalidation.invalidate_user(conn, client, uid, by)
+                    if recalculate and trigger is None:
+                        raise LookupError("no way to trigger a recalculation was given")
+                    done["recalculation"] = (invalidation.request_recalculation(conn, uid, trigger).to_json()
+                                             if recalculate and trigger is not None else None)
+                    return done
+            finally:
+                if client is not None:
+                    client.close()
+
+        try:
+            return await asyncio.to_thread(contextvars.copy_context().run, run)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"Postgres (overnight_postgres) is unavailable: {exc}".strip()) from exc
+
+    async def invalidate_all(self) -> dict[str, Any]:
+        """Drops every user's cached keys (SCAN + UNLINK, off the event loop); raises StoreUnavailable without Redis."""
+        from overnight.night import invalidation
+
+        await self._ensure()
+        if not self.redis_url:
+            raise StoreUnavailable("no Redis connection (overnight_redis) is configured: there is no cache to clear")
+        url = self.redis_url
+
+        def run() -> dict[str, Any]:
+            client = cache.connect(url)
+            try:
+                return invalidation.invalidate_all(client)
+            finally:
+                client.close()
+
+        try:
+            return await asyncio.to_thread(run)
+        except Exception as exc:  # redis.RedisError: the cache cannot be reached
+            raise StoreUnavailable(f"Redis (overnight_redis) is unavailable: {type(exc).__name__}: {exc}") from exc
 
     # ---------------------------------------------------------------- job runs
 
@@ -296,7 +370,8 @@ class DashboardStore:
         rows = await (await self._ops_pool()).fetch(
             "SELECT * FROM (" + _JOB_RUN_SELECT.replace(
                 "FROM overnight_job_runs",
-                ", row_number() OVER (PARTITION BY market ORDER BY started_at DESC) AS rn FROM overnight_job_runs")
+                ", row_number() OVER (PARTITION BY market ORDER BY started_at DESC) AS rn FROM overnight_job_runs"
+                " WHERE job_type = 'scoring'")  # the markets' nights, not recalculations nor cache warming
             + ") t WHERE rn <= %(n)s ORDER BY market, started_at",
             {"n": max(1, min(per_market, MAX_LIMIT))},
         )
@@ -352,10 +427,27 @@ class DashboardStore:
             if not handed_over and done is not None:
                 done()
 
+    async def calculation(self, correlation_id: str, user_id: str) -> dict[str, Any] | None:
+        """A user's events in the job run of `correlation_id`, oldest first (index: correlation id, user); None when
+        there are none."""
+        uid = parse_user_id(user_id)
+        rows = await (await self._ops_pool()).fetch(CALCULATION_SQL, {"corr": correlation_id, "user": uid})
+        if not rows:
+            return None
+        r = rows[0]
+        return {
+            "userId": uid, "correlationId": correlation_id,
+            "jobRun": None if r[4] is None else {"id": str(r[4]), "market": r[5], "sessionDate": _iso(r[6]),
+                                                 "status": r[7]},
+            "events": [{"eventId": str(e[0]), "eventType": e[1], "createdAt": e[2].isoformat(), "payload": e[3]}
+                       for e in rows],
+        }
+
     async def asset_events(
         self, symbol: str, *, limit: int = 50, before: datetime | None = None, before_id: str | None = None,
     ) -> tuple[list[dict[str, Any]], dict[str, str] | None]:
-        """Returns the calculation events that scored `symbol`, newest first, and the next page's cursor.
+        """Returns the SCORES_COMPUTED event of every calculation whose universe held `symbol` (scored or not), newest
+        first, with its outcome, and the next page's cursor.
 
         Keyset pagination on (created_at, event_id): pass the returned `before` (and `beforeId`) back.
         """
@@ -367,7 +459,7 @@ class DashboardStore:
         events = [
             {
                 "eventId": str(r[0]), "eventType": r[1], "userId": str(r[2]), "correlationId": str(r[3]),
-                "createdAt": r[4].isoformat(), "symbol": symbol, "score": r[5],
+                "createdAt": r[4].isoformat(), "symbol": symbol, "score": r[5], **_outcome(r[5], r[10]),
                 "jobRun": None if r[6] is None else {
                     "id": str(r[6]), "market": r[7], "sessionDate": _iso(r[8]), "status": r[9]},
             }
@@ -375,6 +467,20 @@ class DashboardStore:
         ]
         cursor = {"before": events[-1]["createdAt"], "beforeId": events[-1]["eventId"]} if more and events else None
         return events, cursor
+
+
+CALCULATION_SQL = (
+    "SELECT e.event_id, e.event_type, e.created_at, e.payload, j.id, j.market, j.session_date, j.status"
+    " FROM calculation_events e LEFT JOIN overnight_job_runs j ON j.correlation_id = e.correlation_id"
+    " WHERE e.correlation_id = %(corr)s AND e.user_id = %(user)s ORDER BY e.created_at, e.event_id")
+
+
+def _outcome(score: str | None, unscored: str | None) -> dict[str, str | None]:
+    """A calculation's outcome for the asset: `scored`, `unpriced` (no usable price) or `unscored` (no exchange rate,
+    a missing fundamental: `reason` says)."""
+    if score is not None:
+        return {"outcome": "scored", "reason": None}
+    return {"outcome": "unpriced" if unscored == NO_USABLE_PRICE else "unscored", "reason": unscored}
 
 
 def asset_events_query(symbol: str, limit: int, before: datetime | None = None, before_id: str | None = None
@@ -391,11 +497,14 @@ def asset_events_query(symbol: str, limit: int, before: datetime | None = None, 
             cond = " AND (e.created_at, e.event_id) < (%(before)s, %(before_id)s::uuid)"
         else:
             cond = " AND e.created_at < %(before)s"
+    # the universe of a calculation: SCORES_COMPUTED's scored and unscored symbols (the partial GIN index of
+    # migration 0010, `overnight_universe`)
     return ("SELECT e.event_id, e.event_type, e.user_id, e.correlation_id, e.created_at,"
-            " e.payload -> 'scores' ->> %(symbol)s, j.id, j.market, j.session_date, j.status"
+            " e.payload -> 'scores' ->> %(symbol)s, j.id, j.market, j.session_date, j.status,"
+            " e.payload -> 'unscored' ->> %(symbol)s"
             " FROM calculation_events e LEFT JOIN overnight_job_runs j ON j.correlation_id = e.correlation_id"
-            " WHERE e.symbols @> ARRAY[%(symbol)s]::text[]" + cond
-            + " ORDER BY e.created_at DESC, e.event_id DESC LIMIT %(limit)s"), params
+            " WHERE e.event_type = 'SCORES_COMPUTED' AND overnight_universe(e.symbols, e.payload) @> ARRAY[%(symbol)s]"
+            "::text[]" + cond + " ORDER BY e.created_at DESC, e.event_id DESC LIMIT %(limit)s"), params
 
 
 _JOB_RUN_SELECT = (

@@ -66,7 +66,8 @@ def run_market(code: str, session: date | None, *, force: bool = False, batch_si
     with db.connect() as conn:
         row = conn.execute(
             "SELECT status, users_processed, users_failed, correlation_id, metrics, error_details FROM"
-            " overnight_job_runs WHERE market = %s AND session_date = %s ORDER BY started_at DESC LIMIT 1",
+            " overnight_job_runs WHERE market = %s AND session_date = %s AND job_type = 'scoring'"
+            " ORDER BY started_at DESC LIMIT 1",
             (market.code, session),
         ).fetchone()
     result = {"market": market.code, "session": session.isoformat(), "wall_s": round(wall, 1),

@@ -46,6 +46,8 @@ UNKNOWN_AGE = "unknown_age"
 NOT_CALCULATED = "not_calculated"
 NEXT_RUN_DUE = "next_run_due"  # a job run whose market's next run + grace has passed
 EXPIRED = "expired"  # a document without market/sessionDate, past 24 h
+RECALCULATING = "recalculating"  # invalidated after it was generated; its recalculation has not landed yet
+INVALIDATED = "invalidated"  # invalidated after it was generated; no recalculation asked, or it ended without it
 
 
 class FreshnessConfigError(ValueError):

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 OPS = (">=", "<=", ">", "<", "==", "between")
 SCORING_VERSION = 1  # bump whenever how a score is computed changes (the audit trail records it: calcVersion)
+NO_USABLE_PRICE = "no usable price"  # the reason of an asset left unscored for want of a price
 
 
 class CriteriaError(ValueError):
@@ -95,7 +96,7 @@ def parse_rules(raw: Any) -> tuple[Rule, ...]:
 def score_asset(rules: tuple[Rule, ...], fundamentals: dict[str, Any], priced: bool) -> Score:
     """Scores one asset: the sum of the points of the rules it matches; unscored if data is missing."""
     if not priced:
-        return Score(None, reason="no usable price")
+        return Score(None, reason=NO_USABLE_PRICE)
     total = Decimal(0)
     matched = 0
     top_metric, top_abs = "", Decimal(-1)

@@ -61,6 +61,12 @@ def _params(market: Market) -> dict[str, Param]:
             description="Start a new calculation for this session (new correlation id, new job-run row, new "
             "events) instead of continuing the existing one. Leave off to resume or re-run safely.",
         ),
+        "recalculate": Param(
+            False, type="boolean", title="Recalculate these users",
+            description="With user ids: a new calculation of those users for the session, in a job run of its own "
+            "(job type recalculation), as an invalidation through the dashboard API asks (docs/design.md). "
+            "The session's night is left as it is.",
+        ),
     }
 
 

@@ -30,10 +30,13 @@ from overnight.domain.scoring import (
 log = logging.getLogger(__name__)
 
 
-JOB_TYPE = "scoring"
+JOB_TYPE = "scoring"  # a market's night: one job run per market and session
+RECALCULATION = "recalculation"  # named users recalculated after an invalidation: one job run per DAG run
+CACHE_WARM = "cache-warm"  # the cache warmer's runs (no market)
 RATES_BASE = "USD"
 DEFAULT_BATCH_SIZE = 500
-EVENT_TYPES = ("CALC_STARTED", "INPUTS_CAPTURED", "SCORES_COMPUTED", "CALC_COMPLETED")
+EVENT_TYPES = ("CALC_STARTED", "INPUTS_CAPTURED", "SCORES_COMPUTED", "CALC_COMPLETED")  # a completed user's four
+FAILED_EVENT = "CALC_FAILED"  # a failed user's terminal event, after its CALC_STARTED (docs/audit.md)
 MAX_ERROR_DETAILS = 1000
 _JSON = msgspec.json.Encoder()
 CHUNK_SIZE = 1000  # users loaded, calculated and written together inside a batch (bounds a task's memory)
@@ -60,6 +63,8 @@ class JobRun:
     session_date: str
     started_at: str
     resumed: bool = False
+    attempt: int | None = None  # this execution's row in overnight_job_run_executions (None: started before 0010)
+    job_type: str = JOB_TYPE
 
     def to_xcom(self) -> dict[str, Any]:
         """Returns the small dict passed between tasks."""
@@ -77,32 +82,51 @@ def ensure_partitions(conn: psycopg.Connection, today: date) -> None:
 
 
 def start_job(
-    conn: psycopg.Connection, market: str, session_date: date, dag_run_id: str, *, force: bool = False
+    conn: psycopg.Connection, market: str, session_date: date, dag_run_id: str, *, force: bool = False,
+    job_type: str = JOB_TYPE,
 ) -> JobRun:
-    """Upserts the `started` job-run row of (market, session); `force` starts a new calculation."""
+    """Upserts the `started` job-run row of (market, session); `force` starts a new calculation. A `recalculation`
+    is identified by its DAG run instead (each one a calculation of its own, never the session's night). Each call
+    records an execution (`overnight_job_run_executions`), or continues the one its DAG run left started."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"overnight:{market}:{session_date}",))
         ensure_partitions(conn, datetime.now(UTC).date())
-        row = conn.execute(
-            "SELECT id, correlation_id, started_at FROM overnight_job_runs"
-            " WHERE market = %s AND session_date = %s AND job_type = %s ORDER BY started_at DESC LIMIT 1",
-            (market, session_date, JOB_TYPE),
-        ).fetchone()
+        sql = ("SELECT id, correlation_id, started_at FROM overnight_job_runs"
+               " WHERE market = %s AND session_date = %s AND job_type = %s")
+        params: tuple[Any, ...] = (market, session_date, job_type)
+        if job_type == RECALCULATION:
+            sql, params = sql + " AND dag_run_id = %s", (*params, dag_run_id)
+        row = conn.execute(sql + " ORDER BY started_at DESC LIMIT 1", params).fetchone()
         if row is not None and not force:
             conn.execute(
                 "UPDATE overnight_job_runs SET status = 'started', completed_at = NULL, dag_run_id = %s"
                 " WHERE id = %s",
                 (dag_run_id, row[0]),
             )
-            return JobRun(str(row[0]), str(row[1]), market, session_date.isoformat(), row[2].isoformat(), True)
+            return JobRun(str(row[0]), str(row[1]), market, session_date.isoformat(), row[2].isoformat(), True,
+                          start_execution(conn, str(row[0]), dag_run_id), job_type)
         job_id, corr, now = uuid.uuid4(), uuid.uuid4(), datetime.now(UTC)
         conn.execute(
             "INSERT INTO overnight_job_runs (id, job_type, status, started_at, correlation_id, market,"
             " session_date, dag_run_id) VALUES (%s, %s, 'started', %s, %s, %s, %s, %s)",
-            (job_id, JOB_TYPE, now, corr, market, session_date, dag_run_id),
+            (job_id, job_type, now, corr, market, session_date, dag_run_id),
         )
+        attempt = start_execution(conn, str(job_id), dag_run_id)
     log.info("job run %s started", job_id, extra={"correlation_id": str(corr), "market": market})
-    return JobRun(str(job_id), str(corr), market, session_date.isoformat(), now.isoformat(), False)
+    return JobRun(str(job_id), str(corr), market, session_date.isoformat(), now.isoformat(), False, attempt, job_type)
+
+
+def start_execution(conn: psycopg.Connection, job_id: str, dag_run_id: str | None) -> int:
+    """Records an execution of the job run (`started`) and returns its attempt number; a DAG run whose execution is
+    still `started` (its `start` task retried) continues that one."""
+    last = conn.execute("SELECT attempt, dag_run_id, status FROM overnight_job_run_executions WHERE job_run_id = %s"
+                        " ORDER BY attempt DESC LIMIT 1", (job_id,)).fetchone()
+    if last is not None and last[1] == dag_run_id and last[2] == "started":
+        return int(last[0])
+    attempt = 1 if last is None else int(last[0]) + 1
+    conn.execute("INSERT INTO overnight_job_run_executions (job_run_id, attempt, dag_run_id, status)"
+                 " VALUES (%s, %s, %s, 'started')", (job_id, attempt, dag_run_id))
+    return attempt
 
 
 def record_job_error(conn: psycopg.Connection, job: JobRun, stage: str, message: str) -> None:

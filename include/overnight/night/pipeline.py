@@ -134,7 +134,8 @@ def score_batch(
             results, failures = calculate_chunk(users, shared)
             timings["calc"] += time.perf_counter() - t
             t = time.perf_counter()
-            new = _write_results(conn, job, results, failures)
+            new = _write_results(conn, job, results, failures,
+                                 {u.id: u.criteria_key for u in users} if failures else None)
             timings["write"] += time.perf_counter() - t
             t = time.perf_counter()
             if warm_cache is not None and any(r.latest for r in new):

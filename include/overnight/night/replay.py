@@ -34,7 +34,7 @@ from overnight.adapters.providers.base import PriceQuote, RatesSnapshot
 from overnight.domain.recommendations import Target
 from overnight.night import calculate, jobrun, loading
 from overnight.night.calculate import NO_PRICE, NO_PRICE_KNOWN, Batch
-from overnight.night.jobrun import CALC_VERSION, EVENT_TYPES, AssetRow, Contribution, JobRun, UserRow
+from overnight.night.jobrun import CALC_VERSION, EVENT_TYPES, FAILED_EVENT, AssetRow, Contribution, JobRun, UserRow
 
 IDENTICAL, DIFFERENT, OTHER_VERSION = "identical", "different", "other_version"
 NOT_COMPARED = {"CALC_COMPLETED": ("durationMs",)}  # timings of the calculation itself
@@ -169,13 +169,16 @@ def _user_id(raw: str) -> str:
 def _stored(conn: psycopg.Connection, job: JobRun, user_ids: list[str] | None) -> dict[str, _Stored]:
     sql = ("SELECT user_id::text, event_type, payload, created_at FROM calculation_events"
            " WHERE correlation_id = %s")
+    order = " ORDER BY created_at"  # a user's last attempt last: its CALC_STARTED is the calculation's (docs/audit.md)
     params: list[Any] = [job.correlation_id]
     if user_ids is not None:
         sql += " AND user_id = ANY(%s::uuid[])"
         params.append(user_ids)
     out: dict[str, _Stored] = {}
-    for uid, etype, payload, created in conn.execute(sql, params).fetchall():
+    for uid, etype, payload, created in conn.execute(sql + order, params).fetchall():
         out.setdefault(uid, _Stored()).events[etype] = (payload, created)
+    for uid in [u for u, s in out.items() if FAILED_EVENT in s.events and "CALC_COMPLETED" not in s.events]:
+        del out[uid]  # a failed user's trail (CALC_STARTED, CALC_FAILED): no calculation to replay (`_no_events`)
     keys = [(uid, (s.events["CALC_COMPLETED"][0].get("document") or {}).get("generatedAt"))
             for uid, s in out.items() if "CALC_COMPLETED" in s.events]
     keys = [(u, g) for u, g in keys if g]

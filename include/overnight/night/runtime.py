@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 RATES_CONN_ID = "overnight_rates_http"
 PRICES_CONN_ID = "overnight_prices_http"
-PARAM_NAMES = ("session_date", "user_ids", "batch_size", "contribution", "force")
+PARAM_NAMES = ("session_date", "user_ids", "batch_size", "contribution", "force", "recalculate")
 _AMOUNT = re.compile(r"^\d{1,12}(\.\d{1,4})?$")
 SCORE_FLOOR_ENV = "OVERNIGHT_SCORE_FLOOR"
 CONTRIBUTION_EXAMPLE = '{"amount": "1500", "currency": "USD"}'
@@ -48,6 +48,7 @@ class RunParams:
     batch_size: int
     contribution: jobrun.Contribution | None
     force: bool
+    recalculate: bool = False  # a recalculation of `user_ids` (after an invalidation): a job run of its own
 
     def to_xcom(self) -> dict[str, Any]:
         """Returns a small JSON-able dict, without the user ids (XCom is read by every viewer, docs/access.md):
@@ -58,6 +59,7 @@ class RunParams:
             "batch_size": self.batch_size,
             "contribution": self.contribution.to_json() if self.contribution is not None else None,
             "force": self.force,
+            "recalculate": self.recalculate,
         }
 
     @classmethod
@@ -67,7 +69,7 @@ class RunParams:
         c = data.get("contribution")
         return cls(date.fromisoformat(data["session_date"]), tuple(ids) if ids is not None else None,
                    int(data["batch_size"]), jobrun.Contribution(Decimal(c["amount"]), c["currency"]) if c else None,
-                   bool(data["force"]))
+                   bool(data["force"]), bool(data.get("recalculate", False)))
 
 
 def validate_params(
@@ -128,10 +130,15 @@ def validate_params(
     force = merged.get("force", False)
     if not isinstance(force, bool):
         problems.append(f"force: expected true or false, got {force!r}")
+    recalculate = merged.get("recalculate", False)
+    if not isinstance(recalculate, bool):
+        problems.append(f"recalculate: expected true or false, got {recalculate!r}")
+    elif recalculate and not ids:
+        problems.append("recalculate: needs user_ids, the users to recalculate")
     if problems:
         raise ParamError(f"{market.dag_id}: bad parameters: " + "; ".join(problems))
     assert session is not None
-    return RunParams(session, ids, batch_size, contribution, bool(force))
+    return RunParams(session, ids, batch_size, contribution, bool(force), bool(recalculate))
 
 
 def parse_contribution(raw: Any) -> jobrun.Contribution:
@@ -173,9 +180,15 @@ def score_floor() -> Decimal:
 
 
 def start(market: Market, run: RunParams, dag_run_id: str) -> dict[str, Any]:
-    """Records the job run (status started) and returns the job for the next tasks."""
-    with db.connect() as conn:
-        job = jobrun.start_job(conn, market.code, run.session_date, dag_run_id, force=run.force)
+    """Records the job run (status started) and returns the job for the next tasks; a failure is also a span."""
+    try:
+        with db.connect() as conn:
+            job = jobrun.start_job(conn, market.code, run.session_date, dag_run_id, force=run.force,
+                                   job_type=jobrun.RECALCULATION if run.recalculate else jobrun.JOB_TYPE)
+    except Exception as exc:
+        telemetry.failed_start_span({"market": market.code, "session_date": run.session_date.isoformat(),
+                                     "dag_run_id": dag_run_id}, exc)
+        raise
     return job.to_xcom()
 
 
@@ -346,10 +359,18 @@ def score_batch(batch: dict[str, Any], job_x: dict[str, Any], rates_x: dict[str,
     def judge_prices(quotes: dict[str, tuple[datetime, str]]) -> tuple[set[str], set[str]]:
         return freshness.judge_quotes(quotes, judged_at, max_lag_sessions)
 
-    with db.connect() as conn:
-        batch, aud = resolve_batch(conn, batch)
-        out = pipeline.score_batch(conn, job, aud, rates, batch, price_provider(conn), warm_cache=warm,
-                                   contribution=run.contribution, score_floor=score_floor(), judge_prices=judge_prices)
+    started = time.time()
+    try:
+        with db.connect() as conn:
+            batch, aud = resolve_batch(conn, batch)
+            out = pipeline.score_batch(conn, job, aud, rates, batch, price_provider(conn), warm_cache=warm,
+                                       contribution=run.contribution, score_floor=score_floor(),
+                                       judge_prices=judge_prices)
+    except Exception as exc:
+        telemetry.batch_span(job.correlation_id, {"index": batch["index"], "label": batch.get("label"),
+                                                  "market": job.market, "correlation_id": job.correlation_id,
+                                                  "started_at": started, "ended_at": time.time()}, error=exc)
+        raise
     telemetry.batch_span(job.correlation_id, {**out, "market": job.market, "correlation_id": job.correlation_id})
     return out
 
@@ -366,5 +387,6 @@ def finalize(job_x: dict[str, Any] | None, planned: list[dict[str, Any]] | None,
                                     fetch_rates_ms=(rates_x or {}).get("fetch_ms"))
     attrs = {**summary, "users_success": summary["users_processed"], "market": job.market,
              "session_date": job.session_date, "correlation_id": job.correlation_id}
-    telemetry.job_span(job.correlation_id, job.started_at, attrs, failed=summary["status"] == "failed")
+    telemetry.job_span(job.correlation_id, job.started_at, attrs, failed=summary["status"] == "failed",
+                       cause=summary.get("failure_cause"))
     return summary

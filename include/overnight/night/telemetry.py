@@ -90,8 +90,9 @@ def _job_context(correlation_id: str) -> SpanContext:
     return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
 
 
-def _set_attributes(span: trace.Span, correlation_id: str, attributes: Mapping[str, Any]) -> None:
-    span.set_attribute("overnight.correlation_id", correlation_id)
+def _set_attributes(span: trace.Span, correlation_id: str | None, attributes: Mapping[str, Any]) -> None:
+    if correlation_id is not None:
+        span.set_attribute("overnight.correlation_id", correlation_id)
     for k, v in attributes.items():
         if isinstance(v, str | int | float | bool):
             span.set_attribute(k, v)
@@ -103,8 +104,17 @@ def _flush() -> None:
         flush(2000)
 
 
-def batch_span(correlation_id: str, attributes: Mapping[str, Any]) -> None:
-    """Records a finished batch: a child of Airflow's task span when there is one, else of the job span."""
+def _failed(span: Any, cause: str | BaseException | None) -> None:
+    """Marks the span ERROR with the failure's cause as its description (an exception also as an event)."""
+    if isinstance(cause, BaseException):
+        span.record_exception(cause)
+        cause = f"{type(cause).__name__}: {cause}"
+    span.set_status(Status(StatusCode.ERROR, (cause or "overnight job failed")[:1000]))
+
+
+def batch_span(correlation_id: str, attributes: Mapping[str, Any], error: BaseException | None = None) -> None:
+    """Records a finished batch: a child of Airflow's task span when there is one, else of the job span; a
+    batch that raised `error` has it as its status."""
     tracer = provider().get_tracer("overnight")
     start_ns = int(float(attributes.get("started_at", 0)) * 1e9) or None
     end_ns = int(float(attributes.get("ended_at", 0)) * 1e9) or None
@@ -115,13 +125,32 @@ def batch_span(correlation_id: str, attributes: Mapping[str, Any]) -> None:
         parent = trace.set_span_in_context(NonRecordingSpan(job))
         span = tracer.start_span("overnight-scoring-batch", context=parent, start_time=start_ns)
     _set_attributes(span, correlation_id, attributes)
+    if error is not None:
+        _failed(span, error)
     span.end(end_time=end_ns)
     _flush()
 
 
-def job_span(correlation_id: str, started_at: str, attributes: Mapping[str, Any], failed: bool) -> None:
+def failed_start_span(attributes: Mapping[str, Any], exc: BaseException) -> None:
+    """Records `start`'s failure (no job run, so no correlation id) with its cause: a child of Airflow's task
+    span when there is one, else a trace of its own."""
+    tracer = provider().get_tracer("overnight")
+    if _airflow_task_span() is not None:
+        span = tracer.start_span(JOB_SPAN)
+    else:
+        span = tracer.start_span(JOB_SPAN, context=trace.set_span_in_context(trace.INVALID_SPAN))
+    span.set_attribute("stage", "start")
+    _set_attributes(span, None, attributes)
+    _failed(span, exc)
+    span.end()
+    _flush()
+
+
+def job_span(correlation_id: str, started_at: str, attributes: Mapping[str, Any], failed: bool,
+             cause: str | None = None) -> None:
     """Records the job run's span (start: the job's start; end: now) with its timing breakdown: a child of
-    Airflow's `finalize` task span when there is one, else with the ids derived from the correlation id."""
+    Airflow's `finalize` task span when there is one, else with the ids derived from the correlation id; a
+    failed job's status carries `cause`."""
     tracer = provider().get_tracer("overnight")
     start_ns = int(datetime.fromisoformat(started_at).timestamp() * 1e9)
     if _airflow_task_span() is not None:
@@ -136,6 +165,6 @@ def job_span(correlation_id: str, started_at: str, attributes: Mapping[str, Any]
             _ids.pinned.trace_id = _ids.pinned.span_id = None
     _set_attributes(span, correlation_id, attributes)
     if failed:
-        span.set_status(Status(StatusCode.ERROR, "overnight job failed"))
+        _failed(span, cause)
     span.end()
     _flush()

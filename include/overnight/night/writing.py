@@ -6,11 +6,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
 
-from overnight.night.jobrun import HISTORY_TABLE, MAX_ERROR_DETAILS, JobRun, UserResult, _encode
+from overnight.domain.markets import load_markets
+from overnight.domain.sessions import earlier_markets
+from overnight.night.jobrun import (
+    FAILED_EVENT,
+    HISTORY_TABLE,
+    MAX_ERROR_DETAILS,
+    Audience,
+    JobRun,
+    UserResult,
+    _encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,33 +94,60 @@ BEGIN
 END $$"""
 
 
+def _write_failure_events(conn: psycopg.Connection, job: JobRun, failed: list[tuple[str, str, str]],
+                          criteria_keys: dict[str, str]) -> None:
+    """A failed attempt's trail (docs/audit.md): CALC_STARTED, as a completed user's, and CALC_FAILED with the stage
+    and the reason. Small rows, written as they are (not staged for compression)."""
+    now = datetime.now(UTC)
+    event_ids = iter(new_event_ids(2 * len(failed)))
+    with conn.cursor().copy("COPY calculation_events (event_id, correlation_id, user_id, event_type, payload,"
+                            " created_at) FROM STDIN") as cp:
+        for uid, stage, message in failed:
+            cp.write_row((next(event_ids), job.correlation_id, uid, "CALC_STARTED", _encode(
+                {"market": job.market, "sessionDate": job.session_date, "jobRunId": job.id,
+                 "criteriaKey": criteria_keys.get(uid)}), now))
+            cp.write_row((next(event_ids), job.correlation_id, uid, FAILED_EVENT, _encode(
+                {"stage": stage, "reason": message[:1000], "jobRunId": job.id}), now + timedelta(microseconds=1)))
+
+
 def _write_results(
-    conn: psycopg.Connection, job: JobRun, results: list[UserResult], failures: list[tuple[str, str, str]]
+    conn: psycopg.Connection, job: JobRun, results: list[UserResult], failures: list[tuple[str, str, str]],
+    criteria_keys: dict[str, str] | None = None,
 ) -> list[UserResult]:
-    """Writes completed users (events, documents) and failures in one transaction; returns new ones."""
+    """Writes completed users (events, documents) and failures (their CALC_STARTED and CALC_FAILED) in one
+    transaction; returns the new completed ones. `criteria_keys` (user id -> criteria key) goes in a failed user's
+    CALC_STARTED as in a completed one's."""
     conn.commit()  # ends the chunk's read transaction, so each chunk's writes commit on their own
     with conn.transaction():
         fresh: set[str] = set()
         if results:
-            fresh = {
-                str(r[0])
-                for r in conn.execute(
-                    "INSERT INTO overnight_job_users (job_run_id, user_id, status)"
-                    " SELECT %s, unnest(%s::uuid[]), 'completed'"
-                    " ON CONFLICT (job_run_id, user_id) DO UPDATE SET status = 'completed', stage = NULL,"
-                    " error = NULL, updated_at = now() WHERE overnight_job_users.status <> 'completed'"
-                    " RETURNING user_id",
-                    (job.id, [r.user_id for r in results]),
-                )
-            }
+            returned = conn.execute(
+                "INSERT INTO overnight_job_users AS j (job_run_id, user_id, status, assets_scored, recommendations,"
+                " warned) SELECT %s, unnest(%s::uuid[]), 'completed', unnest(%s::int[]), unnest(%s::int[]),"
+                " unnest(%s::bool[])"
+                " ON CONFLICT (job_run_id, user_id) DO UPDATE SET status = 'completed', stage = NULL,"
+                " error = NULL, updated_at = now(), assets_scored = EXCLUDED.assets_scored,"
+                " recommendations = EXCLUDED.recommendations, warned = EXCLUDED.warned"
+                " WHERE j.status <> 'completed' RETURNING user_id",
+                (job.id, [r.user_id for r in results], [r.assets_scored for r in results],
+                 [r.recommendations for r in results], [r.warned for r in results]),
+            ).fetchall()
+            fresh = {str(u) for (u,) in returned}
+        failed_now: list[tuple[str, str, str]] = []
         if failures:
-            conn.execute(
-                "INSERT INTO overnight_job_users (job_run_id, user_id, status, stage, error)"
+            # a row is returned when new or when its failure changed: a retry failing the same way writes nothing
+            changed = {str(r[0]) for r in conn.execute(
+                "INSERT INTO overnight_job_users AS j (job_run_id, user_id, status, stage, error)"
                 " SELECT %s, u, 'failed', s, e FROM unnest(%s::uuid[], %s::text[], %s::text[]) AS f(u, s, e)"
                 " ON CONFLICT (job_run_id, user_id) DO UPDATE SET status = 'failed', stage = EXCLUDED.stage,"
-                " error = EXCLUDED.error, updated_at = now() WHERE overnight_job_users.status <> 'completed'",
+                " error = EXCLUDED.error, updated_at = now() WHERE j.status <> 'completed'"
+                " AND (j.status, j.stage, j.error) IS DISTINCT FROM ('failed', EXCLUDED.stage, EXCLUDED.error)"
+                " RETURNING user_id",
                 (job.id, [f[0] for f in failures], [f[1] for f in failures], [f[2][:1000] for f in failures]),
-            )
+            )}
+            failed_now = [f for f in failures if f[0] in changed]
+            if failed_now:
+                _write_failure_events(conn, job, failed_now, criteria_keys or {})
         new = [r for r in results if r.user_id in fresh]
         if not new:
             return []
@@ -172,11 +210,20 @@ def finalize(
     rates: dict[str, Any] | None,
     fetch_rates_ms: float | None = None,
 ) -> dict[str, Any]:
-    """Writes the job-run row's outcome: completed, partial or failed, with counts and metrics."""
-    counts: dict[str, int] = dict(conn.execute(
-        "SELECT status, count(*) FROM overnight_job_users WHERE job_run_id = %s GROUP BY status", (job.id,)
-    ).fetchall())
-    completed, failed_rows = counts.get("completed", 0), counts.get("failed", 0)
+    """Writes the job-run row's outcome: completed, partial or failed, with counts and metrics. After a fan-out, the
+    users of a batch whose task failed on every try get their row and trail first (`_trace_unattempted`)."""
+    done_idx = {r["index"] for r in results if r}
+    if rates is not None:  # the fan-out happened (without rates no batch ran: the run's error says why)
+        _trace_unattempted(conn, job, [b for b in (planned or []) if b["index"] not in done_idx])
+    # the whole job run's users, whichever execution or task attempt computed them (issue 27)
+    row = conn.execute(
+        "SELECT count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'failed'),"
+        " coalesce(sum(assets_scored) FILTER (WHERE status = 'completed'), 0),"
+        " coalesce(sum(recommendations) FILTER (WHERE status = 'completed'), 0),"
+        " count(*) FILTER (WHERE status = 'completed' AND warned) FROM overnight_job_users WHERE job_run_id = %s",
+        (job.id,)).fetchone()
+    assert row is not None  # an aggregate without GROUP BY always has its row
+    completed, failed_rows, assets_scored, recommendations, warned = row
     failures = [
         {"userId": str(u), "stage": s, "message": e}
         for u, s, e in conn.execute(
@@ -187,7 +234,6 @@ def finalize(
     ]
     total = planned[0]["total"] if planned else 0
     done = [r for r in results if r]
-    done_idx = {r["index"] for r in done}
     failed_batches = [b["label"] for b in (planned or []) if b["index"] not in done_idx]
     missing = max(0, total - completed - failed_rows)
     row = conn.execute("SELECT error_details FROM overnight_job_runs WHERE id = %s", (job.id,)).fetchone()
@@ -225,17 +271,28 @@ def finalize(
              else "partially warmed" if cache_states & {"failed", "partial"} else "nothing to warm")
     starts = [r["started_at"] for r in done]
     ends = [r["ended_at"] for r in done]
-    metrics = {
+    execution = {  # this execution's own (this DAG run's batches), kept in its overnight_job_run_executions row
         "fetch_rates_ms": fetch_rates_ms,
         "process_users_ms": round((max(ends) - min(starts)) * 1000, 1) if done else 0,
         "cache_warm_ms": round(sum(r["cache_warm_ms"] for r in done), 1),
+        "users_completed": sum(r["completed"] for r in done),
+        "users_failed": sum(r["failed"] for r in done),
+        "users_skipped_already_done": sum(r["skipped"] for r in done),
+        "batches": len(planned or []),
+        "batches_failed": len(failed_batches),
+    }
+    timings = _record_execution(conn, job, status, execution)
+    executions = timings.pop("executions")
+    metrics = {
+        **timings,  # summed over the job run's executions
         "users_total": total,
         "batches": len(planned or []),
         "batches_failed": len(failed_batches),
-        "assets_scored": sum(r["assets_scored"] for r in done),
-        "recommendations_generated": sum(r["recommendations_generated"] for r in done),
-        "users_with_warnings": sum(r.get("warned", 0) for r in done),
-        "users_skipped_already_done": sum(r["skipped"] for r in done),
+        "assets_scored": assets_scored,
+        "recommendations_generated": recommendations,
+        "users_with_warnings": warned,
+        "executions": executions,
+        "users_skipped_already_done": execution["users_skipped_already_done"],  # this execution's
         "cache_status": cache,
         "cache_errors": sorted({r["cache_error"] for r in done if r.get("cache_error")})[:5],
         "rates_stale": bool(rates and rates.get("stale")),
@@ -252,7 +309,77 @@ def finalize(
         (status, completed, users_failed, json.dumps(details) if details else None, json.dumps(metrics), job.id),
     )
     conn.commit()
+    cause = _failure_cause(conn, job, details, total, failed_rows, missing) if status == "failed" else None
     summary = {"status": status, "users_processed": completed, "users_failed": users_failed, **metrics}
+    if cause is not None:
+        summary["failure_cause"] = cause
     log.info("job run %s %s: %d processed, %d failed", job.id, status, completed, users_failed,
              extra={"correlation_id": job.correlation_id})
     return summary
+
+
+UNATTEMPTED_STAGE = "batch"
+
+
+def _trace_unattempted(conn: psycopg.Connection, job: JobRun, failed: list[dict[str, Any]]) -> None:
+    """Every served user leaves a trace (docs/audit.md): the users of `failed` batches that no try of their task
+    reached are failed at stage `batch`, their row and their CALC_STARTED and CALC_FAILED written as a failed
+    calculation's (once: a finalize retried writes nothing more). A later execution attempts them again."""
+    for b in failed:
+        if "plan_id" in b:
+            row = conn.execute("SELECT lo::text, hi::text, user_ids::text[] FROM overnight_job_batches"
+                               " WHERE plan_id = %s AND batch_index = %s", (b["plan_id"], b["index"])).fetchone()
+        else:  # planned before migration 0008: the range is in the descriptor
+            row = (b.get("lo"), b.get("hi"), None)
+        if row is None or row[0] is None:
+            continue
+        public = b.get("audience")
+        earlier = (public["earlier"] if public else  # a descriptor without it (an in-process driver's): the calendars'
+                   earlier_markets(job.market, date.fromisoformat(job.session_date), load_markets(check_codes=False).codes))
+        audience = Audience(job.market, tuple(earlier), None if row[2] is None else tuple(row[2]))
+        where, params = audience.where()
+        params.update(lo=row[0], hi=row[1], job=job.id)
+        users = conn.execute(
+            f"SELECT u.id::text, u.criteria_key FROM users u WHERE {where} AND u.id >= %(lo)s AND u.id <= %(hi)s"
+            " AND NOT EXISTS (SELECT 1 FROM overnight_job_users j WHERE j.job_run_id = %(job)s AND j.user_id = u.id)"
+            " ORDER BY u.id", params).fetchall()
+        if users:
+            reason = (f"its batch ({b.get('label')}) did not finish: its task failed on every try before reaching "
+                      "this user (see that task's log)")
+            _write_results(conn, job, [], [(u, UNATTEMPTED_STAGE, reason) for u, _ in users], dict(users))
+    conn.commit()
+
+
+def _failure_cause(conn: psycopg.Connection, job: JobRun, details: dict[str, Any], total: int, failed_rows: int,
+                   missing: int) -> str:
+    """Why a job run failed, in words with no user id (the span's status; its collector is operations')."""
+    run = details.get("run")
+    if run:
+        return f"{run.get('stage')}: {run.get('message')}"
+    stages = conn.execute("SELECT stage, count(*) FROM overnight_job_users WHERE job_run_id = %s AND status = 'failed'"
+                          " GROUP BY stage ORDER BY count(*) DESC, stage", (job.id,)).fetchall()
+    why = ", ".join(f"{n} at {stage}" for stage, n in stages)
+    return (f"no user of {total} completed: {failed_rows} failed" + (f" ({why})" if why else "")
+            + (f", {missing} not calculated (their batches failed: {', '.join(details.get('batches', [])[:5])})"
+               if missing else ""))
+
+
+TIMINGS = ("fetch_rates_ms", "process_users_ms", "cache_warm_ms")
+
+
+def _record_execution(conn: psycopg.Connection, job: JobRun, status: str, execution: dict[str, Any]) -> dict[str, Any]:
+    """Writes this execution's outcome in its `overnight_job_run_executions` row; returns the job run's timings (each
+    summed over its executions) and `executions`, their number."""
+    if job.attempt is not None:
+        conn.execute(
+            "UPDATE overnight_job_run_executions SET status = %s, completed_at = clock_timestamp(),"
+            " users_processed = %s, users_failed = %s, metrics = %s WHERE job_run_id = %s AND attempt = %s",
+            (status, execution["users_completed"], execution["users_failed"], json.dumps(execution), job.id,
+             job.attempt))
+    row = conn.execute(
+        "SELECT count(*), " + ", ".join(f"sum((metrics ->> '{k}')::float)" for k in TIMINGS)
+        + " FROM overnight_job_run_executions WHERE job_run_id = %s", (job.id,)).fetchone()
+    if job.attempt is None or row is None or not row[0]:  # started before migration 0010: this execution alone
+        return {**{k: execution[k] for k in TIMINGS}, "executions": 1}
+    return {**{k: round(v, 1) if v is not None else None for k, v in zip(TIMINGS, row[1:], strict=True)},
+            "executions": row[0]}

@@ -9,6 +9,7 @@ whatever the number of users. Used by the `overnight_cache_warmer` DAG (after a 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 import uuid
@@ -23,6 +24,7 @@ from overnight.adapters import cache, db
 from overnight.adapters.pseudonyms import user_ref
 from overnight.domain import freshness
 from overnight.domain.markets import UnknownMarketError, get_market
+from overnight.night.jobrun import CACHE_WARM, start_execution
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +58,17 @@ def iter_documents(
 ) -> Iterator[tuple[str, str, str, str | None, str | None]]:
     """Yields (user_id, recs JSON, portfolio JSON, market, session date) from `recommendations` via a
     server-side cursor, in id order."""
-    sql = ("SELECT user_id::text, document::text, portfolio::text, document ->> 'market', document ->> 'sessionDate'"
-           " FROM recommendations")
+    # a document invalidated since it was generated (overnight_invalidations) is not put back (docs/design.md)
+    sql = ("SELECT r.user_id::text, r.document::text, r.portfolio::text, r.document ->> 'market',"
+           " r.document ->> 'sessionDate' FROM recommendations r LEFT JOIN overnight_invalidations i"
+           " ON i.user_id = r.user_id WHERE (i.invalidated_at IS NULL OR r.generated_at >= i.invalidated_at)")
     params: tuple[Any, ...] = ()
     if user_ids is not None:
-        sql += " WHERE user_id = ANY(%s::uuid[])"
+        sql += " AND r.user_id = ANY(%s::uuid[])"
         params = (user_ids,)
     with conn.transaction(), conn.cursor(name="overnight_cache_warmer") as cur:
         cur.itersize = chunk
-        cur.execute(sql + " ORDER BY user_id", params)
+        cur.execute(sql + " ORDER BY r.user_id", params)
         yield from cur
 
 
@@ -123,11 +127,56 @@ def warm_from_postgres(
     return result
 
 
-def run(user_ids: Sequence[Any] | None = None, *, chunk: int = DEFAULT_CHUNK) -> dict[str, Any]:
-    """Warms the cache through the `overnight_postgres` and `overnight_redis` connections."""
+def run(user_ids: Sequence[Any] | None = None, *, chunk: int = DEFAULT_CHUNK, dag_run_id: str | None = None
+        ) -> dict[str, Any]:
+    """Warms the cache through the `overnight_postgres` and `overnight_redis` connections, recorded as a `cache-warm`
+    job run (one per DAG run; each try of its task an execution of it); returns the counts and the job run's id."""
     client = cache.connect()
     try:
         with db.connect() as conn:
-            return warm_from_postgres(conn, client, user_ids, chunk=chunk)
+            job_id, attempt = start_job_run(conn, dag_run_id)
+            try:
+                result = warm_from_postgres(conn, client, user_ids, chunk=chunk)
+            except Exception as exc:
+                conn.rollback()
+                end_job_run(conn, job_id, attempt, None, f"{type(exc).__name__}: {exc}")
+                raise
+            end_job_run(conn, job_id, attempt, result)
+            return {**result, "job_run_id": job_id}
     finally:
         client.close()
+
+
+def start_job_run(conn: psycopg.Connection, dag_run_id: str | None) -> tuple[str, int]:
+    """The `cache-warm` job run of `dag_run_id` (started, or continued by a retry) and this execution's attempt."""
+    with conn.transaction():
+        row = None if dag_run_id is None else conn.execute(
+            "SELECT id FROM overnight_job_runs WHERE job_type = %s AND dag_run_id = %s", (CACHE_WARM, dag_run_id)
+        ).fetchone()
+        if row is None:
+            job_id = str(uuid.uuid4())
+            conn.execute("INSERT INTO overnight_job_runs (id, job_type, status, started_at, correlation_id, market,"
+                         " session_date, dag_run_id) VALUES (%s, %s, 'started', clock_timestamp(), %s, NULL,"
+                         " (now() AT TIME ZONE 'UTC')::date, %s)", (job_id, CACHE_WARM, uuid.uuid4(), dag_run_id))
+        else:
+            job_id = str(row[0])
+            conn.execute("UPDATE overnight_job_runs SET status = 'started', completed_at = NULL WHERE id = %s",
+                         (job_id,))
+        return job_id, start_execution(conn, job_id, dag_run_id)
+
+
+def end_job_run(conn: psycopg.Connection, job_id: str, attempt: int, result: dict[str, Any] | None,
+                error: str | None = None) -> None:
+    """Writes the outcome of a `cache-warm` job run and of its execution: completed with the counts, or failed."""
+    status = "failed" if result is None else "completed"
+    metrics = None if result is None else json.dumps({k: v for k, v in result.items() if k != "missing_user_refs"})
+    warmed = 0 if result is None else result["users_warmed"]
+    missing = 0 if result is None else result["missing"]
+    details = None if error is None else json.dumps({"run": {"stage": "warm_cache", "message": error[:2000]}})
+    with conn.transaction():
+        conn.execute("UPDATE overnight_job_runs SET status = %s, completed_at = clock_timestamp(), users_processed = %s,"
+                     " users_failed = %s, metrics = %s, error_details = %s WHERE id = %s",
+                     (status, warmed, missing, metrics, details, job_id))
+        conn.execute("UPDATE overnight_job_run_executions SET status = %s, completed_at = clock_timestamp(),"
+                     " users_processed = %s, users_failed = %s, metrics = %s WHERE job_run_id = %s AND attempt = %s",
+                     (status, warmed, missing, metrics, job_id, attempt))
