@@ -25,6 +25,7 @@ from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 from airflow.configuration import conf
 
 from overnight.dashboard.api_auth import PERSONAL_DATA_RESOURCE
+from overnight.domain.markets import DAG_ID_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +110,15 @@ class OvernightSimpleAuthManager(SimpleAuthManager):
         if resource_name != PERSONAL_DATA_RESOURCE:
             return bool(super().is_authorized_custom_view(method=method, resource_name=resource_name, user=user))
         return simple_personal_data(user, self.personal_data_logins, method)
+
+    def is_authorized_dag(self, *, method: Any, user: SimpleAuthManagerUser, access_entity: Any = None,
+                          details: Any = None) -> bool:
+        """As the simple auth manager, and: the personal-data service logins may create runs of the market DAGs
+        (a user's recalculation, asked through the plugin with their own token: docs/access.md), nothing else."""
+        if super().is_authorized_dag(method=method, user=user, access_entity=access_entity, details=details):
+            return True
+        from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+
+        dag_id = getattr(details, "id", None) or ""
+        return (method == "POST" and access_entity == DagAccessEntity.RUN and dag_id.startswith(DAG_ID_PREFIX)
+                and getattr(user, "username", None) in self.personal_data_logins and not all_admins_mode())

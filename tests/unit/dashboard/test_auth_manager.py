@@ -100,3 +100,29 @@ def test_all_admins_mode_refuses_personal_data_to_everyone(monkeypatch: pytest.M
     monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
     grants = _grants(monkeypatch, manager())  # off again: the usual answer
     assert {name for name, access in grants.items() if access.personal_data} == GRANTED
+
+
+def test_the_service_login_may_create_runs_of_the_market_dags_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/access.md: a recalculation is triggered with the caller's own token, and Airflow checks the caller
+    may create runs of that DAG; in development the service login has exactly that right, on market DAGs."""
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+
+    monkeypatch.delenv("AIRFLOW__OVERNIGHT__PERSONAL_DATA_LOGINS", raising=False)
+    manager = OvernightSimpleAuthManager()
+    app = SimpleAuthManagerUser(username="overnight_app", role="viewer")
+    viewer = SimpleAuthManagerUser(username="viewer", role="viewer")
+
+    def may(user: Any, method: str, entity: Any, dag_id: str) -> bool:
+        return manager.is_authorized_dag(method=method, user=user, access_entity=entity,
+                                         details=DagDetails(id=dag_id))
+
+    assert may(app, "POST", DagAccessEntity.RUN, "overnight_scoring_xnys") is True
+    assert [may(app, m, e, d) for m, e, d in [
+        ("POST", DagAccessEntity.RUN, "overnight_preflight"),         # another DAG
+        ("PUT", DagAccessEntity.RUN, "overnight_scoring_xnys"),       # changing a run (e.g. marking it failed)
+        ("DELETE", DagAccessEntity.RUN, "overnight_scoring_xnys"),
+        ("POST", DagAccessEntity.TASK_INSTANCE, "overnight_scoring_xnys"),  # clearing tasks
+        ("PUT", None, "overnight_scoring_xnys"),                      # pausing the DAG
+    ]] == [False, False, False, False, False]
+    assert may(viewer, "POST", DagAccessEntity.RUN, "overnight_scoring_xnys") is False
+    assert may(app, "GET", DagAccessEntity.RUN, "overnight_scoring_xnys") is True  # a viewer's reads, as before
