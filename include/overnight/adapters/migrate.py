@@ -54,7 +54,7 @@ def migrate(dsn: str | None = None) -> list[str]:
                         "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
                         (version, path.name, checksum),
                     )
-                log.info("applied migration %s", path.name)
+                log.debug("applied migration %s", path.name)  # the command prints them all in one line
                 applied_now.append(path.name)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_ID,))
