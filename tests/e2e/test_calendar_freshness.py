@@ -94,6 +94,7 @@ def _a_user_served_by(conn: psycopg.Connection, market: str, session: date) -> s
     return rows[0][0]
 
 
+@pytest.mark.slow  # every market's DAG run for each session around Easter: a minute and more
 def test_easter_2026_all_four_markets(pg_dsn: str, seeded: dict[str, int], airflow_db: None,
                                       rates_server: FakeProviderServer, redis_client: Any) -> None:
     redis_url = os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"]

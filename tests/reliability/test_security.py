@@ -30,8 +30,6 @@ from tests.support import reliability as R
 from tests.support.fake_provider import QUOTE_PATH, RATES_PATH, FakeProviderServer
 from tests.support.ports import free_port
 
-pytestmark = pytest.mark.slow
-
 MARKET = "XNYS"
 SESSION = R.S_SECURITY
 PG_SECRET = f"Pg-S3cret-{uuid.uuid4().hex[:12]}"
