@@ -72,8 +72,7 @@ def test_deadline_alert_fires_for_a_late_run_and_not_for_one_in_time(stack):
     market, dsn, af = stack
     DAG_ID = market.dag_id  # noqa: N806 - a constant of this test
     interval = market.lead - alerts.DEADLINE_BEFORE_OPEN
-    unpause = af.airflow("dags", "unpause", WARMER)
-    assert unpause.returncode == 0, unpause.stdout + unpause.stderr
+    af.unpause(WARMER)
     with psycopg.connect(dsn, autocommit=True) as c:
         served = len(R.served(c, market.code, LATE_SESSION))
     assert served > 0
