@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
 
 def sync_dags_folder() -> None:
     """Parses the dags folder and writes it to the metadata DB, as the dag-processor does."""
@@ -19,7 +23,7 @@ def sync_dags_folder() -> None:
     sync_bag_to_db(bag, bundle.name, bundle.version)
 
 
-def refusal(dag, conf: dict, monkeypatch) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+def refusal(dag: Any, conf: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
     """Runs `dag.test(run_conf=conf)` for a run its parameters must refuse; returns where it was refused and the
     exact message: ("schema", the first line of the params' ParamValidationError, the rest being jsonschema's
     dump of the schema) before a DAG run exists, or ("start", the
@@ -33,7 +37,7 @@ def refusal(dag, conf: dict, monkeypatch) -> tuple[str, str]:  # type: ignore[no
     refused: list[str] = []
     real = runtime.validate_params
 
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def spy(*args: Any, **kwargs: Any) -> Any:
         try:
             return real(*args, **kwargs)
         except runtime.ParamError as exc:
