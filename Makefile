@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 PYTEST_WORKERS ?= 2
 WITH_ENV := set -a && . .local/env.sh && set +a &&
 
-.PHONY: install env browser migrate airflow-setup seed demo test run replay invalidate airflow stop lint bench
+.PHONY: install env browser migrate airflow-setup seed demo test test-slow run replay invalidate airflow stop lint bench
 
 # requirements-dev.txt: the lock of production's requirements.txt plus the development and test tools;
 # the package (include/pyproject.toml) is installed editable, as in the image.
@@ -70,8 +70,14 @@ browser:  ## Chromium for the browser test of the Overnight page (apt-get as roo
 	  else echo "warning: no Chromium: the browser test will skip (fail in CI); as root: apt-get update && apt-get install -y chromium"; fi
 
 # PYTEST_WORKERS: pytest-xdist processes (0: one process); each has databases and a Redis database of its own.
-test: env browser  ## the whole test suite, on fresh databases of its own (PYTEST_WORKERS=2 processes)
-	@$(WITH_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+# Two tiers: `make test` runs every test but those marked `slow` (the benchmark on both executors, the live
+# scheduler's runs, kills and restarts: minutes each), `make test-slow` runs those; CI (.ci/run) runs both.
+PYTEST_RUN := $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+test: env browser  ## the test suite but its slow tier, on fresh databases of its own (PYTEST_WORKERS=2 processes)
+	@$(WITH_ENV) $(PYTEST_RUN) -m "not slow" $(PYTEST_ARGS)
+
+test-slow: env  ## the slow tier: the tests marked slow (benchmark executors, live scheduler, kills, restarts)
+	@$(WITH_ENV) $(PYTEST_RUN) -m slow $(PYTEST_ARGS)
 
 airflow: migrate airflow-setup  ## api-server on 127.0.0.1:8080 (OVERNIGHT_API_HOST/PORT), scheduler, dag-processor, triggerer; restarted when settings change (stop: make stop)
 	@$(WITH_ENV) $(PY) -m overnight.dev.services start

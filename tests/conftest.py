@@ -137,7 +137,7 @@ def airflow_db() -> None:
     from tests.support import databases
 
     databases.clone(databases.airflow_template(), f"ovt_{RUN_ID}_af")
-    airflow_setup.migrate_metadata()
+    airflow_setup.write_private(airflow_setup.migrated_marker(), "ok\n")  # the clone is migrated: no second migrate
     airflow_setup.write_passwords()
     airflow_setup.protect_airflow_files()
 

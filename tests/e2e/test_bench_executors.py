@@ -40,7 +40,8 @@ def test_bench_runs_every_user_once(executor):
     assert (f["users_processed"], f["users_failed"]) == (USERS, 0)
     assert f["events_written"] == 4 * USERS
     assert f["documents_written"] == USERS
-    assert f["redis_keys"] == 2 * USERS
+    # one recs: and one portfolio: key per user, each kind counted
+    assert (f["redis_recs_keys"], f["redis_portfolio_keys"], f["redis_keys"]) == (USERS, USERS, 2 * USERS)
     assert f["batches"] >= 4  # mapped over several batches per market
     for key in ("wall_s", "floor_io_s", "floor_orch_s", "users_per_s", "api_hit_p99_ms", "api_miss_p99_ms",
                 "api_noop_p99_ms", "calibration_s"):

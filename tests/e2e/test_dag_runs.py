@@ -101,32 +101,33 @@ def test_redis_unreachable_still_completes_in_postgres(pg_dsn, seeded, airflow_d
     assert job[6]["cache_status"] == "not warmed"
 
 
+BAD = "overnight_scoring_xnys: bad parameters: "
+
+
 @pytest.mark.parametrize(
-    ("conf", "message"),
+    ("conf", "refused"),
     [
-        pytest.param({"session_date": "2026-11-26"}, "not a XNYS session", id="holiday"),
-        pytest.param({"session_date": "26/11/2026"}, "is not a 'date'", id="malformed-date"),
-        pytest.param({"session_date": "2026-11-30", "batch_sise": 5}, "unknown --conf keys", id="unknown-key"),
-        pytest.param({"session_date": "2026-11-30", "user_ids": ["'; DROP TABLE users;--"]}, "not UUIDs",
-                     id="hostile-user-id"),
+        pytest.param({"session_date": "2026-11-26"},  # Thanksgiving 2026 (a Thursday): NYSE closed
+                     ("start", BAD + "session_date: 2026-11-26 is not a XNYS session (weekend or exchange holiday);"
+                      " nearest sessions: 2026-11-25 before, 2026-11-27 after; pass one of those"), id="holiday"),
+        pytest.param({"session_date": "26/11/2026"},
+                     ("schema", "Invalid input for param session_date: '26/11/2026' is not a 'date'"),
+                     id="malformed-date"),
+        pytest.param({"session_date": "2026-11-30", "batch_sise": 5},
+                     ("start", BAD + "unknown --conf keys ['batch_sise']; known: ['session_date', 'user_ids',"
+                      " 'batch_size', 'contribution', 'force']"), id="unknown-key"),
+        pytest.param({"session_date": "2026-11-30", "user_ids": ["'; DROP TABLE users;--"]},
+                     ("start", BAD + """user_ids: not UUIDs: ["'; DROP TABLE users;--"]"""), id="hostile-user-id"),
     ],
 )
-def test_bad_parameters_fail_before_anything_is_written(pg_dsn, seeded, airflow_db, conf, message):
+def test_bad_parameters_fail_before_anything_is_written(pg_dsn, seeded, airflow_db, monkeypatch, conf, refused):
     from overnight.dev.cli import _load_dag
+    from tests.support.airflow_dags import refusal
 
     dag = _load_dag("overnight_scoring_xnys")
     with psycopg.connect(pg_dsn) as conn:
         before = conn.execute("SELECT count(*) FROM overnight_job_runs").fetchone()[0]
-    from airflow.sdk.exceptions import ParamValidationError
-
-    try:
-        dag_run = dag.test(run_conf=conf)
-    except ParamValidationError as exc:  # the params' schema refuses it before a DAG run exists
-        assert message in str(exc)
-    else:
-        assert str(dag_run.state).endswith("failed")
-        ti = next(t for t in dag_run.get_task_instances() if t.task_id == "start")
-        assert str(ti.state).endswith("failed")
+    assert refusal(dag, conf, monkeypatch) == refused
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute("SELECT count(*) FROM overnight_job_runs").fetchone()[0] == before
         assert conn.execute("SELECT count(*) FROM users").fetchone()[0] == 600

@@ -98,7 +98,8 @@ def test_fresh_http_rates_score_usd_users(conn, server, tables) -> None:
 
 
 def _script(server: FakeProviderServer, kind: str, tables: dict[str, Any]) -> int:
-    """Scripts a failure of the rates endpoint; returns how many requests the provider may make at most."""
+    """Scripts a failure of the rates endpoint; returns how many requests the provider makes (its 3 attempts, or 1
+    when the answer is not worth retrying)."""
     if kind == "500s":
         server.respond(RATES_PATH, 500, {"error": "boom"}, times=5)
         return 3
@@ -128,14 +129,25 @@ FAILURES = ["500s", "timeouts", "malformed", "invalid", "nan", "retry-after-too-
 
 @pytest.mark.parametrize("kind", FAILURES)
 def test_rates_failure_falls_back_to_stored_rates_flagged_stale(conn, server, tables, kind) -> None:
-    at_most = _script(server, kind, tables)
+    requests = _script(server, kind, tables)
+    # the newest stored rates, put in here: a minute old, each currency a rate of its own
+    as_of = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    others = [c for c in tables["currencies"] if c != "USD"]
+    mine = {c: Decimal(f"{i}.{i:04d}") for i, c in enumerate(others, start=2)}
+    conn.cursor().executemany("INSERT INTO exchange_rates (base, quote, rate, as_of, source)"
+                              " VALUES ('USD', %s, %s, %s, 'test')", [(c, r, as_of) for c, r in mine.items()])
+    conn.commit()
     sleeps = Sleeps()
-    with _rates_provider(server, sleeps) as provider:
-        snap = loading.fetch_rates(conn, provider, tables["currencies"])
-    assert 1 <= len(server.requests_for(RATES_PATH)) <= at_most
-    assert snap.stale is True and snap.source.endswith("(fallback)")
-    newest = loading.latest_stored_rates(conn, "USD", tables["currencies"])
-    assert snap.rates == newest.rates and snap.as_of == newest.as_of  # the stored ones, whole, not a mix
+    try:
+        with _rates_provider(server, sleeps) as provider:
+            snap = loading.fetch_rates(conn, provider, tables["currencies"])
+    finally:
+        conn.rollback()
+        conn.execute("DELETE FROM exchange_rates WHERE source = 'test' AND as_of = %s", (as_of,))
+        conn.commit()
+    assert len(server.requests_for(RATES_PATH)) == requests
+    assert snap.stale is True and snap.source == "database (fallback)"
+    assert (snap.rates, snap.as_of) == ({**mine, "USD": Decimal(1)}, as_of)  # the stored ones, whole, not a mix
 
 
 # A partial answer, judged on Wednesday 2027-01-13 13:00 UTC. By hand from the TARGET calendar: Wednesday's

@@ -69,14 +69,32 @@ class LiveAirflow:
         return subprocess.run([str(Path(sys.executable).with_name("airflow")), *args], env=self.env,
                               capture_output=True, text=True, timeout=timeout, cwd=str(R.ROOT))
 
+    def _api_up(self) -> bool:
+        try:
+            return httpx.get(f"{self.env['AIRFLOW__API__BASE_URL']}/api/v2/monitor/health", timeout=5,
+                             trust_env=False).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _api(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A call of the stack's REST API as admin (no `airflow` CLI process: each costs seconds of start-up), once
+        the api-server answers."""
+        R.wait_until(self._api_up, 180, 0.5, "the api-server to answer")
+        resp = httpx.request(method, f"{self.env['AIRFLOW__API__BASE_URL']}/api/v2{path}", json=body, timeout=60,
+                             trust_env=False, headers={"Authorization": f"Bearer {self.token()}"})
+        assert resp.status_code == 200, f"{method} {path}: {resp.status_code} {resp.text[:500]}"
+        return dict(resp.json())
+
+    def unpause(self, dag_id: str) -> None:
+        """Unpauses the DAG (PATCH /api/v2/dags/{dag_id})."""
+        assert self._api("PATCH", f"/dags/{dag_id}", {"is_paused": False})["is_paused"] is False
+
     def trigger(self, dag_id: str, run_id: str, conf: dict[str, Any], logical_date: str | None = None) -> None:
-        """Triggers a run (and unpauses the DAG); raises with the CLI's output if either fails."""
-        args = ["dags", "trigger", dag_id, "--run-id", run_id, "--conf", json.dumps(conf)]
-        if logical_date:
-            args += ["--logical-date", logical_date]
-        for cmd in (args, ["dags", "unpause", dag_id]):
-            proc = self.airflow(*cmd)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
+        """Triggers a run (POST /api/v2/dags/{dag_id}/dagRuns; no logical date unless given) and unpauses the DAG."""
+        run = self._api("POST", f"/dags/{dag_id}/dagRuns",
+                        {"dag_run_id": run_id, "conf": conf, "logical_date": logical_date})
+        assert run["dag_run_id"] == run_id, run
+        self.unpause(dag_id)
 
     def dag_parsed(self, dag_id: str) -> bool:
         """Whether the dag-processor has written `dag_id` to the metadata database."""

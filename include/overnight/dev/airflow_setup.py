@@ -22,12 +22,17 @@ def _airflow() -> str:
     return str(Path(sys.executable).with_name("airflow"))
 
 
-def migrate_metadata() -> None:
-    """Runs `airflow db migrate` once per metadata database (skipped when already done)."""
+def migrated_marker() -> Path:
+    """The file saying the metadata database of `AIRFLOW__DATABASE__SQL_ALCHEMY_CONN` is migrated (one per URL)."""
     home = Path(os.environ["AIRFLOW_HOME"])
     home.mkdir(parents=True, exist_ok=True)
     url = os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "")
-    marker = home / f".migrated-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    return home / f".migrated-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+
+
+def migrate_metadata() -> None:
+    """Runs `airflow db migrate` once per metadata database (skipped when already done)."""
+    marker = migrated_marker()
     if marker.exists():
         return
     proc = subprocess.run([_airflow(), "db", "migrate"], capture_output=True, text=True)

@@ -39,7 +39,7 @@ import psutil
 import psycopg
 import redis
 
-from overnight.adapters import migrate
+from overnight.adapters import cache, migrate
 from overnight.adapters.connections import POSTGRES_CONN_ID, from_value, postgres_dsn
 from overnight.dev import devenv, loadgen, seed
 from overnight.dev.devenv import api_host, write_private
@@ -380,8 +380,11 @@ class Bench:
                 (self.session,)))
             self.figures["events_written"] = _scalar(conn, "SELECT count(*) FROM calculation_events")
             self.figures["documents_written"] = _scalar(conn, "SELECT count(*) FROM recommendations")
-        rc = redis.Redis.from_url(self.redis_url)
-        self.figures["redis_keys"] = sum(1 for _ in rc.scan_iter("recs:*", count=10_000)) * 2
+        rc = redis.Redis.from_url(self.redis_url)  # each kind of key counted, not one inferred from the other
+        recs = sum(1 for _ in rc.scan_iter(f"{cache.RECS_PREFIX}*", count=10_000))
+        portfolios = sum(1 for _ in rc.scan_iter(f"{cache.PORTFOLIO_PREFIX}*", count=10_000))
+        self.figures["redis_recs_keys"], self.figures["redis_portfolio_keys"] = recs, portfolios
+        self.figures["redis_keys"] = recs + portfolios
         self.figures["users_per_s"] = round(self.figures["users_processed"] / wall, 1) if wall else 0
 
     # ------------------------------------------------------------------ floors

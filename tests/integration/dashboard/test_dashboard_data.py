@@ -20,6 +20,7 @@ import redis
 from overnight.adapters import cache
 from overnight.dashboard import docview, pgpool
 from overnight.dashboard import store as dashboard
+from tests.support import reliability as R
 from tests.support.pipeline_run import run_market
 from tests.support.ports import free_port
 
@@ -33,7 +34,11 @@ HOSTILE_SYMBOLS = ["'", '"', "'; DROP TABLE users;--", "../../etc/passwd", "ÄÖ
 def scored(pg_dsn: str, seeded: dict[str, int]) -> dict[str, Any]:
     """XNYS and BVMF scored for SESSION; a user with recommendations and a known user without any."""
     redis_url = os.environ["AIRFLOW_CONN_OVERNIGHT_REDIS"]
-    jobs = {m: run_market(pg_dsn, m, SESSION, "test-dashboard", redis_url=redis_url, batch_size=200, latest=True).job
+    with psycopg.connect(pg_dsn) as conn:  # the rates judged when the seed wrote them: fresh, whatever the clock
+        rates_now = conn.execute("SELECT max(as_of) FROM exchange_rates WHERE source = 'seed'").fetchone()[0]
+        served = {m: len(R.served(conn, m, SESSION)) for m in ("XNYS", "BVMF")}
+    jobs = {m: run_market(pg_dsn, m, SESSION, "test-dashboard", redis_url=redis_url, batch_size=200, latest=True,
+                          rates_now=rates_now).job
             for m in ("XNYS", "BVMF")}
     with psycopg.connect(pg_dsn) as conn:
         user_id, doc = conn.execute(
@@ -46,7 +51,7 @@ def scored(pg_dsn: str, seeded: dict[str, int]) -> dict[str, Any]:
             " VALUES (%s, %s, 'EUR', 100, ARRAY['XLON'], 'tpl-01', false)", (idle, f"{idle}@example.test"))
         conn.commit()
     yield {"jobs": jobs, "user_id": str(user_id), "doc": doc, "idle_user": str(idle), "redis_url": redis_url,
-           "pg_dsn": pg_dsn}
+           "pg_dsn": pg_dsn, "served": served}
     with psycopg.connect(pg_dsn) as conn:
         conn.execute("DELETE FROM users WHERE id = %s", (idle,))
 
@@ -361,11 +366,12 @@ def test_job_runs_filters_and_shape(scored: dict[str, Any]) -> None:
     rows = with_store(scored, lambda s: s.job_runs(market="XNYS"))
     assert rows and all(r["market"] == "XNYS" for r in rows)
     run = next(r for r in rows if r["id"] == scored["jobs"]["XNYS"].id)
-    assert run["status"] in ("completed", "partial") and run["usersProcessed"] > 0
+    # every user XNYS serves on SESSION, none failed: the seed leaves no user without a price or a rate
+    assert (run["status"], run["usersProcessed"], run["usersFailed"]) == ("completed", scored["served"]["XNYS"], 0)
     assert run["durationSeconds"] is not None and run["durationSeconds"] >= 0
     assert run["correlationId"] == scored["jobs"]["XNYS"].correlation_id
     assert run["ageSeconds"] is not None and run["stale"] is True  # XNYS's next session's run is long due
-    assert run["staleReason"] == ("rates_stale" if run["ratesStale"] else "next_run_due")
+    assert (run["ratesStale"], run["staleReason"]) == (False, "next_run_due")  # the rates judged fresh (scored)
     started = [r["startedAt"] for r in with_store(scored, lambda s: s.job_runs(limit=500))]
     assert started == sorted(started, reverse=True)
     assert len(with_store(scored, lambda s: s.job_runs(limit=1))) == 1

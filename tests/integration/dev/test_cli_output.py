@@ -28,7 +28,8 @@ PROGRESS = re.compile(r"^(?P<code>[A-Z]{4})\s+\d{4}-\d{2}-\d{2} (?P<done>[\d,]+)
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """The environment of a separate set of databases on the same servers (dropped afterwards)."""
+    """The environment of a separate set of databases on the same servers (dropped afterwards). Its make targets
+    write the checkout's .local/env.sh for the sandbox: the one there before is put back after."""
     run_id = os.environ["OVERNIGHT_TEST_RUN_ID"]
     base = from_value(POSTGRES_CONN_ID, os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"])
     app, meta = f"ovt_{run_id}_demo", f"ovt_{run_id}_demo_af"
@@ -43,7 +44,13 @@ def sandbox(tmp_path_factory) -> Iterator[dict[str, str]]:
         "AIRFLOW_HOME": str(home),
         "OVERNIGHT_CACHE_DIR": str(home / "cache"),
     })
-    yield env
+    env_sh = ROOT / ".local" / "env.sh"
+    kept = env_sh.read_text() if env_sh.exists() else None
+    try:
+        yield env
+    finally:
+        if kept is not None:
+            devenv.write_private(env_sh, kept)
     with psycopg.connect(postgres_dsn(base, dbname="postgres"), autocommit=True) as conn:
         for name in (app, meta):
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

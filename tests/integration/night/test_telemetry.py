@@ -36,9 +36,26 @@ def test_job_span_with_batch_children(seeded, spans):
     j = jobs[0]
     assert j.attributes["users_total"] == summary["users_total"] > 0
     assert j.attributes["users_success"] == summary["users_processed"]
-    for key in ("fetch_rates_ms", "process_users_ms", "cache_warm_ms", "users_failed", "assets_scored",
-                "recommendations_generated"):
-        assert key in j.attributes
+    import os
+
+    import psycopg
+
+    from tests.support import reliability as R
+
+    with psycopg.connect(os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"]) as conn:
+        served = len(R.served(conn, "XTKS", run.session_date))
+        metrics = conn.execute("SELECT metrics FROM overnight_job_runs WHERE id = %s", (job["id"],)).fetchone()[0]
+        scored = conn.execute("SELECT count(*) FROM calculation_events e, jsonb_object_keys(e.payload -> 'scores')"
+                              " WHERE e.correlation_id = %s AND e.event_type = 'SCORES_COMPUTED'",
+                              (job["correlation_id"],)).fetchone()[0]
+        recommended = conn.execute("SELECT sum(jsonb_array_length(document::jsonb -> 'recommendations'))::int"
+                                   " FROM recommendation_history WHERE job_run_id = %s", (job["id"],)).fetchone()[0]
+    assert {key: j.attributes[key] for key in ("users_total", "users_success", "users_failed", "assets_scored",
+                                               "recommendations_generated")} == {
+        "users_total": served, "users_success": served, "users_failed": 0,  # the seed's users all calculate
+        "assets_scored": scored, "recommendations_generated": recommended}
+    for key in ("fetch_rates_ms", "process_users_ms", "cache_warm_ms"):  # the timings the job run recorded
+        assert j.attributes[key] == metrics[key], key
     for k in kids:
         assert k.parent is not None and k.parent.span_id == j.context.span_id
         assert k.context.trace_id == j.context.trace_id

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import attrs
 import pytest
@@ -98,25 +97,34 @@ def test_pools_from_the_rest_api(fake_provider: FakeProviderServer) -> None:
     assert request.headers.get("authorization") == "Bearer tok-123"
 
 
+# Monday 2026-12-07, 09:00 UTC, and each market DAG's next run (open - 2 h) by the exchanges' published hours: B3
+# 10:00 Sao Paulo (UTC-3), NYSE 09:30 New York (UTC-5 in December), LSE 08:00 London (UTC; 06:00 today has passed),
+# Tokyo 09:00 (UTC+9: 00:00 UTC on the 8th)
+MONDAY_0900 = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
+NEXT_RUNS_AT_0900 = {
+    "overnight_scoring_bvmf": datetime(2026, 12, 7, 11, 0, tzinfo=UTC),
+    "overnight_scoring_xlon": datetime(2026, 12, 8, 6, 0, tzinfo=UTC),
+    "overnight_scoring_xnys": datetime(2026, 12, 7, 12, 30, tzinfo=UTC),
+    "overnight_scoring_xtks": datetime(2026, 12, 7, 22, 0, tzinfo=UTC),
+}
+
+
 def test_run_checks_with_everything_fed(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
-
-
-    from overnight.domain import sessions
     from overnight.domain.markets import load_markets
 
     monkeypatch.delenv("AIRFLOW_CONN_OVERNIGHT_RATES_HTTP", raising=False)
     monkeypatch.delenv("AIRFLOW_CONN_OVERNIGHT_PRICES_HTTP", raising=False)
     markets = load_markets().markets
-    now = datetime.now(UTC)
-    info = {m.dag_id: {"is_paused": False, "next_dagrun": sessions.next_run(m.code, m.lead, now, inclusive=False)[1]}
-            for m in markets}
-    report = preflight.run_checks(markets, now=now, dags_info=info, pools=["default_pool", "overnight_scoring"],
-                                  skipped=["x: skipped"])
-    assert report.problems == []
-    assert report.warnings == ["x: skipped"]
-    info[markets[0].dag_id] = {"is_paused": True, "next_dagrun": None}
-    report = preflight.run_checks(markets, now=now, dags_info=info, pools=["default_pool"])
-    assert [p.split(" ")[0] for p in report.problems] == ["pool", f"{markets[0].dag_id}:"]
+    assert sorted(m.dag_id for m in markets) == sorted(NEXT_RUNS_AT_0900)
+    info = {dag_id: {"is_paused": False, "next_dagrun": at} for dag_id, at in NEXT_RUNS_AT_0900.items()}
+    report = preflight.run_checks(markets, now=MONDAY_0900, dags_info=info,
+                                  pools=["default_pool", "overnight_scoring"], skipped=["x: skipped"])
+    assert (report.problems, report.warnings) == ([], ["x: skipped"])
+    info["overnight_scoring_bvmf"] = {"is_paused": True, "next_dagrun": None}
+    report = preflight.run_checks(markets, now=MONDAY_0900, dags_info=info, pools=["default_pool"])
+    assert [p.split(" ")[0] for p in report.problems] == ["pool", "overnight_scoring_bvmf:"]
+    assert report.problems[1] == ("overnight_scoring_bvmf: paused; no BVMF runs will start: "
+                                  "`airflow dags unpause overnight_scoring_bvmf`")
 
 
 def test_run_in_task_outside_airflow_skips_what_it_cannot_ask(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,52 +137,59 @@ def test_run_in_task_outside_airflow_skips_what_it_cannot_ask(pg_dsn: str, monke
     assert any(w.startswith("pools: skipped") for w in report.warnings)
 
 
-def test_the_dag_reads_the_market_dags_through_the_task_sdk(pg_dsn: str, airflow_db: None,
-                                                            monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("now", "stuck"),
+    [
+        pytest.param(MONDAY_0900, None, id="no-run-due"),
+        # 11:30: BVMF's 11:00 run fell due 30 min ago (beyond the 15 min grace); no scheduler here creates it
+        pytest.param(datetime(2026, 12, 7, 11, 30, tzinfo=UTC),
+                     "overnight_scoring_bvmf: Airflow's next run is 2026-12-07 11:00 UTC but the BVMF calendar says "
+                     "2026-12-08 11:00 UTC (session 2026-12-08, open - lead); check the scheduler is running and the "
+                     "DAG is re-parsed (dag-processor)", id="bvmf-run-overdue"),
+    ],
+)
+def test_the_dag_reads_the_market_dags_through_the_task_sdk(pg_dsn: str, airflow_db: None, now: datetime,
+                                                            stuck: str | None, monkeypatch: pytest.MonkeyPatch,
                                                             capfd: pytest.CaptureFixture[str]) -> None:
     """dag.test() runs the task under a real Task SDK supervisor: the market DAGs' state is read, not skipped.
 
-    No scheduler runs here. Inside a market's lead window (XLON from 06:00 UTC, ...) the DAG's next run is
-    that session's run, already due; a scheduler would create it at once and move on, but here nothing
-    does, so once the grace has passed the preflight rightly reports that DAG as stuck, and fails.
+    The clock is the test's (time-machine, for the DAGs' parse and the task alike). No scheduler runs here: inside
+    a market's lead window the DAG's next run is that session's run, already due; a scheduler would create it at
+    once and move on, but here nothing does, so once the grace has passed the preflight rightly reports that DAG
+    as stuck, and fails.
     """
     import json
     import runpy
     from pathlib import Path
 
+    import time_machine
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
     for name in ("AIRFLOW_CONN_OVERNIGHT_RATES_HTTP", "AIRFLOW_CONN_OVERNIGHT_PRICES_HTTP"):
         monkeypatch.delenv(name, raising=False)
-    from overnight.domain import sessions
-    from overnight.domain.markets import load_markets
-
-    def stuck_at(now: datetime) -> list[str]:
-        """DAGs whose run fell due more than the grace ago: the calendar's word, not the preflight's."""
-        return [m.dag_id for m in load_markets().markets
-                if sessions.next_run(m.code, timedelta(0), now, inclusive=False)[1] - m.lead
-                < now - preflight.NEXT_RUN_GRACE]
-
-    if stuck_at(datetime.now(UTC)) != stuck_at(datetime.now(UTC) + timedelta(minutes=2)):
-        time.sleep(125)  # a grace ends within the test: wait until the answer is settled
-    stuck = stuck_at(datetime.now(UTC))
-    module = runpy.run_path(str(Path(__file__).resolve().parents[3] / "dags" / "overnight_preflight.py"))
-    dag_run = module["overnight_preflight"]().test()
+    asked: list[dict] = []
+    real = preflight.dags_info_from_sdk
+    monkeypatch.setattr(preflight, "dags_info_from_sdk", lambda ids: asked.append(real(ids)) or asked[-1])
+    with time_machine.travel(now, tick=True):
+        module = runpy.run_path(str(Path(__file__).resolve().parents[3] / "dags" / "overnight_preflight.py"))
+        dag_run = module["overnight_preflight"]().test()
     with create_session() as s:
         value = s.scalars(select(XComModel.value).where(
             XComModel.dag_id == "overnight_preflight", XComModel.run_id == dag_run.run_id,
             XComModel.task_id == "preflight", XComModel.key == "return_value")).one_or_none()
+    (info,) = asked  # the market DAGs' state, read through the Task SDK
+    out = capfd.readouterr().out
     if stuck:
-        out = capfd.readouterr().out
+        assert info["overnight_scoring_bvmf"] == {"is_paused": False, "next_dagrun": datetime(2026, 12, 7, 11, 0,
+                                                                                               tzinfo=UTC)}
         assert str(dag_run.state).endswith("failed"), out[-3000:]
-        assert f"preflight: {len(stuck)} problem(s):" in out
-        assert all(f"- {dag_id}: Airflow's next run is " in out for dag_id in stuck), out[-3000:]
+        assert f"preflight: 1 problem(s):\n- {stuck}" in out, out[-3000:]
         return
+    assert {dag_id: i["next_dagrun"] for dag_id, i in info.items()} == NEXT_RUNS_AT_0900
     assert str(dag_run.state).endswith("success"), "the preflight task failed: see its log above"
     report = json.loads(value) if isinstance(value, str) else value
     assert report["problems"] == 0
     assert not any(w.startswith("market DAG state") for w in report["warnings"])  # asked, not skipped
     assert any(w.startswith("pools: skipped") for w in report["warnings"])
-

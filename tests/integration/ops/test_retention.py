@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 
 import psycopg
@@ -11,6 +12,7 @@ import pytest
 
 from overnight.ops import retention
 from overnight.ops.retention import Partition
+from tests.support import reliability as R
 
 DAYS = 730
 
@@ -116,11 +118,18 @@ def test_retention_days(env: dict[str, str], expected: int | type[Exception]) ->
             retention.retention_days(env)
 
 
-def test_removes_exactly_what_is_older_than_the_cutoff(pg_dsn: str) -> None:
+@pytest.fixture
+def own_dsn() -> Iterator[str]:
+    """A migrated application database of the test's own: every row the retention sees, the test wrote."""
+    with R.scratch_database("retention") as dsn:
+        yield dsn
+
+
+def test_removes_exactly_what_is_older_than_the_cutoff(own_dsn: str) -> None:
     now = _now()
     cutoff = retention.cutoff_for(now, DAYS)
     corr = uuid.uuid4()  # this test's own events
-    with psycopg.connect(pg_dsn) as conn:
+    with psycopg.connect(own_dsn) as conn:
         first = _month(cutoff, -2)
         conn.execute("SELECT ensure_event_partitions(%s, 4)", (first,))  # cutoff month -2 .. +1
         conn.commit()
@@ -154,6 +163,9 @@ def test_removes_exactly_what_is_older_than_the_cutoff(pg_dsn: str) -> None:
             "now": (_document(conn, young_run, now), True),
         }
         conn.commit()
+        coming = [f"{table}_{_month(now, offset):%Y_%m}" for table in ("calculation_events", "recommendation_history")
+                  for offset in range(4)]  # this month and the next three, of both tables
+        missing = [name for name in coming if not _exists(conn, name)]
 
         result = retention.run(conn, now=now, days=DAYS)
 
@@ -183,15 +195,25 @@ def test_removes_exactly_what_is_older_than_the_cutoff(pg_dsn: str) -> None:
             assert (user_id in kept_docs) is kept, label
         assert not _exists(conn, _part(first).replace("calculation_events", "recommendation_history"))
 
-    assert result["cutoff"] == cutoff.isoformat()
-    assert set(result["partitions_dropped"]) >= {_part(first), _part(_month(cutoff, -1))}
-    assert result["event_rows_in_dropped_partitions"] >= 1
-    assert result["event_rows_deleted_by_partition"].get("calculation_events_default", 0) >= 1
-    assert result["event_rows_deleted_by_partition"].get(_part(_month(cutoff, 0)), 0) >= 2
-    assert result["job_runs_deleted"] >= 1 and result["job_users_deleted"] >= 3
-    assert result["history_rows_in_dropped_partitions"] >= 1 and result["history_rows_deleted"] >= 2
+    # The database holds only this test's rows. The cutoff is the 14th or 15th at noon, so "two months before"
+    # (cutoff - 45 days) lies in a wholly dropped month, "a day before" and "a second before" in the cutoff's month.
+    history = [name.replace("calculation_events", "recommendation_history")
+               for name in (_part(first), _part(_month(cutoff, -1)))]
+    assert result == {
+        "cutoff": cutoff.isoformat(),
+        "retention_days": DAYS,
+        "partitions_created": len(missing),
+        "partitions_dropped": [_part(first), _part(_month(cutoff, -1)), *history],
+        "event_rows_in_dropped_partitions": 1,  # two months before
+        "event_rows_deleted": 3,
+        "event_rows_deleted_by_partition": {_part(_month(cutoff, 0)): 2, "calculation_events_default": 1},
+        "history_rows_in_dropped_partitions": 1,  # two months before
+        "history_rows_deleted": 2,  # a second before, old in default
+        "job_runs_deleted": 1,  # old_run
+        "job_users_deleted": 3,  # its three users
+    }
 
-    with psycopg.connect(pg_dsn) as conn:
+    with psycopg.connect(own_dsn) as conn:
         again = retention.run(conn, now=now, days=DAYS)
         assert len(left) == sum(kept for _, kept in events.values())
     assert again["partitions_dropped"] == []

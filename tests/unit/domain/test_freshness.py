@@ -13,13 +13,13 @@ import pytest
 from overnight.domain import freshness, sessions
 from overnight.domain.markets import get_market
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "ecb_target_closing_days_2026_2027.txt"
+DATA = Path(__file__).resolve().parents[2] / "data" / "ecb_target_closing_days_2026_2030.txt"
 BERLIN = ZoneInfo("Europe/Berlin")
 MARKETS = ("BVMF", "XLON", "XNYS", "XTKS")
 
 
 def _closing_days() -> set[date]:
-    """The ECB's TARGET closing days of 2026-2027 as written by hand in the data file."""
+    """The ECB's TARGET closing days of 2026-2030 as written by hand in the data file."""
     return {date.fromisoformat(line.split()[0]) for line in DATA.read_text().splitlines()
             if line.strip() and not line.startswith("#")}
 
@@ -48,7 +48,7 @@ def _utc(text: str) -> datetime:
     return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
-@pytest.mark.parametrize("year", [2026, 2027])
+@pytest.mark.parametrize("year", [2026, 2027, 2028, 2029, 2030])
 def test_target_closing_days_are_the_ecbs(year: int) -> None:
     days = [date(year, 1, 1) + timedelta(days=i) for i in range(366 if year % 4 == 0 else 365)]
     closed = {d for d in days if d.weekday() < 5 and not freshness.is_ecb_publication_day(d)}
