@@ -4,7 +4,7 @@
 Problems fail the `overnight_preflight` DAG (one line each); warnings are only logged. The checks that
 need Airflow's own state take it as data (`check_pools(required, existing)`, `check_next_runs(dags, ...)`),
 so they are tested without a scheduler; the DAG task fetches that data: the market DAGs' pause state and
-next run through the Task SDK (`RuntimeTaskInstance.get_dag`), the pools through the public REST API
+next run through the Task SDK (the running task instance's public `get_dag`), the pools through the public REST API
 (the Task SDK has no pool call) when an API connection is configured, else that check is skipped with a warning.
 """
 
