@@ -115,7 +115,7 @@ BAD = "overnight_scoring_xnys: bad parameters: "
                      id="malformed-date"),
         pytest.param({"session_date": "2026-11-30", "batch_sise": 5},
                      ("start", BAD + "unknown --conf keys ['batch_sise']; known: ['session_date', 'user_ids',"
-                      " 'batch_size', 'contribution', 'force']"), id="unknown-key"),
+                      " 'batch_size', 'contribution', 'force', 'recalculate']"), id="unknown-key"),
         pytest.param({"session_date": "2026-11-30", "user_ids": ["'; DROP TABLE users;--"]},
                      ("start", BAD + """user_ids: not UUIDs: ["'; DROP TABLE users;--"]"""), id="hostile-user-id"),
     ],

@@ -211,7 +211,7 @@ def test_wrong_port_with_a_secret_password_fails_without_showing_it() -> None:
 
 
 SQL = "'; DROP TABLE users;--"
-KNOWN = "known: ['session_date', 'user_ids', 'batch_size', 'contribution', 'force']"
+KNOWN = "known: ['session_date', 'user_ids', 'batch_size', 'contribution', 'force', 'recalculate']"
 
 
 @pytest.mark.parametrize(

@@ -171,7 +171,7 @@ def test_the_dag_reads_the_market_dags_through_the_task_sdk(pg_dsn: str, airflow
         monkeypatch.delenv(name, raising=False)
     asked: list[dict] = []
     real = preflight.dags_info_from_sdk
-    monkeypatch.setattr(preflight, "dags_info_from_sdk", lambda ids: asked.append(real(ids)) or asked[-1])
+    monkeypatch.setattr(preflight, "dags_info_from_sdk", lambda ids, ti: asked.append(real(ids, ti)) or asked[-1])
     with time_machine.travel(now, tick=True):
         module = runpy.run_path(str(Path(__file__).resolve().parents[3] / "dags" / "overnight_preflight.py"))
         dag_run = module["overnight_preflight"]().test()
