@@ -244,7 +244,7 @@ def seed(
             cp.write_row(row)
     counts["criteria_sets"] = len(criteria_rows)
     conn.commit()
-    log.info("seeded %d users in %.1fs", users, time.perf_counter() - t0)
+    log.debug("seeded %d users in %.1fs", users, time.perf_counter() - t0)  # main() prints the summary
     return counts
 
 
