@@ -37,12 +37,13 @@ from overnight.domain.scoring import (
     CompiledRules,
     CriteriaError,
     FundamentalsTable,
+    MemoEntry,
     RowScores,
     Score,
     compile_rules,
     parse_rules,
     score_asset,
-    score_many,
+    score_memoised,
 )
 from overnight.night.jobrun import (
     CALC_VERSION,
@@ -104,6 +105,8 @@ class Batch:
     # symbols without a usable quote tonight: their newest known price, to value holdings with (never to score or
     # buy: docs/allocation.md)
     last_known: dict[str, PriceQuote] = field(default_factory=dict)
+    # shared criteria versions' scores by (criteria version, table row), filled once per batch (`score_memoised`)
+    memo: dict[str, dict[int, MemoEntry]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.table.add({aid: a.fundamentals for aid, a in self.assets.items()})
@@ -421,7 +424,8 @@ _UNEXPECTED = (ArithmeticError, InvalidOperation, ValueError, KeyError, TypeErro
 def calculate_chunk(users: list[UserRow], batch: Batch) -> tuple[list[UserResult], list[tuple[str, str, str]]]:
     """Calculates a chunk's users, scoring them together; returns (results, failures as (user, stage, message)).
 
-    One user's failure never stops the others."""
+    One user's failure never stops the others. Users sharing a criteria version get their scores from the batch's
+    memo (`score_memoised`: once per criteria version and asset), the others are scored each on their own."""
     failures: list[tuple[str, str, str]] = []
 
     def guarded(user_id: str, step: Callable[..., Any], *args: Any) -> Any:
@@ -442,7 +446,7 @@ def calculate_chunk(users: list[UserRow], batch: Batch) -> tuple[list[UserResult
 
     prepared = [p for u in users if (p := guarded(u.id, prepare_user, u, batch)) is not None]
     t = time.perf_counter()
-    found = score_many([(p.compiled, p.priced_rows) for p in prepared], batch.table)
+    found = score_memoised([(p.criteria_id, p.compiled, p.priced_rows) for p in prepared], batch.table, batch.memo)
     shared_s = (time.perf_counter() - t) / max(1, len(prepared))
     results = [r for p, f in zip(prepared, found, strict=True)
                if (r := guarded(p.user.id, finish_user, p, f, batch, shared_s)) is not None]

@@ -33,6 +33,7 @@ from overnight.domain.scoring import (
     CompiledRules,
     CriteriaError,
     FundamentalsTable,
+    MemoEntry,
 )
 from overnight.night.calculate import Batch, calculate_chunk
 from overnight.night.jobrun import CHUNK_SIZE, AssetRow, Audience, Contribution, JobRun
@@ -88,6 +89,7 @@ def score_batch(
     price_text: dict[str, str] = {}
     compiled: dict[str, CompiledRules | CriteriaError] = {}
     table = FundamentalsTable()
+    memo: dict[str, dict[int, MemoEntry]] = {}  # shared criteria versions' scores, once per batch
     cache_states: set[str] = set()
     cache_error = None
     stale_prices: set[str] = set()
@@ -130,7 +132,8 @@ def score_batch(
             timings["load"] += time.perf_counter() - t
             t = time.perf_counter()
             shared = Batch(job, rates, assets, criteria, prices, contribution, compiled, price_text, table,
-                           score_floor, frozenset(stale_prices), frozenset(unusable_prices), last_known=last_known)
+                           score_floor, frozenset(stale_prices), frozenset(unusable_prices), last_known=last_known,
+                           memo=memo)
             results, failures = calculate_chunk(users, shared)
             timings["calc"] += time.perf_counter() - t
             t = time.perf_counter()
