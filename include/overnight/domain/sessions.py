@@ -130,7 +130,8 @@ class _SessionTable:
             return None
         folder = os.environ.get("OVERNIGHT_CACHE_DIR") or os.path.join(
             tempfile.gettempdir(), f"overnight-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
-        return Path(folder) / f"sessions-exchange-calendars-{version}.json"
+        # the format in the name too: a checkout still on an older format shares the folder without rewriting it
+        return Path(folder) / f"sessions-exchange-calendars-{version}-format-{_SessionTable.FORMAT}.json"
 
     def _load(self) -> dict[str, Any]:
         if self._data is None:
