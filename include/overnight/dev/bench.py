@@ -138,6 +138,7 @@ def audit_size(conn: psycopg.Connection[Any], job_ids: list[str]) -> dict[str, f
                             " WHERE job_run_id = ANY(%s::uuid[])", (job_ids,))
     indexes = _scalar(conn, "SELECT coalesce(sum(pg_indexes_size(p.relid)), 0) FROM unnest(%s::regclass[]) t,"
                             " pg_partition_tree(t) p WHERE p.isleaf", (list(AUDIT_TABLES),))
+    users, events, history, indexes = int(users), int(events), int(history), int(indexes)  # sums of bigint: numeric
     per = max(1, users)
     return {"audit_users": users, "audit_events_bytes_per_user": round(events / per, 1),
             "audit_history_bytes_per_user": round(history / per, 1),

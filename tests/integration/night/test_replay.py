@@ -395,6 +395,7 @@ def test_storage_per_user_per_night(night: dict[str, Any]) -> None:
     assert size["audit_events_bytes_per_user"] == round(events / users, 1)
     assert size["audit_history_bytes_per_user"] == round(history / users, 1)
     assert size["audit_index_bytes_per_user"] > 0
+    assert json.loads(json.dumps(size)) == size  # the bench prints it in its JSON line
     print(f"\nbytes per user per night ({users} users, {len(ids)} job runs): events {events / users:.0f}, history"
           f" {history / users:.0f}, together {per_user:.0f} (bound {ROW_BYTES_PER_USER_BOUND:,}); indexes of the"
           f" database's whole trail {size['audit_index_bytes_per_user']:.0f} per user; snapshots (assets"
