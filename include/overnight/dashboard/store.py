@@ -50,6 +50,7 @@ from overnight.dashboard.pgpool import (
 )
 from overnight.domain import freshness
 from overnight.domain.scoring import NO_USABLE_PRICE
+from overnight.night import trail
 from overnight.night.invalidation import RECALCULATION_WAIT
 
 log = logging.getLogger(__name__)
@@ -431,7 +432,7 @@ class DashboardStore:
         """A user's events in the job run of `correlation_id`, oldest first (index: correlation id, user); None when
         there are none."""
         uid = parse_user_id(user_id)
-        rows = await (await self._ops_pool()).fetch(CALCULATION_SQL, {"corr": correlation_id, "user": uid})
+        rows = await (await self._ops_pool()).fetch(CALCULATION_SQL, {"corr": correlation_id, "users": [uid]})
         if not rows:
             return None
         r = rows[0]
@@ -470,9 +471,9 @@ class DashboardStore:
 
 
 CALCULATION_SQL = (
-    "SELECT e.event_id, e.event_type, e.created_at, e.payload, j.id, j.market, j.session_date, j.status"
-    " FROM calculation_events e LEFT JOIN overnight_job_runs j ON j.correlation_id = e.correlation_id"
-    " WHERE e.correlation_id = %(corr)s AND e.user_id = %(user)s ORDER BY e.created_at, e.event_id")
+    "SELECT e.event_id, e.event_type, e.created_at, e.payload, j.id, j.market, j.session_date, j.status FROM ("
+    + trail.events_sql(True) + ") e (user_id, event_id, event_type, payload, created_at)"
+    " LEFT JOIN overnight_job_runs j ON j.correlation_id = %(corr)s ORDER BY e.created_at, e.event_id")
 
 
 def _outcome(score: str | None, unscored: str | None) -> dict[str, str | None]:
@@ -486,25 +487,66 @@ def _outcome(score: str | None, unscored: str | None) -> dict[str, str | None]:
 def asset_events_query(symbol: str, limit: int, before: datetime | None = None, before_id: str | None = None
                        ) -> tuple[str, dict[str, Any]]:
     """The SQL and parameters of one `/audit/assets/{symbol}` page, in its three shapes: the first page, a page
-    before a time, a page before a (time, event id). Each is served by an index (tests/integration/dashboard/
-    test_audit_plans.py checks the plans): `symbols` (GIN) for the symbol, `created_at` for the order."""
-    params: dict[str, Any] = {"symbol": symbol, "limit": limit}
-    cond = ""
+    before a time, a page after an event (its id and time, the previous page's cursor).
+
+    Newest first by chunk: the chunks whose users' universes held the symbol (GIN index on `symbols`), newest
+    first (index on created_at), each chunk's users last written first; then the rows from before migration 0011
+    (`calculation_events_rows`, its partial GIN index), newest first. Every chunk the GIN index finds has at least
+    one such user, so `limit` chunks always fill a page: no page reads more. An event id names its chunk and its
+    user's position (`overnight_event_id`), so a cursor continues inside a chunk; `before` alone keeps the chunks
+    written before that time. tests/integration/dashboard/test_audit_plans.py checks the plans."""
+    params: dict[str, Any] = {"symbol": symbol, "limit": limit, "before": None, "before_id": None, "cid": None,
+                              "pos": None}
+    chunk_cond = row_cond = pos_cond = ""
     if before is not None:
         params["before"] = parse_time(before)
         if before_id is not None:
-            params["before_id"] = str(uuid.UUID(before_id))
-            cond = " AND (e.created_at, e.event_id) < (%(before)s, %(before_id)s::uuid)"
+            event = uuid.UUID(before_id)
+            params["before_id"] = str(event)
+            params["cid"] = str(event)[:31] + "00000"
+            params["pos"] = int(str(event)[31:], 16) >> 3
+            # after an event of a chunk: the rest of that chunk and the older chunks, then every older row; after an
+            # older row: no chunk, and the rows before it
+            chunk_cond = (" AND EXISTS (SELECT 1 FROM cur) AND (c.created_at, c.chunk_id) <="
+                          " (SELECT created_at, chunk_id FROM cur)")
+            pos_cond = " AND (c.chunk_id <> %(cid)s::uuid OR u.n < %(pos)s)"
+            row_cond = (" AND (EXISTS (SELECT 1 FROM cur) OR (e.created_at, e.event_id) <"
+                        " (%(before)s, %(before_id)s::uuid))")
         else:
-            cond = " AND e.created_at < %(before)s"
-    # the universe of a calculation: SCORES_COMPUTED's scored and unscored symbols (the partial GIN index of
-    # migration 0010, `overnight_universe`)
-    return ("SELECT e.event_id, e.event_type, e.user_id, e.correlation_id, e.created_at,"
-            " e.payload -> 'scores' ->> %(symbol)s, j.id, j.market, j.session_date, j.status,"
-            " e.payload -> 'unscored' ->> %(symbol)s"
-            " FROM calculation_events e LEFT JOIN overnight_job_runs j ON j.correlation_id = e.correlation_id"
-            " WHERE e.event_type = 'SCORES_COMPUTED' AND overnight_universe(e.symbols, e.payload) @> ARRAY[%(symbol)s]"
-            "::text[]" + cond + " ORDER BY e.created_at DESC, e.event_id DESC LIMIT %(limit)s"), params
+            chunk_cond = " AND c.created_at < %(before)s"
+            row_cond = " AND e.created_at < %(before)s"
+    sc = "(u.evs -> 2 -> 2)"  # the user's SCORES_COMPUTED payload (json): scores inline, or the job run's table
+    outcome = (f"CASE WHEN {sc} -> 'scores' IS NOT NULL THEN {sc} -> 'scores' ->> %(symbol)s"
+               f" WHEN {sc} -> 'unscored' -> %(symbol)s IS NOT NULL THEN NULL ELSE s.score END,"
+               " j.id, j.market, j.session_date, j.status,"
+               f" coalesce({sc} -> 'unscored' ->> %(symbol)s, CASE WHEN {sc} -> 'scores' IS NOT NULL THEN NULL"
+               " ELSE s.reason END)")
+    chunks = (
+        "SELECT overnight_event_id(c.chunk_id, u.n, 3), 'SCORES_COMPUTED', c.user_ids[u.n], c.correlation_id,"
+        " c.created_at + (u.evs -> 2 ->> 1)::bigint * interval '1 microsecond', " + outcome + ","
+        " 0 AS part, c.created_at AS k1, c.chunk_id AS k2, u.n AS k3"
+        " FROM (SELECT c.chunk_id, c.created_at, c.job_run_id, c.correlation_id, c.user_ids, c.events"
+        " FROM calculation_chunks c WHERE c.symbols @> ARRAY[%(symbol)s]::text[]" + chunk_cond +
+        " ORDER BY c.created_at DESC, c.chunk_id DESC LIMIT %(limit)s + 1) c"
+        " CROSS JOIN LATERAL json_array_elements(c.events) WITH ORDINALITY AS u(evs, n)"
+        " LEFT JOIN overnight_job_scores s ON s.job_run_id = c.job_run_id"
+        f" AND s.criteria_version = {sc} ->> 'criteriaVersion' AND s.symbol = %(symbol)s"
+        " LEFT JOIN overnight_job_runs j ON j.id = c.job_run_id"
+        # the universe's JSON text holds the symbol as a JSON string: found without parsing the payload
+        f" WHERE u.evs -> 2 ->> 0 = 'SCORES_COMPUTED' AND strpos(({sc} -> 'universe')::text,"
+        " to_json(%(symbol)s::text)::text) > 0" + pos_cond)
+    # the rows from before migration 0011: SCORES_COMPUTED's scored and unscored symbols (migration 0010's index)
+    rows = (
+        "SELECT e.event_id, e.event_type, e.user_id, e.correlation_id, e.created_at,"
+        " e.payload -> 'scores' ->> %(symbol)s, j.id, j.market, j.session_date, j.status,"
+        " e.payload -> 'unscored' ->> %(symbol)s, 1, e.created_at, e.event_id, 0"
+        " FROM calculation_events_rows e LEFT JOIN overnight_job_runs j ON j.correlation_id = e.correlation_id"
+        " WHERE e.event_type = 'SCORES_COMPUTED' AND overnight_universe(e.symbols, e.payload) @> ARRAY[%(symbol)s]"
+        "::text[]" + row_cond + " ORDER BY e.created_at DESC, e.event_id DESC LIMIT %(limit)s")
+    cur = "WITH cur AS (SELECT chunk_id, created_at FROM calculation_chunks WHERE chunk_id = %(cid)s::uuid) "
+    sql = (cur + "SELECT * FROM ((" + chunks + " ORDER BY k1 DESC, k2 DESC, k3 DESC LIMIT %(limit)s) UNION ALL ("
+           + rows + ")) page ORDER BY part, k1 DESC, k2 DESC, k3 DESC LIMIT %(limit)s")
+    return sql, params
 
 
 _JOB_RUN_SELECT = (

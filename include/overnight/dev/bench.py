@@ -117,32 +117,37 @@ def _scalar(conn: psycopg.Connection[Any], query: str, params: Any = ()) -> Any:
     assert row is not None, query
     return row[0]
 
-AUDIT_TABLES = ("calculation_events", "recommendation_history")  # the audit trail and the documents' history
+AUDIT_TABLES = ("calculation_chunks", "overnight_job_criteria", "overnight_job_rates", "overnight_job_scores")
+SNAPSHOTS = ("overnight_job_criteria", "overnight_job_rates", "overnight_job_scores")  # what events point at
 
 
 def audit_size(conn: psycopg.Connection[Any], job_ids: list[str]) -> dict[str, float]:
     """The audit trail's size per completed user of the job runs `job_ids` (one night: the four markets' runs).
 
-    Row data is `sum(pg_column_size(row.*))` over the runs' `calculation_events` and `recommendation_history`
-    rows: each row as stored, after Postgres's compression (values moved out of line counted at their
-    compressed size), before indexes, without page and tuple-header overhead; the storage test
-    (`test_storage_per_user_per_night`) holds the same figure to its bound. Index bytes are `pg_indexes_size`
-    summed over every partition of the two tables: the whole tables', so per user only where the database
-    holds this one night (the benchmark's fresh database)."""
+    Row data is `sum(pg_column_size(row.*))`: each row as stored, after Postgres's compression (values moved out of
+    line counted at their compressed size), before indexes, without page and tuple-header overhead. It is the runs'
+    `calculation_chunks` rows (events: every column but the documents; history: the documents and their times) and
+    the snapshot rows the events point at instead of repeating them (`overnight_job_criteria`, `_rates`, `_scores`:
+    migration 0011); the quotes and assets snapshots, older than the trail's redesign and a few kB per job run, are
+    not counted. The storage test (`test_storage_per_user_per_night`) holds the same figure to its bound. Index
+    bytes are `pg_indexes_size` summed over every partition of those tables: the whole tables', so per user only
+    where the database holds this one night (the benchmark's fresh database)."""
     users = _scalar(conn, "SELECT count(*) FROM overnight_job_users WHERE job_run_id = ANY(%s::uuid[])"
                           " AND status = 'completed'", (job_ids,))
-    events = _scalar(conn, "SELECT coalesce(sum(pg_column_size(e.*)), 0) FROM calculation_events e"
-                           " WHERE correlation_id IN (SELECT correlation_id FROM overnight_job_runs"
-                           " WHERE id = ANY(%s::uuid[]))", (job_ids,))
-    history = _scalar(conn, "SELECT coalesce(sum(pg_column_size(h.*)), 0) FROM recommendation_history h"
-                            " WHERE job_run_id = ANY(%s::uuid[])", (job_ids,))
+    rows, history = conn.execute(
+        "SELECT coalesce(sum(pg_column_size(c.*)), 0), coalesce(sum(coalesce(pg_column_size(c.documents), 0)"
+        " + coalesce(pg_column_size(c.generated_at), 0)), 0) FROM calculation_chunks c"
+        " WHERE job_run_id = ANY(%s::uuid[])", (job_ids,)).fetchone() or (0, 0)
+    snapshots = sum(int(_scalar(conn, f"SELECT coalesce(sum(pg_column_size(t.*)), 0) FROM {t} t"  # noqa: S608
+                                      " WHERE job_run_id = ANY(%s::uuid[])", (job_ids,))) for t in SNAPSHOTS)
     indexes = _scalar(conn, "SELECT coalesce(sum(pg_indexes_size(p.relid)), 0) FROM unnest(%s::regclass[]) t,"
                             " pg_partition_tree(t) p WHERE p.isleaf", (list(AUDIT_TABLES),))
-    users, events, history, indexes = int(users), int(events), int(history), int(indexes)  # sums of bigint: numeric
+    users, rows, history, indexes = int(users), int(rows), int(history), int(indexes)  # sums of bigint: numeric
     per = max(1, users)
-    return {"audit_users": users, "audit_events_bytes_per_user": round(events / per, 1),
+    return {"audit_users": users, "audit_events_bytes_per_user": round((rows - history) / per, 1),
             "audit_history_bytes_per_user": round(history / per, 1),
-            "audit_bytes_per_user": round((events + history) / per, 1),
+            "audit_snapshot_bytes_per_user": round(snapshots / per, 1),
+            "audit_bytes_per_user": round((rows + snapshots) / per, 1),
             "audit_index_bytes_per_user": round(indexes / per, 1)}
 
 
@@ -407,7 +412,9 @@ class Bench:
             self.figures["users_failed"] = int(_scalar(
                 conn, "SELECT coalesce(sum(users_failed), 0) FROM overnight_job_runs WHERE session_date = %s",
                 (self.session,)))
-            self.figures["events_written"] = _scalar(conn, "SELECT count(*) FROM calculation_events")
+            self.figures["events_written"] = _scalar(  # the view's rows, counted without building them
+                conn, "SELECT coalesce(sum(json_array_length(u)), 0) FROM calculation_chunks c,"
+                      " json_array_elements(c.events) u")
             self.figures["documents_written"] = _scalar(conn, "SELECT count(*) FROM recommendations")
             job_ids = [str(r[0]) for r in conn.execute("SELECT id FROM overnight_job_runs WHERE session_date = %s",
                                                        (self.session,))]

@@ -461,6 +461,9 @@ def calculate_chunk(users: list[UserRow], batch: Batch) -> tuple[list[UserResult
     t = time.perf_counter()
     found = score_memoised([(p.criteria_id, p.compiled, p.priced_rows) for p in prepared], batch.table, batch.memo)
     shared_s = (time.perf_counter() - t) / max(1, len(prepared))
-    results = [r for p, f in zip(prepared, found, strict=True)
-               if (r := guarded(p.user.id, finish_user, p, f, batch, shared_s)) is not None]
+    results = []
+    for p, f in zip(prepared, found, strict=True):
+        if (r := guarded(p.user.id, finish_user, p, f, batch, shared_s)) is not None:
+            r.scores_shared = p.criteria_id in batch.memo  # several users' version: stored once (`trail.compact`)
+            results.append(r)
     return results, failures

@@ -223,6 +223,7 @@ class UserResult:
     warned: bool = False  # calculated with a warning (a holding could not be valued)
     document_json: str = ""  # the document as stored in Redis and `recommendation_history`; CALC_COMPLETED has its sha256
     latest: bool = True  # the writer set the user's `recommendations` row (no newer session's document is there)
+    scores_shared: bool = False  # scored from the batch's memo: the scores go to overnight_job_scores (`trail`)
 
     @functools.cached_property
     def portfolio_json(self) -> str:

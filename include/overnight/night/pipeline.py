@@ -99,6 +99,7 @@ def score_batch(
     compiled: dict[str, CompiledRules | CriteriaError] = {}
     table = FundamentalsTable()
     memo: dict[str, dict[int, MemoEntry]] = {}  # shared criteria versions' scores, once per batch
+    offered: set[Any] = set()  # the job run's snapshot rows this batch wrote (`writing._write_chunk`)
     cache_states: set[str] = set()
     cache_error = None
     stale_prices: set[str] = set()
@@ -147,7 +148,7 @@ def score_batch(
             timings["calc"] += time.perf_counter() - t
             t = time.perf_counter()
             new = _write_results(conn, job, results, failures,
-                                 {u.id: u.criteria_key for u in users} if failures else None)
+                                 {u.id: u.criteria_key for u in users} if failures else None, offered=offered)
             timings["write"] += time.perf_counter() - t
             t = time.perf_counter()
             if warm_cache is not None and any(r.latest for r in new):

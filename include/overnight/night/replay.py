@@ -1,8 +1,9 @@
 """Replay: a past calculation recomputed from its audit events and its job run's snapshots alone, and compared.
 
 A user's calculation is rebuilt from what the trail stored: `INPUTS_CAPTURED` (holdings, watchlist, markets,
-targets, criteria rules, rates, contribution, score floor, calcVersion), `CALC_STARTED` (criteria key), the
-job run's quotes (`overnight_job_prices`) and asset snapshot (`overnight_job_assets`). No live table is read
+targets, criteria version, rates, contribution, score floor, calcVersion), `CALC_STARTED` (criteria key), the
+job run's snapshots (`overnight_job_prices`, `overnight_job_assets`, `overnight_job_criteria`, `overnight_job_rates`,
+`overnight_job_scores`: each event expanded as it was calculated, `trail.expand`). No live table is read
 (`assets`, `prices`, `criteria_sets`, `allocation_targets`, `holdings`, `users`): a change to any of them after
 the night changes nothing here. The pipeline's own `prepare_user`, scoring and `finish_user` run on the rebuilt
 inputs, and the result is compared with the stored events and the stored document (`recommendation_history`,
@@ -32,7 +33,7 @@ import psycopg
 
 from overnight.adapters.providers.base import PriceQuote, RatesSnapshot
 from overnight.domain.recommendations import Target
-from overnight.night import calculate, jobrun, loading
+from overnight.night import calculate, jobrun, loading, trail
 from overnight.night.calculate import NO_PRICE, NO_PRICE_KNOWN, Batch
 from overnight.night.jobrun import CALC_VERSION, EVENT_TYPES, FAILED_EVENT, AssetRow, Contribution, JobRun, UserRow
 
@@ -167,29 +168,25 @@ def _user_id(raw: str) -> str:
 
 
 def _stored(conn: psycopg.Connection, job: JobRun, user_ids: list[str] | None) -> dict[str, _Stored]:
-    sql = ("SELECT user_id::text, event_type, payload, created_at FROM calculation_events"
-           " WHERE correlation_id = %s")
-    order = " ORDER BY created_at"  # a user's last attempt last: its CALC_STARTED is the calculation's (docs/audit.md)
-    params: list[Any] = [job.correlation_id]
-    if user_ids is not None:
-        sql += " AND user_id = ANY(%s::uuid[])"
-        params.append(user_ids)
+    """The users' calculations as calculated: their stored events expanded with the job run's snapshots
+    (`trail.expand`), and their stored documents."""
     out: dict[str, _Stored] = {}
-    for uid, etype, payload, created in conn.execute(sql + order, params).fetchall():
+    # oldest first: a user's last attempt last, its CALC_STARTED the calculation's (docs/audit.md)
+    for uid, _, etype, payload, created in trail.read_events(conn, job.correlation_id, user_ids):
         out.setdefault(uid, _Stored()).events[etype] = (payload, created)
     for uid in [u for u, s in out.items() if FAILED_EVENT in s.events and "CALC_COMPLETED" not in s.events]:
         del out[uid]  # a failed user's trail (CALC_STARTED, CALC_FAILED): no calculation to replay (`_no_events`)
+    snap = trail.read_snapshots(conn, job.id, [{t: p for t, (p, _) in s.events.items()} for s in out.values()])
+    for uid, s in out.items():
+        try:
+            s.events = {t: (trail.expand(t, p, snap), at) for t, (p, at) in s.events.items()}
+        except trail.MissingSnapshot as exc:
+            raise IncompleteCalculation(f"user {uid}, job run {job.id}: {exc}; the calculation cannot be rebuilt "
+                                        "from the trail") from None
     keys = [(uid, (s.events["CALC_COMPLETED"][0].get("document") or {}).get("generatedAt"))
             for uid, s in out.items() if "CALC_COMPLETED" in s.events]
-    keys = [(u, g) for u, g in keys if g]
-    if keys:
-        for uid, text in conn.execute(
-            "SELECT h.user_id::text, h.document FROM recommendation_history h"
-            " JOIN unnest(%s::uuid[], %s::timestamptz[]) AS k(u, g) ON h.user_id = k.u AND h.generated_at = k.g"
-            " WHERE h.job_run_id = %s",
-            ([u for u, _ in keys], [g for _, g in keys], job.id),
-        ).fetchall():
-            out[uid].document = text
+    for uid, text in trail.read_documents(conn, job.correlation_id, [(u, g) for u, g in keys if g]).items():
+        out[uid].document = text
     return out
 
 
@@ -391,15 +388,21 @@ def find_calculation(conn: psycopg.Connection, user_id: str, *, job_run_id: str 
         if row is None:
             raise UnknownCalculation(f"no job run {jid} in overnight_job_runs (mistyped, or purged by retention)")
         return str(row[0])
-    sql = ("SELECT j.correlation_id FROM recommendation_history h JOIN overnight_job_runs j ON j.id = h.job_run_id"
-           " WHERE h.user_id = %(u)s")
+    # the chunks holding the user (the GIN index on user_ids), then the rows from before migration 0011
+    cond = ""
     params: dict[str, Any] = {"u": uid}
     if session is not None or market is not None:
         if session is None or market is None:
             raise UnknownCalculation("give both a session date and a market (e.g. SESSION=2026-12-01 MARKET=XNYS)")
-        sql += " AND h.session_date = %(s)s AND j.market = %(m)s"
+        cond = " AND h.session_date = %(s)s AND j.market = %(m)s"
         params.update(s=session, m=market.upper())
-    row = conn.execute(sql + " ORDER BY h.session_date DESC, h.generated_at DESC LIMIT 1", params).fetchone()
+    sql = ("SELECT j.correlation_id, h.session_date, h.generated_at FROM (SELECT c.job_run_id, c.session_date,"
+           " c.generated_at[array_position(c.user_ids, %(u)s::uuid)] AS generated_at FROM calculation_chunks c"
+           " WHERE c.user_ids @> ARRAY[%(u)s::uuid]) h JOIN overnight_job_runs j ON j.id = h.job_run_id"
+           " WHERE h.generated_at IS NOT NULL" + cond +
+           " UNION ALL SELECT j.correlation_id, h.session_date, h.generated_at FROM recommendation_history_rows h"
+           " JOIN overnight_job_runs j ON j.id = h.job_run_id WHERE h.user_id = %(u)s" + cond)
+    row = conn.execute(sql + " ORDER BY 2 DESC, 3 DESC LIMIT 1", params).fetchone()
     if row is None:
         what = f" for {market} {session}" if session is not None else ""
         raise UnknownCalculation(f"user {uid} has no calculation{what} in recommendation_history: the id is "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -13,9 +12,9 @@ import psycopg
 
 from overnight.domain.markets import load_markets
 from overnight.domain.sessions import earlier_markets
+from overnight.night import trail
 from overnight.night.jobrun import (
     FAILED_EVENT,
-    HISTORY_TABLE,
     MAX_ERROR_DETAILS,
     Audience,
     JobRun,
@@ -26,97 +25,81 @@ from overnight.night.jobrun import (
 log = logging.getLogger(__name__)
 
 
-def new_event_ids(n: int) -> list[str]:
-    """`n` random (version 4) UUIDs as text, for a chunk's events. An event id names nobody: the uuid5 of
-    (correlation id, user id, event type) it once was let anyone who knew a user id find that user's events
-    among `/audit`'s pseudonymous ones (docs/access.md, migration 0008). Nothing needs it to be repeatable: a
-    retried batch skips the users whose events were committed (`overnight_job_users`, same transaction)."""
-    raw = os.urandom(16 * n)
-    out = []
-    for i in range(0, 16 * n, 16):
-        h = bytearray(raw[i:i + 16])
-        h[6] = (h[6] & 0x0F) | 0x40  # version 4
-        h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
-        x = h.hex()
-        out.append(f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}")
-    return out
-
-
-def _copy_json(text: str) -> str:
-    """JSON text for COPY: JSON escapes control characters itself, so only backslashes need doubling."""
-    return text.replace("\\", "\\\\") if "\\" in text else text
-
-
-def _copy_array(items: list[str] | None) -> str:
-    """A text[] value for COPY (NULL for None)."""
-    if items is None:
-        return "\\N"
-    if not items:
-        return "{}"
-    arr = '{"' + '","'.join(items) + '"}'
-    if "\\" in arr or arr.count('"') != 2 * len(items) or not arr.isprintable():  # quote, backslash, control
-        arr = _copy_value("{" + ",".join('"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in items) + "}")
-    return arr
-
-
 def _copy_value(v: Any) -> str:
     if v is None:
         return "\\N"
     return str(v).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
-# The audit rows go through temporary staging tables (docs/audit.md, migration 0007). Postgres compresses a value
-# only in a row over TOAST_TUPLE_THRESHOLD (about 2 kB, fixed at build time), which most events and documents are
-# not; a staging row is, by a pad column (compressed to a few bytes with the rest and deleted at commit), and with
-# toast_tuple_target = 128 and storage MAIN every value of it is compressed in the row. INSERT ... SELECT moves
-# the values into the audit tables as they are, compressed. The staging columns copy the audit columns' storage
-# and compression (lz4 where the server has it); the pad is lz4 too when it can be (pglz costs 7 µs a row).
-# Created once per connection, emptied at each commit.
-_STAGE_PAD_BYTES = 2100  # over TOAST_TUPLE_THRESHOLD (2032 B with 8 kB pages) by itself
-_STAGING_TABLES = f"""DO $$
+# The latest documents of a chunk go through a temporary table (COPY is the fast way in), then one upsert into
+# `recommendations`. Created once per connection, emptied at each commit.
+_RECS_IN = """DO $$
 BEGIN
-    IF to_regclass('pg_temp._events_in') IS NOT NULL THEN
-        RETURN;
+    IF to_regclass('pg_temp._recs_in') IS NULL THEN
+        CREATE TEMP TABLE _recs_in (user_id uuid, job_run_id uuid, correlation_id uuid, session_date date,
+            generated_at timestamptz, criteria_version text, rates_stale boolean, document text, portfolio text)
+            ON COMMIT DELETE ROWS;
     END IF;
-    CREATE TEMP TABLE _events_in (LIKE calculation_events INCLUDING STORAGE INCLUDING COMPRESSION,
-        _pad text DEFAULT repeat(' ', {_STAGE_PAD_BYTES})) WITH (toast_tuple_target = 128) ON COMMIT DELETE ROWS;
-    CREATE TEMP TABLE _recs_in (LIKE {HISTORY_TABLE} INCLUDING STORAGE INCLUDING COMPRESSION,
-        correlation_id uuid, criteria_version text, rates_stale boolean, portfolio text,
-        _pad text DEFAULT repeat(' ', {_STAGE_PAD_BYTES})) WITH (toast_tuple_target = 128) ON COMMIT DELETE ROWS;
-    ALTER TABLE _events_in ALTER _pad SET STORAGE MAIN;
-    ALTER TABLE _recs_in ALTER _pad SET STORAGE MAIN, ALTER portfolio SET STORAGE MAIN;
-    BEGIN
-        ALTER TABLE _events_in ALTER _pad SET COMPRESSION lz4;
-        ALTER TABLE _recs_in ALTER _pad SET COMPRESSION lz4, ALTER portfolio SET COMPRESSION lz4;
-    EXCEPTION WHEN feature_not_supported THEN
-        NULL;
-    END;
 END $$"""
+
+
+def _write_chunk(conn: psycopg.Connection, job: JobRun, chunk: trail.Chunk, documents: list[str] | None = None,
+                 generated_at: list[datetime] | None = None, offered: set[Any] | None = None) -> None:
+    """One row of `calculation_chunks` for the chunk's users, and the snapshot rows it points at that this batch
+    has not offered yet (`offered`, the batch's: each is offered once per batch, and kept once per job run by
+    ON CONFLICT DO NOTHING)."""
+    if not chunk.user_ids:
+        return
+    offered = offered if offered is not None else set()
+    criteria = [(v, r) for v, r in chunk.criteria.items() if ("c", v) not in offered]
+    if criteria:
+        conn.execute("INSERT INTO overnight_job_criteria (job_run_id, criteria_version, rules) SELECT %s, v, r::jsonb"
+                     " FROM unnest(%s::text[], %s::text[]) AS t(v, r) ON CONFLICT DO NOTHING",
+                     (job.id, [v for v, _ in criteria], [_encode(r) for _, r in criteria]))
+        offered.update(("c", v) for v, _ in criteria)
+    rates = [(k, r) for k, r in chunk.rates.items() if ("r", k) not in offered]
+    if rates:
+        conn.execute("INSERT INTO overnight_job_rates (job_run_id, rates_id, rates) SELECT %s, k, r::jsonb"
+                     " FROM unnest(%s::text[], %s::text[]) AS t(k, r) ON CONFLICT DO NOTHING",
+                     (job.id, [k for k, _ in rates], [_encode(r) for _, r in rates]))
+        offered.update(("r", k) for k, _ in rates)
+    scores = [(k, v) for k, v in chunk.scores.items() if ("s", *k) not in offered]
+    if scores:
+        conn.execute("INSERT INTO overnight_job_scores (job_run_id, criteria_version, symbol, score, reason)"
+                     " SELECT %s, v, s, sc, r FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])"
+                     " AS t(v, s, sc, r) ON CONFLICT DO NOTHING",
+                     (job.id, [k[0] for k, _ in scores], [k[1] for k, _ in scores], [v[0] for _, v in scores],
+                      [v[1] for _, v in scores]))
+        offered.update(("s", *k) for k, _ in scores)
+    conn.execute(
+        "INSERT INTO calculation_chunks (chunk_id, created_at, job_run_id, correlation_id, session_date, user_ids,"
+        " events, generated_at, documents, symbols) VALUES (%s, %s, %s, %s, %s, %s::uuid[], %s::json,"
+        " %s::timestamptz[], %s::text[], %s::text[])",
+        (trail.new_chunk_id(), chunk.created_at, job.id, job.correlation_id, job.session_date, chunk.user_ids,
+         _encode(chunk.events), generated_at, documents, sorted(chunk.symbols)))
 
 
 def _write_failure_events(conn: psycopg.Connection, job: JobRun, failed: list[tuple[str, str, str]],
                           criteria_keys: dict[str, str]) -> None:
     """A failed attempt's trail (docs/audit.md): CALC_STARTED, as a completed user's, and CALC_FAILED with the stage
-    and the reason. Small rows, written as they are (not staged for compression)."""
+    and the reason, in a chunk of their own (no documents)."""
     now = datetime.now(UTC)
-    event_ids = iter(new_event_ids(2 * len(failed)))
-    with conn.cursor().copy("COPY calculation_events (event_id, correlation_id, user_id, event_type, payload,"
-                            " created_at) FROM STDIN") as cp:
-        for uid, stage, message in failed:
-            cp.write_row((next(event_ids), job.correlation_id, uid, "CALC_STARTED", _encode(
-                {"market": job.market, "sessionDate": job.session_date, "jobRunId": job.id,
-                 "criteriaKey": criteria_keys.get(uid)}), now))
-            cp.write_row((next(event_ids), job.correlation_id, uid, FAILED_EVENT, _encode(
-                {"stage": stage, "reason": message[:1000], "jobRunId": job.id}), now + timedelta(microseconds=1)))
+    after = now + timedelta(microseconds=1)
+    chunk = trail.compact(((uid, [
+        ("CALC_STARTED", now, {"market": job.market, "sessionDate": job.session_date, "jobRunId": job.id,
+                               "criteriaKey": criteria_keys.get(uid)}, None),
+        (FAILED_EVENT, after, {"stage": stage, "reason": message[:1000], "jobRunId": job.id}, None)], False)
+        for uid, stage, message in failed))
+    _write_chunk(conn, job, chunk)
 
 
 def _write_results(
     conn: psycopg.Connection, job: JobRun, results: list[UserResult], failures: list[tuple[str, str, str]],
-    criteria_keys: dict[str, str] | None = None,
+    criteria_keys: dict[str, str] | None = None, offered: set[Any] | None = None,
 ) -> list[UserResult]:
     """Writes completed users (events, documents) and failures (their CALC_STARTED and CALC_FAILED) in one
     transaction; returns the new completed ones. `criteria_keys` (user id -> criteria key) goes in a failed user's
-    CALC_STARTED as in a completed one's."""
+    CALC_STARTED as in a completed one's; `offered` is the batch's record of the snapshot rows it wrote."""
     conn.commit()  # ends the chunk's read transaction, so each chunk's writes commit on their own
     with conn.transaction():
         fresh: set[str] = set()
@@ -151,24 +134,11 @@ def _write_results(
         new = [r for r in results if r.user_id in fresh]
         if not new:
             return []
-        conn.execute(_STAGING_TABLES)
-        with conn.cursor().copy(
-            "COPY _events_in (event_id, correlation_id, user_id, event_type, payload, symbols, created_at) FROM STDIN"
-        ) as cp:
-            lines = []
-            ids = iter(new_event_ids(sum(len(r.events) for r in new)))
-            corr = job.correlation_id
-            for r in new:
-                uid = r.user_id
-                for etype, at, payload, symbols in r.events:
-                    lines.append(f"{next(ids)}\t{corr}\t{uid}\t{etype}\t"
-                                 f"{_copy_json(_encode(payload))}\t{_copy_array(symbols)}\t{at.isoformat()}")
-            cp.write("\n".join(lines) + "\n")
-        conn.execute(
-            "INSERT INTO calculation_events (event_id, correlation_id, user_id, event_type, payload, symbols,"
-            " created_at) SELECT event_id, correlation_id, user_id, event_type, payload, symbols, created_at"
-            " FROM _events_in"
-        )
+        # Every document goes to the trail as its exact text (CALC_COMPLETED has its sha256), in the users' chunk
+        # row; the latest row of a user is replaced only by a document of the same or a newer session (docs/audit.md).
+        _write_chunk(conn, job, trail.compact((r.user_id, r.events, r.scores_shared) for r in new),
+                     [r.document_json for r in new], [r.generated_at for r in new], offered)
+        conn.execute(_RECS_IN)
         with conn.cursor().copy(
             "COPY _recs_in (user_id, job_run_id, correlation_id, session_date, generated_at, criteria_version,"
             " rates_stale, document, portfolio) FROM STDIN"
@@ -178,12 +148,8 @@ def _write_results(
                 r.criteria_version, "t" if r.document["ratesStale"] else "f",
                 r.document_json, r.portfolio_json))
                 for r in new) + "\n")
-        # Every document goes to the history as its exact text (CALC_COMPLETED has its sha256); the latest
-        # row of a user is replaced only by a document of the same or a newer session (docs/audit.md).
         latest = {str(row[0]) for row in conn.execute(
-            "WITH history AS (INSERT INTO recommendation_history (user_id, generated_at, job_run_id, session_date,"
-            " document) SELECT user_id, generated_at, job_run_id, session_date, document FROM _recs_in)"
-            " INSERT INTO recommendations (user_id, job_run_id, correlation_id, generated_at, criteria_version,"
+            "INSERT INTO recommendations (user_id, job_run_id, correlation_id, generated_at, criteria_version,"
             " rates_stale, document, portfolio, session_date) SELECT user_id, job_run_id, correlation_id,"
             " generated_at, criteria_version, rates_stale, document::jsonb, portfolio::jsonb, session_date"
             " FROM _recs_in ON CONFLICT (user_id) DO UPDATE SET"

@@ -1,7 +1,9 @@
 """Audit retention: drops whole monthly partitions past the cutoff, trims the rest, purges old job runs.
 
-Both audit tables are monthly partitioned alike: `calculation_events` (on created_at) and
-`recommendation_history` (every document a user was given, on generated_at); they are retained alike.
+The audit trail is monthly partitioned: `calculation_chunks` (a chunk of users' events and documents, on
+created_at; migration 0011), and the tables of one row per event and per document written before it,
+`calculation_events_rows` (on created_at) and `recommendation_history_rows` (on generated_at); all are retained
+alike. The job run's snapshots (quotes, assets, criteria, rates, scores) go with their job run.
 
 The cutoff is `now - OVERNIGHT_RETENTION_DAYS` (default 730 days, two years). A row strictly older than
 the cutoff goes; a row at or after it stays. Monthly partitions whose upper bound is at or before the cutoff
@@ -26,9 +28,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_DAYS = 730
 RETENTION_ENV = "OVERNIGHT_RETENTION_DAYS"
-PARENT_TABLE = "calculation_events"
-HISTORY_TABLE = "recommendation_history"
-AUDIT_TABLES = {PARENT_TABLE: "created_at", HISTORY_TABLE: "generated_at"}  # partitioned table: its partition key
+CHUNK_TABLE = "calculation_chunks"
+PARENT_TABLE = "calculation_events_rows"
+HISTORY_TABLE = "recommendation_history_rows"
+# partitioned table: its partition key
+AUDIT_TABLES = {CHUNK_TABLE: "created_at", PARENT_TABLE: "created_at", HISTORY_TABLE: "generated_at"}
 UPCOMING_MONTHS = 3
 JOB_RUN_BATCH = 200
 LOCK_TIMEOUT = "10s"  # DROP/DELETE wait at most this long for a running scoring insert; the task retries
@@ -37,7 +41,7 @@ _BOUND = re.compile(r"FROM \((?P<low>[^)]*)\) TO \((?P<high>[^)]*)\)")
 
 @dataclass(frozen=True)
 class Partition:
-    """One partition of calculation_events: its name and range (None bound = MINVALUE/MAXVALUE or DEFAULT)."""
+    """One partition of an audit table: its name and range (None bound = MINVALUE/MAXVALUE or DEFAULT)."""
 
     name: str
     low: datetime | None
@@ -99,8 +103,8 @@ def plan(partitions: list[Partition], cutoff: datetime) -> tuple[list[Partition]
     return drop, trim
 
 
-def list_partitions(conn: psycopg.Connection, parent: str = PARENT_TABLE) -> list[Partition]:
-    """Returns the partitions of `parent` (calculation_events by default) as they are in the database."""
+def list_partitions(conn: psycopg.Connection, parent: str = CHUNK_TABLE) -> list[Partition]:
+    """Returns the partitions of `parent` (calculation_chunks by default) as they are in the database."""
     rows = conn.execute(
         "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
         " JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = %s::regclass ORDER BY c.relname",
@@ -116,8 +120,8 @@ def ensure_upcoming(conn: psycopg.Connection, today: date, months: int = UPCOMIN
             row = conn.execute("SELECT ensure_event_partitions(%s, %s)", (today.replace(day=1), months + 1)).fetchone()
     except psycopg.errors.CheckViolation as exc:
         raise RuntimeError(
-            f"cannot create the upcoming calculation_events partitions: {exc.diag.message_primary}; rows of that "
-            "month are in calculation_events_default: move them out (INSERT into the new month, DELETE from the "
+            f"cannot create the upcoming calculation_chunks partitions: {exc.diag.message_primary}; rows of that "
+            "month are in calculation_chunks_default: move them out (INSERT into the new month, DELETE from the "
             "default partition) and re-run"
         ) from exc
     return int(row[0]) if row else 0
@@ -176,6 +180,9 @@ def run(conn: psycopg.Connection, *, now: datetime | None = None, days: int | No
         "retention_days": days,
         "partitions_created": created,
         "partitions_dropped": dropped,
+        "chunk_rows_in_dropped_partitions": rows_in_dropped[CHUNK_TABLE],
+        "chunk_rows_deleted": sum(trimmed[CHUNK_TABLE].values()),
+        "chunk_rows_deleted_by_partition": trimmed[CHUNK_TABLE],
         "event_rows_in_dropped_partitions": rows_in_dropped[PARENT_TABLE],
         "event_rows_deleted": sum(trimmed[PARENT_TABLE].values()),
         "event_rows_deleted_by_partition": trimmed[PARENT_TABLE],
@@ -184,8 +191,8 @@ def run(conn: psycopg.Connection, *, now: datetime | None = None, days: int | No
         "job_runs_deleted": runs,
         "job_users_deleted": users,
     }
-    log.info("retention: cutoff %s, %d partitions dropped (%d rows), %d event rows deleted, %d job runs and %d "
-             "job-user rows deleted, %d partitions created", cutoff.isoformat(), len(dropped),
-             sum(rows_in_dropped.values()),
-             result["event_rows_deleted"], runs, users, created)
+    log.info("retention: cutoff %s, %d partitions dropped (%d rows), %d chunk rows and %d older event rows deleted,"
+             " %d job runs and %d job-user rows deleted, %d partitions created", cutoff.isoformat(), len(dropped),
+             sum(rows_in_dropped.values()), result["chunk_rows_deleted"], result["event_rows_deleted"], runs, users,
+             created)
     return result
