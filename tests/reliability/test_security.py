@@ -25,7 +25,7 @@ from overnight.adapters.connections import postgres_dsn
 from overnight.adapters.providers.db import DbPriceProvider, DbRatesProvider
 from overnight.dashboard.store import DashboardStore
 from overnight.domain.markets import get_market
-from overnight.night import runtime
+from overnight.night import runtime, trail
 from tests.support import reliability as R
 from tests.support.fake_provider import QUOTE_PATH, RATES_PATH, FakeProviderServer
 from tests.support.ports import free_port
@@ -129,17 +129,19 @@ def test_no_secret_leaks_and_hostile_symbols_are_harmless(airflow_db, secret_rol
             assert (out.status, out.completed, out.failed) == ("completed", R.served(conn, MARKET, SESSION), {})
             assert hostile_user in out.completed
             assert out.metrics["rates_stale"] is True
-            scored = conn.execute(
-                "SELECT symbols, payload FROM calculation_events WHERE correlation_id = %s AND user_id = %s"
-                " AND event_type = 'SCORES_COMPUTED'", (out.correlation_id, hostile_user)).fetchone()
-            listed = set(scored[1]["scores"]) | set(scored[1]["unscored"])
-            assert set(HOSTILE_SYMBOLS) <= listed and not set(scored[1]["scores"]) & set(scored[1]["unscored"])
+            scored = next(p for u, _, t, p, _ in trail.read_calculated(conn, out.correlation_id, [hostile_user])
+                          if t == "SCORES_COMPUTED")
+            listed = set(scored["scores"]) | set(scored["unscored"])
+            assert set(HOSTILE_SYMBOLS) <= listed and not set(scored["scores"]) & set(scored["unscored"])
             assert conn.execute("SELECT (SELECT count(*) FROM users), (SELECT count(*) FROM assets)"
                                 ).fetchone() == counts_before
             stored_text = "\n".join(str(r) for r in conn.execute(
                 "SELECT error_details::text, metrics::text, dag_run_id FROM overnight_job_runs"))
             stored_text += "\n".join(r[0] for r in conn.execute(
                 "SELECT payload::text FROM calculation_events WHERE correlation_id = %s", (out.correlation_id,)))
+            stored_text += "\n".join(str(r) for r in conn.execute(  # what the events point at
+                "SELECT s.symbol, s.score, s.reason FROM overnight_job_scores s JOIN overnight_job_runs j"
+                " ON j.id = s.job_run_id WHERE j.correlation_id = %s", (out.correlation_id,)))
             stored_text += "\n".join(r[0] for r in conn.execute("SELECT document::text FROM recommendations"))
             stored_text += "\n".join(str(r) for r in conn.execute(
                 "SELECT stage, error FROM overnight_job_users"))

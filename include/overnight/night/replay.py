@@ -171,18 +171,16 @@ def _stored(conn: psycopg.Connection, job: JobRun, user_ids: list[str] | None) -
     """The users' calculations as calculated: their stored events expanded with the job run's snapshots
     (`trail.expand`), and their stored documents."""
     out: dict[str, _Stored] = {}
+    try:
+        rows = trail.read_calculated(conn, job.correlation_id, user_ids)
+    except trail.MissingSnapshot as exc:
+        raise IncompleteCalculation(f"job run {job.id}: {exc}; the calculation cannot be rebuilt from the trail"
+                                    ) from None
     # oldest first: a user's last attempt last, its CALC_STARTED the calculation's (docs/audit.md)
-    for uid, _, etype, payload, created in trail.read_events(conn, job.correlation_id, user_ids):
+    for uid, _, etype, payload, created in rows:
         out.setdefault(uid, _Stored()).events[etype] = (payload, created)
     for uid in [u for u, s in out.items() if FAILED_EVENT in s.events and "CALC_COMPLETED" not in s.events]:
         del out[uid]  # a failed user's trail (CALC_STARTED, CALC_FAILED): no calculation to replay (`_no_events`)
-    snap = trail.read_snapshots(conn, job.id, [{t: p for t, (p, _) in s.events.items()} for s in out.values()])
-    for uid, s in out.items():
-        try:
-            s.events = {t: (trail.expand(t, p, snap), at) for t, (p, at) in s.events.items()}
-        except trail.MissingSnapshot as exc:
-            raise IncompleteCalculation(f"user {uid}, job run {job.id}: {exc}; the calculation cannot be rebuilt "
-                                        "from the trail") from None
     keys = [(uid, (s.events["CALC_COMPLETED"][0].get("document") or {}).get("generatedAt"))
             for uid, s in out.items() if "CALC_COMPLETED" in s.events]
     for uid, text in trail.read_documents(conn, job.correlation_id, [(u, g) for u, g in keys if g]).items():

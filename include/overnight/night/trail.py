@@ -26,13 +26,19 @@ from typing import Any
 
 import psycopg
 
+from overnight.domain.scoring import NO_USABLE_PRICE
 from overnight.night.jobrun import _encode, _num
 
 MAX_CHUNK_USERS = 1 << 16  # the user's position lives in 17 bits of an event id (migration 0011)
 _US = timedelta(microseconds=1)
-# An asset not scored for want of an exchange rate: each execution of a job run fetches its rates, so this reason
-# belongs to the user's calculation, not to the job run's (criteria version, asset): it stays in the user's event.
+# An asset not scored for want of a usable price or of an exchange rate: the quotes a batch may use (docs/freshness.md)
+# and the rates an execution fetched are the batch's and the execution's, not a function of (criteria version,
+# asset), so these reasons stay in the user's event; the shared table holds scores and missing fundamentals only.
 _NO_RATE = "no exchange rate for "
+
+
+def _own(reason: str) -> bool:
+    return reason == NO_USABLE_PRICE or reason.startswith(_NO_RATE)
 
 
 def new_chunk_id() -> str:
@@ -92,7 +98,7 @@ def compact(users: Iterable[tuple[str, list[tuple[str, datetime, dict[str, Any],
                         chunk.scores[(version, s)] = (v, None)
                     own = {}
                     for s, why in unscored.items():
-                        if why.startswith(_NO_RATE):  # the execution's rates, not the job run's: the user's
+                        if _own(why):  # the batch's quotes or the execution's rates: the user's
                             own[s] = why
                         else:
                             chunk.scores[(version, s)] = (None, why)
@@ -252,3 +258,18 @@ def expand(etype: str, payload: dict[str, Any], snap: Snapshots) -> dict[str, An
                 unscored[s] = reason or ""
         return {"scores": scores, "unscored": unscored}
     return payload
+
+
+def read_calculated(conn: psycopg.Connection, correlation_id: str, user_ids: list[str] | None = None
+                    ) -> list[tuple[str, str, str, dict[str, Any], datetime]]:
+    """A job run's events as they were calculated, oldest first: (user id, event id, type, payload, time), each
+    payload expanded with the job run's snapshots (`expand`); raises MissingSnapshot naming what is missing."""
+    rows = read_events(conn, correlation_id, user_ids)
+    if not rows:
+        return []
+    row = conn.execute("SELECT id FROM overnight_job_runs WHERE correlation_id = %s", (correlation_id,)).fetchone()
+    by_user: dict[str, dict[str, dict[str, Any]]] = {}
+    for uid, _, etype, payload, _ in rows:
+        by_user.setdefault(uid, {})[etype] = payload
+    snap = read_snapshots(conn, str(row[0]), list(by_user.values())) if row else Snapshots()
+    return [(uid, str(eid), etype, expand(etype, payload, snap), at) for uid, eid, etype, payload, at in rows]

@@ -12,8 +12,9 @@ from overnight.adapters.connections import POSTGRES_CONN_ID, from_value, postgre
 from overnight.dev import devenv
 
 TABLES = {"users", "holdings", "watchlist", "assets", "asset_classes", "allocation_targets", "criteria_sets",
-          "prices", "exchange_rates", "calculation_events", "overnight_job_runs", "overnight_job_users",
-          "recommendations", "schema_migrations"}
+          "prices", "exchange_rates", "calculation_chunks", "overnight_job_runs", "overnight_job_users",
+          "recommendations", "schema_migrations", "calculation_events_rows", "recommendation_history_rows",
+          "overnight_job_criteria", "overnight_job_rates", "overnight_job_scores"}
 
 
 @pytest.fixture
@@ -43,16 +44,18 @@ def test_events_are_partitioned_monthly(empty_db):
     with psycopg.connect(empty_db) as c:
         parts = [r[0] for r in c.execute(
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-            " WHERE i.inhparent = 'calculation_events'::regclass")]
+            " WHERE i.inhparent = 'calculation_chunks'::regclass")]
         created = c.execute("SELECT ensure_event_partitions('2030-01-15', 2)").fetchone()[0]
         again = c.execute("SELECT ensure_event_partitions('2030-01-01', 2)").fetchone()[0]
-        history = {r[0] for r in c.execute(
+        made = {r[0] for r in c.execute(
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-            " WHERE i.inhparent = 'recommendation_history'::regclass")}
-    assert "calculation_events_default" in parts
-    assert len([p for p in parts if p != "calculation_events_default"]) >= 3
-    assert (created, again) == (4, 0)  # two months of both audit tables: the events and the documents
-    assert {"recommendation_history_default", "recommendation_history_2030_01", "recommendation_history_2030_02"} <= history
+            " WHERE i.inhparent = 'calculation_chunks'::regclass")}
+        views = {r[0] for r in c.execute("SELECT viewname FROM pg_views WHERE schemaname = 'public'")}
+    assert "calculation_chunks_default" in parts
+    assert len([p for p in parts if p != "calculation_chunks_default"]) >= 3
+    assert (created, again) == (2, 0)  # two months of the chunks (the tables before migration 0011 take no rows)
+    assert {"calculation_chunks_2030_01", "calculation_chunks_2030_02"} <= made
+    assert {"calculation_events", "recommendation_history"} <= views  # what an auditor queries
 
 
 def test_edited_migration_is_refused(empty_db, monkeypatch, tmp_path):

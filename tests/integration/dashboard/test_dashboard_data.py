@@ -395,8 +395,8 @@ def test_market_history_per_market_oldest_first(scored: dict[str, Any]) -> None:
 def test_asset_events_newest_first_with_job_run_and_keyset_pages(scored: dict[str, Any]) -> None:
     symbol = scored["doc"]["recommendations"][0]["symbol"]
     with psycopg.connect(scored["pg_dsn"]) as conn:
-        expected = conn.execute("SELECT count(*) FROM calculation_events WHERE symbols @> ARRAY[%s]::text[]",
-                                (symbol,)).fetchone()[0]
+        expected = conn.execute("SELECT count(*) FROM calculation_events WHERE event_type = 'SCORES_COMPUTED'"
+                                " AND payload -> 'universe' ? %s", (symbol,)).fetchone()[0]
     assert expected >= 1
     first, cursor = with_store(scored, lambda s: s.asset_events(symbol, limit=500))
     assert len(first) == min(expected, 500)

@@ -105,8 +105,9 @@ def test_audit_finds_calculations_that_held_the_asset_scored_or_not(night: dict[
     dsn = night["dsn"]
     with psycopg.connect(dsn) as conn:
         symbol, asset_id = conn.execute(
-            "SELECT a.symbol, a.id FROM calculation_events e, unnest(e.symbols) s JOIN assets a ON a.symbol = s"
-            " WHERE e.correlation_id = %s GROUP BY a.symbol, a.id ORDER BY count(*) DESC, a.symbol LIMIT 1",
+            "SELECT a.symbol, a.id FROM calculation_events e, jsonb_array_elements_text(e.payload -> 'universe') s"
+            " JOIN assets a ON a.symbol = s WHERE e.correlation_id = %s AND e.event_type = 'SCORES_COMPUTED'"
+            " GROUP BY a.symbol, a.id ORDER BY count(*) DESC, a.symbol LIMIT 1",
             (night["job"].correlation_id,)).fetchone()
         price = conn.execute("SELECT price, currency, as_of FROM prices WHERE asset_id = %s", (asset_id,)).fetchall()
         conn.execute("DELETE FROM prices WHERE asset_id = %s", (asset_id,))

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from overnight.domain import freshness
-from overnight.night import jobrun
+from overnight.night import jobrun, trail
 from tests.conftest import RUN_ID
 from tests.support import databases
 from tests.support.pipeline_run import run_pipeline
@@ -96,8 +96,8 @@ def golden() -> Any:
                                          earlier=(), rates_now=RUN_NOW, contribution=contribution,
                                          judge_prices=judge_prices)
             docs = {str(u): (d, p) for u, d, p in conn.execute("SELECT user_id, document, portfolio FROM recommendations")}
-            events = {(str(u), t): payload for u, t, payload in conn.execute(
-                "SELECT user_id, event_type, payload FROM calculation_events")}
+            events = {(u, t): payload for (corr,) in conn.execute("SELECT correlation_id::text FROM overnight_job_runs")
+                      .fetchall() for u, _, t, payload, _ in trail.read_calculated(conn, corr)}  # as calculated
         yield docs, events, runs
     finally:
         databases.drop(name)

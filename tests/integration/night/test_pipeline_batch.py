@@ -11,7 +11,7 @@ import pytest
 
 from overnight.adapters import cache
 from overnight.adapters.providers.db import DbPriceProvider
-from overnight.night import calculate, jobrun, loading, pipeline
+from overnight.night import calculate, jobrun, loading, pipeline, trail
 from tests.support import reliability as R
 from tests.support.pipeline_run import make_latest, run_pipeline, start
 
@@ -54,11 +54,18 @@ def test_four_events_per_user_in_order_with_unlinkable_ids(conn, batch_run):
         assert not set(ids) & {uuid.uuid5(uuid.UUID(job.correlation_id), f"{user_id}:{t}") for t in types}
         every_id.update(ids)
     assert len(every_id) == 4 * len(rows)
-    scored = conn.execute(
-        "SELECT payload, symbols FROM calculation_events WHERE correlation_id = %s AND event_type = 'SCORES_COMPUTED'"
-        " LIMIT 1", (job.correlation_id,)).fetchone()
-    assert sorted(scored[0]["scores"]) == scored[1]
-    assert None not in scored[0]["scores"].values() and not set(scored[0]["scores"]) & set(scored[0]["unscored"])
+    # SCORES_COMPUTED as stored names the criteria version and the universe; as calculated (the snapshots' scores
+    # put back, `trail.expand`) it holds every asset of that universe once, scored or not
+    stored = {u: p for u, _, t, p, _ in trail.read_events(conn, job.correlation_id, None) if t == "SCORES_COMPUTED"}
+    calculated = {u: p for u, _, t, p, _ in trail.read_calculated(conn, job.correlation_id) if t == "SCORES_COMPUTED"}
+    chunk_symbols = set().union(*(set(r[0]) for r in conn.execute(
+        "SELECT symbols FROM calculation_chunks WHERE correlation_id = %s", (job.correlation_id,))))
+    assert stored.keys() == calculated.keys() == {str(u) for u, *_ in rows}
+    for uid, payload in calculated.items():
+        assert sorted(payload["scores"].keys() | payload["unscored"].keys()) == stored[uid]["universe"]
+        assert None not in payload["scores"].values() and not set(payload["scores"]) & set(payload["unscored"])
+        assert set(stored[uid]["universe"]) <= chunk_symbols
+    assert any("scores" not in p for p in stored.values())  # shared criteria versions: scores stored once
 
 
 def test_documents_shapes_and_ttl(conn, batch_run, redis_client):
@@ -288,9 +295,9 @@ def test_a_job_run_prices_every_user_with_the_same_stored_quote(pg_dsn, seeded, 
     later = set(after) - set(stored)
     assert later and all(after[s] == (db_price[s] * 2, "moved") for s in later)
     assert len(captured) == sum(b["last"] - b["first"] + 1 for b in (first, second)) > 40
-    for payload in captured:
-        assert payload["jobRunId"] == job.id and payload["prices"]
-        assert all(Decimal(text) == after[symbol][0] for symbol, text in payload["prices"].items())
+    for payload in captured:  # each event names the quotes it used; their prices are the job run's rows, stored once
+        assert payload["jobRunId"] == job.id and payload["pricedSymbols"] and "prices" not in payload
+        assert set(payload["pricedSymbols"]) <= set(after)
 
 
 def _per_item(conn, ids: list[str]) -> dict[str, tuple]:

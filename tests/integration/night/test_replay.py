@@ -28,7 +28,7 @@ from overnight.dashboard import store as dashboard
 from overnight.dev import bench, devenv, seed
 from overnight.domain import sessions
 from overnight.domain.markets import load_markets
-from overnight.night import calculate, jobrun, loading, pipeline, replay, writing
+from overnight.night import calculate, jobrun, loading, pipeline, replay, trail, writing
 from tests.support import reliability as R
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -81,6 +81,19 @@ def night() -> Iterator[dict[str, Any]]:
             c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def _edit(conn: psycopg.Connection, job: jobrun.JobRun, uid: str, change: str, path: list[Any],
+          value: str | None = None) -> int:
+    """Changes a user's stored event in their chunk row: `change` is `set` (path to `value`, JSON) or `delete`;
+    `path` is below the user's events array ([event index, 2, key...]). Returns the rows changed."""
+    pos = "array_position(user_ids, %(u)s::uuid) - 1"
+    target = "ARRAY[(" + pos + ")::text] || %(path)s::text[]"
+    expr = (f"jsonb_set(events::jsonb, {target}, %(value)s::jsonb)" if change == "set"
+            else f"events::jsonb #- ({target})")
+    return conn.execute(f"UPDATE calculation_chunks SET events = ({expr})::json WHERE correlation_id = %(c)s"
+                        " AND user_ids @> ARRAY[%(u)s::uuid]",
+                        {"u": uid, "c": job.correlation_id, "path": [str(p) for p in path], "value": value}).rowcount
+
+
 def _a_user(conn: psycopg.Connection, job: jobrun.JobRun) -> tuple[str, dict[str, Any]]:
     """A user of the job run with at least two recommendations and a held asset, and their stored document."""
     uid, text = conn.execute(
@@ -113,6 +126,7 @@ def test_inputs_changed_after_the_night_still_replay_identical_and_no_live_table
         uid, doc = _a_user(conn, job)
         inputs = conn.execute("SELECT payload FROM calculation_events WHERE correlation_id = %s AND user_id = %s"
                               " AND event_type = 'INPUTS_CAPTURED'", (job.correlation_id, uid)).fetchone()[0]
+        shared = "criteria" not in inputs  # a template's: its rules are the job run's snapshot
         bought = doc["recommendations"][0]["symbol"]
         held = next(iter(inputs["holdings"]))
         key = conn.execute("SELECT criteria_key FROM users WHERE id = %s", (uid,)).fetchone()[0]
@@ -129,8 +143,9 @@ def test_inputs_changed_after_the_night_still_replay_identical_and_no_live_table
         # A role that may read the trail and the snapshots, and nothing else: a live read would raise.
         probe = f"ovt_{RUN_ID}_probe"
         conn.execute(f'CREATE ROLE "{probe}"')
-        conn.execute(f'GRANT SELECT ON calculation_events, recommendation_history, overnight_job_runs, overnight_job_users,'
-                     f' overnight_job_prices, overnight_job_assets TO "{probe}"')
+        conn.execute(f'GRANT SELECT ON calculation_chunks, calculation_events_rows, recommendation_history_rows,'
+                     f' overnight_job_runs, overnight_job_users, overnight_job_prices, overnight_job_assets,'
+                     f' overnight_job_criteria, overnight_job_rates, overnight_job_scores TO "{probe}"')
         conn.execute(f'SET LOCAL ROLE "{probe}"')
         for table in LIVE_TABLES:
             with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
@@ -139,6 +154,7 @@ def test_inputs_changed_after_the_night_still_replay_identical_and_no_live_table
         conn.rollback()  # the changes and the role go
     assert result.status == replay.IDENTICAL, result.text()
     assert result.differences == [] and result.stored_sha256 == result.replayed_sha256
+    assert shared or "criteria" in inputs
 
 
 def _plus_one_point(real: Any) -> Any:
@@ -166,13 +182,9 @@ def test_a_calculation_of_another_calc_version_says_so(night: dict[str, Any]) ->
     job = night["jobs"]["XLON"]
     with psycopg.connect(night["dsn"]) as conn:
         uid, _ = _a_user(conn, job)
-        conn.execute("UPDATE calculation_events SET payload = payload || '{\"calcVersion\": \"0.0.9+scoring.0.allocation.1\"}'"
-                     " WHERE correlation_id = %s AND user_id = %s AND event_type = 'INPUTS_CAPTURED'",
-                     (job.correlation_id, uid))
+        assert _edit(conn, job, uid, "set", [1, 2, "calcVersion"], '"0.0.9+scoring.0.allocation.1"') == 1
         result = replay.replay_user(conn, job.correlation_id, uid)
-        conn.execute("UPDATE calculation_events SET payload = payload - 'calcVersion'"
-                     " WHERE correlation_id = %s AND user_id = %s AND event_type = 'INPUTS_CAPTURED'",
-                     (job.correlation_id, uid))
+        assert _edit(conn, job, uid, "delete", [1, 2, "calcVersion"]) == 1
         before = replay.replay_user(conn, job.correlation_id, uid)
         conn.rollback()
     assert result.status == replay.OTHER_VERSION
@@ -280,10 +292,17 @@ def test_stale_and_unusable_quotes_and_stale_rates_replay_as_the_night_judged_th
 def test_the_audit_query_for_an_asset_still_finds_every_calculation(night: dict[str, Any]) -> None:
     job = night["jobs"]["XNYS"]
     with psycopg.connect(night["dsn"]) as conn:
+        # the oracle: every SCORES_COMPUTED of the night whose universe names the symbol, counted from the view
         symbol, count = conn.execute(
-            "SELECT s, count(*) FROM calculation_events, unnest(symbols) s WHERE correlation_id = %s"
+            "SELECT s, count(*) FROM calculation_events, jsonb_array_elements_text(payload -> 'universe') s"
+            " WHERE correlation_id = %s AND event_type = 'SCORES_COMPUTED'"
             " GROUP BY s ORDER BY count(*) DESC, s LIMIT 1", (job.correlation_id,)).fetchone()
-        total = conn.execute("SELECT count(*) FROM calculation_events WHERE symbols @> ARRAY[%s]", (symbol,)).fetchone()[0]
+        total = conn.execute("SELECT count(*) FROM calculation_events WHERE event_type = 'SCORES_COMPUTED'"
+                             " AND payload -> 'universe' ? %s", (symbol,)).fetchone()[0]
+        calculated = {(u, corr): p["scores"].get(symbol) for (corr,) in conn.execute(
+            "SELECT correlation_id::text FROM overnight_job_runs").fetchall()
+            for u, _, t, p, _ in trail.read_calculated(conn, corr) if t == "SCORES_COMPUTED"
+            if symbol in p["scores"] or symbol in p["unscored"]}
 
     async def all_events() -> list[dict[str, Any]]:
         store = dashboard.DashboardStore(pg_dsn=night["dsn"], redis_url="")
@@ -298,8 +317,10 @@ def test_the_audit_query_for_an_asset_still_finds_every_calculation(night: dict[
             await store.aclose()
 
     events = asyncio.run(all_events())
-    assert len(events) == total >= count > 1
-    assert {e["eventType"] for e in events} == {"SCORES_COMPUTED"} and all(e["score"] is not None for e in events)
+    assert len(events) == total == len(calculated) >= count > 1
+    assert {e["eventType"] for e in events} == {"SCORES_COMPUTED"}
+    assert {(e["userId"], e["correlationId"]): e["score"] for e in events} == calculated  # the scores as calculated
+    assert len({e["eventId"] for e in events}) == len(events)  # pages neither repeat nor skip
     assert sum(e["correlationId"] == job.correlation_id for e in events) == count
 
 
@@ -319,8 +340,7 @@ def test_replay_errors_say_what_and_where(night: dict[str, Any]) -> None:
             replay.find_calculation(conn, "00000000-0000-0000-0000-000000000001")
         with pytest.raises(replay.UnknownCalculation, match="give both a session date and a market"):
             replay.find_calculation(conn, uid, session=SESSION)
-        conn.execute("DELETE FROM calculation_events WHERE correlation_id = %s AND user_id = %s"
-                     " AND event_type = 'CALC_COMPLETED'", (job.correlation_id, uid))
+        assert _edit(conn, job, uid, "delete", [3]) == 1  # CALC_COMPLETED, the fourth event
         with pytest.raises(replay.IncompleteCalculation, match="events missing from calculation_events: CALC_COMPLETED"):
             replay.replay_user(conn, job.correlation_id, uid)
         conn.rollback()
@@ -341,78 +361,74 @@ def test_the_command_line_prints_identical(night: dict[str, Any]) -> None:
     assert bad.returncode == 2 and "give both a session date and a market" in bad.stderr
 
 
-# Issue 16: the replay may cost at most 15 % more bytes per user per night than the events took before it
-# (about 4.1 KB): row data, after compression (docs/scaling.md).
-ROW_BYTES_PER_USER_BOUND = 4_715
+# Issue 25: at most 1.5 kB of row data per user per night for the trail and the history together (docs/audit.md).
+ROW_BYTES_PER_USER_BOUND = 1_500
 
 
-def _compressed(conn: psycopg.Connection, corrs: list[str], ids: list[str]) -> dict[str, tuple[int, int]]:
-    """(values, values stored compressed) of the events' payloads by type, of `symbols` and of the documents."""
-    out: dict[str, tuple[int, int]] = {}
-    for etype, n, payloads, symbols in conn.execute(
-            "SELECT event_type, count(*), count(*) FILTER (WHERE pg_column_compression(payload) IS NOT NULL),"
-            " count(*) FILTER (WHERE pg_column_compression(symbols) IS NOT NULL) FROM calculation_events"
-            " WHERE correlation_id = ANY(%s::uuid[]) GROUP BY 1", (corrs,)):
-        out[etype] = (n, payloads)
-        if etype == "SCORES_COMPUTED":
-            out["symbols"] = (n, symbols)
-    out["document"] = conn.execute(
-        "SELECT count(*), count(*) FILTER (WHERE pg_column_compression(document) IS NOT NULL)"
-        " FROM recommendation_history WHERE job_run_id = ANY(%s::uuid[])", (ids,)).fetchone()
-    return out
+def _compressed(conn: psycopg.Connection, corrs: list[str]) -> dict[str, tuple[int, int]]:
+    """(chunks, chunks whose value is stored compressed) of the events, the documents and `symbols`."""
+    row = conn.execute(
+        "SELECT count(*), count(*) FILTER (WHERE pg_column_compression(events) IS NOT NULL),"
+        " count(*) FILTER (WHERE pg_column_compression(documents) IS NOT NULL),"
+        " count(*) FILTER (WHERE pg_column_compression(symbols) IS NOT NULL)"
+        " FROM calculation_chunks WHERE correlation_id = ANY(%s::uuid[]) AND cardinality(user_ids) >= 50",
+        (corrs,)).fetchone()
+    return {"events": (row[0], row[1]), "documents": (row[0], row[2]), "symbols": (row[0], row[3])}
 
 
 def _assert_compressed(found: dict[str, tuple[int, int]]) -> None:
-    """The values that are too small to be compressed by Postgres on their own are (docs/audit.md). pglz (`symbols`,
-    and everything on a server without lz4) leaves a value that compresses by less than 25 % as it is: short
-    `symbols` arrays, some documents, CALC_COMPLETED."""
-    for kind, share in (("INPUTS_CAPTURED", 0.95), ("SCORES_COMPUTED", 0.95), ("symbols", 0.8), ("document", 0.8)):
-        n, compressed = found[kind]
-        assert n > 0 and compressed >= share * n, f"{kind}: {compressed} of {n} values stored compressed"
+    """A chunk of 50 users or more is a value of tens of kB, which Postgres compresses by itself (docs/audit.md)."""
+    for kind, (n, compressed) in found.items():
+        assert n > 0 and compressed == n, f"{kind}: {compressed} of {n} values stored compressed"
 
 
 def test_storage_per_user_per_night(night: dict[str, Any]) -> None:
-    """Events, history row and the user's share of the snapshots, as stored (pg_column_size: after compression):
-    within issue 16's bound, and compressed. The figure is `make bench`'s `audit_bytes_per_user` (one measure:
-    `bench.audit_size`)."""
+    """The trail and the history of a night, as stored (pg_column_size: after compression): each chunk's row and
+    the snapshot rows the events point at instead of repeating them, within issue 25's bound, and compressed. The
+    figure is `make bench`'s `audit_bytes_per_user` (one measure: `bench.audit_size`). At this size (1,000 users)
+    the scores of the 30 shared criteria versions weigh more per user than they do at 100,000: they grow with
+    versions x assets, not with users, which is what is checked of them here."""
     with psycopg.connect(night["dsn"]) as conn:
         ids = [j.id for j in night["jobs"].values()]
         corrs = [j.correlation_id for j in night["jobs"].values()]
         size = bench.audit_size(conn, ids)
         users = conn.execute("SELECT count(*) FROM overnight_job_users WHERE job_run_id = ANY(%s::uuid[])"
                              " AND status = 'completed'", (ids,)).fetchone()[0]
-        events = conn.execute("SELECT sum(pg_column_size(e.*)) FROM calculation_events e"
-                              " WHERE correlation_id = ANY(%s::uuid[])", (corrs,)).fetchone()[0]
-        history = conn.execute("SELECT sum(pg_column_size(h.*)) FROM recommendation_history h"
-                               " WHERE job_run_id = ANY(%s::uuid[])", (ids,)).fetchone()[0]
-        snapshot = conn.execute("SELECT (SELECT sum(pg_column_size(a.*)) FROM overnight_job_assets a WHERE job_run_id = ANY(%(j)s::uuid[]))"
-                                " + (SELECT sum(pg_column_size(p.*)) FROM overnight_job_prices p WHERE job_run_id = ANY(%(j)s::uuid[]))",
-                                {"j": ids}).fetchone()[0]
-        found = _compressed(conn, corrs, ids)
-    per_user = size["audit_bytes_per_user"]
+        chunks, documents = conn.execute(
+            "SELECT sum(pg_column_size(c.*)), sum(pg_column_size(c.documents) + pg_column_size(c.generated_at))"
+            " FROM calculation_chunks c WHERE correlation_id = ANY(%s::uuid[])", (corrs,)).fetchone()
+        snapshots = {t: conn.execute(f"SELECT count(*), coalesce(sum(pg_column_size(t.*)), 0) FROM {t} t"
+                                     " WHERE job_run_id = ANY(%s::uuid[])", (ids,)).fetchone()
+                     for t in ("overnight_job_criteria", "overnight_job_rates", "overnight_job_scores")}
+        versions, assets = conn.execute(
+            "SELECT (SELECT count(DISTINCT criteria_version) FROM overnight_job_scores WHERE job_run_id = ANY(%(j)s)),"
+            " (SELECT count(*) FROM overnight_job_assets WHERE job_run_id = ANY(%(j)s))", {"j": ids}).fetchone()
+        found = _compressed(conn, corrs)
+    snapshot_bytes = sum(b for _, b in snapshots.values())
     assert size["audit_users"] == users > 0
-    assert per_user == round((events + history) / users, 1)  # the bench's figure is this test's
-    assert size["audit_events_bytes_per_user"] == round(events / users, 1)
-    assert size["audit_history_bytes_per_user"] == round(history / users, 1)
+    assert size["audit_bytes_per_user"] == round((chunks + snapshot_bytes) / users, 1)  # the bench's figure is this
+    assert size["audit_events_bytes_per_user"] == round((chunks - documents) / users, 1)
+    assert size["audit_history_bytes_per_user"] == round(documents / users, 1)
+    assert size["audit_snapshot_bytes_per_user"] == round(snapshot_bytes / users, 1)
     assert size["audit_index_bytes_per_user"] > 0
     assert json.loads(json.dumps(size)) == size  # the bench prints it in its JSON line
-    print(f"\nbytes per user per night ({users} users, {len(ids)} job runs): events {events / users:.0f}, history"
-          f" {history / users:.0f}, together {per_user:.0f} (bound {ROW_BYTES_PER_USER_BOUND:,}); indexes of the"
-          f" database's whole trail {size['audit_index_bytes_per_user']:.0f} per user; snapshots (assets"
-          f" and quotes) {snapshot:,} a night ({snapshot / users:.0f} per user at this size); row data, before indexes;"
-          f" values stored compressed: {found}")
+    print(f"\nbytes per user per night ({users} users, {len(ids)} job runs): events {(chunks - documents) / users:.0f},"
+          f" history {documents / users:.0f}, together {chunks / users:.0f} (bound {ROW_BYTES_PER_USER_BOUND:,});"
+          f" snapshot rows {snapshots} ({snapshot_bytes / users:.0f} per user at this size); indexes of the"
+          f" database's whole trail {size['audit_index_bytes_per_user']:.0f} per user; compressed: {found}")
     _assert_compressed(found)
-    assert per_user <= ROW_BYTES_PER_USER_BOUND, f"{per_user:.0f} B of rows per user per night"
-    assert snapshot < 4_000_000  # the snapshots grow with assets, not users
+    assert chunks / users <= ROW_BYTES_PER_USER_BOUND, f"{chunks / users:.0f} B of rows per user per night"
+    assert snapshots["overnight_job_scores"][0] <= versions * assets  # once per version and asset, at most
+    assert snapshots["overnight_job_criteria"][0] <= 4 * 30  # the 30 shared templates, once per job run
 
 
 def test_a_partition_made_after_the_migrations_stores_compressed_rows(night: dict[str, Any], monkeypatch) -> None:
-    """A month no migration made: the partition maintenance of a job run's start makes it (toast_tuple_target is
-    a setting of each partition, not inherited), and a night written into it is stored compressed alike."""
+    """A month no migration made: the partition maintenance of a job run's start makes it, with no setting of its
+    own (none is needed: docs/audit.md), and a night written into it is stored compressed alike."""
     now = datetime.now(UTC)
     month = (now.replace(day=1) + timedelta(days=5 * 31)).replace(day=1)  # the migrations made 1 back to 2 on
     later = datetime(month.year, month.month, 10, tzinfo=UTC)
-    parts = [f"{t}_{month:%Y_%m}" for t in ("calculation_events", "recommendation_history")]
+    parts = [f"calculation_chunks_{month:%Y_%m}"]
 
     class Later(datetime):
         @classmethod
@@ -420,7 +436,7 @@ def test_a_partition_made_after_the_migrations_stores_compressed_rows(night: dic
             return datetime.now(tz) + (later - now)
 
     with psycopg.connect(night["dsn"]) as conn:
-        assert conn.execute("SELECT to_regclass(%s), to_regclass(%s)", parts).fetchone() == (None, None)
+        assert conn.execute("SELECT to_regclass(%s)", parts).fetchone() == (None,)
         rates = loading.fetch_rates(conn, DbRatesProvider(conn), loading.needed_currencies(conn))  # judged now
         monkeypatch.setattr(jobrun, "datetime", Later)  # the job run's start (and its partitions)
         monkeypatch.setattr(calculate, "datetime", Later)  # its events' times
@@ -433,10 +449,8 @@ def test_a_partition_made_after_the_migrations_stores_compressed_rows(night: dic
         monkeypatch.undo()
         options = dict(conn.execute("SELECT relname, reloptions FROM pg_class WHERE relname = ANY(%s)", (parts,)))
         where = {r[0] for r in conn.execute(
-            "SELECT tableoid::regclass::text FROM calculation_events WHERE correlation_id = %s UNION"
-            " SELECT tableoid::regclass::text FROM recommendation_history WHERE job_run_id = %s",
-            (job.correlation_id, job.id))}
-        found = _compressed(conn, [job.correlation_id], [job.id])
+            "SELECT tableoid::regclass::text FROM calculation_chunks WHERE correlation_id = %s", (job.correlation_id,))}
+        found = _compressed(conn, [job.correlation_id])
     assert where == set(parts)
-    assert all(options[p] == ["toast_tuple_target=128"] for p in parts), options
+    assert options == {parts[0]: None}, options  # no storage setting of its own
     _assert_compressed(found)

@@ -45,9 +45,10 @@ def test_job_span_with_batch_children(seeded, spans):
     with psycopg.connect(os.environ["AIRFLOW_CONN_OVERNIGHT_POSTGRES"]) as conn:
         served = len(R.served(conn, "XTKS", run.session_date))
         metrics = conn.execute("SELECT metrics FROM overnight_job_runs WHERE id = %s", (job["id"],)).fetchone()[0]
-        scored = conn.execute("SELECT count(*) FROM calculation_events e, jsonb_object_keys(e.payload -> 'scores')"
-                              " WHERE e.correlation_id = %s AND e.event_type = 'SCORES_COMPUTED'",
-                              (job["correlation_id"],)).fetchone()[0]
+        from overnight.night import trail
+
+        scored = sum(len(p["scores"]) for _, _, t, p, _ in trail.read_calculated(conn, job["correlation_id"])
+                     if t == "SCORES_COMPUTED")
         recommended = conn.execute("SELECT sum(jsonb_array_length(document::jsonb -> 'recommendations'))::int"
                                    " FROM recommendation_history WHERE job_run_id = %s", (job["id"],)).fetchone()[0]
     assert {key: j.attributes[key] for key in ("users_total", "users_success", "users_failed", "assets_scored",

@@ -1,4 +1,5 @@
-"""Audit retention against the real Postgres: back-dated events, partitions and job runs; exactly the old go."""
+"""Audit retention against the real Postgres: back-dated chunks of events, rows from before migration 0011,
+partitions and job runs; exactly the old go."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def _month(d: datetime, offset: int) -> date:
 
 
 def _part(d: date) -> str:
-    return f"calculation_events_{d:%Y_%m}"
+    return f"calculation_chunks_{d:%Y_%m}"
 
 
 def _exists(conn: psycopg.Connection, name: str) -> bool:
@@ -36,9 +37,22 @@ def _exists(conn: psycopg.Connection, name: str) -> bool:
 
 
 def _event(conn: psycopg.Connection, corr: uuid.UUID, at: datetime) -> uuid.UUID:
+    """A chunk of one user's CALC_STARTED and document created at `at`; returns its chunk id."""
+    chunk_id = uuid.uuid4()
+    conn.execute(
+        "INSERT INTO calculation_chunks (chunk_id, created_at, job_run_id, correlation_id, session_date, user_ids,"
+        " events, generated_at, documents) VALUES (%s, %s, %s, %s, %s, ARRAY[%s::uuid], %s, ARRAY[%s::timestamptz],"
+        " ARRAY['{}'])",
+        (chunk_id, at, uuid.uuid4(), corr, at.date(), uuid.uuid4(),
+         json.dumps([[["CALC_STARTED", 0, {"test": "retention"}]]]), at))
+    return chunk_id
+
+
+def _row_event(conn: psycopg.Connection, corr: uuid.UUID, at: datetime) -> uuid.UUID:
+    """An event row as written before migration 0011 (`calculation_events_rows`); returns its id."""
     event_id = uuid.uuid4()
     conn.execute(
-        "INSERT INTO calculation_events (event_id, correlation_id, user_id, event_type, payload, created_at)"
+        "INSERT INTO calculation_events_rows (event_id, correlation_id, user_id, event_type, payload, created_at)"
         " VALUES (%s, %s, %s, 'CALC_STARTED', %s, %s)",
         (event_id, corr, uuid.uuid4(), json.dumps({"test": "retention"}), at),
     )
@@ -63,9 +77,9 @@ def _job_run(conn: psycopg.Connection, started: datetime, users: int) -> uuid.UU
 
 
 def _document(conn: psycopg.Connection, job_id: uuid.UUID, at: datetime) -> uuid.UUID:
-    """A recommendation_history row generated at `at`; returns its user id."""
+    """A document row as written before migration 0011 (`recommendation_history_rows`); returns its user id."""
     user_id = uuid.uuid4()
-    conn.execute("INSERT INTO recommendation_history (user_id, generated_at, job_run_id, session_date, document)"
+    conn.execute("INSERT INTO recommendation_history_rows (user_id, generated_at, job_run_id, session_date, document)"
                  " VALUES (%s, %s, %s, %s, '{}')", (user_id, at, job_id, at.date()))
     return user_id
 
@@ -147,32 +161,42 @@ def test_removes_exactly_what_is_older_than_the_cutoff(own_dsn: str) -> None:
             "now": (_event(conn, corr, now), True),
         }
         where = dict(conn.execute(
-            "SELECT event_id, tableoid::regclass::text FROM calculation_events WHERE correlation_id = %s", (corr,)
+            "SELECT chunk_id, tableoid::regclass::text FROM calculation_chunks WHERE correlation_id = %s", (corr,)
         ).fetchall())
-        assert where[events["old in default"][0]] == "calculation_events_default"
-        assert where[events["young in default"][0]] == "calculation_events_default"
+        assert where[events["old in default"][0]] == "calculation_chunks_default"
+        assert where[events["young in default"][0]] == "calculation_chunks_default"
+        rows = {  # written before migration 0011: retained alike (no partition that old: the DEFAULT one)
+            "two months before": (_row_event(conn, corr, cutoff - timedelta(days=45)), False),
+            "a second before": (_row_event(conn, corr, cutoff - timedelta(seconds=1)), False),
+            "now": (_row_event(conn, corr, now), True),
+        }
         assert where[events["a second before"][0]] == _part(_month(cutoff, 0))  # the straddling partition
         old_run = _job_run(conn, cutoff - timedelta(days=10), users=3)
         edge_run = _job_run(conn, cutoff + timedelta(minutes=1), users=2)
         young_run = _job_run(conn, now - timedelta(days=1), users=2)
-        documents = {  # the history is partitioned and retained as the events are
+        documents = {  # the older history rows are retained as the events are
             "two months before": (_document(conn, old_run, cutoff - timedelta(days=45)), False),
             "a second before": (_document(conn, old_run, cutoff - timedelta(seconds=1)), False),
             "at the cutoff": (_document(conn, edge_run, cutoff), True),
-            "old in default": (_document(conn, old_run, old_default_at), False),
             "now": (_document(conn, young_run, now), True),
         }
         conn.commit()
-        coming = [f"{table}_{_month(now, offset):%Y_%m}" for table in ("calculation_events", "recommendation_history")
-                  for offset in range(4)]  # this month and the next three, of both tables
+        coming = [_part(_month(now, offset)) for offset in range(4)]  # this month and the next three
         missing = [name for name in coming if not _exists(conn, name)]
 
         result = retention.run(conn, now=now, days=DAYS)
 
         left = {r[0] for r in conn.execute(
-            "SELECT event_id FROM calculation_events WHERE correlation_id = %s", (corr,))}
-        for label, (event_id, kept) in events.items():
-            assert (event_id in left) is kept, label
+            "SELECT chunk_id FROM calculation_chunks WHERE correlation_id = %s", (corr,))}
+        for label, (chunk_id, kept) in events.items():
+            assert (chunk_id in left) is kept, label
+        left_rows = {r[0] for r in conn.execute(
+            "SELECT event_id FROM calculation_events_rows WHERE correlation_id = %s", (corr,))}
+        for label, (event_id, kept) in rows.items():
+            assert (event_id in left_rows) is kept, label
+        # the view shows what is left of both
+        assert conn.execute("SELECT count(*) FROM calculation_events WHERE correlation_id = %s", (corr,)
+                            ).fetchone()[0] == len(left) + len(left_rows)
         assert not _exists(conn, _part(first)) and not _exists(conn, _part(_month(cutoff, -1)))
         assert _exists(conn, _part(_month(cutoff, 0))) and _exists(conn, _part(_month(cutoff, 1)))
         for offset in range(4):  # this month and the next three
@@ -193,22 +217,23 @@ def test_removes_exactly_what_is_older_than_the_cutoff(own_dsn: str) -> None:
                                                 ([u for u, _ in documents.values()],))}
         for label, (user_id, kept) in documents.items():
             assert (user_id in kept_docs) is kept, label
-        assert not _exists(conn, _part(first).replace("calculation_events", "recommendation_history"))
 
     # The database holds only this test's rows. The cutoff is the 14th or 15th at noon, so "two months before"
     # (cutoff - 45 days) lies in a wholly dropped month, "a day before" and "a second before" in the cutoff's month.
-    history = [name.replace("calculation_events", "recommendation_history")
-               for name in (_part(first), _part(_month(cutoff, -1)))]
+    # The rows from before migration 0011 have partitions around the migration's month only: theirs are in DEFAULT.
     assert result == {
         "cutoff": cutoff.isoformat(),
         "retention_days": DAYS,
         "partitions_created": len(missing),
-        "partitions_dropped": [_part(first), _part(_month(cutoff, -1)), *history],
-        "event_rows_in_dropped_partitions": 1,  # two months before
-        "event_rows_deleted": 3,
-        "event_rows_deleted_by_partition": {_part(_month(cutoff, 0)): 2, "calculation_events_default": 1},
-        "history_rows_in_dropped_partitions": 1,  # two months before
-        "history_rows_deleted": 2,  # a second before, old in default
+        "partitions_dropped": [_part(first), _part(_month(cutoff, -1))],
+        "chunk_rows_in_dropped_partitions": 1,  # two months before
+        "chunk_rows_deleted": 3,
+        "chunk_rows_deleted_by_partition": {_part(_month(cutoff, 0)): 2, "calculation_chunks_default": 1},
+        "event_rows_in_dropped_partitions": 0,
+        "event_rows_deleted": 2,  # two months before, a second before
+        "event_rows_deleted_by_partition": {"calculation_events_default": 2},
+        "history_rows_in_dropped_partitions": 0,
+        "history_rows_deleted": 2,  # two months before, a second before
         "job_runs_deleted": 1,  # old_run
         "job_users_deleted": 3,  # its three users
     }
@@ -217,6 +242,7 @@ def test_removes_exactly_what_is_older_than_the_cutoff(own_dsn: str) -> None:
         again = retention.run(conn, now=now, days=DAYS)
         assert len(left) == sum(kept for _, kept in events.values())
     assert again["partitions_dropped"] == []
-    assert again["event_rows_deleted"] == 0 and again["event_rows_in_dropped_partitions"] == 0
+    assert again["chunk_rows_deleted"] == 0 and again["chunk_rows_in_dropped_partitions"] == 0
+    assert again["event_rows_deleted"] == 0 and again["history_rows_deleted"] == 0
     assert again["job_runs_deleted"] == 0 and again["job_users_deleted"] == 0
     assert again["partitions_created"] == 0

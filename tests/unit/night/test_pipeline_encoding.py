@@ -1,4 +1,4 @@
-"""The batch writer's text encodings: event ids, decimals, COPY values."""
+"""The batch writer's encodings: chunk ids, decimals."""
 
 from __future__ import annotations
 
@@ -7,20 +7,21 @@ from decimal import Decimal
 
 import pytest
 
-from overnight.night import jobrun, writing
+from overnight.night import jobrun, trail
 
 
-def test_event_ids_are_random_version_4_uuids():
-    """An event id names nobody: random, so nobody can compute it from a user id (docs/access.md)."""
-    ids = writing.new_event_ids(4000)
+def test_chunk_ids_are_random_version_4_uuids_with_room_for_positions():
+    """A chunk id names nobody: random, so nobody can compute it, or its events' ids, from a user id
+    (docs/access.md); its last 20 bits are zero, where an event id puts its user's and its own position."""
+    ids = [trail.new_chunk_id() for _ in range(4000)]
     assert len(set(ids)) == 4000
     for text in ids:
         parsed = uuid.UUID(text)
         assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert parsed.int & 0xFFFFF == 0 and text.endswith("00000")
     corr, user = str(uuid.uuid4()), str(uuid.uuid4())
-    old = {str(uuid.uuid5(uuid.UUID(corr), f"{user}:{t}")) for t in jobrun.EVENT_TYPES}  # the former, linkable id
-    assert not old & set(writing.new_event_ids(4))
-    assert writing.new_event_ids(0) == []
+    old = {str(uuid.uuid5(uuid.UUID(corr), f"{user}:{t}"))[:31] for t in jobrun.EVENT_TYPES}  # the former, linkable id
+    assert not old & {i[:31] for i in ids}
 
 
 @pytest.mark.parametrize(("value", "text"), [
@@ -30,8 +31,3 @@ def test_event_ids_are_random_version_4_uuids():
 def test_num_drops_trailing_zeros_and_keeps_the_value(value, text):
     assert jobrun._num(Decimal(value)) == text
     assert Decimal(text) == Decimal(value)
-
-
-def test_copy_json_doubles_backslashes_only():
-    assert writing._copy_json('{"a": "x"}') == '{"a": "x"}'
-    assert writing._copy_json('{"a": "\\n\\"q"}') == '{"a": "\\\\n\\\\"q"}'
