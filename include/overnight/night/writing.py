@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -54,29 +55,32 @@ def _write_chunk(conn: psycopg.Connection, job: JobRun, chunk: trail.Chunk, docu
     criteria = [(v, r) for v, r in chunk.criteria.items() if ("c", v) not in offered]
     if criteria:
         conn.execute("INSERT INTO overnight_job_criteria (job_run_id, criteria_version, rules) SELECT %s, v, r::jsonb"
-                     " FROM unnest(%s::text[], %s::text[]) AS t(v, r) ON CONFLICT DO NOTHING",
+                     " FROM unnest(%b::text[], %b::text[]) AS t(v, r) ON CONFLICT DO NOTHING",
                      (job.id, [v for v, _ in criteria], [_encode(r) for _, r in criteria]))
         offered.update(("c", v) for v, _ in criteria)
     rates = [(k, r) for k, r in chunk.rates.items() if ("r", k) not in offered]
     if rates:
         conn.execute("INSERT INTO overnight_job_rates (job_run_id, rates_id, rates) SELECT %s, k, r::jsonb"
-                     " FROM unnest(%s::text[], %s::text[]) AS t(k, r) ON CONFLICT DO NOTHING",
+                     " FROM unnest(%b::text[], %b::text[]) AS t(k, r) ON CONFLICT DO NOTHING",
                      (job.id, [k for k, _ in rates], [_encode(r) for _, r in rates]))
         offered.update(("r", k) for k, _ in rates)
     scores = [(k, v) for k, v in chunk.scores.items() if ("s", *k) not in offered]
     if scores:
         conn.execute("INSERT INTO overnight_job_scores (job_run_id, criteria_version, symbol, score, reason)"
-                     " SELECT %s, v, s, sc, r FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])"
+                     " SELECT %s, v, s, sc, r FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[])"
                      " AS t(v, s, sc, r) ON CONFLICT DO NOTHING",
                      (job.id, [k[0] for k, _ in scores], [k[1] for k, _ in scores], [v[0] for _, v in scores],
                       [v[1] for _, v in scores]))
         offered.update(("s", *k) for k, _ in scores)
+    # Binary parameters (%b): psycopg's text form of an array escapes each element with a regular expression,
+    # 20 % of a batch's samples in py-spy for the documents' text[] (a 5,284-user XNYS batch, `make run`).
     conn.execute(
         "INSERT INTO calculation_chunks (chunk_id, created_at, job_run_id, correlation_id, session_date, user_ids,"
-        " events, generated_at, documents, symbols) VALUES (%s, %s, %s, %s, %s, %s::uuid[], %s::json,"
-        " %s::timestamptz[], %s::text[], %s::text[])",
-        (trail.new_chunk_id(), chunk.created_at, job.id, job.correlation_id, job.session_date, chunk.user_ids,
-         _encode(chunk.events), generated_at, documents, sorted(chunk.symbols)))
+        " events, generated_at, documents, symbols) VALUES (%s, %s, %s, %s, %s, %b::uuid[], %b::json,"
+        " %b::timestamptz[], %b::text[], %b::text[])",
+        (trail.new_chunk_id(), chunk.created_at, job.id, job.correlation_id, job.session_date,
+         [uuid.UUID(u) for u in chunk.user_ids], _encode(chunk.events), generated_at, documents,
+         sorted(chunk.symbols)))
 
 
 def _write_failure_events(conn: psycopg.Connection, job: JobRun, failed: list[tuple[str, str, str]],
