@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -76,11 +75,10 @@ def _write_chunk(conn: psycopg.Connection, job: JobRun, chunk: trail.Chunk, docu
     # 20 % of a batch's samples in py-spy for the documents' text[] (a 5,284-user XNYS batch, `make run`).
     conn.execute(
         "INSERT INTO calculation_chunks (chunk_id, created_at, job_run_id, correlation_id, session_date, user_ids,"
-        " events, generated_at, documents, symbols) VALUES (%s, %s, %s, %s, %s, %b::uuid[], %b::json,"
+        " events, generated_at, documents, symbols) VALUES (%s, %s, %s, %s, %s, %b::text[]::uuid[], %b::json,"
         " %b::timestamptz[], %b::text[], %b::text[])",
-        (trail.new_chunk_id(), chunk.created_at, job.id, job.correlation_id, job.session_date,
-         [uuid.UUID(u) for u in chunk.user_ids], _encode(chunk.events), generated_at, documents,
-         sorted(chunk.symbols)))
+        (trail.new_chunk_id(), chunk.created_at, job.id, job.correlation_id, job.session_date, chunk.user_ids,
+         _encode(chunk.events), generated_at, documents, sorted(chunk.symbols)))
 
 
 def _write_failure_events(conn: psycopg.Connection, job: JobRun, failed: list[tuple[str, str, str]],
