@@ -335,11 +335,12 @@ def create_app(
         request: Request, response: Response,
         symbol: Annotated[str, PathParam(min_length=1, max_length=64, pattern=_SYMBOL_PATTERN)],
         limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50,
-        before: Annotated[datetime | None, Query(description="Only events created before this ISO time")] = None,
+        before: Annotated[datetime | None, Query(description="Only calculations written before this ISO time (in "
+                                                             "chunks of users written together)")] = None,
         before_id: Annotated[UUID | None, Query(description="With `before`: the last event id of the previous "
-                                                            "page (ties on the same time)")] = None,
+                                                            "page (the page goes on after it)")] = None,
     ) -> dict[str, Any] | JSONResponse:
-        """Every calculation whose universe held `symbol` (its SCORES_COMPUTED event, newest first) with the outcome
+        """Every calculation whose universe held `symbol` (its SCORES_COMPUTED event, newest first by chunk) with the outcome
         there (scored, unpriced, unscored), its correlation id and job run; user ids only for holders of "Overnight
         recommendations", a pseudonym (`userRef`) for everyone."""
         busy, give_back = await take_audit_slot(request)
