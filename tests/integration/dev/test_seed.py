@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import psycopg
 
 from overnight.dev import seed
+from tests.conftest import RUN_ID
+from tests.support import databases
+
+# Every table the seeder fills, each row whole but for the columns the database dates itself (now()).
+SEEDED_TABLES = ("asset_classes", "assets", "prices", "exchange_rates", "criteria_sets", "users",
+                 "allocation_targets", "holdings", "watchlist")
 
 
 def _fingerprint(c: psycopg.Connection) -> tuple:
@@ -62,3 +70,29 @@ def test_same_seed_same_rows_other_seed_other_rows(pg_dsn, seeded):
         assert _fingerprint(c) != before
         seed.seed(c, 600, 7, dsn=pg_dsn)  # leave the session's data set as the fixture made it
         assert _fingerprint(c) == before
+
+
+def _checksums(c: psycopg.Connection) -> dict[str, tuple]:
+    return {t: c.execute(f"SELECT count(*), md5(string_agg(x, ',' ORDER BY x)) FROM"
+                         f" (SELECT (to_jsonb(t) - 'created_at' - 'fetched_at')::text x FROM {t} t) s").fetchone()
+            for t in SEEDED_TABLES}
+
+
+def test_chunk_size_changes_no_row():
+    """The seeder streams a chunk of users at a time: the chunk's size changes no row of any table (3,000
+    users in chunks of 700, the last one short, against the default chunk and against one chunk per user)."""
+    name = f"ovt_{RUN_ID}_seed_chunks"
+    dsn = databases.clone(databases.app_template(), name)
+    now = datetime(2026, 12, 1, 12, tzinfo=UTC)
+    try:
+        with psycopg.connect(dsn) as c:
+            counts = seed.seed(c, 3000, 11, dsn=dsn, now=now)
+            default = _checksums(c)
+            assert seed.seed(c, 3000, 11, dsn=dsn, now=now, chunk_users=700) == counts
+            assert _checksums(c) == default
+            assert seed.seed(c, 3000, 11, dsn=dsn, now=now, chunk_users=1) == counts
+            assert _checksums(c) == default
+        assert counts["users"] == 3000 and counts["criteria_sets"] > seed.N_TEMPLATES
+        assert {t: n for t, (n, _) in default.items() if t in counts} == counts
+    finally:
+        databases.drop(name)
