@@ -5,8 +5,9 @@ dag-processor (LocalExecutor, or CeleryExecutor with two workers), and measures 
 
 - `wall_s`: from triggering the four market DAGs for one session day to the last finalize;
 - `floor_orch_s`: a no-op DAG of the same shape and number of mapped tasks under the same scheduler;
-- `floor_io_s`: writing the same event rows and documents with COPY and the same Redis documents with
-  one pipelined client, without the pipeline's logic;
+- `floor_io_s`: writing the same rows (the chunks of events and documents, the snapshot rows they point at, the
+  latest documents) with COPY and the same Redis documents with one pipelined client, without the pipeline's
+  logic;
 - per-batch p50/p95, the peak RSS of one task process, rows and keys written;
 - the dashboard through the api-server: 8 concurrent clients for 20 s, cache hit, miss and a no-op route.
 
@@ -126,8 +127,12 @@ SNAPSHOTS = ("overnight_job_criteria", "overnight_job_rates", "overnight_job_sco
 # The I/O floor's rows: (source, scratch table) pairs, each source's rows COPYed into its scratch table in the
 # timed part. A source is a table or a view (the scratch table is made LIKE it, INCLUDING ALL: the same columns,
 # defaults, constraints and indexes) or a query in parentheses (the scratch table gets its columns only).
+# What the night writes (migration 0011): its chunks of events and documents, the snapshot rows they point at,
+# and the latest documents.
 FLOOR_TABLES: tuple[tuple[str, str], ...] = (
-    ("calculation_events", "bench_events"),
+    ("calculation_chunks", "bench_chunks"),
+    ("overnight_job_scores", "bench_scores"),
+    ("overnight_job_criteria", "bench_criteria"),
     ("recommendations", "bench_recs"),
 )
 # The I/O floor's Redis documents: (key suffix, recs document, portfolio document) per user.
