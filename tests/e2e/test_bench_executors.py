@@ -44,7 +44,7 @@ def test_bench_runs_every_user_once(executor):
     assert (f["redis_recs_keys"], f["redis_portfolio_keys"], f["redis_keys"]) == (USERS, USERS, 2 * USERS)
     assert f["batches"] >= 4  # mapped over several batches per market
     for key in ("wall_s", "floor_io_s", "floor_orch_s", "users_per_s", "api_hit_p99_ms", "api_miss_p99_ms",
-                "api_noop_p99_ms", "calibration_s"):
+                "api_noop_p99_ms", "calibration_s", "bench_self_peak_rss_mb", "bench_children_peak_rss_mb"):
         assert f[key] > 0, key
     slices = f["api_rps_by_slice"]  # one rate per round and case; together they make the case's rate
     assert set(slices) == {"hit", "miss", "noop"} and all(len(v) == f["api_rounds"] for v in slices.values())

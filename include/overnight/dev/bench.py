@@ -9,9 +9,10 @@ dag-processor (LocalExecutor, or CeleryExecutor with two workers), and measures 
   latest documents) with COPY and the same Redis documents with one pipelined client, without the pipeline's
   logic;
 - per-batch p50/p95, the peak RSS of one task process, rows and keys written;
+- its own peak RSS (it seeds and runs the I/O floor itself, both streaming) and its children's;
 - the dashboard through the api-server: 8 concurrent clients for 20 s, cache hit, miss and a no-op route.
 
-Its last line is one JSON object. One module (~550 lines) on purpose: a developer tool whose steps share the
+Its last line is one JSON object. One module (~700 lines) on purpose: a developer tool whose steps share the
 run's processes and files; it is not shipped (.dockerignore leaves out overnight/dev).
 """
 
@@ -477,8 +478,9 @@ class Bench:
         documents (`FLOOR_DOCUMENTS`, through a server-side cursor) as length-prefixed records, into files
         under the run's home; the timed part (`floor_io_s`, the same work as when it held them in memory:
         the COPYs into the scratch tables and the Redis SETs) reads each file in blocks of `FLOOR_BLOCK`
-        and sends the documents in pipelines of `FLOOR_PIPELINE` users. The bench process's peak RSS at
-        200,000 users: 171 MB, was 1,878 MB (every row held twice, and the documents as Python tuples)."""
+        and sends the documents in pipelines of `FLOOR_PIPELINE` users. The bench process's peak RSS: 182 MB
+        at 20,000 users and at 200,000; was 490 MB and 3,629 MB (every row held twice, and the documents as
+        Python tuples: 17.8 GB at 1 M users)."""
         dumps = self.floor_dump()
         t0 = time.perf_counter()
         self.floor_load(dumps)
