@@ -43,34 +43,44 @@ BEGIN
 END $$"""
 
 
+def _write_snapshots(conn: psycopg.Connection, job: JobRun, chunk: trail.Chunk, offered: set[Any]) -> None:
+    """The snapshot rows the chunk's events point at that this batch has not offered yet (`offered`, the batch's:
+    each is offered once per batch, and kept once per job run by ON CONFLICT DO NOTHING), committed at once, before
+    the chunk's own transaction: another batch offering the same row waits for a commit of this short one, not for
+    a chunk's, and the rows are there before any event that points at them. In sorted order, so that two batches
+    never wait on each other's rows crosswise."""
+    criteria = sorted((v, r) for v, r in chunk.criteria.items() if ("c", v) not in offered)
+    rates = sorted((k, r) for k, r in chunk.rates.items() if ("r", k) not in offered)
+    scores = sorted((k, v) for k, v in chunk.scores.items() if ("s", *k) not in offered)
+    if not (criteria or rates or scores):
+        return
+    conn.commit()  # ends the chunk's read transaction
+    with conn.transaction():
+        if criteria:
+            conn.execute("INSERT INTO overnight_job_criteria (job_run_id, criteria_version, rules) SELECT %s, v,"
+                         " r::jsonb FROM unnest(%b::text[], %b::text[]) AS t(v, r) ON CONFLICT DO NOTHING",
+                         (job.id, [v for v, _ in criteria], [_encode(r) for _, r in criteria]))
+        if rates:
+            conn.execute("INSERT INTO overnight_job_rates (job_run_id, rates_id, rates) SELECT %s, k, r::jsonb"
+                         " FROM unnest(%b::text[], %b::text[]) AS t(k, r) ON CONFLICT DO NOTHING",
+                         (job.id, [k for k, _ in rates], [_encode(r) for _, r in rates]))
+        if scores:
+            conn.execute("INSERT INTO overnight_job_scores (job_run_id, criteria_version, symbol, score, reason)"
+                         " SELECT %s, v, s, sc, r FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[])"
+                         " AS t(v, s, sc, r) ON CONFLICT DO NOTHING",
+                         (job.id, [k[0] for k, _ in scores], [k[1] for k, _ in scores], [v[0] for _, v in scores],
+                          [v[1] for _, v in scores]))
+    offered.update(("c", v) for v, _ in criteria)
+    offered.update(("r", k) for k, _ in rates)
+    offered.update(("s", *k) for k, _ in scores)
+
+
 def _write_chunk(conn: psycopg.Connection, job: JobRun, chunk: trail.Chunk, documents: list[str] | None = None,
-                 generated_at: list[datetime] | None = None, offered: set[Any] | None = None) -> None:
-    """One row of `calculation_chunks` for the chunk's users, and the snapshot rows it points at that this batch
-    has not offered yet (`offered`, the batch's: each is offered once per batch, and kept once per job run by
-    ON CONFLICT DO NOTHING)."""
+                 generated_at: list[datetime] | None = None) -> None:
+    """One row of `calculation_chunks` for the chunk's users (their snapshot rows written before:
+    `_write_snapshots`)."""
     if not chunk.user_ids:
         return
-    offered = offered if offered is not None else set()
-    criteria = [(v, r) for v, r in chunk.criteria.items() if ("c", v) not in offered]
-    if criteria:
-        conn.execute("INSERT INTO overnight_job_criteria (job_run_id, criteria_version, rules) SELECT %s, v, r::jsonb"
-                     " FROM unnest(%b::text[], %b::text[]) AS t(v, r) ON CONFLICT DO NOTHING",
-                     (job.id, [v for v, _ in criteria], [_encode(r) for _, r in criteria]))
-        offered.update(("c", v) for v, _ in criteria)
-    rates = [(k, r) for k, r in chunk.rates.items() if ("r", k) not in offered]
-    if rates:
-        conn.execute("INSERT INTO overnight_job_rates (job_run_id, rates_id, rates) SELECT %s, k, r::jsonb"
-                     " FROM unnest(%b::text[], %b::text[]) AS t(k, r) ON CONFLICT DO NOTHING",
-                     (job.id, [k for k, _ in rates], [_encode(r) for _, r in rates]))
-        offered.update(("r", k) for k, _ in rates)
-    scores = [(k, v) for k, v in chunk.scores.items() if ("s", *k) not in offered]
-    if scores:
-        conn.execute("INSERT INTO overnight_job_scores (job_run_id, criteria_version, symbol, score, reason)"
-                     " SELECT %s, v, s, sc, r FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[])"
-                     " AS t(v, s, sc, r) ON CONFLICT DO NOTHING",
-                     (job.id, [k[0] for k, _ in scores], [k[1] for k, _ in scores], [v[0] for _, v in scores],
-                      [v[1] for _, v in scores]))
-        offered.update(("s", *k) for k, _ in scores)
     # Binary parameters (%b): psycopg's text form of an array escapes each element with a regular expression,
     # 20 % of a batch's samples in py-spy for the documents' text[] (a 5,284-user XNYS batch, `make run`).
     conn.execute(
@@ -102,6 +112,8 @@ def _write_results(
     """Writes completed users (events, documents) and failures (their CALC_STARTED and CALC_FAILED) in one
     transaction; returns the new completed ones. `criteria_keys` (user id -> criteria key) goes in a failed user's
     CALC_STARTED as in a completed one's; `offered` is the batch's record of the snapshot rows it wrote."""
+    chunk = trail.compact((r.user_id, r.events, r.scores_shared) for r in results)
+    _write_snapshots(conn, job, chunk, offered if offered is not None else set())
     conn.commit()  # ends the chunk's read transaction, so each chunk's writes commit on their own
     with conn.transaction():
         fresh: set[str] = set()
@@ -138,8 +150,9 @@ def _write_results(
             return []
         # Every document goes to the trail as its exact text (CALC_COMPLETED has its sha256), in the users' chunk
         # row; the latest row of a user is replaced only by a document of the same or a newer session (docs/audit.md).
-        _write_chunk(conn, job, trail.compact((r.user_id, r.events, r.scores_shared) for r in new),
-                     [r.document_json for r in new], [r.generated_at for r in new], offered)
+        if len(new) < len(results):  # a retry: some users were written before
+            chunk = trail.compact((r.user_id, r.events, r.scores_shared) for r in new)
+        _write_chunk(conn, job, chunk, [r.document_json for r in new], [r.generated_at for r in new])
         conn.execute(_RECS_IN)
         with conn.cursor().copy(
             "COPY _recs_in (user_id, job_run_id, correlation_id, session_date, generated_at, criteria_version,"
