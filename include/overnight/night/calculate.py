@@ -118,6 +118,7 @@ class Batch:
 
 
 NO_PRICE = score_asset((), {}, False).reason
+_ZERO = Decimal(0)
 NO_PRICE_KNOWN = "no price known"  # a holding no job run and no provider ever priced (docs/allocation.md)
 _BEST_FIRST = operator.itemgetter(0, 1)
 
@@ -139,7 +140,7 @@ class Prepared:
     values: dict[str, Decimal]
     total: Decimal
     holdings_used: dict[str, str]
-    in_scope: list[AssetRow]
+    in_scope: list[tuple[AssetRow, PriceQuote | None]]  # the user's assets in scope, with tonight's quote if any
     priced_rows: list[int]
     spent_s: float
     unit: Decimal
@@ -200,10 +201,11 @@ def prepare_user(user: UserRow, batch: Batch) -> Prepared:
     quantities = dict(user.holdings)
     universe = set(user.watchlist)
     universe.update(quantities)
-    in_scope: list[AssetRow] = []
+    in_scope: list[tuple[AssetRow, PriceQuote | None]] = []
     priced_rows: list[int] = []
     rows = batch.table.rows
     user_markets = user.markets
+    quote_of = prices.get
     # One pass over the user's universe (holdings and watchlist) by asset id: sums in one order, whatever order
     # the rows came in; the assets in scope and, for the holdings, their values. (One loop instead of a sort of
     # the holdings, a loop over them and a second over the universe: the same speed, 85.5 against 86.6 µs a user
@@ -215,9 +217,10 @@ def prepare_user(user: UserRow, batch: Batch) -> Prepared:
                 raise UserFailure("load", f"holding of asset id {aid}: no such asset")
             continue  # a watched asset the snapshot does not have: out of scope
         symbol = asset.symbol
+        quote = quote_of(symbol)
         if asset.market in user_markets:
-            in_scope.append(asset)
-            if symbol in prices:
+            in_scope.append((asset, quote))
+            if quote is not None:
                 priced_rows.append(rows[aid])
         if aid not in quantities:
             continue
@@ -226,7 +229,6 @@ def prepare_user(user: UserRow, batch: Batch) -> Prepared:
         if not qty:  # a holding of quantity zero is not a holding (docs/allocation.md)
             continue
         held += 1
-        quote = prices.get(symbol)
         known = quote is None and symbol in batch.last_known  # docs/allocation.md: its newest known price
         if quote is None:
             quote = batch.last_known.get(symbol)
@@ -238,7 +240,7 @@ def prepare_user(user: UserRow, batch: Batch) -> Prepared:
                              "reason": f"no exchange rate for {quote.currency}"})
             continue
         value = _convert(qty * quote.price, quote.currency, user.base_currency, rate_table)
-        values[asset.class_name] = values.get(asset.class_name, Decimal(0)) + value
+        values[asset.class_name] = values.get(asset.class_name, _ZERO) + value
         total += value
         if known:
             last_known_used.append({"symbol": symbol, "price": _num(quote.price), "currency": quote.currency,
@@ -287,9 +289,8 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     buyable: list[tuple[Any, str, int, AssetRow]] = []  # (-score, symbol, position, asset)
     rate_table = rates.rates
     j = -1
-    for asset in p.in_scope:
+    for asset, quote in p.in_scope:
         symbol = asset.symbol
-        quote = prices.get(symbol)
         if quote is None:
             unscored[symbol] = NO_PRICE
             continue
@@ -343,7 +344,7 @@ def finish_user(p: Prepared, found: RowScores, batch: Batch, shared_s: float = 0
     completed = _stamp(stamps) if batch.completed_at is None else batch.completed_at[user.id]
     criteria_version = f"{user.criteria_key}@v{p.version}"
     allocations = {  # every held or targeted class, by name
-        name: _fmt(values.get(name, Decimal(0)) * 100 / total if total else Decimal(0))
+        name: _fmt(values.get(name, _ZERO) * 100 / total if total else _ZERO)
         for name in sorted(values.keys() | {t.class_name for t in user.targets})
     }
     contribution_text = money.text(contribution)

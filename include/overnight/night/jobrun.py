@@ -233,7 +233,9 @@ class UserResult:
 
 def _num(d: Decimal) -> str:
     """A decimal as plain text without trailing zeros (116.78000000 -> 116.78, 1E+2 -> 100)."""
-    text = format(d, "f")
+    text = str(d)  # plain unless the exponent is positive or the number tiny: then `format` (3x slower)
+    if "E" in text:
+        text = format(d, "f")
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
@@ -243,7 +245,8 @@ def _encode(value: Any) -> str:
 
 
 def _fmt(d: Decimal, places: Decimal = CENT) -> str:
-    return format(d.quantize(places), "f")
+    """`d` rounded to `places` as plain text (str of a decimal with exponent -2 is never scientific)."""
+    return str(d.quantize(CENT)) if places is CENT else format(d.quantize(places), "f")
 
 
 @dataclass(frozen=True)

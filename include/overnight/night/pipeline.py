@@ -99,7 +99,7 @@ def score_batch(
     compiled: dict[str, CompiledRules | CriteriaError] = {}
     table = FundamentalsTable()
     memo: dict[str, dict[int, MemoEntry]] = {}  # shared criteria versions' scores, once per batch
-    offered: set[Any] = set()  # the job run's snapshot rows this batch wrote (`writing._write_chunk`)
+    offered: dict[str, Any] = {}  # the job run's snapshot rows this batch wrote (`writing._write_snapshots`)
     cache_states: set[str] = set()
     cache_error = None
     stale_prices: set[str] = set()

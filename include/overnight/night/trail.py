@@ -66,7 +66,20 @@ class Chunk:
     symbols: set[str] = field(default_factory=set)
     criteria: dict[str, Any] = field(default_factory=dict)  # criteria version -> rules
     rates: dict[str, dict[str, str]] = field(default_factory=dict)  # rates id -> rates
-    scores: dict[tuple[str, str], tuple[str | None, str | None]] = field(default_factory=dict)
+    # shared criteria versions' outcomes: version -> {symbol: score text}, and version -> {symbol: reason not scored}
+    scores: dict[str, dict[str, str]] = field(default_factory=dict)
+    reasons: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def score_rows(self, skip: dict[str, set[str]] | None = None) -> list[tuple[str, str, str | None, str | None]]:
+        """`overnight_job_scores` rows (version, symbol, score, reason), sorted, but for the symbols `skip` names
+        for a version."""
+        rows: list[tuple[str, str, str | None, str | None]] = []
+        for version in self.scores.keys() | self.reasons.keys():
+            scores, reasons = self.scores.get(version, {}), self.reasons.get(version, {})
+            done = skip.get(version, set()) if skip else set()
+            rows.extend((version, s, scores.get(s), reasons.get(s)) for s in (scores.keys() | reasons.keys()) - done)
+        rows.sort()
+        return rows
 
 
 def compact(users: Iterable[tuple[str, list[tuple[str, datetime, dict[str, Any], Any]], bool]]) -> Chunk:
@@ -75,6 +88,8 @@ def compact(users: Iterable[tuple[str, list[tuple[str, datetime, dict[str, Any],
     `overnight_job_scores`)."""
     chunk = Chunk()
     stored: list[list[tuple[str, datetime, dict[str, Any]]]] = []
+    last_rates: Any = None  # the users of a batch share one rates dict: its digest is taken once (`rates_id`)
+    rid = ""
     for uid, events, shared in users:
         out = []
         version = None
@@ -85,8 +100,10 @@ def compact(users: Iterable[tuple[str, list[tuple[str, datetime, dict[str, Any],
                 if shared:
                     chunk.criteria.setdefault(version, payload.pop("criteria"))
                 rates = payload.pop("rates")
-                rid = payload["ratesId"] = rates_id(rates)
-                chunk.rates.setdefault(rid, rates)
+                if rates is not last_rates:
+                    rid, last_rates = rates_id(rates), rates
+                    chunk.rates.setdefault(rid, rates)
+                payload["ratesId"] = rid
                 payload["pricedSymbols"] = sorted(payload.pop("prices"))
             elif etype == "SCORES_COMPUTED":
                 scores, unscored = payload["scores"], payload["unscored"]
@@ -94,16 +111,17 @@ def compact(users: Iterable[tuple[str, list[tuple[str, datetime, dict[str, Any],
                 chunk.symbols.update(universe)
                 if version is not None and shared:
                     payload = {"criteriaVersion": version, "universe": universe}
-                    for s, v in scores.items():
-                        chunk.scores[(version, s)] = (v, None)
-                    own = {}
-                    for s, why in unscored.items():
-                        if _own(why):  # the batch's quotes or the execution's rates: the user's
-                            own[s] = why
-                        else:
-                            chunk.scores[(version, s)] = (None, why)
-                    if own:
-                        payload["unscored"] = own
+                    chunk.scores.setdefault(version, {}).update(scores)
+                    if unscored:
+                        own = {}
+                        reasons = chunk.reasons.setdefault(version, {})
+                        for s, why in unscored.items():
+                            if _own(why):  # the batch's quotes or the execution's rates: the user's
+                                own[s] = why
+                            else:
+                                reasons[s] = why
+                        if own:
+                            payload["unscored"] = own
                 else:
                     payload = {"criteriaVersion": version, "universe": universe, "scores": scores,
                                "unscored": unscored}

@@ -53,8 +53,8 @@ def test_compact_then_expand_gives_the_events_back(users: tuple[Any, ...]) -> No
     chunk = trail.compact(users)
     snap = trail.Snapshots(criteria=dict(chunk.criteria), rates=dict(chunk.rates),
                            prices={s: p for _, events, _ in users for s, p in events[1][2]["prices"].items()})
-    for (version, symbol), outcome in chunk.scores.items():
-        snap.scores.setdefault(version, {})[symbol] = outcome
+    for version, symbol, score, reason in chunk.score_rows():
+        snap.scores.setdefault(version, {})[symbol] = (score, reason)
     assert chunk.user_ids == [u for u, _, _ in users]
     assert chunk.created_at == min(at for _, events, _ in users for _, at, _, _ in events)
     for (uid, events, shared), stored in zip(users, chunk.events, strict=True):
