@@ -50,6 +50,10 @@ def test_bench_runs_every_user_once(executor):
     assert set(slices) == {"hit", "miss", "noop"} and all(len(v) == f["api_rounds"] for v in slices.values())
     assert all(rate > 0 for v in slices.values() for rate in v)
     assert min(slices["hit"]) <= f["api_hit_rps"] <= max(slices["hit"])
+    during_night = f["cpu_s_by_process"]  # where the CPU went during the market runs: the sampler saw each kind
+    assert all(during_night.get(kind, 0) > 0 for kind in ("tasks", "postgres", "scheduler", "bench")), during_night
+    if executor == "local":  # a task runner titles itself "airflow worker -- <ti id>": its peak RSS is the figure
+        assert 50 < f["peak_rss_mb"] < 2000
     during_api = f["api_cpu_s_by_process"]  # where the CPU went while the dashboard was measured
     assert during_api["api-server"] > 0 and during_api["loadgen"] > 0
     if executor == "local":  # no task runs then (Celery's idle workers count as "tasks")

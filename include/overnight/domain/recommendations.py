@@ -242,9 +242,9 @@ def recommend(
         share = held * HUNDRED / total_after if total_after else _ZERO
         return (mids[name] - share).quantize(CENT)
 
+    gaps = {name: (gap(name, _ZERO), gap(name, added)) for name, added in bought.items()}  # a class's, once
     recs = [
-        Recommendation(picked[s], amt, gap(picked[s].class_name, _ZERO), gap(picked[s].class_name,
-                                                                              bought[picked[s].class_name]))
+        Recommendation(picked[s], amt, *gaps[picked[s].class_name])
         for s, amt in amounts.items()
         if amt > 0
     ]
