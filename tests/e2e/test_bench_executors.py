@@ -52,6 +52,7 @@ def test_bench_runs_every_user_once(executor):
     assert min(slices["hit"]) <= f["api_hit_rps"] <= max(slices["hit"])
     during_night = f["cpu_s_by_process"]  # where the CPU went during the market runs: the sampler saw each kind
     assert all(during_night.get(kind, 0) > 0 for kind in ("tasks", "postgres", "scheduler", "bench")), during_night
+    assert f["floor_orch_cpu_s_by_process"]["tasks"] > 0  # the no-op tasks' own cost, sampled the same way
     if executor == "local":  # a task runner titles itself "airflow worker -- <ti id>": its peak RSS is the figure
         assert 50 < f["peak_rss_mb"] < 2000
     during_api = f["api_cpu_s_by_process"]  # where the CPU went while the dashboard was measured

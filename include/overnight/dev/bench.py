@@ -445,17 +445,26 @@ class Bench:
         return out
 
     def run_noop(self) -> None:
-        """The orchestration floor: the same shape and number of mapped tasks, doing nothing."""
+        """The orchestration floor: the same shape and number of mapped tasks, doing nothing. Its CPU by kind of
+        process (`floor_orch_cpu_s_by_process`) is what a night's tasks cost before they do any work."""
         t0 = time.perf_counter()
-        pending = {code: self._trigger("overnight_bench_noop", {"batches": n})
-                   for code, n in self._batches_per_market().items()}
-        while pending and time.perf_counter() - t0 < 1800:
-            for key, run_id in list(pending.items()):
-                r = self.client.get(f"/api/v2/dags/overnight_bench_noop/dagRuns/{run_id}")
-                if r.status_code == 200 and r.json()["state"] in ("success", "failed"):
-                    pending.pop(key)
-            time.sleep(0.5)
-        self.figures["floor_orch_s"] = round(time.perf_counter() - t0, 1)
+        stop = threading.Event()
+        sampler = threading.Thread(target=self._sample_processes,
+                                   args=(stop, {"rss": 0}, "floor_orch_cpu_s_by_process"))
+        sampler.start()
+        try:
+            pending = {code: self._trigger("overnight_bench_noop", {"batches": n})
+                       for code, n in self._batches_per_market().items()}
+            while pending and time.perf_counter() - t0 < 1800:
+                for key, run_id in list(pending.items()):
+                    r = self.client.get(f"/api/v2/dags/overnight_bench_noop/dagRuns/{run_id}")
+                    if r.status_code == 200 and r.json()["state"] in ("success", "failed"):
+                        pending.pop(key)
+                time.sleep(0.5)
+            self.figures["floor_orch_s"] = round(time.perf_counter() - t0, 1)
+        finally:
+            stop.set()
+            sampler.join()
 
     def run_markets(self) -> None:
         """Triggers every market DAG for the session and waits for the last finalize."""
