@@ -408,12 +408,15 @@ class Bench:
                         continue
                     # the task runner titles itself "airflow worker -- <ti id>"; its supervisor adds the executor
                     runner = cmd.startswith("airflow worker -- ") and ":" not in cmd
-                    kind = ("tasks" if cmd.startswith("airflow worker") or "celery" in cmd else
+                    # the benchmark's own processes first: its command line names the executor ("--executor
+                    # celery"), which counted it as a task process under Celery
+                    kind = ("bench" if "overnight.dev.bench" in cmd else
+                            "loadgen" if "overnight.dev.loadgen" in cmd else
+                            "tasks" if cmd.startswith("airflow worker") or "celery" in cmd else
                             "scheduler" if "scheduler" in cmd else "dag-processor" if "dag-processor" in cmd else
                             "api-server" if "api_server" in cmd or "api-server" in cmd else
                             "postgres" if name == "postgres" else
-                            "redis" if "redis-server" in cmd else "bench" if "overnight.dev.bench" in cmd else
-                            "loadgen" if "overnight.dev.loadgen" in cmd else None)
+                            "redis" if "redis-server" in cmd else None)
                     if kind is None and "multiprocessing" in cmd:
                         up, hops = p.info["ppid"], 0
                         while up in table and up != api_pid and hops < 10:  # its workers (AIRFLOW__API__WORKERS > 1)
