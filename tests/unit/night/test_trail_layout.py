@@ -69,3 +69,28 @@ def test_compact_then_expand_gives_the_events_back(users: tuple[Any, ...]) -> No
         assert set(scores["universe"]) <= chunk.symbols
         if shared:  # only the batch's reasons stay with the user
             assert set(scores.get("unscored", {}).values()) <= {"no usable price", "no exchange rate for ARS"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 10**6), unique=True, min_size=1, max_size=8).flatmap(
+    lambda ids: st.tuples(*(user(i) for i in ids))), st.data())
+def test_a_chunk_offers_each_shared_row_once_and_skips_what_the_batch_offered(users: tuple[Any, ...],
+                                                                              data: Any) -> None:
+    """The writer offers `score_rows(skip)`: every (version, symbol) once, sorted (two batches never wait on each
+    other's rows crosswise), without the rows an earlier chunk of the batch offered; each user's ratesId is the
+    digest of the rates they used (taken once per rates object)."""
+    chunk = trail.compact(users)
+    every = chunk.score_rows()
+    assert every == sorted(every)
+    assert len({(v, s) for v, s, _, _ in every}) == len(every)
+    shared_pairs = {(e[2]["criteriaVersion"], s) for _, events, shared in users if shared for e in events[1:2]
+                    for s in events[2][2]["scores"]}
+    assert shared_pairs <= {(v, s) for v, s, score, _ in every if score is not None}
+    offered = data.draw(st.sets(st.sampled_from(every))) if every else set()
+    skip: dict[str, set[str]] = {}
+    for version, symbol, _, _ in offered:
+        skip.setdefault(version, set()).add(symbol)
+    assert chunk.score_rows(skip) == [r for r in every if r not in offered]
+    for (_, events, _), stored in zip(users, chunk.events, strict=True):
+        assert stored[1][2]["ratesId"] == trail.rates_id(events[1][2]["rates"])
+        assert chunk.rates[stored[1][2]["ratesId"]] == events[1][2]["rates"]
