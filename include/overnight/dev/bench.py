@@ -127,7 +127,7 @@ SNAPSHOTS = ("overnight_job_criteria", "overnight_job_rates", "overnight_job_sco
 
 # The I/O floor's rows: (source, scratch table) pairs, each source's rows COPYed into its scratch table in the
 # timed part. A source is a table or a view (the scratch table is made LIKE it, INCLUDING ALL: the same columns,
-# defaults, constraints and indexes) or a query in parentheses (the scratch table gets its columns only).
+# defaults, constraints and indexes).
 # What the night writes (migration 0011): its chunks of events and documents, the snapshot rows they point at,
 # and the latest documents.
 FLOOR_TABLES: tuple[tuple[str, str], ...] = (
@@ -539,13 +539,9 @@ class Bench:
         docs = floor / "documents.bin"
         with psycopg.connect(self.dsn) as conn:
             for (source, scratch), path in zip(FLOOR_TABLES, dumps, strict=True):
-                if source.lstrip().startswith("("):  # a query
-                    conn.execute(f"CREATE TABLE {scratch} AS SELECT * FROM {source} q WITH NO DATA")
-                    query = source
-                else:
-                    conn.execute(f"CREATE TABLE {scratch} (LIKE {source} INCLUDING ALL)")
-                    query = f"(SELECT * FROM {source})"
-                with conn.cursor().copy(f"COPY {query} TO STDOUT") as cp, path.open("wb", buffering=FLOOR_BLOCK) as f:
+                conn.execute(f"CREATE TABLE {scratch} (LIKE {source} INCLUDING ALL)")
+                with conn.cursor().copy(f"COPY (SELECT * FROM {source}) TO STDOUT") as cp, \
+                        path.open("wb", buffering=FLOOR_BLOCK) as f:
                     for chunk in cp:
                         f.write(chunk)
             conn.commit()
