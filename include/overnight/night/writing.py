@@ -1,5 +1,5 @@
-"""Writing a night's results: events, documents and user rows by COPY in one transaction per chunk,
-and the job run's outcome (`finalize`)."""
+"""Writing a night's results: events, documents and user rows in one transaction per chunk (each table one
+statement of binary arrays), and the job run's outcome (`finalize`)."""
 
 from __future__ import annotations
 
@@ -25,27 +25,6 @@ from overnight.night.jobrun import (
 log = logging.getLogger(__name__)
 
 
-BS, BS2 = "\\", "\\\\"
-
-
-def _copy_value(v: Any) -> str:
-    if v is None:
-        return "\\N"
-    return str(v).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-
-
-# The latest documents of a chunk go through a temporary table (COPY is the fast way in), then one upsert into
-# `recommendations`. Created once per connection, emptied at each commit.
-_RECS_IN = """DO $$
-BEGIN
-    IF to_regclass('pg_temp._recs_in') IS NULL THEN
-        CREATE TEMP TABLE _recs_in (user_id uuid, job_run_id uuid, correlation_id uuid, session_date date,
-            generated_at timestamptz, criteria_version text, rates_stale boolean, document text, portfolio text)
-            ON COMMIT DELETE ROWS;
-    END IF;
-END $$"""
-
-
 def _write_snapshots(conn: psycopg.Connection, job: JobRun, chunk: trail.Chunk, offered: dict[str, Any]) -> None:
     """The snapshot rows the chunk's events point at that this batch has not offered yet (`offered`, the batch's:
     each is offered once per batch, and kept once per job run by ON CONFLICT DO NOTHING), committed at once, before
@@ -54,10 +33,21 @@ def _write_snapshots(conn: psycopg.Connection, job: JobRun, chunk: trail.Chunk, 
     never wait on each other's rows crosswise. `offered` holds the criteria versions ("criteria"), rates ids
     ("rates") and, per criteria version, the symbols ("scores") already offered: a chunk's shared scores are tens
     of thousands of (version, symbol) pairs, nearly all offered by an earlier chunk, so they are skipped by set
-    difference, not looked up one by one (2.8 % of a batch in py-spy as tuples in one set)."""
+    difference, not looked up one by one (2.8 % of a batch in py-spy as tuples in one set). The score rows other
+    batches of the job run wrote before are read once a batch and count as offered: offering an XNYS job run's
+    35,730 rows again cost the backend 140 ms a batch (a conflict per row) besides Python's arrays, reading them
+    27 ms."""
     seen_c: set[str] = offered.setdefault("criteria", set())
     seen_r: set[str] = offered.setdefault("rates", set())
     seen_s: dict[str, set[str]] = offered.setdefault("scores", {})
+    if "stored" not in offered:  # once a batch: the rows other batches of the job run wrote are not offered again
+        offered["stored"] = True
+        versions = sorted(chunk.scores.keys() | chunk.reasons.keys())
+        if versions:
+            for version, symbols in conn.execute(
+                    "SELECT criteria_version, array_agg(symbol) FROM overnight_job_scores WHERE job_run_id = %s"
+                    " AND criteria_version = ANY(%s) GROUP BY criteria_version", (job.id, versions)):
+                seen_s.setdefault(version, set()).update(symbols)
     criteria = sorted((v, r) for v, r in chunk.criteria.items() if v not in seen_c)
     rates = sorted((k, r) for k, r in chunk.rates.items() if k not in seen_r)
     scores = chunk.score_rows(seen_s)
@@ -160,32 +150,27 @@ def _write_results(
             return []
         # Every document goes to the trail as its exact text (CALC_COMPLETED has its sha256), in the users' chunk
         # row; the latest row of a user is replaced only by a document of the same or a newer session (docs/audit.md).
+        # The latest rows come in as binary arrays, the chunk row's own lists among them: through a temporary table
+        # by COPY they cost the backend 62 µs a user (COPY 21, upsert 41; a 5,389-user XNYS batch, /proc schedstat),
+        # this way 46, and the COPY text was Python's to build.
         if len(new) < len(results):  # a retry: some users were written before
             chunk = trail.compact((r.user_id, r.events, r.scores_shared) for r in new)
-        _write_chunk(conn, job, chunk, [r.document_json for r in new], [r.generated_at for r in new])
-        conn.execute(_RECS_IN)
-        with conn.cursor().copy(
-            "COPY _recs_in (user_id, job_run_id, correlation_id, session_date, generated_at, criteria_version,"
-            " rates_stale, document, portfolio) FROM STDIN"
-        ) as cp:
-            # JSON text holds no raw tab, newline or carriage return (JSON escapes them): only its backslashes
-            # need COPY's escape (2.5 % of a batch in py-spy with all four replacements on both documents)
-            head = "\t".join(_copy_value(v) for v in (job.id, job.correlation_id, job.session_date))
-            cp.write("".join(
-                f"{r.user_id}\t{head}\t{r.generated_at.isoformat()}\t{_copy_value(r.criteria_version)}\t"
-                f"{'t' if r.document['ratesStale'] else 'f'}\t{r.document_json.replace(BS, BS2)}\t"
-                f"{r.portfolio_json.replace(BS, BS2)}\n" for r in new))
+        documents, generated_at = [r.document_json for r in new], [r.generated_at for r in new]
+        _write_chunk(conn, job, chunk, documents, generated_at)
         latest = {str(row[0]) for row in conn.execute(
             "INSERT INTO recommendations (user_id, job_run_id, correlation_id, generated_at, criteria_version,"
-            " rates_stale, document, portfolio, session_date) SELECT user_id, job_run_id, correlation_id,"
-            " generated_at, criteria_version, rates_stale, document::jsonb, portfolio::jsonb, session_date"
-            " FROM _recs_in ON CONFLICT (user_id) DO UPDATE SET"
+            " rates_stale, document, portfolio, session_date) SELECT u, %s::uuid, %s::uuid, g, v, st, d::jsonb,"
+            " p::jsonb, %s::date"
+            " FROM unnest(%b::text[]::uuid[], %b::timestamptz[], %b::text[], %b::bool[], %b::text[], %b::text[])"
+            " AS t(u, g, v, st, d, p) ON CONFLICT (user_id) DO UPDATE SET"
             " job_run_id = EXCLUDED.job_run_id, correlation_id = EXCLUDED.correlation_id,"
             " generated_at = EXCLUDED.generated_at, criteria_version = EXCLUDED.criteria_version,"
             " rates_stale = EXCLUDED.rates_stale, document = EXCLUDED.document, portfolio = EXCLUDED.portfolio,"
             " session_date = EXCLUDED.session_date WHERE recommendations.session_date <= EXCLUDED.session_date"
-            " RETURNING user_id"
-        )}
+            " RETURNING user_id",
+            (job.id, job.correlation_id, job.session_date, [r.user_id for r in new], generated_at,
+             [r.criteria_version for r in new], [r.document["ratesStale"] for r in new], documents,
+             [r.portfolio_json for r in new]))}
         for r in new:
             r.latest = r.user_id in latest
     return new
