@@ -418,6 +418,7 @@ def test_an_exhausted_postgres_pool_is_a_quick_503_through_the_app(server: dict[
     from overnight.dashboard.pgpool import PG_ACQUIRE_TIMEOUT_S, PG_POOL_SIZE
 
     users = server["users"][:2 * PG_POOL_SIZE]
+    hold_s = PG_ACQUIRE_TIMEOUT_S + 4  # how long the table stays locked
     for uid in users:
         server["redis"].delete(cache.recs_key(uid))
     release = _lock_table(server["pg_dsn"], "recommendations")
@@ -432,7 +433,9 @@ def test_an_exhausted_postgres_pool_is_a_quick_503_through_the_app(server: dict[
                 return r.status_code, r.json(), time.monotonic() - t0
 
             calls = [asyncio.create_task(dashboard(uid)) for uid in users]
-            await asyncio.sleep(PG_ACQUIRE_TIMEOUT_S + 1.5)  # the pool's waiters have timed out by now
+            # the pool's waiters have timed out well before this: a 503 arriving later than the release would be
+            # a request that hung until the lock went (a loaded machine once took 3.6 s over a 2 s timeout)
+            await asyncio.sleep(hold_s)
             release()
             return list(await asyncio.gather(*calls))
 
@@ -445,7 +448,7 @@ def test_an_exhausted_postgres_pool_is_a_quick_503_through_the_app(server: dict[
     assert sorted(status for status, _, _ in answers) == [200] * len(served) + [503] * len(busy), answers
     assert len(busy) >= len(users) - PG_POOL_SIZE and len(served) >= 1, answers  # the pool's connections waited
     assert all(body == {"detail": "the overnight database is unavailable; try again shortly"}
-               and took < PG_ACQUIRE_TIMEOUT_S + 1.5 for body, took in busy), busy
+               and took < hold_s for body, took in busy), busy
     assert all(not body["data"]["fromCache"] for body in served)
     again = _get(server, f"{API}/dashboard/{users[0]}", SERVICE)
     assert again.status_code == 200  # the pool serves again
