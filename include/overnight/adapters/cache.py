@@ -51,8 +51,8 @@ def warm(client: redis.Redis, docs: Iterable[tuple[Any, ...]], chunk: int = 2000
     parts: list[bytes] = []
     for item in docs:
         ttl = b"%d" % (item[3] if len(item) > 3 else ttl_s)
-        for key, value in ((RECS_PREFIX + str(item[0]), item[1]), (PORTFOLIO_PREFIX + str(item[0]), item[2])):
-            k, v = key.encode(), value.encode()
+        for key, value in ((recs_key(item[0]), item[1]), (portfolio_key(item[0]), item[2])):
+            k, v = key.encode(), value if isinstance(value, bytes) else value.encode()
             parts.append(b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$2\r\nEX\r\n$%d\r\n%b\r\n"
                          % (len(k), k, len(v), v, len(ttl), ttl))
         n += 1
