@@ -42,30 +42,38 @@ def warm(client: redis.Redis, docs: Iterable[tuple[Any, ...]], chunk: int = 2000
     """Writes (user_id, recs JSON, portfolio JSON[, TTL]) with the item's TTL or `ttl_s` (default 24 h;
     `OVERNIGHT_CACHE_TTL`, see docs/freshness.md) in pipelined chunks of `chunk` users; returns users.
 
-    The SET commands are put in Redis's wire format here and sent on one of the client's pooled connections, each
-    chunk at once, then every reply is read and checked: redis-py's pipeline spent 31-41 µs of CPU a user building
-    and tracking its two commands, this 8-10 (1,000 users of 1.2 kB and 0.3 kB documents, the machine's Redis);
-    a batch of 10,000 users saves about 0.25 s. An error (a refused command, a lost connection) raises, and the
-    connection is dropped rather than returned with replies unread."""
+    The SET commands are put in Redis's wire format here (`packed_set`) and sent on one of the client's pooled
+    connections, each chunk at once (`send_packed`): redis-py's pipeline spent 31-41 µs of CPU a user building and
+    tracking its two commands, this 8-10 (1,000 users of 1.2 kB and 0.3 kB documents, the machine's Redis); a batch
+    of 10,000 users saves about 0.25 s."""
     n = 0
     parts: list[bytes] = []
     for item in docs:
-        ttl = b"%d" % (item[3] if len(item) > 3 else ttl_s)
-        for key, value in ((recs_key(item[0]), item[1]), (portfolio_key(item[0]), item[2])):
-            k, v = key.encode(), value if isinstance(value, bytes) else value.encode()
-            parts.append(b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$2\r\nEX\r\n$%d\r\n%b\r\n"
-                         % (len(k), k, len(v), v, len(ttl), ttl))
+        ttl = item[3] if len(item) > 3 else ttl_s
+        parts.append(packed_set(recs_key(item[0]), item[1], ttl))
+        parts.append(packed_set(portfolio_key(item[0]), item[2], ttl))
         n += 1
         if len(parts) >= 2 * chunk:
-            _send_all(client, parts)
+            send_packed(client, parts)
             parts = []
     if parts:
-        _send_all(client, parts)
+        send_packed(client, parts)
     return n
 
 
-def _send_all(client: redis.Redis, commands: list[bytes]) -> None:
-    """Sends packed commands on one pooled connection and reads a reply for each; raises on the first error."""
+def packed_set(key: str | bytes, value: str | bytes, ttl_s: int) -> bytes:
+    """`SET key value EX ttl_s` in Redis's wire format (RESP), for `send_packed`."""
+    k = key if isinstance(key, bytes) else key.encode()
+    v = value if isinstance(value, bytes) else value.encode()
+    ttl = b"%d" % ttl_s
+    return b"*5\r\n$3\r\nSET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$2\r\nEX\r\n$%d\r\n%b\r\n" % (
+        len(k), k, len(v), v, len(ttl), ttl)
+
+
+def send_packed(client: redis.Redis, commands: list[bytes]) -> None:
+    """Sends `packed_set` commands at once on one of the client's pooled connections and reads a reply for each;
+    raises on the first error (a refused command, a lost connection), and then drops the connection rather than
+    return it to the pool with replies unread."""
     pool = client.connection_pool
     conn = pool.get_connection()
     try:

@@ -6,8 +6,8 @@ dag-processor (LocalExecutor, or CeleryExecutor with two workers), and measures 
 - `wall_s`: from triggering the four market DAGs for one session day to the last finalize;
 - `floor_orch_s`: a no-op DAG of the same shape and number of mapped tasks under the same scheduler;
 - `floor_io_s`: writing the same rows (the chunks of events and documents, the snapshot rows they point at, the
-  latest documents) with COPY and the same Redis documents with one pipelined client, without the pipeline's
-  logic;
+  latest documents) with COPY and the same Redis documents packed as the night's warm packs them, without the
+  pipeline's logic;
 - per-batch p50/p95, the peak RSS of one task process, rows and keys written;
 - its own peak RSS (it seeds and runs the I/O floor itself, both streaming) and its children's;
 - the dashboard through the api-server: 8 concurrent clients for 20 s, cache hit, miss and a no-op route.
@@ -138,7 +138,7 @@ FLOOR_TABLES: tuple[tuple[str, str], ...] = (
 )
 # The I/O floor's Redis documents: (key suffix, recs document, portfolio document) per user.
 FLOOR_DOCUMENTS = "SELECT user_id::text, document::text, portfolio::text FROM recommendations"
-FLOOR_PIPELINE = 2_000  # users per Redis pipeline (two SETs each)
+FLOOR_PIPELINE = 2_000  # users a Redis send (two SETs each)
 FLOOR_BLOCK = 1 << 20  # bytes read from a dump file per COPY write
 _DOC_HEADER = struct.Struct("<III")  # a document record in the dump file: the three lengths, then the bytes
 
@@ -557,7 +557,7 @@ class Bench:
 
     def floor_load(self, dumps: list[Path]) -> None:
         """The I/O floor's timed part: COPYs each table's dump into its scratch table, a block at a time, then
-        SETs each user's two documents in Redis, `FLOOR_PIPELINE` users per pipeline."""
+        SETs each user's two documents in Redis, `FLOOR_PIPELINE` users a send."""
         *tables, docs = dumps
         with psycopg.connect(self.dsn) as conn:
             for (_, scratch), path in zip(FLOOR_TABLES, tables, strict=True):
@@ -565,18 +565,18 @@ class Bench:
                     while block := f.read(FLOOR_BLOCK):
                         cp.write(block)
         rc = redis.Redis.from_url(self.redis_url)
-        pipe = rc.pipeline(transaction=False)
-        with docs.open("rb", buffering=FLOOR_BLOCK) as f:
-            n = 0
+        sets: list[bytes] = []
+        with docs.open("rb", buffering=FLOOR_BLOCK) as f:  # packed as the night's warm packs them (`cache.warm`)
             while header := f.read(_DOC_HEADER.size):
                 n_uid, n_doc, n_port = _DOC_HEADER.unpack(header)
                 uid, doc, port = f.read(n_uid), f.read(n_doc), f.read(n_port)
-                pipe.set(b"benchfloor:recs:" + uid, doc, ex=86400)
-                pipe.set(b"benchfloor:portfolio:" + uid, port, ex=86400)
-                n += 1
-                if n % FLOOR_PIPELINE == 0:
-                    pipe.execute()
-        pipe.execute()
+                sets.append(cache.packed_set(b"benchfloor:recs:" + uid, doc, 86400))
+                sets.append(cache.packed_set(b"benchfloor:portfolio:" + uid, port, 86400))
+                if len(sets) >= 2 * FLOOR_PIPELINE:
+                    cache.send_packed(rc, sets)
+                    sets = []
+        if sets:
+            cache.send_packed(rc, sets)
 
     def floor_clean(self) -> None:
         """Removes the I/O floor's files, Redis keys and scratch tables."""
