@@ -40,14 +40,13 @@ def _write_snapshots(conn: psycopg.Connection, job: JobRun, chunk: trail.Chunk, 
     seen_c: set[str] = offered.setdefault("criteria", set())
     seen_r: set[str] = offered.setdefault("rates", set())
     seen_s: dict[str, set[str]] = offered.setdefault("scores", {})
-    if "stored" not in offered:  # once a batch: the rows other batches of the job run wrote are not offered again
+    if "stored" not in offered and (chunk.scores or chunk.reasons):
+        # once a batch, at its first chunk with shared scores: what other batches of the job run wrote is not
+        # offered again (the job run's rows: its criteria versions x assets, whatever the users)
         offered["stored"] = True
-        versions = sorted(chunk.scores.keys() | chunk.reasons.keys())
-        if versions:
-            for version, symbols in conn.execute(
-                    "SELECT criteria_version, array_agg(symbol) FROM overnight_job_scores WHERE job_run_id = %s"
-                    " AND criteria_version = ANY(%s) GROUP BY criteria_version", (job.id, versions)):
-                seen_s.setdefault(version, set()).update(symbols)
+        for version, symbols in conn.execute("SELECT criteria_version, array_agg(symbol) FROM overnight_job_scores"
+                                             " WHERE job_run_id = %s GROUP BY criteria_version", (job.id,)):
+            seen_s.setdefault(version, set()).update(symbols)
     criteria = sorted((v, r) for v, r in chunk.criteria.items() if v not in seen_c)
     rates = sorted((k, r) for k, r in chunk.rates.items() if k not in seen_r)
     scores = chunk.score_rows(seen_s)

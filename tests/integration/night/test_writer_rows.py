@@ -75,7 +75,9 @@ def test_a_batch_does_not_offer_again_the_score_rows_its_job_run_holds(pg_dsn):
             with blocker.transaction():
                 blocker.execute("LOCK TABLE overnight_job_scores IN SHARE MODE")  # no INSERT gets through
                 conn.execute("SET lock_timeout = '1s'")
-                writing._write_snapshots(conn, job, _chunk({"BBB": "2"}), {})  # a later batch's first chunk
+                later: dict = {}  # a later batch: its first chunk has no shared scores (its users all failed)
+                writing._write_snapshots(conn, job, trail.Chunk(), later)
+                writing._write_snapshots(conn, job, _chunk({"BBB": "2"}), later)  # its next chunk
                 conn.rollback()
                 conn.execute("SET lock_timeout = '1s'")
                 with pytest.raises(psycopg.errors.LockNotAvailable):
