@@ -13,6 +13,10 @@ COPY --chown=airflow:root include/ /opt/airflow/include/
 RUN pip install --no-cache-dir --no-deps -e /opt/airflow/include
 COPY --chown=airflow:root dags/ /opt/airflow/dags/
 COPY --chown=airflow:root plugins/ /opt/airflow/plugins/
+# Airflow settings the package runs with (overnight.dev.devenv.AIRFLOW_SETTINGS says the same for make run and
+# make bench; docs/operations.md, "Task slots"): the task supervisor's longest wait between heartbeats, 1 s instead
+# of 5, so that a finished task's executor slot is not held up to 5 s more
+ENV AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL=1
 # Connections and the pseudonym key come from the deployment (a secrets backend or Kubernetes Secrets as
 # environment), never from the image (docs/deploy.md):
 #   AIRFLOW_CONN_OVERNIGHT_POSTGRES, AIRFLOW_CONN_OVERNIGHT_REDIS, AIRFLOW_VAR_OVERNIGHT_PSEUDONYM_KEY

@@ -258,6 +258,7 @@ class Bench:
         (dags / "overnight_bench_noop.py").write_text(NOOP_DAG)
         self.env = {
             **os.environ,
+            **devenv.AIRFLOW_SETTINGS,  # as every deployment runs (the image's ENV)
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW_CONN_OVERNIGHT_POSTGRES": self.dsn,
             "AIRFLOW_CONN_OVERNIGHT_REDIS": self.redis_url,

@@ -51,6 +51,17 @@ DEFAULT_REDIS_PORT = 63799
 APP_DB = "overnight"
 AUTH_MANAGER = "overnight.dashboard.auth_manager.OvernightSimpleAuthManager"
 DEV_USERS = "admin:admin,viewer:viewer,overnight_app:viewer"  # name:role; overnight_app: the app team's backend
+# Airflow settings every deployment of the package runs with: the Dockerfile's ENV lines for the image (Helm,
+# Docker, Astro), these for `make run`, `make demo` and `make bench` (tests/unit/dev/test_airflow_settings.py holds
+# the two equal). docs/operations.md, "Task slots", says why each is there.
+AIRFLOW_SETTINGS = {
+    # Airflow's task supervisor waits up to this many seconds in select() between heartbeats (default 5). When a
+    # task's sockets close before its process can be reaped, it waits all of it before it reports the task done,
+    # and the executor slot stays taken: 5.0 s after 8 of a 100,000-user night's 28 tasks. With 1, `make bench`'s
+    # orchestration floor took 10.4-13.3 s against 18.3-22.3 s (docs/benchmarks.md). A heartbeat a second per
+    # running task is the price.
+    "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+}
 
 
 class SetupError(RuntimeError):
@@ -385,6 +396,7 @@ def environment() -> dict[str, str]:
             ),
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "30",
+            **AIRFLOW_SETTINGS,
             "AIRFLOW__API__EXPOSE_CONFIG": "False",
             # Task and trigger logs the owner's only (Airflow's defaults, 0o664/0o775, chmod past any umask)
             "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FILE_PERMISSIONS": "0o600",
