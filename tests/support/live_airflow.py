@@ -29,6 +29,7 @@ import psycopg
 from cryptography.fernet import Fernet
 
 from overnight.adapters.connections import postgres_dsn
+from overnight.dev import devenv
 from overnight.domain.markets import Market, load_markets
 from overnight.domain.sessions import next_run
 from tests.support import databases
@@ -166,6 +167,7 @@ def live_airflow(tmp_path: Path, app_dsn: str, *, tag: str = "live", scheduled: 
                                                                                       "postgresql+psycopg2://", 1),
         AIRFLOW__CORE__EXECUTOR="LocalExecutor",
         AIRFLOW__CORE__PARALLELISM="4",
+        **devenv.AIRFLOW_SETTINGS,  # as the image runs
         AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True",
         AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
         AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{api_port}",
