@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import suppress
+from contextlib import contextmanager, nullcontext, suppress
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -364,11 +364,7 @@ class Bench:
     def _wait(self, runs: dict[str, str], timeout_s: float, sample: bool) -> tuple[float, dict[str, str]]:
         t0 = time.perf_counter()
         states: dict[str, str] = {}
-        stop = threading.Event()
-        peak = {"rss": 0}
-        if sample:
-            threading.Thread(target=self._sample_processes, args=(stop, peak), daemon=True).start()
-        try:
+        with self.sampling() if sample else nullcontext({"rss": 0}) as peak:
             while time.perf_counter() - t0 < timeout_s:
                 for dag_id, run_id in runs.items():
                     if dag_id in states:
@@ -379,13 +375,27 @@ class Bench:
                 if len(states) == len(runs):
                     break
                 time.sleep(2)
-        finally:
-            stop.set()
         if sample:
             self.figures["peak_rss_mb"] = round(peak["rss"] / 2**20, 1)
         if len(states) < len(runs):
             raise SystemExit(f"runs not finished within {timeout_s} s: {set(runs) - set(states)}")
         return time.perf_counter() - t0, states
+
+    @contextmanager
+    def sampling(self, figure: str = "cpu_s_by_process") -> Iterator[dict[str, int]]:
+        """Samples the machine's processes (`_sample_processes`, its CPU figure as `figure`) while the block runs;
+        yields the peak RSS of a task runner (`["rss"]`). However the block ends, the sampler is stopped and joined
+        before the figures are read: a benchmark stopped mid-way by SIGTERM waited for it forever at exit."""
+        stop = threading.Event()
+        peak = {"rss": 0}
+        sampler = threading.Thread(target=self._sample_processes, args=(stop, peak, figure), name=f"sampler-{figure}",
+                                   daemon=True)
+        sampler.start()
+        try:
+            yield peak
+        finally:
+            stop.set()
+            sampler.join()
 
     def _sample_processes(self, stop: threading.Event, peak: dict[str, int], figure: str = "cpu_s_by_process") -> None:
         """Peak RSS of any one task process, and CPU seconds per kind of process (where the time goes) as
@@ -472,11 +482,7 @@ class Bench:
         """The orchestration floor: the same shape and number of mapped tasks, doing nothing. Its CPU by kind of
         process (`floor_orch_cpu_s_by_process`) is what a night's tasks cost before they do any work."""
         t0 = time.perf_counter()
-        stop = threading.Event()
-        sampler = threading.Thread(target=self._sample_processes,
-                                   args=(stop, {"rss": 0}, "floor_orch_cpu_s_by_process"))
-        sampler.start()
-        try:
+        with self.sampling("floor_orch_cpu_s_by_process"):
             pending = {code: self._trigger("overnight_bench_noop", {"batches": n})
                        for code, n in self._batches_per_market().items()}
             while pending and time.perf_counter() - t0 < 1800:
@@ -486,9 +492,6 @@ class Bench:
                         pending.pop(key)
                 time.sleep(0.5)
             self.figures["floor_orch_s"] = round(time.perf_counter() - t0, 1)
-        finally:
-            stop.set()
-            sampler.join()
 
     def run_markets(self) -> None:
         """Triggers every market DAG for the session and waits for the last finalize."""
@@ -646,20 +649,16 @@ class Bench:
         elapsed = dict.fromkeys(cases, 0.0)
         errors = dict.fromkeys(cases, 0)
         slices: dict[str, list[float]] = {name: [] for name in cases}
-        stop = threading.Event()
-        sampler = threading.Thread(target=self._sample_processes, args=(stop, {"rss": 0}, "api_cpu_s_by_process"))
-        sampler.start()
-        for _ in range(rounds):
-            for name, urls in cases.items():
-                result = loadgen.run_in_subprocess(urls, headers, clients=clients, seconds=seconds / rounds,
-                                                   latencies=True)
-                latencies[name] += result["latencies_ms"]
-                elapsed[name] += result["elapsed_s"]
-                errors[name] += result["errors"]
-                slices[name].append(round(len(result["latencies_ms"]) / result["elapsed_s"], 1)
-                                    if result["elapsed_s"] else 0.0)
-        stop.set()
-        sampler.join()
+        with self.sampling("api_cpu_s_by_process"):
+            for _ in range(rounds):
+                for name, urls in cases.items():
+                    result = loadgen.run_in_subprocess(urls, headers, clients=clients, seconds=seconds / rounds,
+                                                       latencies=True)
+                    latencies[name] += result["latencies_ms"]
+                    elapsed[name] += result["elapsed_s"]
+                    errors[name] += result["errors"]
+                    slices[name].append(round(len(result["latencies_ms"]) / result["elapsed_s"], 1)
+                                        if result["elapsed_s"] else 0.0)
         self.figures["api_rps_by_slice"] = slices  # the spread between slices: how far one figure can be trusted
         if api_log.exists():  # answers from Postgres because a Redis reply was late, or Redis failed (5 s)
             with api_log.open("rb") as f:
