@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
@@ -47,18 +47,29 @@ def warm(client: redis.Redis, docs: Iterable[tuple[Any, ...]], chunk: int = 2000
     tracking its two commands, this 8-10 (1,000 users of 1.2 kB and 0.3 kB documents, the machine's Redis); a batch
     of 10,000 users saves about 0.25 s."""
     n = 0
+
+    def commands() -> Iterator[bytes]:
+        nonlocal n
+        for item in docs:
+            ttl = item[3] if len(item) > 3 else ttl_s
+            yield packed_set(recs_key(item[0]), item[1], ttl)
+            yield packed_set(portfolio_key(item[0]), item[2], ttl)
+            n += 1
+
+    send_chunked(client, commands(), 2 * chunk)
+    return n
+
+
+def send_chunked(client: redis.Redis, commands: Iterable[bytes], per_send: int) -> None:
+    """Sends packed commands (`packed_set`) `per_send` at a time (`send_packed`), streaming."""
     parts: list[bytes] = []
-    for item in docs:
-        ttl = item[3] if len(item) > 3 else ttl_s
-        parts.append(packed_set(recs_key(item[0]), item[1], ttl))
-        parts.append(packed_set(portfolio_key(item[0]), item[2], ttl))
-        n += 1
-        if len(parts) >= 2 * chunk:
+    for command in commands:
+        parts.append(command)
+        if len(parts) >= per_send:
             send_packed(client, parts)
             parts = []
     if parts:
         send_packed(client, parts)
-    return n
 
 
 def packed_set(key: str | bytes, value: str | bytes, ttl_s: int) -> bytes:

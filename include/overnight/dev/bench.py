@@ -589,18 +589,16 @@ class Bench:
                     while block := f.read(FLOOR_BLOCK):
                         cp.write(block)
         rc = redis.Redis.from_url(self.redis_url)
-        sets: list[bytes] = []
-        with docs.open("rb", buffering=FLOOR_BLOCK) as f:  # packed as the night's warm packs them (`cache.warm`)
-            while header := f.read(_DOC_HEADER.size):
-                n_uid, n_doc, n_port = _DOC_HEADER.unpack(header)
-                uid, doc, port = f.read(n_uid), f.read(n_doc), f.read(n_port)
-                sets.append(cache.packed_set(b"benchfloor:recs:" + uid, doc, 86400))
-                sets.append(cache.packed_set(b"benchfloor:portfolio:" + uid, port, 86400))
-                if len(sets) >= 2 * FLOOR_PIPELINE:
-                    cache.send_packed(rc, sets)
-                    sets = []
-        if sets:
-            cache.send_packed(rc, sets)
+        with docs.open("rb", buffering=FLOOR_BLOCK) as src:  # packed and sent as the night's warm does (`cache.warm`)
+
+            def commands() -> Iterator[bytes]:
+                while header := src.read(_DOC_HEADER.size):
+                    n_uid, n_doc, n_port = _DOC_HEADER.unpack(header)
+                    uid, doc, port = src.read(n_uid), src.read(n_doc), src.read(n_port)
+                    yield cache.packed_set(b"benchfloor:recs:" + uid, doc, 86400)
+                    yield cache.packed_set(b"benchfloor:portfolio:" + uid, port, 86400)
+
+            cache.send_chunked(rc, commands(), 2 * FLOOR_PIPELINE)
 
     def floor_clean(self) -> None:
         """Removes the I/O floor's files, Redis keys and scratch tables."""
